@@ -1,0 +1,117 @@
+"""Builders that return ``torch.distributions`` objects: posteriors, likelihoods, priors.
+
+Models return distributions; the ELBO is then written once with ``log_prob`` and
+``kl_divergence``, whatever the likelihood or prior (see ``objectives.py``).
+
+Posterior parametrisation: q(z|x) = N(mu, diag exp(log_var)) with ``log_var`` clamped
+to [LOG_VAR_MIN, LOG_VAR_MAX] = [-12, 8] (sigma from 0.0025 to 55): exp() cannot
+overflow and the KL's ``log sigma^2`` term cannot reach -inf, whatever the encoder
+outputs. Outside the range the gradient through the clamp is zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.distributions import (
+    Bernoulli,
+    Categorical,
+    ContinuousBernoulli,
+    Distribution,
+    Independent,
+    MixtureSameFamily,
+    Normal,
+    constraints,
+)
+
+LOG_VAR_MIN = -12.0
+LOG_VAR_MAX = 8.0
+
+
+def diag_normal(mu: Tensor, log_var: Tensor, clamp: bool = False) -> Independent:
+    """N(mu, diag exp(log_var)) with the last dimension as the event dimension."""
+    if clamp:
+        log_var = log_var.clamp(LOG_VAR_MIN, LOG_VAR_MAX)
+    return Independent(Normal(mu, torch.exp(0.5 * log_var), validate_args=False), 1, validate_args=False)
+
+
+def standard_normal(latent_dim: int, device=None, dtype=None) -> Independent:
+    """The prior p(z) = N(0, I)."""
+    zeros = torch.zeros(latent_dim, device=device, dtype=dtype)
+    return diag_normal(zeros, zeros)
+
+
+def gaussian_mixture(logits: Tensor, mu: Tensor, log_var: Tensor) -> MixtureSameFamily:
+    """sum_k softmax(logits)_k N(mu_k, diag exp(log_var_k)); ``mu`` and ``log_var`` are (K, D)."""
+    mixing = Categorical(logits=logits, validate_args=False)
+    return MixtureSameFamily(mixing, diag_normal(mu, log_var), validate_args=False)
+
+
+# -- likelihoods p(x|z): event dimensions are every dimension after the batch ---------
+def bernoulli(logits: Tensor, event_dims: int) -> Independent:
+    return Independent(Bernoulli(logits=logits, validate_args=False), event_dims, validate_args=False)
+
+
+def continuous_bernoulli(logits: Tensor, event_dims: int) -> Independent:
+    """The continuous Bernoulli (Loaiza-Ganem & Cunningham 2019): a proper density on [0, 1]."""
+    base = ContinuousBernoulli(logits=logits, validate_args=False)
+    return Independent(base, event_dims, validate_args=False)
+
+
+def gaussian(mean: Tensor, log_var: Tensor, event_dims: int) -> Independent:
+    log_var = log_var.clamp(LOG_VAR_MIN, LOG_VAR_MAX).expand_as(mean)
+    return Independent(Normal(mean, torch.exp(0.5 * log_var), validate_args=False), event_dims, validate_args=False)
+
+
+def discretized_logistic(loc: Tensor, log_scale: Tensor, event_dims: int, bins: int = 256) -> Independent:
+    return Independent(DiscretizedLogistic(loc, log_scale, bins), event_dims, validate_args=False)
+
+
+class DiscretizedLogistic(Distribution):
+    r"""Logistic distribution discretised to ``bins`` levels on [0, 1] (Salimans et al. 2017).
+
+    For a pixel value x = i / (bins - 1):
+    P(x) = sigmoid((x + h - loc) / s) - sigmoid((x - h - loc) / s) with h = 1 / (2 (bins - 1)),
+    the lowest bin extended to -inf and the highest to +inf, so the probabilities sum to 1.
+    """
+
+    arg_constraints = {"loc": constraints.real, "log_scale": constraints.real}
+    support = constraints.unit_interval
+    has_rsample = False
+
+    def __init__(self, loc: Tensor, log_scale: Tensor, bins: int = 256):
+        self.loc, self.log_scale = torch.broadcast_tensors(loc, log_scale.clamp(min=-7.0))
+        self.bins = bins
+        super().__init__(self.loc.shape, validate_args=False)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.loc.clamp(0.0, 1.0)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        half_bin = 0.5 / (self.bins - 1)
+        inv_s = torch.exp(-self.log_scale)
+        centred = x - self.loc
+        upper = inv_s * (centred + half_bin)
+        lower = inv_s * (centred - half_bin)
+        # log(sigmoid(upper) - sigmoid(lower)), in a stable form for the interior bins
+        log_cdf_upper = torch.nn.functional.logsigmoid(upper)
+        log_one_minus_cdf_lower = torch.nn.functional.logsigmoid(-lower)
+        delta = torch.sigmoid(upper) - torch.sigmoid(lower)
+        # when the bin is far in a tail, delta underflows: use the density times the bin width
+        mid = inv_s * centred
+        log_pdf_mid = mid - self.log_scale - 2.0 * torch.nn.functional.softplus(mid)
+        log_interior = torch.where(
+            delta > 1e-5, torch.log(delta.clamp(min=1e-12)), log_pdf_mid + math.log(2 * half_bin)
+        )
+        eps = 0.25 / (self.bins - 1)
+        return torch.where(x < eps, log_cdf_upper, torch.where(x > 1.0 - eps, log_one_minus_cdf_lower, log_interior))
+
+    def sample(self, sample_shape=torch.Size()) -> Tensor:
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            u = torch.rand(shape, device=self.loc.device, dtype=self.loc.dtype).clamp(1e-5, 1 - 1e-5)
+            x = self.loc + torch.exp(self.log_scale) * (torch.log(u) - torch.log1p(-u))
+            return torch.round(x.clamp(0.0, 1.0) * (self.bins - 1)) / (self.bins - 1)
