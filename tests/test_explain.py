@@ -79,7 +79,7 @@ def test_html_is_self_contained(tmp_path):
     assert main(["explain", "--samples", "2000", "--html", str(out)]) == 0
     page = out.read_text()
     assert page.count("<svg") == 2
-    assert "D_KL[q(z|x) ‖ p(z|x)] = E_q[log q(z|x) − log p(z|x)]" in page
+    assert "D<sub>KL</sub>[q(z|x) ‖ p(z|x)] = E<sub>q</sub>[log q(z|x) − log p(z|x)]" in page
     # nothing is loaded from elsewhere: no src/href to another host, no @import
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page) and "@import" not in page
     assert "FAILS" not in page

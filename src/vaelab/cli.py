@@ -16,6 +16,16 @@ from pathlib import Path
 from vaelab.errors import UserError
 
 EXAMPLES = {
+    "train": (
+        "examples:\n  vaelab train                                  # digits, bundled, about 10 s on a CPU\n"
+        "  vaelab train --data mnist --data-dir DIR --binarize dynamic --epochs 5\n"
+        "  vaelab train --data mnist --download --likelihood continuous-bernoulli --binarize none\n"
+        "  vaelab train --data images/ --model conv --latent-dim 32 --out runs/mine\n"
+        "  vaelab train --config run.toml --beta 4 --warmup linear --warmup-steps 2000\n"
+        "  vaelab train --out runs/digits --resume\n\n"
+        "Options given here override the --config file, which overrides the defaults.\n"
+        "The resolved config is saved as RUN/config.toml."
+    ),
     "explain": (
         "examples:\n  vaelab explain\n  vaelab explain --latent-dim 3 --data-dim 8 --json steps.json --html steps.html"
     ),
@@ -64,6 +74,105 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from vaelab.config import resolve
+    from vaelab.training import summary_line, train_run
+
+    options = {k: v for k, v in vars(args).items() if k in TRAIN_OPTIONS}
+    config = resolve(args.config, options)
+    out, test = train_run(config, out=args.out, resume=args.resume, overwrite=args.overwrite)
+    print(summary_line(test))
+    print(f"results in {out}/ (metrics.csv, config.toml, model.safetensors, checkpoints/, tensorboard/)")
+    return 0
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 400 or 200,200, got {text!r}") from None
+    if any(v < 1 for v in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return sizes
+
+
+def _non_negative(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    return parse
+
+
+TRAIN_OPTIONS: set[str] = set()
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    from vaelab.config import ACTIVATIONS, BINARIZE, DEVICES, LIKELIHOODS, MODELS, OBJECTIVES, PRIORS, WARMUPS, Config
+
+    d = Config()
+    groups = [p]
+
+    def group(title: str):
+        groups.append(p.add_argument_group(title))
+        return groups[-1]
+
+    S = argparse.SUPPRESS  # unset options stay out of the namespace, so the --config file can supply them
+
+    def opt(flag, help, **kw):
+        dest = flag.lstrip("-").replace("-", "_")
+        TRAIN_OPTIONS.add(dest)
+        default = getattr(d, dest)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        groups[-1].add_argument(flag, dest=dest, default=S, help=f"{help} (default: {shown})", **kw)
+
+    g = group("data")
+    opt("--data", "digits, mnist, fashion-mnist, kmnist, cifar10, a .npy/.npz file or an image folder", metavar="NAME")
+    opt("--data-dir", "folder holding the data set's files", metavar="DIR")
+    g.add_argument(
+        "--download",
+        dest="download",
+        action="store_true",
+        default=S,
+        help="download the data set into the cache (~/.cache/vaelab, or $VAELAB_CACHE)",
+    )
+    TRAIN_OPTIONS.add("download")
+    opt("--binarize", "binarise pixels: none, static (once) or dynamic (every batch)", choices=BINARIZE)
+    g = group("model")
+    opt("--model", "architecture; auto: conv for colour images, mlp otherwise", choices=MODELS)
+    opt("--hidden", "hidden layer sizes, e.g. 400 or 200,200", type=_hidden, metavar="SIZES")
+    opt("--activation", "activation function", choices=ACTIVATIONS)
+    opt("--latent-dim", "dimension of z", type=positive_int, metavar="D")
+    opt("--likelihood", "p(x|z)", choices=LIKELIHOODS)
+    opt("--prior", "p(z): normal (closed-form KL), mixture or vamp (Monte Carlo KL)", choices=PRIORS)
+    opt("--prior-components", "components of the mixture / VampPrior", type=positive_int, metavar="K")
+    g = group("objective")
+    opt("--objective", "elbo, or the IWAE bound with --k samples", choices=OBJECTIVES)
+    opt("--k", "importance samples for --objective iwae", type=positive_int)
+    opt("--beta", "weight of the KL term", type=_non_negative(float))
+    opt("--warmup", "beta schedule", choices=WARMUPS)
+    opt("--warmup-steps", "steps of the linear ramp, or of one cycle", type=_non_negative(int), metavar="N")
+    opt("--free-bits", "minimum KL per latent dimension, in nats", type=_non_negative(float), metavar="NATS")
+    g = group("optimisation")
+    opt("--epochs", "passes over the training set", type=_non_negative(int))
+    opt("--batch-size", "examples per step", type=positive_int)
+    opt("--lr", "Adam learning rate", type=float)
+    opt("--grad-clip", "clip the gradient norm to this; 0: off", type=_non_negative(float))
+    opt("--seed", "seed of the split, the initialisation, the data order and every sample", type=int)
+    opt("--threads", "CPU threads; 0: PyTorch's default", type=_non_negative(int))
+    opt("--device", "where to train", choices=DEVICES)
+    g = group("run")
+    g.add_argument("--config", metavar="FILE", help="a TOML file with any of the options above")
+    g.add_argument("--out", type=Path, metavar="DIR", help="run directory (default: runs/DATA, never an existing one)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+
+
 # -- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -91,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=positive_int, default=20_000, help="Monte Carlo samples (default 20000)")
     p.add_argument("--json", type=_output_path, metavar="FILE", help="write every number to this JSON file")
     p.add_argument("--html", type=_output_path, metavar="FILE", help="write a self-contained page")
+
+    p = add("train", "train a VAE and log the ELBO's terms (default: the bundled digits)", cmd_train)
+    add_train_options(p)
     return parser
 
 

@@ -1,0 +1,166 @@
+"""Checkpoints that survive a kill and load without arbitrary pickle.
+
+- Training state (``checkpoints/last.pt``, ``checkpoints/best.pt``): a dict of tensors and
+  primitives written with ``torch.save`` into memory, then atomically to disk
+  (``fileio.atomic_write_bytes``), and read back with ``torch.load(weights_only=True)``,
+  never falling back to full unpickling.
+- Weights to share (``model.safetensors`` in the run directory): safetensors, with the
+  resolved config and the image shape in its metadata, so ``load_model`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+import vaelab
+from vaelab.config import Config, coerce
+from vaelab.errors import UserError
+from vaelab.fileio import atomic_write_bytes
+
+FORMAT = 1
+
+
+def rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+    }
+
+
+def _numpy_state() -> dict:
+    # np.random.get_state() holds an ndarray, which weights_only=True refuses: store plain lists
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], np.array(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+
+
+def save_checkpoint(
+    path: Path,
+    model,
+    optimizer,
+    *,
+    epoch: int,
+    step: int,
+    config: Config,
+    x_shape,
+    fingerprint: str,
+    best_elbo: float,
+    extra: dict | None = None,
+) -> None:
+    state = {
+        "format": FORMAT,
+        "vaelab_version": vaelab.__version__,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "config": config.to_dict(),
+        "x_shape": list(x_shape),
+        "fingerprint": fingerprint,
+        "best_elbo": best_elbo,
+        "rng": rng_state(),
+        **(extra or {}),
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    try:
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise UserError(
+                f"{path} needs arbitrary pickle to load, which can run code; vaelab refuses it. "
+                "Use a checkpoint written by vaelab"
+            ) from None
+        raise UserError(
+            f"{path} is truncated or corrupt ({str(err).splitlines()[0]}); use checkpoints/best.pt"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise UserError(
+            f"{path} is truncated or corrupt ({str(err).splitlines()[0]}); use another checkpoint"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
+        raise UserError(f"{path} is not a vaelab checkpoint")
+    return state
+
+
+def save_weights(path: Path, model, config: Config, x_shape) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {
+        "config": config.to_toml(),
+        "x_shape": ",".join(map(str, x_shape)),
+        "vaelab_version": vaelab.__version__,
+    }
+    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+
+
+def config_from_dict(values: dict, where: str) -> Config:
+    return Config(**{k: coerce(k, v, where) for k, v in values.items()})
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """A trained model from a run directory, a ``model.safetensors`` file or a ``.pt`` checkpoint,
+    in eval mode, ready for ``encode`` / ``decode`` / ``prior``."""
+    from vaelab.config import parse_toml
+    from vaelab.models import build
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+        if not path.exists():
+            raise UserError(f"{path.parent} has no model.safetensors: is it a vaelab run directory?")
+    if path.suffix == ".safetensors":
+        try:
+            blob = path.read_bytes()
+            tensors = st_load(blob)
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except FileNotFoundError:
+            raise UserError(f"{path} does not exist") from None
+        except (SafetensorError, OSError, ValueError) as err:
+            raise UserError(f"{path} is not a readable safetensors file ({err})") from None
+        if "config" not in meta or "x_shape" not in meta:
+            raise UserError(f"{path} has no vaelab metadata (config, x_shape): it was not written by vaelab")
+        config = Config(**parse_toml(meta["config"], str(path)))
+        x_shape = tuple(int(v) for v in meta["x_shape"].split(","))
+        state = tensors
+    else:
+        ckpt = load_checkpoint(path)
+        config = config_from_dict(ckpt["config"], str(path))
+        x_shape, state = tuple(ckpt["x_shape"]), ckpt["model"]
+    model = build(config, x_shape)
+    load_state(model, state, path)
+    return model.to(device).eval()
+
+
+def load_state(model, state: dict, where) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = [line.strip() for line in str(err).splitlines()[1:3]]
+        raise UserError(f"{where} holds weights of another architecture ({' '.join(first)[:300]})") from None

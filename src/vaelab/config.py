@@ -1,0 +1,180 @@
+"""Every knob of a run in one place, as typed, frozen data; TOML in and out.
+
+Precedence: defaults < the ``--config`` TOML file < command-line options. The resolved
+config is saved in each run directory as ``config.toml`` and is what ``load_model`` and
+``--resume`` read back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from vaelab.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "kmnist", "cifar10")
+BINARIZE = ("none", "static", "dynamic")
+MODELS = ("auto", "mlp", "conv")
+ACTIVATIONS = ("relu", "tanh", "elu", "gelu", "softplus")
+LIKELIHOODS = ("bernoulli", "continuous-bernoulli", "gaussian", "logistic")
+PRIORS = ("normal", "mixture", "vamp")
+OBJECTIVES = ("elbo", "iwae")
+WARMUPS = ("constant", "linear", "cyclical")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    data: str = "digits"  # a data set name, or a path to .npy/.npz or a folder of images
+    data_dir: str | None = None
+    download: bool = False
+    binarize: str = "dynamic"
+    # model
+    model: str = "auto"  # auto: conv for colour images, mlp otherwise
+    hidden: tuple[int, ...] = (400,)
+    activation: str = "relu"
+    latent_dim: int = 20
+    likelihood: str = "bernoulli"
+    prior: str = "normal"
+    prior_components: int = 10  # mixture components / VampPrior pseudo-inputs
+    # objective
+    objective: str = "elbo"
+    k: int = 5  # importance samples for --objective iwae
+    beta: float = 1.0
+    warmup: str = "constant"
+    warmup_steps: int = 0  # linear: steps of the ramp; cyclical: steps of one cycle
+    free_bits: float = 0.0  # nats per latent dimension
+    # optimisation
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    grad_clip: float = 0.0  # max gradient norm; 0 turns clipping off
+    seed: int = 0
+    threads: int = 0  # 0: vaelab's default policy (see training.set_threads)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        choices = {
+            "binarize": BINARIZE,
+            "model": MODELS,
+            "activation": ACTIVATIONS,
+            "likelihood": LIKELIHOODS,
+            "prior": PRIORS,
+            "objective": OBJECTIVES,
+            "warmup": WARMUPS,
+            "device": DEVICES,
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise UserError(f"{name} = {value!r} is not one of {', '.join(allowed)}")
+        at_least = {"latent_dim": 1, "epochs": 0, "batch_size": 1, "k": 1, "prior_components": 1, "warmup_steps": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise UserError(f"{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise UserError(f"hidden sizes must be positive, got {','.join(map(str, self.hidden))}; e.g. --hidden 400")
+        if not self.lr > 0:
+            raise UserError(f"lr must be positive, got {self.lr}")
+        for name in ("beta", "free_bits", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise UserError(f"threads must be >= 0, got {self.threads}")
+        if self.free_bits > 0 and self.prior != "normal":
+            raise UserError("free bits need a KL per latent dimension: use --prior normal or --free-bits 0")
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+
+
+def coerce(name: str, value: Any, source: str) -> Any:
+    """Check and convert one value to the type of field ``name``; ``source`` names where it came from."""
+    if name not in FIELD_TYPES:
+        known = ", ".join(sorted(FIELD_TYPES))
+        raise UserError(f"unknown option {name!r} in {source}; known options: {known}")
+    kind = FIELD_TYPES[name]
+    bad = UserError(f"{name} in {source} must be {_describe(kind)}, got {value!r}")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if kind == "tuple[int, ...]":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (value,)
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise bad
+        return tuple(value)
+    if not isinstance(value, str):  # str and str | None
+        raise bad
+    return value
+
+
+def _describe(kind: str) -> str:
+    return {
+        "bool": "true or false",
+        "int": "a whole number",
+        "float": "a number",
+        "tuple[int, ...]": "a list of whole numbers, e.g. [200, 200]",
+    }.get(kind, "a string")
+
+
+def parse_toml(text: str, where: str) -> dict:
+    """Checked option values from TOML text; ``where`` names the source in messages."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{where} is not valid TOML: {err}") from None
+    return {name: coerce(name, value, where) for name, value in raw.items()}
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except (UnicodeDecodeError, IsADirectoryError) as err:
+        raise UserError(f"config file {path} is not a text file: {err}") from None
+    return parse_toml(text, f"config file {path}")
+
+
+def resolve(toml_path: str | Path | None, overrides: dict) -> Config:
+    """defaults < TOML file < ``overrides`` (the options given on the command line)."""
+    values = read_toml(toml_path) if toml_path else {}
+    values.update(overrides)
+    return Config(**values)

@@ -1,0 +1,60 @@
+"""Batches as index slices of a per-epoch permutation: no per-sample Python work.
+
+The order of epoch e is ``randperm(N, generator=seeded(seed, e))``: a pure function of
+(seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would.
+Dynamic binarisation draws x_bin ~ Bernoulli(x) per batch from the same kind of
+generator, seeded by (seed, epoch), so it too is reproducible across a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+
+def seeded(seed: int, *stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator whose state is a pure function of (seed, *stream)."""
+    mixed = seed
+    for s in stream:
+        mixed = (mixed * 1_000_003 + s + 1) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
+def binarize_static(x: Tensor, seed: int) -> Tensor:
+    """One fixed Bernoulli draw per pixel (the 'static' binarisation of Larochelle & Murray 2011)."""
+    return torch.bernoulli(x, generator=seeded(seed, 7_919))
+
+
+class Batches:
+    """Iterate over a data tensor (N, ...) in batches, one permutation per epoch.
+
+    ``dynamic=True`` binarises each batch by sampling x_bin ~ Bernoulli(x).
+    ``drop_last`` keeps every optimiser step the same size (training); evaluation keeps all.
+    """
+
+    def __init__(self, x: Tensor, batch_size: int, seed: int, dynamic: bool = False, drop_last: bool = True):
+        self.x, self.batch_size, self.seed, self.dynamic, self.drop_last = x, batch_size, seed, dynamic, drop_last
+
+    def __len__(self) -> int:
+        N = self.x.shape[0]
+        return N // self.batch_size if self.drop_last else -(-N // self.batch_size)
+
+    def epoch(self, epoch: int, shuffle: bool = True, shard: tuple[int, int] = (0, 1)) -> Iterator[Tensor]:
+        """Batches of epoch ``epoch``. ``shard=(rank, world)`` gives this rank its slice of each batch."""
+        N = self.x.shape[0]
+        device = self.x.device
+        order = torch.randperm(N, generator=seeded(self.seed, epoch), device="cpu").to(device) if shuffle else None
+        g_bin = seeded(self.seed, epoch, 1, device=device) if self.dynamic else None
+        rank, world = shard
+        for i in range(len(self)):
+            start = i * self.batch_size
+            stop = min(start + self.batch_size, N)
+            if world > 1:  # each rank takes a contiguous part of the global batch
+                size = stop - start
+                start, stop = start + size * rank // world, start + size * (rank + 1) // world
+            x = self.x[order[start:stop]] if order is not None else self.x[start:stop]
+            if self.dynamic:
+                x = torch.bernoulli(x, generator=g_bin)
+            yield x

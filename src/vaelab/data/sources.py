@@ -1,0 +1,305 @@
+"""Data sources: each returns images as float32 (N, C, H, W) in [0, 1], labels if it has them.
+
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, 17 grey levels).
+- ``mnist``, ``fashion-mnist``, ``kmnist``: the original IDX files (``.gz`` or not), from
+  ``--data-dir``, or from the cache after ``--download``.
+- ``cifar10``: the python tarball ``cifar-10-python.tar.gz`` (or its extracted folder).
+- a ``.npy`` / ``.npz`` file: images (N, H, W), (N, C, H, W) or (N, H, W, C) with C in {1, 3};
+  uint8 in [0, 255] or floats in [0, 1]; an ``.npz`` holds ``x`` (or ``images``) and optionally ``y``.
+- a folder of PNG/JPEG images, all of one size (labels from sub-folder names, if any).
+
+Splits: the source's own test split where it has one (MNIST family, CIFAR-10);
+otherwise a seeded 15 % test split. Validation: a seeded 1/12 of the training part.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import struct
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vaelab.data import download
+from vaelab.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+@dataclass(frozen=True)
+class ImageData:
+    x: Tensor  # (N, C, H, W) float32 in [0, 1]
+    y: Tensor | None = None  # (N,) int64
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, device) -> ImageData:
+        return ImageData(self.x.to(device), None if self.y is None else self.y.to(device))
+
+
+@dataclass(frozen=True)
+class Splits:
+    name: str
+    train: ImageData
+    val: ImageData
+    test: ImageData
+    binary: bool  # every pixel is 0 or 1
+    levels: int  # distinct grey levels the source stores (256 for 8-bit, 17 for digits)
+    fingerprint: str  # SHA-256 of the source's arrays: identifies the data set in checkpoints
+
+    @property
+    def x_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])
+
+
+# -- validation -------------------------------------------------------------------------
+def validate(x: np.ndarray, y: np.ndarray | None, where: str) -> np.ndarray:
+    """Check images and labels once; return images as float32 (N, C, H, W) in [0, 1]."""
+    if x.size == 0 or x.shape[0] == 0:
+        raise UserError(f"{where} holds no images; point --data at a non-empty data set")
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = np.transpose(x, (0, 3, 1, 2))  # (N, H, W, C) -> (N, C, H, W)
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise UserError(
+            f"{where} has images of shape {x.shape}; expected (N, H, W), (N, C, H, W) or (N, H, W, C) with C = 1 or 3"
+        )
+    if y is not None and len(y) != len(x):
+        raise UserError(f"{where} has {len(x)} images but {len(y)} labels; they must match one to one")
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+        raise UserError(f"{where} has values of type {x.dtype}; expected uint8 or floats in [0, 1]")
+    x = x.astype(np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        first = np.argwhere(bad)[0]
+        raise UserError(
+            f"{where} has {int(bad.sum())} NaN or infinite pixel values (first in image {first[0]}); "
+            "clean the data before training"
+        )
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise UserError(
+            f"{where} has pixel values in [{lo:g}, {hi:g}]; vaelab expects uint8 images or floats in [0, 1] "
+            "(divide by 255 for 8-bit data)"
+        )
+    return x
+
+
+# -- IDX (MNIST family) -------------------------------------------------------------------
+IDX_DTYPES = {0x08: np.uint8}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (``.gz`` or not): magic 0x0000, dtype byte, ndim byte, big-endian dims, data."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:
+        raise UserError(f"{path} is not a readable gzip file ({err}); download it again") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise UserError(f"{path} is not an IDX file of unsigned bytes (magic number {raw[:4].hex()}); check the file")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UserError(f"{path} is truncated inside its header; download it again")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise UserError(
+            f"{path} declares shape {dims} ({expected} bytes) but holds {len(raw) - header}; "
+            "the file is truncated or corrupt, download it again"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for candidate in (directory / stem, directory / f"{stem}.gz"):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(stem)
+
+
+def load_idx_family(name: str, data_dir: str | None, download_ok: bool):
+    directory = Path(data_dir) if data_dir else download.cache_dir() / name
+    stems = [f.removesuffix(".gz") for f in download.IDX_FILES]
+    try:
+        paths = [_find(directory, s) for s in stems]
+    except FileNotFoundError:
+        if download_ok:
+            download.fetch(name, directory)
+            paths = [_find(directory, s) for s in stems]
+        else:
+            raise UserError(
+                f"{name} files not found in {directory}: put {', '.join(download.IDX_FILES)} there "
+                "(gzipped or not), or add --download to fetch them"
+            ) from None
+    x_train, y_train, x_test, y_test = (read_idx(p) for p in paths)
+    if x_train.ndim != 3 or x_test.ndim != 3:
+        raise UserError(f"{paths[0]} / {paths[2]} should hold images (N, H, W); found {x_train.shape} / {x_test.shape}")
+    return (x_train, y_train, str(paths[0])), (x_test, y_test, str(paths[2]))
+
+
+# -- CIFAR-10 (python tarball) ---------------------------------------------------------------
+def load_cifar10(data_dir: str | None, download_ok: bool):
+    directory = Path(data_dir) if data_dir else download.cache_dir() / "cifar10"
+    tarball = directory / "cifar-10-python.tar.gz"
+    if not tarball.exists():
+        if not download_ok:
+            raise UserError(f"cifar10 not found: put cifar-10-python.tar.gz in {directory}, or add --download")
+        download.fetch("cifar10", directory)
+    batches = {}
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            for member in tar.getmembers():
+                base = Path(member.name).name
+                if base.startswith(("data_batch_", "test_batch")):
+                    batches[base] = _read_cifar_batch(tar.extractfile(member).read(), f"{tarball}:{member.name}")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        raise UserError(f"{tarball} is not a readable tar.gz archive ({err}); download it again") from None
+    missing = ({f"data_batch_{i}" for i in range(1, 6)} | {"test_batch"}) - set(batches)
+    if missing:
+        raise UserError(f"{tarball} lacks {', '.join(sorted(missing))}; download it again")
+    train = [batches[f"data_batch_{i}"] for i in range(1, 6)]
+    x_train = np.concatenate([b[0] for b in train])
+    y_train = np.concatenate([b[1] for b in train])
+    return (x_train, y_train, str(tarball)), (*batches["test_batch"], str(tarball))
+
+
+def _read_cifar_batch(blob: bytes, where: str):
+    """A CIFAR-10 batch is a pickled dict {b'data': uint8 (N, 3072), b'labels': [int]}.
+
+    Read with an unpickler that refuses every global except numpy's array reconstruction,
+    so a crafted file cannot run code.
+    """
+    import pickle
+
+    allowed = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    class NumpyOnly(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in allowed:
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+    try:
+        batch = NumpyOnly(io.BytesIO(blob), encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as err:
+        raise UserError(f"{where} is not a CIFAR-10 batch ({err}); download the archive again") from None
+    return data, labels
+
+
+# -- arrays and folders ---------------------------------------------------------------------
+def load_array(path: Path):
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zlib.error) as err:
+        raise UserError(f"{path} is not a readable .npy/.npz file ({err})") from None
+    if isinstance(loaded, np.ndarray):
+        return loaded, None
+    with loaded:
+        key = next((k for k in ("x", "images", "arr_0") if k in loaded.files), None)
+        if key is None:
+            raise UserError(f"{path} has arrays {loaded.files}; name the images 'x' (and labels 'y')")
+        return loaded[key], loaded["y"] if "y" in loaded.files else None
+
+
+def load_folder(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"{path} contains no .png or .jpg images")
+    classes = sorted({p.parent.relative_to(path).as_posix() for p in files})
+    images, first_size = [], None
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                im = im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16", "P") else "RGB")
+                arr = np.asarray(im, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError) as err:
+            raise UserError(f"{p} is not a readable image ({err}); remove or replace it") from None
+        first_size = first_size or (arr.shape, p)
+        if arr.shape != first_size[0]:
+            raise UserError(
+                f"images differ in size or colour: {first_size[1]} is {first_size[0]}, {p} is {arr.shape}; "
+                "resize them to one size"
+            )
+        images.append(arr)
+    x = np.stack(images)
+    y = np.array([classes.index(p.parent.relative_to(path).as_posix()) for p in files]) if len(classes) > 1 else None
+    return x, y
+
+
+# -- putting it together ----------------------------------------------------------------------
+def load(config) -> Splits:
+    """The data set that ``config.data`` names, split and validated."""
+    name, seed = config.data, config.seed
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = (d.images / 16.0).astype(np.float32)
+        return _split(name, validate(x, d.target, "digits"), d.target, None, None, seed, levels=17)
+    if name in ("mnist", "fashion-mnist", "kmnist", "cifar10"):
+        loader = load_cifar10 if name == "cifar10" else lambda *a: load_idx_family(name, *a)
+        (x_tr, y_tr, where_tr), (x_te, y_te, where_te) = loader(config.data_dir, config.download)
+        return _split(
+            name, validate(x_tr, y_tr, where_tr), y_tr, validate(x_te, y_te, where_te), y_te, seed, levels=256
+        )
+    path = Path(name)
+    if path.is_dir():
+        x, y = load_folder(path)
+    elif path.suffix in (".npy", ".npz") and path.exists():
+        x, y = load_array(path)
+    elif path.suffix in (".npy", ".npz"):
+        raise UserError(f"{path} does not exist")
+    else:
+        raise UserError(
+            f"unknown data set {name!r}: use digits, mnist, fashion-mnist, kmnist, cifar10, "
+            "a .npy/.npz file or a folder of images"
+        )
+    levels = 256 if x.dtype == np.uint8 else 0
+    return _split(path.name, validate(x, y, str(path)), y, None, None, seed, levels=levels)
+
+
+def _split(name, x, y, x_test, y_test, seed, levels) -> Splits:
+    fingerprint = hashlib.sha256(x.tobytes())
+    if x_test is not None:
+        fingerprint.update(x_test.tobytes())
+    g = np.random.default_rng(seed)
+    N = len(x)
+    order = g.permutation(N)
+    if x_test is None:  # no test split of its own: hold out 15 %
+        n_test = max(1, int(round(0.15 * N)))
+        test_idx, order = order[:n_test], order[n_test:]
+        x_test, y_test = x[test_idx], None if y is None else y[test_idx]
+    n_val = max(1, len(order) // 12)
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    if len(train_idx) == 0:
+        raise UserError(f"{name} has only {N} images: too few to split into train, validation and test")
+    train, val = _part(x, y, train_idx), _part(x, y, val_idx)
+    test = _part(x_test, y_test, np.arange(len(x_test)))
+    binary = bool(((train.x == 0) | (train.x == 1)).all())
+    return Splits(name, train, val, test, binary, levels, fingerprint.hexdigest())
+
+
+def _part(x: np.ndarray, y: np.ndarray | None, idx: np.ndarray) -> ImageData:
+    labels = None if y is None else torch.tensor(np.asarray(y)[idx], dtype=torch.int64)
+    return ImageData(torch.tensor(x[idx]), labels)

@@ -1,0 +1,153 @@
+"""The VAE: an encoder, a decoder, a likelihood and a prior, each returning a distribution.
+
+    encode(x) -> q(z|x) = N(mu, diag exp(log_var))        Independent(Normal, 1)
+    decode(z) -> p(x|z)                                    Independent(<likelihood>, 3)
+    prior()   -> p(z)                                      N(0, I), a mixture, or a VampPrior
+
+The encoder is any ``nn.Module`` mapping x (B, C, H, W) to (B, 2 D) (mu, then log_var);
+the decoder any ``nn.Module`` mapping z (B, D) to (B, P C, H, W), P the number of
+parameters per pixel the likelihood needs. ``log_var`` is clamped to
+[LOG_VAR_MIN, LOG_VAR_MAX] (see ``distributions.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution
+
+from vaelab import distributions as dist
+
+
+# -- likelihoods p(x|z) ------------------------------------------------------------------------
+class Likelihood(nn.Module):
+    """Turns the decoder's output (B, P C, H, W) into p(x|z)."""
+
+    params_per_pixel = 1
+    needs_binary = False
+
+    def forward(self, out: Tensor) -> Distribution:
+        raise NotImplementedError
+
+
+class BernoulliLikelihood(Likelihood):
+    needs_binary = True
+
+    def forward(self, out):
+        return dist.bernoulli(out, 3)
+
+
+class ContinuousBernoulliLikelihood(Likelihood):
+    def forward(self, out):
+        return dist.continuous_bernoulli(out, 3)
+
+
+class GaussianLikelihood(Likelihood):
+    """N(mean, sigma^2) per pixel with a learned per-pixel log-variance shared across examples."""
+
+    def __init__(self, x_shape):
+        super().__init__()
+        self.log_var = nn.Parameter(torch.full(x_shape, math.log(0.1)))
+
+    def forward(self, out):
+        return dist.gaussian(out, self.log_var, 3)
+
+
+class LogisticLikelihood(Likelihood):
+    """Discretised logistic over 256 levels: the decoder outputs a location and a log-scale per pixel."""
+
+    params_per_pixel = 2
+
+    def forward(self, out):
+        loc, log_scale = out.chunk(2, dim=1)
+        return dist.discretized_logistic(torch.sigmoid(loc), log_scale, 3)
+
+
+def make_likelihood(name: str, x_shape) -> Likelihood:
+    table = {
+        "bernoulli": BernoulliLikelihood,
+        "continuous-bernoulli": ContinuousBernoulliLikelihood,
+        "gaussian": lambda: GaussianLikelihood(x_shape),
+        "logistic": LogisticLikelihood,
+    }
+    return table[name]()
+
+
+# -- priors p(z) --------------------------------------------------------------------------------
+class StandardNormalPrior(nn.Module):
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self.register_buffer("zeros", torch.zeros(latent_dim))
+
+    def forward(self, encode) -> Distribution:
+        return dist.diag_normal(self.zeros, self.zeros)
+
+
+class MixturePrior(nn.Module):
+    """A learnable mixture of K diagonal Gaussians; the KL against it has no closed form."""
+
+    def __init__(self, latent_dim: int, components: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.logits = nn.Parameter(torch.zeros(components))
+        self.mu = nn.Parameter(torch.randn(components, latent_dim, generator=g))
+        self.log_var = nn.Parameter(torch.zeros(components, latent_dim))
+
+    def forward(self, encode) -> Distribution:
+        return dist.gaussian_mixture(self.logits, self.mu, self.log_var)
+
+
+class VampPrior(nn.Module):
+    """p(z) = 1/K sum_k q(z | u_k) with learned pseudo-inputs u_k (Tomczak & Welling 2018)."""
+
+    def __init__(self, x_shape, components: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.pseudo_logits = nn.Parameter(0.1 * torch.randn(components, *x_shape, generator=g))
+
+    def forward(self, encode) -> Distribution:
+        q_u = encode(torch.sigmoid(self.pseudo_logits))  # pseudo-inputs kept in [0, 1]
+        mu, log_var = q_u.base_dist.loc, 2.0 * q_u.base_dist.scale.log()
+        return dist.gaussian_mixture(torch.zeros(mu.shape[0], device=mu.device), mu, log_var)
+
+
+def make_prior(name: str, latent_dim: int, x_shape, components: int, seed: int = 0) -> nn.Module:
+    table = {
+        "normal": lambda: StandardNormalPrior(latent_dim),
+        "mixture": lambda: MixturePrior(latent_dim, components, seed),
+        "vamp": lambda: VampPrior(x_shape, components, seed),
+    }
+    return table[name]()
+
+
+# -- the model ---------------------------------------------------------------------------------
+class VAE(nn.Module):
+    """A VAE assembled from parts; final (compose, don't subclass)."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        latent_dim: int,
+        x_shape: tuple[int, int, int],
+        likelihood: Likelihood,
+        prior: nn.Module,
+    ):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        self.latent_dim, self.x_shape = latent_dim, tuple(x_shape)
+        self.likelihood, self.prior_module = likelihood, prior
+
+    def encode(self, x: Tensor) -> Distribution:
+        h = self.encoder(x)  # (B, 2 D)
+        mu, log_var = h.chunk(2, dim=-1)
+        return dist.diag_normal(mu, log_var, clamp=True)
+
+    def decode(self, z: Tensor) -> Distribution:
+        out = self.decoder(z)  # (B, P C, H, W)
+        return self.likelihood(out)
+
+    def prior(self) -> Distribution:
+        return self.prior_module(self.encode)

@@ -1,0 +1,449 @@
+"""The training loop: one explicit loop over ``objective(model, batch) -> ElboTerms``.
+
+:func:`fit` knows nothing of files: it trains and hands each epoch's record to hooks
+(plain callables). :func:`train_run` is what ``vaelab train`` calls: it loads the data,
+builds the model, and attaches the hooks that write the run directory
+(``config.toml``, ``metrics.csv``, TensorBoard events, atomic checkpoints).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from vaelab import checkpoint, data, models, objectives
+from vaelab.config import Config
+from vaelab.data.batches import Batches
+from vaelab.errors import UserError
+from vaelab.fileio import atomic_write_text
+
+LN2 = math.log(2.0)
+
+
+class NonFiniteError(UserError):
+    """The loss or a gradient became NaN or infinite."""
+
+
+@dataclass
+class EpochRecord:
+    """Batch-averaged terms of one epoch on one split, in nats per example."""
+
+    epoch: int
+    split: str  # "train", "val" or "test"
+    elbo: float
+    reconstruction: float
+    kl: float
+    kl_per_dim: list[float]  # empty when the prior does not factorise
+    kl_method: str
+    beta: float
+    examples_per_s: float
+    seconds: float
+    bits_per_dim: float | None = None
+    step: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs besides the model's and optimiser's own state."""
+
+    epoch: int = 0  # the next epoch to run
+    step: int = 0
+    best_elbo: float = -math.inf
+    history: list[EpochRecord] = field(default_factory=list)
+
+
+class TermSums:
+    """Running sums of per-example terms; the batch mean happens in :meth:`record`, once."""
+
+    def __init__(self):
+        self.n, self.rec, self.kl, self.kl_dims, self.method = 0, 0.0, 0.0, None, "analytic"
+
+    def add(self, terms: objectives.ElboTerms) -> None:
+        self.n += terms.kl.shape[0]
+        self.rec = self.rec + terms.reconstruction.detach().sum()
+        self.kl = self.kl + terms.kl.detach().sum()
+        if terms.kl_per_dim is not None:
+            dims = terms.kl_per_dim.detach().sum(0)
+            self.kl_dims = dims if self.kl_dims is None else self.kl_dims + dims
+        self.method = terms.kl_method
+
+    def record(self, epoch, split, beta, seconds, pixels: int | None, step: int) -> EpochRecord:
+        n = max(self.n, 1)
+        rec, kl = float(self.rec) / n, float(self.kl) / n
+        dims = [] if self.kl_dims is None else (self.kl_dims / n).tolist()
+        bpd = -(rec - kl) / (pixels * LN2) if pixels else None
+        return EpochRecord(
+            epoch, split, rec - kl, rec, kl, dims, self.method, beta, self.n / max(seconds, 1e-9), seconds, bpd, step
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate_terms(
+    model, x: Tensor, batch_size: int, epoch: int = 0, split: str = "val", pixels: int | None = None, seed: int = 0
+) -> EpochRecord:
+    """The ELBO's terms averaged over ``x`` (already binarised where the likelihood needs it)."""
+    was_training = model.training
+    model.eval()
+    sums = TermSums()
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the z ~ q draws: the same every epoch, so epochs compare
+        for xb in Batches(x, batch_size, seed, drop_last=False).epoch(0, shuffle=False):
+            sums.add(objectives.elbo(model, xb))
+    model.train(was_training)
+    return sums.record(epoch, split, 1.0, time.perf_counter() - start, pixels, 0)
+
+
+def fit(
+    model,
+    train_x: Tensor,
+    val_x: Tensor | None = None,
+    config: Config | None = None,
+    *,
+    hooks: Sequence[Callable[[EpochRecord, object, TrainState], None]] = (),
+    state: TrainState | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    pixels: int | None = None,
+    progress: bool | None = None,
+    **options,
+) -> TrainState:
+    """Train ``model`` on ``train_x`` (N, C, H, W) in [0, 1]; return the state with the history.
+
+    ``config`` (or keyword ``options`` such as ``epochs=5, lr=1e-3, beta=4``) sets every knob.
+    ``hooks`` are called after each epoch's validation as ``hook(record, model, state)``.
+    """
+    config = (config or Config()).replace(**options) if options else (config or Config())
+    state = state or TrainState()
+    optimizer = optimizer or make_optimizer(model, config)
+    if config.batch_size > len(train_x):
+        raise UserError(
+            f"--batch-size {config.batch_size} is larger than the training set ({len(train_x)} examples); "
+            f"use at most {len(train_x)}"
+        )
+    batches = Batches(train_x, config.batch_size, config.seed, dynamic=config.binarize == "dynamic")
+    show = sys.stderr.isatty() if progress is None else progress
+    for epoch in range(state.epoch, config.epochs):
+        model.train()
+        sums = TermSums()
+        start = time.perf_counter()
+        beta = config.beta
+        iterator = batches.epoch(epoch)
+        if show:
+            from tqdm import tqdm
+
+            iterator = tqdm(iterator, total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+        for x in iterator:
+            beta = objectives.beta_at(state.step, config.warmup, config.beta, config.warmup_steps)
+            if config.objective == "iwae":
+                loss = objectives.iwae_loss(model, x, config.k)
+                with torch.no_grad():
+                    terms = objectives.elbo(model, x)
+                _check_finite(loss, None, epoch, state.step)
+            else:
+                terms = objectives.elbo(model, x)
+                loss = objectives.loss(terms, beta, config.free_bits)
+                _check_finite(loss, terms, epoch, state.step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                try:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, error_if_nonfinite=True)
+                except RuntimeError:
+                    raise NonFiniteError(_nonfinite_message("a gradient", epoch, state.step)) from None
+            optimizer.step()
+            sums.add(terms)
+            state.step += 1
+            if show:
+                iterator.set_postfix(
+                    rec=f"{float(terms.reconstruction.mean()):.1f}",
+                    kl=f"{float(terms.kl.mean()):.2f}",
+                    beta=f"{beta:.2f}",
+                )
+        seconds = time.perf_counter() - start
+        train_record = sums.record(epoch, "train", beta, seconds, pixels, state.step)
+        state.history.append(train_record)
+        records = [train_record]
+        if val_x is not None:
+            val_record = evaluate_terms(model, val_x, 1024, epoch, "val", pixels, config.seed)
+            val_record.beta, val_record.step = beta, state.step
+            state.history.append(val_record)
+            records.append(val_record)
+        state.epoch = epoch + 1
+        for record in records:
+            for hook in hooks:
+                hook(record, model, state)
+    return state
+
+
+def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
+    # fused Adam on CPU and CUDA: one kernel for the whole update
+    return torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
+
+
+def _nonfinite_message(what: str, epoch: int, step: int) -> str:
+    return (
+        f"{what} became NaN or infinite at epoch {epoch + 1}, step {step}; training stopped and the last good "
+        "checkpoint is kept. Try a lower --lr or --grad-clip 100"
+    )
+
+
+def _check_finite(loss: Tensor, terms: objectives.ElboTerms | None, epoch: int, step: int) -> None:
+    if bool(torch.isfinite(loss)):
+        return
+    if terms is None:
+        raise NonFiniteError(_nonfinite_message("the IWAE loss", epoch, step))
+    bad = [
+        name
+        for name, t in (("reconstruction", terms.reconstruction), ("KL", terms.kl))
+        if not bool(torch.isfinite(t).all())
+    ]
+    raise NonFiniteError(_nonfinite_message(f"the {' and '.join(bad) or 'loss'} term", epoch, step))
+
+
+# -- the run directory ------------------------------------------------------------------------
+CSV_BASE = [
+    "epoch",
+    "split",
+    "step",
+    "elbo",
+    "reconstruction",
+    "kl",
+    "beta",
+    "examples_per_s",
+    "seconds",
+    "bits_per_dim",
+    "kl_method",
+]
+
+
+def prepare_data(config: Config, device) -> tuple[data.Splits, Tensor, Tensor, Tensor, int | None]:
+    """Load, check the likelihood fits the data, binarise; return the splits and the train/val/test tensors."""
+    splits = data.load(config)
+    binarized = config.binarize != "none"
+    if config.likelihood == "bernoulli" and not binarized and not splits.binary:
+        raise UserError(
+            f"{splits.name} has grey-level pixels, and a Bernoulli likelihood is only a likelihood for binary data; "
+            "use --binarize dynamic (or static), or --likelihood continuous-bernoulli"
+        )
+    if config.likelihood == "logistic" and splits.levels != 256:
+        raise UserError(
+            f"the discretised logistic likelihood models 256 grey levels; {splits.name} has "
+            f"{splits.levels or 'continuous'} levels. Use --likelihood continuous-bernoulli or gaussian"
+        )
+    train_x, val_x, test_x = (s.x.to(device) for s in (splits.train, splits.val, splits.test))
+    if binarized:
+        # validation and test are binarised once (fixed), so their numbers compare across epochs
+        val_x, test_x = (
+            data.binarize_static(val_x.cpu(), config.seed + 1).to(device),
+            data.binarize_static(test_x.cpu(), config.seed + 2).to(device),
+        )
+        if config.binarize == "static":
+            train_x = data.binarize_static(train_x.cpu(), config.seed).to(device)
+    discrete = binarized or splits.binary or config.likelihood == "logistic"
+    pixels = splits.train.x[0].numel() if discrete and config.likelihood in ("bernoulli", "logistic") else None
+    return splits, train_x, val_x, test_x, pixels
+
+
+def default_out(name: str) -> Path:
+    """runs/NAME, or runs/NAME-2, -3, ... : a default run never lands on an existing one."""
+    base = Path("runs") / Path(name).stem
+    candidate, i = base, 1
+    while candidate.exists():
+        i += 1
+        candidate = base.with_name(f"{base.name}-{i}")
+    return candidate
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not (out / "checkpoints" / "last.pt").exists():
+            raise UserError(f"--resume: {out} has no checkpoints/last.pt to resume from")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(
+                f"{out} already exists and is not empty; choose another --out, add --resume, or --overwrite"
+            )
+        if not (out / "config.toml").exists():
+            raise UserError(f"{out} is not a vaelab run directory (no config.toml); refusing to delete it")
+        shutil.rmtree(out)
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create run directory {out}: {err.strerror}; choose another --out") from None
+
+
+class RunWriter:
+    """Hook that writes metrics.csv, TensorBoard events and checkpoints (rank 0 only)."""
+
+    def __init__(
+        self, out: Path, config: Config, optimizer, x_shape, fingerprint: str, latent_dim: int, resume_epoch: int = 0
+    ):
+        self.out, self.config, self.optimizer = out, config, optimizer
+        self.x_shape, self.fingerprint = x_shape, fingerprint
+        self.columns = CSV_BASE + [f"kl_dim_{j}" for j in range(latent_dim)]
+        self.csv_path = out / "metrics.csv"
+        kept = []
+        if resume_epoch and self.csv_path.exists():  # drop rows of epochs that will be run again
+            with open(self.csv_path, newline="") as f:
+                kept = [row for row in csv.DictReader(f) if int(row["epoch"]) < resume_epoch]
+        with open(self.csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows(kept)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboard is a dependency; keep training without it
+            pass
+
+    def __call__(self, record: EpochRecord, model, state: TrainState) -> None:
+        row = {k: getattr(record, k) for k in CSV_BASE}
+        row["epoch"] = record.epoch
+        row.update({f"kl_dim_{j}": v for j, v in enumerate(record.kl_per_dim)})
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, self.columns).writerow(row)
+        if self.tb is not None:
+            for name in ("elbo", "reconstruction", "kl", "beta"):
+                self.tb.add_scalar(f"{record.split}/{name}", getattr(record, name), record.step)
+            self.tb.flush()
+        if record.split != "val":
+            return
+        ckpt = dict(config=self.config, x_shape=self.x_shape, fingerprint=self.fingerprint)
+        if record.elbo > state.best_elbo:
+            state.best_elbo = record.elbo
+            checkpoint.save_checkpoint(
+                self.out / "checkpoints" / "best.pt",
+                model,
+                self.optimizer,
+                epoch=state.epoch,
+                step=state.step,
+                best_elbo=state.best_elbo,
+                **ckpt,
+            )
+            checkpoint.save_weights(self.out / "model.safetensors", model, self.config, self.x_shape)
+        checkpoint.save_checkpoint(
+            self.out / "checkpoints" / "last.pt",
+            model,
+            self.optimizer,
+            epoch=state.epoch,
+            step=state.step,
+            best_elbo=state.best_elbo,
+            **ckpt,
+        )
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def summary_line(r: EpochRecord) -> str:
+    bpd = f"  {r.bits_per_dim:.3f} bits/dim" if r.bits_per_dim is not None else ""
+    kl = "KL" if r.kl_method == "analytic" else "KL (Monte Carlo)"
+    return f"{r.split:>5}  ELBO {r.elbo:9.3f}  reconstruction {r.reconstruction:9.3f}  {kl} {r.kl:7.3f} nats{bpd}"
+
+
+ARCHITECTURE_FIELDS = ("model", "hidden", "activation", "latent_dim", "likelihood", "prior", "prior_components")
+
+
+def train_run(
+    config: Config,
+    out: Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> tuple[Path, EpochRecord]:
+    """``vaelab train``: data, model, loop, run directory; returns the run directory and the test record."""
+    set_threads(config.threads)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    splits, train_x, val_x, test_x, pixels = prepare_data(config, device)
+    out = Path(out) if out else default_out(splits.name)
+    state, resume_ckpt = TrainState(), None
+    if resume:
+        prepare_out(out, resume, overwrite)
+        resume_ckpt = checkpoint.load_checkpoint(out / "checkpoints" / "last.pt")
+        _check_resumable(resume_ckpt, config, splits)
+    model = models.build(config, splits.x_shape).to(device)
+    optimizer = make_optimizer(model, config)
+    if resume_ckpt is not None:
+        checkpoint.load_state(model, resume_ckpt["model"], out / "checkpoints" / "last.pt")
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        checkpoint.set_rng_state(resume_ckpt["rng"])
+        state = TrainState(resume_ckpt["epoch"], resume_ckpt["step"], resume_ckpt["best_elbo"])
+        log(f"resuming {out} at epoch {state.epoch + 1}")
+    else:
+        prepare_out(out, resume, overwrite)
+    atomic_write_text(out / "config.toml", config.to_toml())
+    writer = RunWriter(out, config, optimizer, splits.x_shape, splits.fingerprint, config.latent_dim, state.epoch)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(
+        f"{splits.name}: {len(train_x)} train / {len(val_x)} val / {len(test_x)} test images of shape "
+        f"{splits.x_shape}; {models.architecture_for(config.model, splits.x_shape)} VAE, {n_params:,} parameters, "
+        f"{config.likelihood} likelihood, {config.prior} prior, on {device}"
+    )
+
+    def print_epoch(record: EpochRecord, model, state) -> None:
+        if record.split == "val":
+            log(
+                f"epoch {record.epoch + 1:3d}/{config.epochs}  "
+                + summary_line(record).strip()
+                + f"  beta {record.beta:.2f}"
+            )
+
+    try:
+        fit(model, train_x, val_x, config, hooks=[writer, print_epoch], state=state, optimizer=optimizer, pixels=pixels)
+    finally:
+        writer.close()
+    best = (
+        checkpoint.load_checkpoint(out / "checkpoints" / "best.pt")
+        if (out / "checkpoints" / "best.pt").exists()
+        else None
+    )
+    if best is not None:
+        model.load_state_dict(best["model"])
+    test = evaluate_terms(model, test_x, 1024, state.epoch, "test", pixels, config.seed)
+    return out, test
+
+
+def _check_resumable(ckpt: dict, config: Config, splits: data.Splits) -> None:
+    if ckpt["fingerprint"] != splits.fingerprint:
+        raise UserError(
+            f"--resume: the data differ from the run's ({splits.name} now has another fingerprint); "
+            "resume with the same data, or start a new run"
+        )
+    old = ckpt["config"]
+    new = config.to_dict()
+    differs = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in ARCHITECTURE_FIELDS + ("seed", "binarize")
+        if old.get(k) != new.get(k)
+    ]
+    if differs:
+        raise UserError(f"--resume with a different config ({'; '.join(differs)}); use the run's config.toml")
+
+
+def set_threads(threads: int) -> None:
+    """``threads=0`` keeps PyTorch's default (one thread per core)."""
+    if threads > 0:
+        torch.set_num_threads(threads)

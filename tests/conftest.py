@@ -1,0 +1,32 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+
+def write_idx(path, array: np.ndarray, compress: bool = True) -> None:
+    """An IDX file as the MNIST authors define it: 0x0000, dtype 0x08, ndim, big-endian dims, bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    blob = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(blob) if compress else blob)
+
+
+@pytest.fixture
+def mnist_dir(tmp_path):
+    """A tiny MNIST-format data set: 240 train and 60 test 28x28 images of blobs, gzipped IDX."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "mnist"
+    d.mkdir()
+
+    def images(n):
+        yy, xx = np.mgrid[:28, :28]
+        centres = rng.integers(6, 22, size=(n, 2))
+        blobs = np.exp(-((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2) / 18.0)
+        return (255 * blobs).astype(np.uint8)
+
+    write_idx(d / "train-images-idx3-ubyte.gz", images(240))
+    write_idx(d / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 240))
+    write_idx(d / "t10k-images-idx3-ubyte.gz", images(60))
+    write_idx(d / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 60))
+    return d

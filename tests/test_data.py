@@ -1,0 +1,226 @@
+"""Data sources and their validation, on small files generated here in each on-disk format."""
+
+import gzip
+import hashlib
+import io
+import pickle
+import tarfile
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_idx
+from vaelab.config import Config
+from vaelab.data import Batches, download, load
+from vaelab.data.sources import read_idx
+from vaelab.errors import UserError
+
+
+def test_digits_is_bundled_and_split():
+    s = load(Config())
+    assert s.x_shape == (1, 8, 8)
+    assert len(s.train) + len(s.val) + len(s.test) == 1797
+    assert float(s.train.x.min()) >= 0.0 and float(s.train.x.max()) <= 1.0
+    assert s.train.y is not None and not s.binary
+    assert load(Config()).fingerprint == s.fingerprint
+    assert not torch.equal(load(Config(seed=1)).test.x, s.test.x)  # the split depends on the seed
+
+
+def test_idx_round_trip_and_own_test_split(mnist_dir):
+    s = load(Config(data="mnist", data_dir=str(mnist_dir)))
+    assert s.x_shape == (1, 28, 28)
+    assert len(s.test) == 60 and len(s.train) + len(s.val) == 240
+    raw = gzip.decompress((mnist_dir / "t10k-images-idx3-ubyte.gz").read_bytes())[16:]
+    expected = np.frombuffer(raw, np.uint8).reshape(60, 1, 28, 28) / 255.0
+    np.testing.assert_allclose(s.test.x.numpy(), expected, atol=1e-7)
+
+
+def test_idx_uncompressed(tmp_path):
+    arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a-idx3-ubyte", arr, compress=False)
+    np.testing.assert_array_equal(read_idx(tmp_path / "a-idx3-ubyte"), arr)
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda b: b[:-100], "truncated or corrupt"),
+        (lambda b: b"\x08\x03" + b[2:], "magic number"),
+        (lambda b: b[:10], "truncated inside its header"),
+    ],
+)
+def test_damaged_idx_files(tmp_path, damage, message):
+    write_idx(tmp_path / "x", np.zeros((50, 4, 4)), compress=False)
+    (tmp_path / "x").write_bytes(damage((tmp_path / "x").read_bytes()))
+    with pytest.raises(UserError, match=message):
+        read_idx(tmp_path / "x")
+
+
+def test_corrupt_gzip(mnist_dir):
+    path = mnist_dir / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(UserError, match="not a readable gzip file"):
+        load(Config(data="mnist", data_dir=str(mnist_dir)))
+
+
+def test_missing_files_say_where_to_put_them(tmp_path):
+    with pytest.raises(UserError, match=r"train-images-idx3-ubyte.gz.*--download"):
+        load(Config(data="fashion-mnist", data_dir=str(tmp_path)))
+
+
+def test_unknown_data_set():
+    with pytest.raises(UserError, match="unknown data set 'mnsit'"):
+        load(Config(data="mnsit"))
+
+
+def test_npy_and_npz(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (50, 6, 6), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", x)
+    s = load(Config(data=str(tmp_path / "a.npy")))
+    assert s.x_shape == (1, 6, 6) and s.levels == 256
+    np.savez(tmp_path / "b.npz", x=np.random.default_rng(1).random((40, 8, 8, 3)), y=np.arange(40))
+    s = load(Config(data=str(tmp_path / "b.npz")))
+    assert s.x_shape == (3, 8, 8) and s.train.y is not None
+
+
+@pytest.mark.parametrize(
+    "array,message",
+    [
+        (np.zeros(10), "shape"),
+        (np.zeros((0, 4, 4)), "no images"),
+        (np.full((5, 4, 4), np.nan), "NaN or infinite"),
+        (np.full((5, 4, 4), np.inf), "NaN or infinite"),
+        (np.full((5, 4, 4), 3.0), r"pixel values in \[3, 3\]"),
+        (np.zeros((5, 2, 4, 4)), "shape"),
+    ],
+)
+def test_bad_arrays(tmp_path, array, message):
+    np.save(tmp_path / "bad.npy", array)
+    with pytest.raises(UserError, match=message):
+        load(Config(data=str(tmp_path / "bad.npy")))
+
+
+def test_label_count_mismatch(tmp_path):
+    np.savez(tmp_path / "m.npz", x=np.zeros((10, 4, 4)), y=np.zeros(9))
+    with pytest.raises(UserError, match="10 images but 9 labels"):
+        load(Config(data=str(tmp_path / "m.npz")))
+
+
+def test_corrupt_npy(tmp_path):
+    (tmp_path / "c.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(UserError, match="not a readable"):
+        load(Config(data=str(tmp_path / "c.npy")))
+
+
+def test_image_folder_with_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    for label in ("cats", "dogs"):
+        (tmp_path / label).mkdir()
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / label / f"{i}.png")
+    s = load(Config(data=str(tmp_path)))
+    assert s.x_shape == (1, 8, 8)
+    labels = torch.cat([s.train.y, s.val.y, s.test.y])
+    assert sorted(labels.tolist()) == [0] * 12 + [1] * 12
+
+
+def test_image_folder_mixed_sizes_and_non_images(tmp_path):
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((9, 8), np.uint8)).save(tmp_path / "b.png")
+    with pytest.raises(UserError, match="differ in size"):
+        load(Config(data=str(tmp_path)))
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="not a readable image"):
+        load(Config(data=str(tmp_path)))
+
+
+def _cifar_tarball(path, payload=None):
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]}
+            blob = payload if payload is not None and name == "test_batch" else pickle.dumps(batch)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+
+def test_cifar10_tarball(tmp_path):
+    _cifar_tarball(tmp_path / "cifar-10-python.tar.gz")
+    s = load(Config(data="cifar10", data_dir=str(tmp_path)))
+    assert s.x_shape == (3, 32, 32) and len(s.test) == 4 and len(s.train) + len(s.val) == 20
+
+
+class Boom:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_cifar10_refuses_code_in_pickles(tmp_path):
+    _cifar_tarball(tmp_path / "cifar-10-python.tar.gz", payload=pickle.dumps({b"data": Boom()}))
+    with pytest.raises(UserError, match="not a CIFAR-10 batch.*refusing"):
+        load(Config(data="cifar10", data_dir=str(tmp_path)))
+
+
+# -- download ---------------------------------------------------------------------------
+class FakeResponse(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+
+def test_download_verifies_checksums(tmp_path, monkeypatch):
+    files = {"a.gz": b"hello", "b.gz": b"world"}
+    monkeypatch.setitem(
+        download.SOURCES, "toy", ("http://example.invalid/", {k: hashlib.md5(v).hexdigest() for k, v in files.items()})
+    )
+    served = []
+
+    def opener(url, timeout):
+        served.append(url)
+        return FakeResponse(files[url.rsplit("/", 1)[1]])
+
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    directory = download.fetch("toy", opener=opener)
+    assert directory == tmp_path / "cache" / "toy"
+    assert (directory / "a.gz").read_bytes() == b"hello"
+    download.fetch("toy", opener=opener)  # cached: nothing fetched again
+    assert len(served) == 2
+    # a corrupted download is refused and leaves nothing under the real name
+    (directory / "b.gz").unlink()
+    with pytest.raises(UserError, match="MD5"):
+        download.fetch("toy", opener=lambda url, timeout: FakeResponse(b"tampered"))
+    assert not (directory / "b.gz").exists() and not list(directory.glob(".*part"))
+
+
+def test_download_offline_says_what_to_do(tmp_path, monkeypatch):
+    def offline(url, timeout):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match="offline, copy train-images-idx3-ubyte.gz"):
+        download.fetch("mnist", opener=offline)
+
+
+# -- batches -------------------------------------------------------------------------------
+def test_data_order_is_a_function_of_seed_and_epoch():
+    x = torch.arange(100.0).view(100, 1, 1, 1) / 100
+    b = Batches(x, 10, seed=3)
+    first = torch.cat(list(b.epoch(0)))
+    assert torch.equal(first, torch.cat(list(Batches(x, 10, seed=3).epoch(0))))
+    assert not torch.equal(first, torch.cat(list(b.epoch(1))))
+    assert sorted(first.flatten().tolist()) == sorted(x.flatten().tolist())  # a permutation
+
+
+def test_dynamic_binarization_resamples_each_epoch_reproducibly():
+    x = torch.full((64, 1, 4, 4), 0.5)
+    b = Batches(x, 64, seed=0, dynamic=True)
+    e0, e0_again, e1 = next(b.epoch(0)), next(b.epoch(0)), next(b.epoch(1))
+    assert set(e0.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(e0, e0_again) and not torch.equal(e0, e1)
+    assert abs(e0.mean().item() - 0.5) < 0.1  # 1024 Bernoulli(0.5) draws: sd 0.016, so 6 sd
