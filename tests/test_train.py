@@ -1,0 +1,197 @@
+"""`vaelab train` end to end: run directory, config precedence, load_model, resume, failures."""
+
+import csv
+import hashlib
+
+import pytest
+import torch
+
+import vaelab
+from vaelab import objectives
+from vaelab.checkpoint import load_checkpoint, load_model
+from vaelab.cli import main
+from vaelab.config import Config
+from vaelab.errors import UserError
+
+FAST = ["--hidden", "32", "--latent-dim", "3", "--batch-size", "64"]
+
+
+def run(tmp_path, *args, name="run"):
+    out = tmp_path / name
+    code = main(["train", *FAST, "--out", str(out), *args])
+    return code, out
+
+
+def files_digest(directory):
+    return {
+        p.relative_to(directory): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in directory.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_default_data_run_directory(tmp_path, capsys):
+    code, out = run(tmp_path, "--epochs", "2")
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "test  ELBO" in printed and "KL" in printed and str(out) in printed
+    for name in ("config.toml", "metrics.csv", "model.safetensors", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (out / name).exists(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [(r["epoch"], r["split"]) for r in rows] == [("0", "train"), ("0", "val"), ("1", "train"), ("1", "val")]
+    for column in ("elbo", "reconstruction", "kl", "beta", "examples_per_s", "seconds", "kl_dim_0", "kl_dim_2"):
+        assert column in rows[0]
+    assert "kl_dim_3" not in rows[0]
+    for r in rows:  # the columns agree with each other: ELBO = reconstruction - KL = rec - sum_j KL_j
+        assert float(r["elbo"]) == pytest.approx(float(r["reconstruction"]) - float(r["kl"]), abs=1e-6)
+        assert float(r["kl"]) == pytest.approx(sum(float(r[f"kl_dim_{j}"]) for j in range(3)), rel=1e-4)
+
+
+def test_config_precedence(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("epochs = 1\nlatent_dim = 5\nbeta = 2.0\nhidden = [16, 8]\n")
+    code, out = run(tmp_path, "--config", str(toml), "--latent-dim", "2")
+    assert code == 0
+    saved = (out / "config.toml").read_text()
+    assert "latent_dim = 2\n" in saved  # command line beats the file
+    assert "epochs = 1\n" in saved and "beta = 2.0\n" in saved  # the file beats the defaults
+    assert "batch_size = 64\n" in saved and "lr = 0.001\n" in saved
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("epochz = 3\n", "unknown option 'epochz'"),
+        ('epochs = "three"\n', "must be a whole number"),
+        ("epochs = [\n", "not valid TOML"),
+        ('likelihood = "poisson"\n', "not one of"),
+    ],
+)
+def test_bad_config_files(tmp_path, capsys, content, message):
+    toml = tmp_path / "bad.toml"
+    toml.write_text(content)
+    code, out = run(tmp_path, "--config", str(toml))
+    assert code == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_load_model_from_run_and_checkpoint(tmp_path):
+    code, out = run(tmp_path, "--epochs", "1")
+    m1 = vaelab.load_model(out)
+    m2 = load_model(out / "checkpoints" / "best.pt")
+    x = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(m1.encode(x).mean, m2.encode(x).mean)
+    assert m1.decode(torch.zeros(2, 3)).mean.shape == (2, 1, 8, 8)
+    assert m1.prior().sample().shape == (3,) and not m1.training
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    code, out = run(tmp_path, "--epochs", "1")
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    from vaelab.models import build
+
+    other = build(Config(hidden=(64,), latent_dim=3), (1, 8, 8))
+    with pytest.raises(UserError, match="another architecture"):
+        from vaelab.checkpoint import load_state
+
+        load_state(other, state["model"], "last.pt")
+
+
+def test_mnist_idx_end_to_end(tmp_path, mnist_dir, capsys):
+    code, out = run(tmp_path, "--data", "mnist", "--data-dir", str(mnist_dir), "--binarize", "dynamic", "--epochs", "2")
+    assert code == 0
+    assert "bits/dim" in capsys.readouterr().out
+    assert load_model(out).x_shape == (1, 28, 28)
+
+
+def test_grey_pixels_with_bernoulli_are_refused(tmp_path, capsys):
+    code, out = run(tmp_path, "--binarize", "none")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--binarize dynamic" in err and "continuous-bernoulli" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    code, out = run(tmp_path, "--epochs", "1")
+    before = files_digest(out)
+    code, _ = run(tmp_path, "--epochs", "1")
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert files_digest(out) == before
+    code, _ = run(tmp_path, "--epochs", "1", "--overwrite")
+    assert code == 0
+
+
+def test_resume_continues_exactly(tmp_path):
+    """2 epochs, then --resume to 4, equals 4 epochs uninterrupted, bit for bit (CPU)."""
+    common = ["--epochs", "4", "--binarize", "dynamic", "--seed", "5"]
+    assert main(["train", *FAST, *common, "--out", str(tmp_path / "full")]) == 0
+    assert (
+        main(["train", *FAST, "--epochs", "2", "--binarize", "dynamic", "--seed", "5", "--out", str(tmp_path / "half")])
+        == 0
+    )
+    assert main(["train", *FAST, *common, "--out", str(tmp_path / "half"), "--resume"]) == 0
+    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model"]
+    resumed = load_checkpoint(tmp_path / "half" / "checkpoints" / "last.pt")["model"]
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+    rows = list(csv.DictReader(open(tmp_path / "half" / "metrics.csv")))
+    assert [r["epoch"] for r in rows if r["split"] == "val"] == ["0", "1", "2", "3"]
+
+
+def test_resume_with_another_architecture_is_refused(tmp_path, capsys):
+    code, out = run(tmp_path, "--epochs", "1")
+    assert main(["train", "--hidden", "48", "--latent-dim", "3", "--out", str(out), "--resume"]) == 2
+    assert "hidden" in capsys.readouterr().err
+
+
+def test_nan_stops_the_run_naming_step_and_term(tmp_path, capsys, monkeypatch):
+    real = objectives.elbo
+    calls = {"n": 0}
+
+    def poisoned(model, x):
+        terms = real(model, x)
+        calls["n"] += 1
+        if model.training and calls["n"] > 30:  # after the first epoch's checkpoint
+            return objectives.ElboTerms(terms.reconstruction * float("nan"), terms.kl, terms.kl_per_dim, "analytic")
+        return terms
+
+    monkeypatch.setattr(objectives, "elbo", poisoned)
+    code, out = run(tmp_path, "--epochs", "5")
+    err = capsys.readouterr().err
+    assert code == 2 and "reconstruction term became NaN" in err and "step" in err
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] >= 1  # the last good one is kept
+
+
+def test_batch_larger_than_data_and_missing_cuda(tmp_path, capsys):
+    code, _ = run(tmp_path, "--batch-size", "5000")
+    assert code == 2 and "larger than the training set" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        code, _ = run(tmp_path, "--device", "cuda", name="cuda")
+        assert code == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--objective", "iwae", "--k", "3"],
+        ["--prior", "vamp", "--prior-components", "4"],
+        ["--warmup", "cyclical", "--warmup-steps", "10", "--free-bits", "0.1"],
+        ["--likelihood", "continuous-bernoulli", "--binarize", "none", "--model", "conv", "--data", "mnist"],
+    ],
+)
+def test_option_combinations_train(tmp_path, mnist_dir, args):
+    if "mnist" in args:
+        args = [*args, "--data-dir", str(mnist_dir)]
+    code, out = run(tmp_path, "--epochs", "1", *args)
+    assert code == 0
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert all(abs(float(r["elbo"])) < 1e6 for r in rows)
+
+
+def test_python_api_fit():
+    model = vaelab.build_model(Config(hidden=(16,), latent_dim=2), (1, 8, 8))
+    x = torch.rand(100, 1, 8, 8)
+    state = vaelab.fit(model, x, x[:20], epochs=3, batch_size=20, binarize="dynamic", progress=False)
+    assert [r.split for r in state.history] == ["train", "val"] * 3
+    assert state.history[-1].elbo > state.history[1].elbo
