@@ -161,7 +161,6 @@ def test_iwae_bounds_are_ordered_and_below_log_px():
     post = lg.posterior(x[0])
     mu = (post.mean + 0.4).expand(1, 2)
     log_var = (post.covariance_matrix.diagonal().log() + 0.5).expand(1, 2)
-    m = LinearGaussianWithQ(lg, mu, log_var)
     torch.manual_seed(0)
     R = 4000  # replicates of each bound; compare means within 4 standard errors
     xs = x.expand(R, 5)

@@ -16,6 +16,11 @@ from vaelab.errors import UserError
 FAST = ["--hidden", "32", "--latent-dim", "3", "--batch-size", "64"]
 
 
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def run(tmp_path, *args, name="run"):
     out = tmp_path / name
     code = main(["train", *FAST, "--out", str(out), *args])
@@ -38,7 +43,7 @@ def test_default_data_run_directory(tmp_path, capsys):
     for name in ("config.toml", "metrics.csv", "model.safetensors", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (out / name).exists(), name
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    rows = read_rows(out / "metrics.csv")
     assert [(r["epoch"], r["split"]) for r in rows] == [("0", "train"), ("0", "val"), ("1", "train"), ("1", "val")]
     for column in ("elbo", "reconstruction", "kl", "beta", "examples_per_s", "seconds", "kl_dim_0", "kl_dim_2"):
         assert column in rows[0]
@@ -135,7 +140,7 @@ def test_resume_continues_exactly(tmp_path):
     resumed = load_checkpoint(tmp_path / "half" / "checkpoints" / "last.pt")["model"]
     for name in full:
         assert torch.equal(full[name], resumed[name]), name
-    rows = list(csv.DictReader(open(tmp_path / "half" / "metrics.csv")))
+    rows = read_rows(tmp_path / "half" / "metrics.csv")
     assert [r["epoch"] for r in rows if r["split"] == "val"] == ["0", "1", "2", "3"]
 
 
@@ -185,7 +190,7 @@ def test_option_combinations_train(tmp_path, mnist_dir, args):
         args = [*args, "--data-dir", str(mnist_dir)]
     code, out = run(tmp_path, "--epochs", "1", *args)
     assert code == 0
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    rows = read_rows(out / "metrics.csv")
     assert all(abs(float(r["elbo"])) < 1e6 for r in rows)
 
 
