@@ -123,6 +123,23 @@ def config_from_dict(values: dict, where: str) -> Config:
     return Config(**{k: coerce(k, v, where) for k, v in values.items()})
 
 
+def run_config(path: str | Path) -> Config:
+    """The resolved config of a run directory, checkpoint or model.safetensors file."""
+    from vaelab.config import parse_toml
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{path} is not a readable safetensors file ({err})") from None
+        return Config(**parse_toml(meta.get("config", ""), str(path)))
+    return config_from_dict(load_checkpoint(path)["config"], str(path))
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """A trained model from a run directory, a ``model.safetensors`` file or a ``.pt`` checkpoint,
     in eval mode, ready for ``encode`` / ``decode`` / ``prior``."""
@@ -130,6 +147,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     from vaelab.models import build
 
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; give a run directory, a checkpoint (.pt) or a model.safetensors file")
     if path.is_dir():
         path = path / "model.safetensors"
         if not path.exists():

@@ -16,6 +16,11 @@ from pathlib import Path
 from vaelab.errors import UserError
 
 EXAMPLES = {
+    "evaluate": (
+        "examples:\n  vaelab evaluate runs/digits\n"
+        "  vaelab evaluate runs/mnist --iwae-k 5000 --json eval.json --per-example test.csv\n"
+        "  vaelab evaluate runs/mnist/checkpoints/last.pt --split val --iwae-k 100"
+    ),
     "train": (
         "examples:\n  vaelab train                                  # digits, bundled, about 10 s on a CPU\n"
         "  vaelab train --data mnist --data-dir DIR --binarize dynamic --epochs 5\n"
@@ -173,6 +178,35 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vaelab.evaluation import evaluate_run, format_table
+    from vaelab.fileio import atomic_write_text
+
+    record, per_example_csv = evaluate_run(
+        args.run,
+        data=args.data,
+        data_dir=args.data_dir,
+        split=args.split,
+        iwae_k=args.iwae_k,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        per_example=args.per_example is not None,
+    )
+    print(
+        f"{record['data']} ({record['split']}, {record['examples']} examples, binarize {record['binarize']}, "
+        f"seed {record['seed']})"
+    )
+    print(format_table(record))
+    text = json.dumps(record, indent=1)
+    if args.json:
+        atomic_write_text(args.json, text)
+        print(f"wrote {args.json}")
+    if per_example_csv is not None:
+        atomic_write_text(args.per_example, per_example_csv)
+        print(f"wrote {args.per_example}")
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -203,6 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", "train a VAE and log the ELBO's terms (default: the bundled digits)", cmd_train)
     add_train_options(p)
+
+    p = add("evaluate", "ELBO terms, IWAE log-likelihood, active units and the KL split of a trained run", cmd_evaluate)
+    p.add_argument("run", type=Path, metavar="RUN", help="a run directory, or a checkpoint / model.safetensors file")
+    p.add_argument("--data", metavar="NAME", help="data set (default: the run's)")
+    p.add_argument("--data-dir", metavar="DIR", help="folder of the data set's files (default: the run's)")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test", help="which split (default: test)")
+    p.add_argument(
+        "--iwae-k",
+        type=int,
+        default=5000,
+        metavar="K",
+        help="importance samples for log p(x); 0 skips it (default: 5000)",
+    )
+    p.add_argument("--batch-size", type=positive_int, default=100, help="examples per IWAE batch (default: 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every sample drawn (default: 0)")
+    p.add_argument(
+        "--json", type=_output_path, metavar="FILE", help="write the record as JSON (also RUN/evaluation.json)"
+    )
+    p.add_argument("--per-example", type=_output_path, metavar="FILE.csv", help="per-example ELBO, reconstruction, KL")
     return parser
 
 
@@ -216,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"vaelab: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head and the like
+        return 0
     except KeyboardInterrupt:
         print("vaelab: interrupted", file=sys.stderr)
         return 130

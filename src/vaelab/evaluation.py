@@ -1,0 +1,271 @@
+"""Measuring a trained VAE the way papers do, and reading its KL term.
+
+All values are nats per example unless named otherwise. Each metric is a function;
+:func:`evaluate` gathers them into one record (a dict, written as JSON by the CLI).
+
+- ELBO terms: the batch-mean reconstruction, KL, KL per dimension (as in training).
+- ``log_likelihood``: the IWAE-k estimate (Burda et al. 2015)
+  log p(x) ~ logsumexp_i [log p(x|z_i) + log p(z_i) - log q(z_i|x)] - log k, z_i ~ q(z|x);
+  a lower bound in expectation that tightens as k grows. Computed in chunks of samples
+  with a running logsumexp, so memory does not grow with k.
+- ``active_units``: dimension j is active when Cov_x(E_q[z_j | x]) > 0.01 (Burda et al. 2015).
+- The KL split (Hoffman & Johnson 2016): E_x KL(q(z|x) || p(z)) = I_q(x; z) + KL(q(z) || p(z)),
+  q(z) = 1/N sum_n q(z|x_n) the aggregate posterior of the N evaluated examples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from vaelab.data.batches import Batches
+from vaelab.kl import diag_normal_params
+from vaelab.objectives import elbo
+
+ACTIVE_THRESHOLD = 0.01
+
+
+@torch.no_grad()
+def iwae_log_likelihood(model, x: Tensor, k: int, batch_size: int = 100, chunk: int = 500) -> Tensor:
+    """IWAE-k estimate of log p(x) per example, shape (N,).
+
+    Encodes each example once; draws the k samples ``chunk`` at a time and folds each
+    chunk into a running logsumexp: memory is O(batch_size * chunk * pixels), whatever k.
+    """
+    out = []
+    for xb in Batches(x, batch_size, 0, drop_last=False).epoch(0, shuffle=False):
+        q_z = model.encode(xb)
+        p_z = model.prior()
+        B = xb.shape[0]
+        running = torch.full((B,), -math.inf, device=x.device, dtype=torch.float32)
+        done = 0
+        while done < k:
+            n = min(chunk, k - done)
+            z = q_z.sample((n,))  # (n, B, D)
+            p_x = model.decode(z.reshape(n * B, -1))
+            x_rep = xb.unsqueeze(0).expand(n, *xb.shape).reshape(n * B, *xb.shape[1:])
+            log_w = p_x.log_prob(x_rep).reshape(n, B) + p_z.log_prob(z) - q_z.log_prob(z)  # (n, B)
+            running = torch.logaddexp(running, torch.logsumexp(log_w.float(), 0))
+            done += n
+        out.append(running - math.log(k))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def posterior_params(model, x: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
+    """(mu, log_var) of q(z|x) for every example, each (N, D)."""
+    mus, log_vars = [], []
+    for xb in Batches(x, batch_size, 0, drop_last=False).epoch(0, shuffle=False):
+        params = diag_normal_params(model.encode(xb))
+        mus.append(params[0])
+        log_vars.append(params[1])
+    return torch.cat(mus), torch.cat(log_vars)
+
+
+def activity(mu: Tensor) -> Tensor:
+    """Cov_x(E_q[z_j | x]) per dimension: the variance over examples of the posterior means."""
+    return mu.var(0, unbiased=True)
+
+
+@torch.no_grad()
+def kl_split(model, mu: Tensor, log_var: Tensor, chunk: int = 256) -> dict:
+    r"""Split the average KL into mutual information and marginal KL (Hoffman & Johnson 2016).
+
+    With one sample z_n ~ q(z|x_n) per example and the aggregate posterior
+    log q(z) = logsumexp_m log q(z|x_m) - log N computed over all N examples:
+
+        I_q(x; z)        ~ 1/N sum_n [log q(z_n|x_n) - log q(z_n)]
+        KL(q(z) || p(z)) ~ 1/N sum_n [log q(z_n) - log p(z_n)]
+
+    Their sum is the Monte Carlo estimate 1/N sum_n [log q(z_n|x_n) - log p(z_n)] of the
+    average KL, so the two parts add up to it exactly; the sum is compared with the
+    analytic average KL within its standard error. Bias: q(z) is the mixture over the
+    N evaluated examples, so I is at most log N (it saturates when the encoder separates
+    examples well), and log q(z_n) includes the example's own component; both shrink
+    as N grows. Cost O(N^2 D), in chunks.
+    """
+    from vaelab.distributions import diag_normal
+
+    N, D = mu.shape
+    q_all = diag_normal(mu, log_var)
+    z = q_all.sample()  # (N, D), one z_n per example
+    log_q_own = q_all.log_prob(z)  # log q(z_n | x_n)
+    log_q_agg = torch.empty(N, device=mu.device)
+    for start in range(0, N, chunk):
+        zc = z[start : start + chunk].unsqueeze(1)  # (c, 1, D) against every q(z|x_m): (c, N)
+        log_q_agg[start : start + chunk] = torch.logsumexp(q_all.log_prob(zc), dim=1) - math.log(N)
+    log_p = model.prior().log_prob(z)
+    mi = log_q_own - log_q_agg
+    marginal = log_q_agg - log_p
+    total = log_q_own - log_p
+    return {
+        "mutual_information": mi.mean().item(),
+        "marginal_kl": marginal.mean().item(),
+        "kl_monte_carlo": total.mean().item(),
+        "kl_monte_carlo_std_error": total.std().item() / math.sqrt(N),
+        "estimator": "aggregate posterior over the N evaluated examples, one z per example (Hoffman & Johnson 2016)",
+        "examples": N,
+        "upper_bound_log_n": math.log(N),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model, x: Tensor, *, iwae_k: int = 5000, batch_size: int = 100, seed: int = 0, pixels: int | None = None
+) -> tuple[dict, dict[str, Tensor]]:
+    """Every metric for data ``x`` (already binarised where the likelihood needs it).
+
+    Returns the record (plain numbers) and per-example tensors (elbo, reconstruction, kl,
+    kl_per_dim) for ``--per-example``.
+    """
+    model.eval()
+    torch.manual_seed(seed)
+    per = {"elbo": [], "reconstruction": [], "kl": [], "kl_per_dim": [], "kl_single_sample": []}
+    method = "analytic"
+    for xb in Batches(x, 1000, 0, drop_last=False).epoch(0, shuffle=False):
+        terms = elbo(model, xb)
+        method = terms.kl_method
+        per["elbo"].append(terms.elbo)
+        per["reconstruction"].append(terms.reconstruction)
+        per["kl"].append(terms.kl)
+        if terms.kl_per_dim is not None:
+            per["kl_per_dim"].append(terms.kl_per_dim)
+        q_z = model.encode(xb)
+        z = q_z.sample()
+        per["kl_single_sample"].append(q_z.log_prob(z) - model.prior().log_prob(z))
+    per = {k: torch.cat(v) for k, v in per.items() if v}
+    N = x.shape[0]
+    record: dict = {
+        "examples": N,
+        "elbo": per["elbo"].mean().item(),
+        "reconstruction": per["reconstruction"].mean().item(),
+        "kl": per["kl"].mean().item(),
+        "kl_method": method,
+        "kl_per_dim": per["kl_per_dim"].mean(0).tolist() if "kl_per_dim" in per else None,
+    }
+    if pixels:
+        record["bits_per_dim"] = -record["elbo"] / (pixels * math.log(2))
+    if iwae_k > 0:
+        ll = iwae_log_likelihood(model, x, iwae_k, batch_size)
+        record.update(
+            log_likelihood=ll.mean().item(), log_likelihood_std_error=ll.std().item() / math.sqrt(N), iwae_k=iwae_k
+        )
+        if pixels:
+            record["log_likelihood_bits_per_dim"] = -record["log_likelihood"] / (pixels * math.log(2))
+    mu, log_var = posterior_params(model, x)
+    act = activity(mu)
+    record["activity"] = act.tolist()
+    record["active_units"] = int((act > ACTIVE_THRESHOLD).sum())
+    record["active_threshold"] = ACTIVE_THRESHOLD
+    split = kl_split(model, mu, log_var)
+    split["adds_up"] = abs(split["mutual_information"] + split["marginal_kl"] - split["kl_monte_carlo"]) < 1e-3
+    split["agrees_with_kl_within_4_std_errors"] = (
+        abs(split["kl_monte_carlo"] - record["kl"]) <= 4 * split["kl_monte_carlo_std_error"] + 1e-6
+    )
+    record["mutual_information"] = split.pop("mutual_information")
+    record["marginal_kl"] = split.pop("marginal_kl")
+    record["kl_split"] = split
+    single = per["kl_single_sample"]
+    record["kl_estimator"] = {
+        "analytic": record["kl"] if method == "analytic" else None,
+        "single_sample_monte_carlo": single.mean().item(),
+        "single_sample_std_dev": single.std().item(),
+        "single_sample_std_error": single.std().item() / math.sqrt(N),
+    }
+    return record, per
+
+
+def format_table(record: dict) -> str:
+    rows = [
+        ("ELBO", record["elbo"], "nats"),
+        ("  reconstruction E_q[log p(x|z)]", record["reconstruction"], "nats"),
+        (f"  KL(q(z|x) || p(z)) [{record['kl_method']}]", record["kl"], "nats"),
+        ("    mutual information I(x; z)", record["mutual_information"], "nats"),
+        ("    marginal KL(q(z) || p(z))", record["marginal_kl"], "nats"),
+    ]
+    if "log_likelihood" in record:
+        rows.append(
+            (
+                f"log p(x), IWAE k={record['iwae_k']}",
+                record["log_likelihood"],
+                f"nats  ± {record['log_likelihood_std_error']:.3f} (s.e.)",
+            )
+        )
+    if "bits_per_dim" in record:
+        rows.append(("ELBO in bits/dim", record["bits_per_dim"], "bits/dim"))
+    if "log_likelihood_bits_per_dim" in record:
+        rows.append(("log p(x) in bits/dim", record["log_likelihood_bits_per_dim"], "bits/dim"))
+    est = record["kl_estimator"]
+    rows.append(
+        (
+            "KL, single-sample Monte Carlo",
+            est["single_sample_monte_carlo"],
+            f"nats  (sd {est['single_sample_std_dev']:.3f} per example)",
+        )
+    )
+    lines = [f"{name:<40} {value:12.4f}  {unit}" for name, value, unit in rows]
+    D = len(record["activity"])
+    lines.append(f"{'active units (Cov_x E[z_j|x] > 0.01)':<40} {record['active_units']:>12d}  of {D}")
+    if record["kl_per_dim"] is not None:
+        order = sorted(range(D), key=lambda j: -record["kl_per_dim"][j])
+        top = ", ".join(f"z{j}: {record['kl_per_dim'][j]:.2f}" for j in order[:8])
+        lines.append(f"{'KL per dimension (largest first)':<40} {top}")
+    return "\n".join(lines)
+
+
+def evaluate_run(
+    run, *, data=None, data_dir=None, split="test", iwae_k=5000, batch_size=100, seed=0, per_example=False
+) -> tuple[dict, str | None]:
+    """``vaelab evaluate``: load the run's model and data the way it was trained; evaluate one split."""
+    from pathlib import Path
+
+    from vaelab.checkpoint import load_model, run_config
+    from vaelab.errors import UserError
+    from vaelab.fileio import atomic_write_text
+    from vaelab.training import prepare_data
+
+    if iwae_k < 0:
+        raise UserError(f"--iwae-k must be >= 0, got {iwae_k}")
+    model = load_model(run)
+    config = run_config(run)
+    changes = {k: v for k, v in (("data", data), ("data_dir", data_dir)) if v is not None}
+    config = config.replace(**changes)
+    splits, train_x, val_x, test_x, pixels = prepare_data(config, "cpu")
+    if splits.x_shape != model.x_shape:
+        raise UserError(
+            f"{splits.name} has images of shape {splits.x_shape}, the model was trained on "
+            f"{model.x_shape}; evaluate on data of the same shape"
+        )
+    x = {"train": train_x, "val": val_x, "test": test_x}[split]
+    if split == "train" and config.binarize == "dynamic":
+        from vaelab.data import binarize_static
+
+        x = binarize_static(x, config.seed + 3)
+    record, per = evaluate(model, x, iwae_k=iwae_k, batch_size=batch_size, seed=seed, pixels=pixels)
+    record = {
+        "data": splits.name,
+        "split": split,
+        "binarize": config.binarize,
+        "seed": seed,
+        "likelihood": config.likelihood,
+        "prior": config.prior,
+        **record,
+    }
+    run = Path(run)
+    if run.is_dir():
+        import json
+
+        atomic_write_text(run / "evaluation.json", json.dumps(record, indent=1))
+    csv_text = None
+    if per_example:
+        D = per["kl_per_dim"].shape[1] if "kl_per_dim" in per else 0
+        header = ["index", "elbo", "reconstruction", "kl"] + [f"kl_dim_{j}" for j in range(D)]
+        lines = [",".join(header)]
+        for i in range(len(per["elbo"])):
+            values = [per["elbo"][i], per["reconstruction"][i], per["kl"][i]]
+            values += per["kl_per_dim"][i].tolist() if D else []
+            lines.append(",".join([str(i)] + [f"{float(v):.6g}" for v in values]))
+        csv_text = "\n".join(lines) + "\n"
+    return record, csv_text
