@@ -200,3 +200,28 @@ def test_python_api_fit():
     state = vaelab.fit(model, x, x[:20], epochs=3, batch_size=20, binarize="dynamic", progress=False)
     assert [r.split for r in state.history] == ["train", "val"] * 3
     assert state.history[-1].elbo > state.history[1].elbo
+
+
+def test_presets_configure_the_published_protocol(tmp_path):
+    from vaelab.config import lr_at, resolve
+
+    c = resolve(None, {}, "burda2015-iwae-k5")
+    assert (c.hidden, c.latent_dim, c.activation, c.objective, c.k, c.batch_size) == (
+        (200, 200),
+        50,
+        "tanh",
+        "iwae",
+        5,
+        20,
+    )
+    assert c.binarize == "dynamic" and c.adam_eps == 1e-4 and c.epochs == sum(3**i for i in range(8)) == 3280
+    # 3^i epochs at 0.001 * 10^(-i/7)
+    assert lr_at(c, 0) == pytest.approx(1e-3)
+    assert lr_at(c, 1) == pytest.approx(1e-3 * 10 ** (-1 / 7))
+    assert lr_at(c, 3) == pytest.approx(1e-3 * 10 ** (-1 / 7))
+    assert lr_at(c, 4) == pytest.approx(1e-3 * 10 ** (-2 / 7))
+    assert lr_at(c, 3279) == pytest.approx(1e-4)
+    # a command-line option still overrides the preset
+    assert resolve(None, {"epochs": 2}, "burda2015-vae").epochs == 2
+    with pytest.raises(UserError, match="unknown preset"):
+        resolve(None, {}, "burda")

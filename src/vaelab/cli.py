@@ -27,8 +27,9 @@ EXAMPLES = {
         "  vaelab train --data mnist --download --likelihood continuous-bernoulli --binarize none\n"
         "  vaelab train --data images/ --model conv --latent-dim 32 --out runs/mine\n"
         "  vaelab train --config run.toml --beta 4 --warmup linear --warmup-steps 2000\n"
-        "  vaelab train --out runs/digits --resume\n\n"
-        "Options given here override the --config file, which overrides the defaults.\n"
+        "  vaelab train --out runs/digits --resume\n"
+        "  vaelab train --preset burda2015-iwae-k5 --download      # Burda et al. 2015, full protocol\n\n"
+        "Options given here override the --config file, which overrides the --preset, then the defaults.\n"
         "The resolved config is saved as RUN/config.toml."
     ),
     "explain": (
@@ -84,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vaelab.training import summary_line, train_run
 
     options = {k: v for k, v in vars(args).items() if k in TRAIN_OPTIONS}
-    config = resolve(args.config, options)
+    config = resolve(args.config, options, args.preset)
     out, test = train_run(config, out=args.out, resume=args.resume, overwrite=args.overwrite)
     print(summary_line(test))
     print(f"results in {out}/ (metrics.csv, config.toml, model.safetensors, checkpoints/, tensorboard/)")
@@ -118,7 +119,19 @@ TRAIN_OPTIONS: set[str] = set()
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
-    from vaelab.config import ACTIVATIONS, BINARIZE, DEVICES, LIKELIHOODS, MODELS, OBJECTIVES, PRIORS, WARMUPS, Config
+    from vaelab.config import (
+        ACTIVATIONS,
+        BINARIZE,
+        DEVICES,
+        LIKELIHOODS,
+        LR_SCHEDULES,
+        MODELS,
+        OBJECTIVES,
+        PRESETS,
+        PRIORS,
+        WARMUPS,
+        Config,
+    )
 
     d = Config()
     groups = [p]
@@ -167,12 +180,15 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     opt("--epochs", "passes over the training set", type=_non_negative(int))
     opt("--batch-size", "examples per step", type=positive_int)
     opt("--lr", "Adam learning rate", type=float)
+    opt("--lr-schedule", "constant, or burda2015 (3^i epochs at lr * 10^(-i/7))", choices=LR_SCHEDULES)
+    opt("--adam-eps", "Adam's epsilon", type=float, metavar="EPS")
     opt("--grad-clip", "clip the gradient norm to this; 0: off", type=_non_negative(float))
     opt("--seed", "seed of the split, the initialisation, the data order and every sample", type=int)
     opt("--threads", "CPU threads; 0: PyTorch's default", type=_non_negative(int))
     opt("--device", "where to train", choices=DEVICES)
     g = group("run")
     g.add_argument("--config", metavar="FILE", help="a TOML file with any of the options above")
+    g.add_argument("--preset", choices=PRESETS, help="a published protocol: " + ", ".join(PRESETS))
     g.add_argument("--out", type=Path, metavar="DIR", help="run directory (default: runs/DATA, never an existing one)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out")

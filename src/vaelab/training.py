@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from vaelab import checkpoint, data, models, objectives
-from vaelab.config import Config
+from vaelab.config import Config, lr_at
 from vaelab.data.batches import Batches
 from vaelab.errors import UserError
 from vaelab.fileio import atomic_write_text
@@ -141,6 +141,8 @@ def fit(
     batches = Batches(train_x, config.batch_size, config.seed, dynamic=config.binarize == "dynamic")
     show = sys.stderr.isatty() if progress is None else progress
     for epoch in range(state.epoch, config.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(config, epoch)
         model.train()
         sums = TermSums()
         start = time.perf_counter()
@@ -195,7 +197,7 @@ def fit(
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
     # fused Adam on CPU and CUDA: one kernel for the whole update
-    return torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps, fused=True)
 
 
 def _nonfinite_message(what: str, epoch: int, step: int) -> str:
