@@ -121,6 +121,3 @@ def beta_at(step: int, schedule: str, beta: float, warmup_steps: int) -> float:
         position = (step % warmup_steps) / warmup_steps
         return beta * min(1.0, position / 0.5)
     raise ValueError(f"unknown beta schedule {schedule!r}; choose constant, linear or cyclical")
-
-
-BETA_SCHEDULES = ("constant", "linear", "cyclical")

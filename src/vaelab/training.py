@@ -49,7 +49,6 @@ class EpochRecord:
     seconds: float
     bits_per_dim: float | None = None
     step: int = 0
-    skipped: int = 0
 
 
 @dataclass

@@ -41,19 +41,15 @@ class Batches:
         N = self.x.shape[0]
         return N // self.batch_size if self.drop_last else -(-N // self.batch_size)
 
-    def epoch(self, epoch: int, shuffle: bool = True, shard: tuple[int, int] = (0, 1)) -> Iterator[Tensor]:
-        """Batches of epoch ``epoch``. ``shard=(rank, world)`` gives this rank its slice of each batch."""
+    def epoch(self, epoch: int, shuffle: bool = True) -> Iterator[Tensor]:
+        """Batches of epoch ``epoch``, in the order of its permutation (or in storage order)."""
         N = self.x.shape[0]
         device = self.x.device
         order = torch.randperm(N, generator=seeded(self.seed, epoch), device="cpu").to(device) if shuffle else None
         g_bin = seeded(self.seed, epoch, 1, device=device) if self.dynamic else None
-        rank, world = shard
         for i in range(len(self)):
             start = i * self.batch_size
             stop = min(start + self.batch_size, N)
-            if world > 1:  # each rank takes a contiguous part of the global batch
-                size = stop - start
-                start, stop = start + size * rank // world, start + size * (rank + 1) // world
             x = self.x[order[start:stop]] if order is not None else self.x[start:stop]
             if self.dynamic:
                 x = torch.bernoulli(x, generator=g_bin)
