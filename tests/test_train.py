@@ -225,3 +225,24 @@ def test_presets_configure_the_published_protocol(tmp_path):
     assert resolve(None, {"epochs": 2}, "burda2015-vae").epochs == 2
     with pytest.raises(UserError, match="unknown preset"):
         resolve(None, {}, "burda")
+
+
+class Boom:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "truncated or corrupt"),
+        (lambda p: p.write_bytes(b"garbage"), "not a vaelab checkpoint"),
+        (lambda p: torch.save({"format": 1, "model": Boom()}, p), "arbitrary pickle"),
+    ],
+)
+def test_bad_checkpoints_are_refused(tmp_path, make, message):
+    code, out = run(tmp_path, "--epochs", "1")
+    path = out / "checkpoints" / "last.pt"
+    make(path)
+    with pytest.raises(UserError, match=message):
+        load_checkpoint(path)

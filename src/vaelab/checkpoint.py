@@ -89,21 +89,19 @@ def load_checkpoint(path: Path) -> dict:
         blob = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
+    if not blob.startswith(b"PK"):  # torch.save writes a zip archive
+        raise UserError(f"{path} is not a vaelab checkpoint (not a PyTorch zip archive); give checkpoints/last.pt")
     try:
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if "Unsupported global" in str(err):
             raise UserError(
                 f"{path} needs arbitrary pickle to load, which can run code; vaelab refuses it. "
                 "Use a checkpoint written by vaelab"
             ) from None
-        raise UserError(
-            f"{path} is truncated or corrupt ({str(err).splitlines()[0]}); use checkpoints/best.pt"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise UserError(
-            f"{path} is truncated or corrupt ({str(err).splitlines()[0]}); use another checkpoint"
-        ) from None
+        raise UserError(f"{path} is truncated or corrupt; use checkpoints/best.pt or retrain") from None
+    except (RuntimeError, EOFError, ValueError, OSError):
+        raise UserError(f"{path} is truncated or corrupt; use checkpoints/best.pt or retrain") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise UserError(f"{path} is not a vaelab checkpoint")
     return state
