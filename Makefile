@@ -1,5 +1,5 @@
 # The two commands of README.md. Each sets up .venv itself (scripts/setup.sh).
-.PHONY: demo test bench lint setup
+.PHONY: demo test lint setup
 
 setup:
 	bash scripts/setup.sh
@@ -11,13 +11,10 @@ demo: setup
 	.venv/bin/vaelab train
 
 test: setup
-	.venv/bin/ruff check src tests benchmarks
-	.venv/bin/ruff format --check src tests benchmarks
+	.venv/bin/ruff check src tests
+	.venv/bin/ruff format --check src tests
 	.venv/bin/python -m pytest -q
 
-bench: setup
-	.venv/bin/python -m benchmarks
-
 lint: setup
-	.venv/bin/ruff check --fix src tests benchmarks
-	.venv/bin/ruff format src tests benchmarks
+	.venv/bin/ruff check --fix src tests
+	.venv/bin/ruff format src tests

@@ -150,7 +150,14 @@ def fit(
         if show:
             from tqdm import tqdm
 
-            iterator = tqdm(iterator, total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+            iterator = tqdm(
+                iterator,
+                total=len(batches),
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                unit="ex",
+                unit_scale=config.batch_size,
+                leave=False,
+            )
         for x in iterator:
             beta = objectives.beta_at(state.step, config.warmup, config.beta, config.warmup_steps)
             if config.objective == "iwae":
