@@ -76,7 +76,6 @@ def save_checkpoint(
         "fingerprint": fingerprint,
         "best_elbo": best_elbo,
         "rng": rng_state(),
-        **(extra or {}),
     }
     buf = io.BytesIO()
     torch.save(state, buf)

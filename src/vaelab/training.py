@@ -327,7 +327,6 @@ class RunWriter:
 
     def __call__(self, record: EpochRecord, model, state: TrainState) -> None:
         row = {k: getattr(record, k) for k in CSV_BASE}
-        row["epoch"] = record.epoch
         row.update({f"kl_dim_{j}": v for j, v in enumerate(record.kl_per_dim)})
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, self.columns).writerow(row)
@@ -337,28 +336,25 @@ class RunWriter:
             self.tb.flush()
         if record.split != "val":
             return
-        ckpt = dict(config=self.config, x_shape=self.x_shape, fingerprint=self.fingerprint)
-        if record.elbo > state.best_elbo:
-            state.best_elbo = record.elbo
+
+        def save(name: str) -> None:
             checkpoint.save_checkpoint(
-                self.out / "checkpoints" / "best.pt",
+                self.out / "checkpoints" / name,
                 model,
                 self.optimizer,
                 epoch=state.epoch,
                 step=state.step,
                 best_elbo=state.best_elbo,
-                **ckpt,
+                config=self.config,
+                x_shape=self.x_shape,
+                fingerprint=self.fingerprint,
             )
+
+        if record.elbo > state.best_elbo:
+            state.best_elbo = record.elbo
+            save("best.pt")
             checkpoint.save_weights(self.out / "model.safetensors", model, self.config, self.x_shape)
-        checkpoint.save_checkpoint(
-            self.out / "checkpoints" / "last.pt",
-            model,
-            self.optimizer,
-            epoch=state.epoch,
-            step=state.step,
-            best_elbo=state.best_elbo,
-            **ckpt,
-        )
+        save("last.pt")
 
     def close(self):
         if self.tb is not None:
