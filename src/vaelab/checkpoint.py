@@ -62,7 +62,6 @@ def save_checkpoint(
     x_shape,
     fingerprint: str,
     best_elbo: float,
-    extra: dict | None = None,
 ) -> None:
     state = {
         "format": FORMAT,
