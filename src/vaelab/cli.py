@@ -22,7 +22,7 @@ EXAMPLES = {
         "  vaelab evaluate runs/mnist/checkpoints/last.pt --split val --iwae-k 100"
     ),
     "train": (
-        "examples:\n  vaelab train                                  # digits, bundled, about 10 s on a CPU\n"
+        "examples:\n  vaelab train                                  # digits, bundled, about 10 s on 2 CPU cores\n"
         "  vaelab train --data mnist --data-dir DIR --binarize dynamic --epochs 5\n"
         "  vaelab train --data mnist --download --likelihood continuous-bernoulli --binarize none\n"
         "  vaelab train --data images/ --model conv --latent-dim 32 --out runs/mine\n"
