@@ -120,7 +120,8 @@ def test_kl_split_matches_closed_form_mutual_information():
         def prior(self):
             return dist.standard_normal(2)
 
-    out = kl_split(Prior(), mu, log_var)
+    out, single = kl_split(Prior(), mu, log_var)
+    assert single.shape == (N,)
     exact_mi = math.log((a * a + s * s) / (s * s))
     assert out["mutual_information"] == pytest.approx(exact_mi, abs=0.05)
     # marginal KL: KL(N(0, 1.25 I) || N(0, I)) in closed form

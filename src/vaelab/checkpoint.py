@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import vaelab
-from vaelab.config import Config, coerce
+from vaelab.config import Config, coerce, parse_toml
 from vaelab.errors import UserError
 from vaelab.fileio import atomic_write_bytes
 
@@ -119,29 +118,8 @@ def config_from_dict(values: dict, where: str) -> Config:
     return Config(**{k: coerce(k, v, where) for k, v in values.items()})
 
 
-def run_config(path: str | Path) -> Config:
-    """The resolved config of a run directory, checkpoint or model.safetensors file."""
-    from vaelab.config import parse_toml
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-        except (SafetensorError, OSError) as err:
-            raise UserError(f"{path} is not a readable safetensors file ({err})") from None
-        return Config(**parse_toml(meta.get("config", ""), str(path)))
-    return config_from_dict(load_checkpoint(path)["config"], str(path))
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """A trained model from a run directory, a ``model.safetensors`` file or a ``.pt`` checkpoint,
-    in eval mode, ready for ``encode`` / ``decode`` / ``prior``."""
-    from vaelab.config import parse_toml
-    from vaelab.models import build
-
+def read_trained(path: str | Path) -> tuple[Config, tuple[int, ...], dict]:
+    """``(config, x_shape, weights)`` from a run directory, a ``model.safetensors`` file or a ``.pt`` checkpoint."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist; give a run directory, a checkpoint (.pt) or a model.safetensors file")
@@ -149,28 +127,35 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         path = path / "model.safetensors"
         if not path.exists():
             raise UserError(f"{path.parent} has no model.safetensors: is it a vaelab run directory?")
-    if path.suffix == ".safetensors":
-        try:
-            blob = path.read_bytes()
-            tensors = st_load(blob)
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-        except FileNotFoundError:
-            raise UserError(f"{path} does not exist") from None
-        except (SafetensorError, OSError, ValueError) as err:
-            raise UserError(f"{path} is not a readable safetensors file ({err})") from None
-        if "config" not in meta or "x_shape" not in meta:
-            raise UserError(f"{path} has no vaelab metadata (config, x_shape): it was not written by vaelab")
-        config = Config(**parse_toml(meta["config"], str(path)))
-        x_shape = tuple(int(v) for v in meta["x_shape"].split(","))
-        state = tensors
-    else:
+    if path.suffix != ".safetensors":
         ckpt = load_checkpoint(path)
-        config = config_from_dict(ckpt["config"], str(path))
-        x_shape, state = tuple(ckpt["x_shape"]), ckpt["model"]
+        return config_from_dict(ckpt["config"], str(path)), tuple(ckpt["x_shape"]), ckpt["model"]
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            weights = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable safetensors file ({err})") from None
+    if "config" not in meta or "x_shape" not in meta:
+        raise UserError(f"{path} has no vaelab metadata (config, x_shape): it was not written by vaelab")
+    config = Config(**parse_toml(meta["config"], str(path)))
+    return config, tuple(int(v) for v in meta["x_shape"].split(",")), weights
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu"):
+    """``(model, config)`` of a trained run; the model in eval mode."""
+    from vaelab.models import build
+
+    config, x_shape, weights = read_trained(path)
     model = build(config, x_shape)
-    load_state(model, state, path)
-    return model.to(device).eval()
+    load_state(model, weights, path)
+    return model.to(device).eval(), config
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """A trained model from a run directory, a ``model.safetensors`` file or a ``.pt`` checkpoint,
+    in eval mode, ready for ``encode`` / ``decode`` / ``prior``."""
+    return load_run(path, device)[0]
 
 
 def load_state(model, state: dict, where) -> None:

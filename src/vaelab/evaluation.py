@@ -15,14 +15,22 @@ All values are nats per example unless named otherwise. Each metric is a functio
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from vaelab.checkpoint import load_run
+from vaelab.data import binarize_static
 from vaelab.data.batches import Batches
+from vaelab.distributions import diag_normal
+from vaelab.errors import UserError
+from vaelab.fileio import atomic_write_text
 from vaelab.kl import diag_normal_params
 from vaelab.objectives import elbo
+from vaelab.training import prepare_data
 
 ACTIVE_THRESHOLD = 0.01
 
@@ -85,9 +93,9 @@ def kl_split(model, mu: Tensor, log_var: Tensor, chunk: int = 256) -> dict:
     N evaluated examples, so I is at most log N (it saturates when the encoder separates
     examples well), and log q(z_n) includes the example's own component; both shrink
     as N grows. Cost O(N^2 D), in chunks.
-    """
-    from vaelab.distributions import diag_normal
 
+    Returns the summary and the per-example single-sample KL ``log q(z_n|x_n) - log p(z_n)``.
+    """
     N, D = mu.shape
     q_all = diag_normal(mu, log_var)
     z = q_all.sample()  # (N, D), one z_n per example
@@ -100,7 +108,7 @@ def kl_split(model, mu: Tensor, log_var: Tensor, chunk: int = 256) -> dict:
     mi = log_q_own - log_q_agg
     marginal = log_q_agg - log_p
     total = log_q_own - log_p
-    return {
+    summary = {
         "mutual_information": mi.mean().item(),
         "marginal_kl": marginal.mean().item(),
         "kl_monte_carlo": total.mean().item(),
@@ -109,6 +117,7 @@ def kl_split(model, mu: Tensor, log_var: Tensor, chunk: int = 256) -> dict:
         "examples": N,
         "upper_bound_log_n": math.log(N),
     }
+    return summary, total
 
 
 @torch.no_grad()
@@ -122,7 +131,7 @@ def evaluate(
     """
     model.eval()
     torch.manual_seed(seed)
-    per = {"elbo": [], "reconstruction": [], "kl": [], "kl_per_dim": [], "kl_single_sample": []}
+    per = {"elbo": [], "reconstruction": [], "kl": [], "kl_per_dim": []}
     method = "analytic"
     for xb in Batches(x, 1000, 0, drop_last=False).epoch(0, shuffle=False):
         terms = elbo(model, xb)
@@ -132,9 +141,6 @@ def evaluate(
         per["kl"].append(terms.kl)
         if terms.kl_per_dim is not None:
             per["kl_per_dim"].append(terms.kl_per_dim)
-        q_z = model.encode(xb)
-        z = q_z.sample()
-        per["kl_single_sample"].append(q_z.log_prob(z) - model.prior().log_prob(z))
     per = {k: torch.cat(v) for k, v in per.items() if v}
     N = x.shape[0]
     record: dict = {
@@ -159,7 +165,7 @@ def evaluate(
     record["activity"] = act.tolist()
     record["active_units"] = int((act > ACTIVE_THRESHOLD).sum())
     record["active_threshold"] = ACTIVE_THRESHOLD
-    split = kl_split(model, mu, log_var)
+    split, single = kl_split(model, mu, log_var)  # single: one-sample Monte Carlo KL per example
     split["adds_up"] = abs(split["mutual_information"] + split["marginal_kl"] - split["kl_monte_carlo"]) < 1e-3
     split["agrees_with_kl_within_4_std_errors"] = (
         abs(split["kl_monte_carlo"] - record["kl"]) <= 4 * split["kl_monte_carlo_std_error"] + 1e-6
@@ -167,7 +173,6 @@ def evaluate(
     record["mutual_information"] = split.pop("mutual_information")
     record["marginal_kl"] = split.pop("marginal_kl")
     record["kl_split"] = split
-    single = per["kl_single_sample"]
     record["kl_estimator"] = {
         "analytic": record["kl"] if method == "analytic" else None,
         "single_sample_monte_carlo": single.mean().item(),
@@ -219,17 +224,9 @@ def evaluate_run(
     run, *, data=None, data_dir=None, split="test", iwae_k=5000, batch_size=100, seed=0, per_example=False
 ) -> tuple[dict, str | None]:
     """``vaelab evaluate``: load the run's model and data the way it was trained; evaluate one split."""
-    from pathlib import Path
-
-    from vaelab.checkpoint import load_model, run_config
-    from vaelab.errors import UserError
-    from vaelab.fileio import atomic_write_text
-    from vaelab.training import prepare_data
-
     if iwae_k < 0:
         raise UserError(f"--iwae-k must be >= 0, got {iwae_k}")
-    model = load_model(run)
-    config = run_config(run)
+    model, config = load_run(run)
     changes = {k: v for k, v in (("data", data), ("data_dir", data_dir)) if v is not None}
     config = config.replace(**changes)
     splits, train_x, val_x, test_x, pixels = prepare_data(config, "cpu")
@@ -240,8 +237,6 @@ def evaluate_run(
         )
     x = {"train": train_x, "val": val_x, "test": test_x}[split]
     if split == "train" and config.binarize == "dynamic":
-        from vaelab.data import binarize_static
-
         x = binarize_static(x, config.seed + 3)
     record, per = evaluate(model, x, iwae_k=iwae_k, batch_size=batch_size, seed=seed, pixels=pixels)
     record = {
@@ -255,8 +250,6 @@ def evaluate_run(
     }
     run = Path(run)
     if run.is_dir():
-        import json
-
         atomic_write_text(run / "evaluation.json", json.dumps(record, indent=1))
     csv_text = None
     if per_example:

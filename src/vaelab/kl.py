@@ -182,14 +182,12 @@ class _rng_from:
 class KLResult:
     """A KL value per example, and how it was obtained.
 
-    ``per_dim`` is present when both distributions factorise over latent dimensions;
-    ``std_error`` only for Monte Carlo estimates.
+    ``per_dim`` is present when both distributions factorise over latent dimensions.
     """
 
     value: Tensor  # (B,)
     method: str  # "analytic" or "monte_carlo"
     per_dim: Tensor | None = None  # (B, D)
-    std_error: Tensor | None = None  # (B,)
 
 
 def diag_normal_params(d: Distribution) -> tuple[Tensor, Tensor] | None:

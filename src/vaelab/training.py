@@ -129,7 +129,7 @@ def fit(
     ``config`` (or keyword ``options`` such as ``epochs=5, lr=1e-3, beta=4``) sets every knob.
     ``hooks`` are called after each epoch's validation as ``hook(record, model, state)``.
     """
-    config = (config or Config()).replace(**options) if options else (config or Config())
+    config = (config or Config()).replace(**options)
     state = state or TrainState()
     optimizer = optimizer or make_optimizer(model, config)
     if config.batch_size > len(train_x):
@@ -265,8 +265,8 @@ def prepare_data(config: Config, device) -> tuple[data.Splits, Tensor, Tensor, T
         )
         if config.binarize == "static":
             train_x = data.binarize_static(train_x.cpu(), config.seed).to(device)
-    discrete = binarized or splits.binary or config.likelihood == "logistic"
-    pixels = splits.train.x[0].numel() if discrete and config.likelihood in ("bernoulli", "logistic") else None
+    # bits/dim where p(x|z) is a probability mass function (binary or 256-level pixels)
+    pixels = splits.train.x[0].numel() if config.likelihood in ("bernoulli", "logistic") else None
     return splits, train_x, val_x, test_x, pixels
 
 
