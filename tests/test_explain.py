@@ -74,9 +74,10 @@ def test_a_wrong_formula_fails_a_step_and_exits_nonzero(monkeypatch, capsys):
     assert "4d." in err and "does not hold" in err
 
 
-def test_html_is_self_contained(tmp_path):
+@pytest.mark.parametrize("latent_dim", ["1", "2"])
+def test_html_is_self_contained(tmp_path, latent_dim):
     out = tmp_path / "explain.html"
-    assert main(["explain", "--samples", "2000", "--html", str(out)]) == 0
+    assert main(["explain", "--samples", "2000", "--latent-dim", latent_dim, "--html", str(out)]) == 0
     page = out.read_text()
     assert page.count("<svg") == 2
     assert "D<sub>KL</sub>[q(z|x) ‖ p(z|x)] = E<sub>q</sub>[log q(z|x) − log p(z|x)]" in page

@@ -3,7 +3,7 @@
 argparse rather than a CLI framework: it is in the standard library (``vaelab --help``
 imports nothing heavy), exits with status 2 on a bad option, and ``default=SUPPRESS``
 tells which options the user set, which config precedence needs (command line > TOML
-file > defaults). torch is imported inside the subcommands, never at start-up.
+file > preset > defaults). torch is imported inside the subcommands, never at start-up.
 """
 
 from __future__ import annotations

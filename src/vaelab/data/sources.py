@@ -41,9 +41,6 @@ class ImageData:
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def to(self, device) -> ImageData:
-        return ImageData(self.x.to(device), None if self.y is None else self.y.to(device))
-
 
 @dataclass(frozen=True)
 class Splits:
