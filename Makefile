@@ -1,5 +1,5 @@
 # The two commands of README.md. Each sets up .venv itself (scripts/setup.sh).
-.PHONY: demo test lint setup
+.PHONY: demo test bench lint setup
 
 setup:
 	bash scripts/setup.sh
@@ -11,10 +11,13 @@ demo: setup
 	.venv/bin/vaelab train
 
 test: setup
-	.venv/bin/ruff check src tests
-	.venv/bin/ruff format --check src tests
+	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff format --check src tests benchmarks
 	.venv/bin/python -m pytest -q
 
+bench: setup
+	.venv/bin/python -m benchmarks
+
 lint: setup
-	.venv/bin/ruff check --fix src tests
-	.venv/bin/ruff format src tests
+	.venv/bin/ruff check --fix src tests benchmarks
+	.venv/bin/ruff format src tests benchmarks

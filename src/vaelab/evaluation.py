@@ -29,6 +29,7 @@ from vaelab.distributions import diag_normal
 from vaelab.errors import UserError
 from vaelab.fileio import atomic_write_text
 from vaelab.kl import diag_normal_params
+from vaelab.models import VAE
 from vaelab.objectives import elbo
 from vaelab.training import prepare_data
 
@@ -37,7 +38,7 @@ ACTIVE_THRESHOLD = 0.01
 
 @torch.no_grad()
 def iwae_log_likelihood(model, x: Tensor, k: int, batch_size: int = 100, chunk: int = 500) -> Tensor:
-    """IWAE-k estimate of log p(x) per example, shape (N,).
+    """IWAE-k estimate of log p(x) per example, shape (N,), float64.
 
     Encodes each example once; draws the k samples ``chunk`` at a time and folds each
     chunk into a running logsumexp: memory is O(batch_size * chunk * pixels), whatever k.
@@ -47,18 +48,26 @@ def iwae_log_likelihood(model, x: Tensor, k: int, batch_size: int = 100, chunk: 
         q_z = model.encode(xb)
         p_z = model.prior()
         B = xb.shape[0]
-        running = torch.full((B,), -math.inf, device=x.device, dtype=torch.float32)
+        # float64 from here: log p(x) is hundreds of nats, where float32's spacing is 6e-5
+        running = torch.full((B,), -math.inf, device=x.device, dtype=torch.float64)
         done = 0
         while done < k:
             n = min(chunk, k - done)
             z = q_z.sample((n,))  # (n, B, D)
-            p_x = model.decode(z.reshape(n * B, -1))
-            x_rep = xb.unsqueeze(0).expand(n, *xb.shape).reshape(n * B, *xb.shape[1:])
-            log_w = p_x.log_prob(x_rep).reshape(n, B) + p_z.log_prob(z) - q_z.log_prob(z)  # (n, B)
-            running = torch.logaddexp(running, torch.logsumexp(log_w.float(), 0))
+            log_w = log_px_given_z_samples(model, z, xb) + p_z.log_prob(z) - q_z.log_prob(z)  # (n, B)
+            running = torch.logaddexp(running, torch.logsumexp(log_w.double(), 0))
             done += n
         out.append(running - math.log(k))
     return torch.cat(out)
+
+
+def log_px_given_z_samples(model, z: Tensor, x: Tensor) -> Tensor:
+    """log p(x | z_i), (n, B): a vaelab VAE's likelihood-specific fast path, else ``decode(z).log_prob``."""
+    if isinstance(model, VAE):
+        return model.log_px_given_z_samples(z, x)
+    n, B = z.shape[:2]
+    x_rep = x.unsqueeze(0).expand(n, *x.shape).reshape(n * B, *x.shape[1:])
+    return model.decode(z.flatten(0, 1)).log_prob(x_rep).view(n, B)
 
 
 @torch.no_grad()

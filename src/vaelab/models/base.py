@@ -26,17 +26,31 @@ class Likelihood(nn.Module):
     """Turns the decoder's output (B, P C, H, W) into p(x|z)."""
 
     params_per_pixel = 1
-    needs_binary = False
 
     def forward(self, out: Tensor) -> Distribution:
         raise NotImplementedError
 
+    def log_prob_samples(self, out: Tensor, x: Tensor) -> Tensor:
+        """log p(x | z_i) for decoder outputs ``out`` (B, n, P C, H, W) of n samples per example
+        against ``x`` (B, C, H, W); shape (B, n)."""
+        B, n = out.shape[:2]
+        x_rep = x.unsqueeze(1).expand(B, n, *x.shape[1:]).reshape(B * n, *x.shape[1:])
+        return self(out.flatten(0, 1)).log_prob(x_rep).view(B, n)
+
 
 class BernoulliLikelihood(Likelihood):
-    needs_binary = True
-
     def forward(self, out):
         return dist.bernoulli(out, 3)
+
+    def log_prob_samples(self, out: Tensor, x: Tensor) -> Tensor:
+        r"""log Bern(x | sigmoid(l)) = sum_i [x_i l_i - softplus(l_i)]: the first sum is a matrix
+        product of x with the logits of all n samples, so x is never copied n times and the
+        only elementwise pass over the (n, B, pixels) logits is the softplus."""
+        logits = out.flatten(2)  # (B, n, P), contiguous: bmm needs no copy
+        x_dot_l = torch.bmm(logits, x.flatten(1).unsqueeze(-1)).squeeze(-1)  # (B, n)
+        # sums of hundreds of terms accumulate in float64, so the result does not depend on their order
+        log_p = x_dot_l.double() - torch.nn.functional.softplus(logits).sum(-1, dtype=torch.float64)
+        return log_p.to(logits.dtype)
 
 
 class ContinuousBernoulliLikelihood(Likelihood):
@@ -151,3 +165,9 @@ class VAE(nn.Module):
 
     def prior(self) -> Distribution:
         return self.prior_module(self.encode)
+
+    def log_px_given_z_samples(self, z: Tensor, x: Tensor) -> Tensor:
+        """log p(x | z_i) for n samples per example, z (n, B, D) and x (B, C, H, W); shape (n, B)."""
+        n, B = z.shape[:2]
+        out = self.decoder(z.transpose(0, 1).reshape(B * n, -1))  # example-major: (B n, ...)
+        return self.likelihood.log_prob_samples(out.view(B, n, *out.shape[1:]), x).T

@@ -1,0 +1,1 @@
+"""vaelab's speed and memory benchmark: `python -m benchmarks` (or `make bench`)."""

@@ -1,0 +1,279 @@
+"""Speed and memory of vaelab, as ratios against references run in the same process.
+
+    python -m benchmarks            # about 6 minutes on 2 cores
+    python -m benchmarks --quick    # fewer repeats and smaller sizes, about 2 minutes
+
+Absolute times on a shared machine drift by 2x between runs; ratios taken within one
+round do not, so each reference is interleaved with vaelab, round by round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from benchmarks.references import TextbookVAE, straightforward_iwae, textbook_epoch, textbook_loader
+from vaelab.config import Config
+from vaelab.distributions import bernoulli, diag_normal, standard_normal
+from vaelab.evaluation import iwae_log_likelihood
+from vaelab.models import build
+from vaelab.training import TrainState, fit, make_optimizer
+
+MLP = Config(hidden=(400,), latent_dim=20, binarize="none")  # the classic 784-400-20 model
+ROWS: list[tuple[str, str, str, str]] = []
+
+
+def row(name: str, measured: str, ratio: str, target: str) -> None:
+    ROWS.append((name, measured, ratio, target))
+    print(f"  {name:<52} {measured:<34} {ratio:<14} {target}", flush=True)
+
+
+def spread(values: list[float], unit: str = "") -> str:
+    return f"{statistics.median(values):,.0f}{unit} [{min(values):,.0f}-{max(values):,.0f}]"
+
+
+def synthetic(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 1, 28, 28, generator=g) > 0.7).float()
+
+
+# -- 1. training throughput ------------------------------------------------------------------------
+def step_gemm_shapes(batch: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of every matrix product in one training step of the 784-400-20 MLP.
+
+    Forward (B x in) @ (in x out) per layer; backward the weight gradients of every layer
+    and the input gradients of every layer but the first: 3.28 MFLOP per image.
+    """
+    layers = [(784, 400), (400, 40), (20, 400), (400, 784)]
+    shapes = []
+    for i, (n_in, n_out) in enumerate(layers):
+        shapes.append((batch, n_in, n_out))  # forward
+        shapes.append((n_in, batch, n_out))  # weight gradient: x^T @ dy
+        if i > 0:
+            shapes.append((batch, n_out, n_in))  # input gradient: dy @ W
+    return shapes
+
+
+def gemm_limit(batch: int, repeats: int = 20) -> float:
+    """Images/s if a training step cost only its matrix products (best of ``repeats``)."""
+    mats = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in step_gemm_shapes(batch)]
+    for a, b in mats:
+        torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for a, b in mats:
+            torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return batch / min(times)
+
+
+def training_throughput(threads: int, batch: int, n: int, rounds: int) -> tuple[list[float], list[float]]:
+    torch.set_num_threads(threads)
+    x = synthetic(n)
+    torch.manual_seed(0)
+    textbook = TextbookVAE()
+    t_opt = torch.optim.Adam(textbook.parameters(), lr=1e-3)
+    loader = textbook_loader(x, batch)
+    config = MLP.replace(batch_size=batch, epochs=0)
+    model = build(config, (1, 28, 28))
+    optimizer, state = make_optimizer(model, config), TrainState()
+    ours, ref = [], []
+    for r in range(rounds + 1):  # round 0 warms up both
+        start = time.perf_counter()
+        textbook_epoch(textbook, t_opt, loader)
+        t_ref = n / (time.perf_counter() - start)
+        fit(model, x, None, config.replace(epochs=r + 1), state=state, optimizer=optimizer, progress=False)
+        if r:
+            ref.append(t_ref)
+            ours.append(state.history[-1].examples_per_s)
+    return ours, ref
+
+
+# -- 2. the IWAE estimate ----------------------------------------------------------------------------
+def iwae_speed(images: int, k: int, rounds: int) -> None:
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = build(MLP, (1, 28, 28)).eval()
+    x = synthetic(images, seed=1)
+    ours, ref, diffs = [], [], []
+    for _ in range(rounds):
+        torch.manual_seed(7)
+        start = time.perf_counter()
+        a = straightforward_iwae(model, x, k)
+        ref.append(time.perf_counter() - start)
+        torch.manual_seed(7)
+        start = time.perf_counter()
+        b = iwae_log_likelihood(model, x, k)
+        ours.append(time.perf_counter() - start)
+        diffs.append((a - b).abs().max().item())
+    per = 1000 / images
+    row(
+        f"IWAE k={k}, {images} images (2 threads), s",
+        f"ref {statistics.median(ref):.1f}, vaelab {statistics.median(ours):.1f}",
+        f"{statistics.median(r / o for r, o in zip(ref, ours, strict=True)):.2f}x",
+        ">= 2x",
+    )
+    row("  same estimate: max |difference|, nats", f"{max(diffs):.2e}", "", "<= 1e-4")
+    row("  vaelab, scaled to 1000 images, s", f"{statistics.median(ours) * per:.0f}", "", "")
+
+
+# -- 5. time to quality ---------------------------------------------------------------------------------
+class TextbookAsLatentModel:
+    """The textbook model seen through vaelab's interface, so one estimator scores both."""
+
+    def __init__(self, model: TextbookVAE):
+        self.m = model
+
+    def encode(self, x):
+        h = torch.relu(self.m.fc1(x.flatten(1)))
+        return diag_normal(self.m.fc21(h), self.m.fc22(h))
+
+    def decode(self, z):
+        logits = self.m.fc4(torch.relu(self.m.fc3(z)))
+        return bernoulli(logits.view(-1, 1, 28, 28), 3)
+
+    def prior(self):
+        return standard_normal(self.m.fc21.out_features)
+
+
+def digits_28() -> tuple[torch.Tensor, torch.Tensor]:
+    """The bundled digits, resized to 28 x 28 (grey, train) and a binarised test set of 297."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images / 16.0
+    big = np.stack(
+        [np.asarray(Image.fromarray(im.astype(np.float32)).resize((28, 28), Image.BILINEAR)) for im in images]
+    )
+    x = torch.tensor(big, dtype=torch.float32).clamp(0, 1)[:, None]
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    test = torch.bernoulli(x[order[:297]], generator=torch.Generator().manual_seed(1))
+    return x[order[297:]], test
+
+
+def time_to_quality(budget: float) -> None:
+    torch.set_num_threads(2)
+    train, test = digits_28()
+    torch.manual_seed(0)
+    textbook = TextbookVAE()
+    opt = torch.optim.Adam(textbook.parameters(), lr=1e-3)
+    loader = textbook_loader(train, 128)
+    start, epochs_ref = time.perf_counter(), 0
+    while time.perf_counter() - start < budget:
+        textbook_epoch(textbook, opt, loader)
+        epochs_ref += 1
+    config = Config(epochs=0)  # vaelab's defaults: 784-400-20, dynamic binarisation, batch 128
+    model = build(config, (1, 28, 28))
+    optimizer, state = make_optimizer(model, config), TrainState()
+    start = time.perf_counter()
+    while time.perf_counter() - start < budget:
+        fit(
+            model, train, None, config.replace(epochs=state.epoch + 1), state=state, optimizer=optimizer, progress=False
+        )
+    torch.manual_seed(5)
+    nll_ref = -iwae_log_likelihood(TextbookAsLatentModel(textbook.eval()), test, 1000).mean().item()
+    torch.manual_seed(5)
+    nll_ours = -iwae_log_likelihood(model.eval(), test, 1000).mean().item()
+    row(f"test NLL (IWAE k=1000) after {budget:.0f} s: textbook", f"{nll_ref:.2f} nats ({epochs_ref} epochs)", "", "")
+    row(
+        f"test NLL (IWAE k=1000) after {budget:.0f} s: vaelab",
+        f"{nll_ours:.2f} nats ({state.epoch} epochs)",
+        f"{nll_ref - nll_ours:+.2f} nats",
+        "lower NLL",
+    )
+
+
+# -- subprocess measurements: start-up, memory ---------------------------------------------------------
+def peak_rss_mib(code: str) -> float:
+    """Peak resident memory of a fresh Python process running ``code``: VmHWM from /proc, which
+    starts anew at exec (getrusage's ru_maxrss would carry over this process's own peak)."""
+    report = "\nprint([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')][0])"
+    out = subprocess.run([sys.executable, "-c", code + report], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def wall(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes")
+    args = parser.parse_args(argv)
+    n, rounds = (6400, 2) if args.quick else (12800, 4)
+    iwae_images, iwae_rounds = (50, 1) if args.quick else (200, 2)
+    print(
+        f"vaelab benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    )
+    print("  figures: median [min-max] over rounds; ratios are vaelab / reference within a round\n")
+
+    print("1. training, 784-400-20 MLP, Bernoulli, Adam (examples/s)")
+    for threads, batch in ((1, 128), (2, 128), (1, 512), (2, 512)):
+        ours, ref = training_throughput(threads, batch, n, rounds)
+        torch.set_num_threads(1)
+        limit = gemm_limit(batch) if threads == 1 else None
+        ratio = statistics.median(o / r for o, r in zip(ours, ref, strict=True))
+        row(f"batch {batch}, {threads} thread(s): textbook loop", spread(ref), "", "")
+        row(
+            f"batch {batch}, {threads} thread(s): vaelab",
+            spread(ours),
+            f"{ratio:.2f}x",
+            ">= 1.6x" if batch == 128 else "",
+        )
+        if limit:
+            target = ">= 0.6" if batch == 128 else ">= 0.7"
+            row(
+                f"  GEMM limit (1 thread) {limit:,.0f}: vaelab share",
+                "",
+                f"{statistics.median(ours) / limit:.2f}",
+                target,
+            )
+
+    print("\n2. importance-sampled log-likelihood")
+    iwae_speed(iwae_images, 5000, iwae_rounds)
+    mem = peak_rss_mib(
+        "import torch\nfrom vaelab.config import Config\nfrom vaelab.models import build\n"
+        "from vaelab.evaluation import iwae_log_likelihood\n"
+        "m = build(Config(hidden=(400,), latent_dim=20), (1, 28, 28)).eval()\n"
+        "x = (torch.rand(200, 1, 28, 28) > 0.7).float()\niwae_log_likelihood(m, x, 5000)"
+    )
+    row("  peak memory of a process doing it, MiB", f"{mem:.0f}", "", "< 1024")
+
+    print("\n3. start-up and the default run")
+    vaelab_cmd = [os.path.join(os.path.dirname(sys.executable), "vaelab")]
+    help_times = [wall([*vaelab_cmd, "--help"]) for _ in range(5)]
+    row("vaelab --help, s", f"{statistics.median(help_times):.2f}", "", "< 0.5")
+    with tempfile.TemporaryDirectory() as tmp:
+        seconds = wall([*vaelab_cmd, "train", "--out", os.path.join(tmp, "run")])
+    row("vaelab train (digits, defaults), s", f"{seconds:.1f}", "", "< 30")
+
+    print("\n4. memory of training on 60,000 x 784")
+    mem = peak_rss_mib(
+        "import torch\nfrom vaelab.config import Config\nfrom vaelab.models import build\n"
+        "from vaelab.training import fit\n"
+        "x = torch.rand(60000, 1, 28, 28)\n"
+        "m = build(Config(), (1, 28, 28))\n"
+        "fit(m, x, x[:5000], Config(epochs=1, binarize='dynamic'), progress=False)"
+    )
+    row("  peak memory, one epoch with validation, MiB", f"{mem:.0f}", "", "< 1024")
+
+    print("\n5. time to quality: bundled digits resized to 28 x 28, binarised test set, 2 threads")
+    time_to_quality(10.0 if args.quick else 30.0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

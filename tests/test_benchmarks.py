@@ -1,0 +1,47 @@
+"""The benchmark's references compute what vaelab computes (speed is only ever compared
+between equal results); the benchmark itself never runs in the test suite."""
+
+import torch
+from benchmarks.__main__ import MLP, step_gemm_shapes
+from benchmarks.references import TextbookVAE, straightforward_iwae, textbook_loss
+
+from vaelab.evaluation import iwae_log_likelihood
+from vaelab.models import build
+from vaelab.objectives import elbo
+
+
+def test_straightforward_iwae_equals_vaelab_estimate():
+    torch.manual_seed(0)
+    model = build(MLP, (1, 28, 28)).eval()
+    x = (torch.rand(6, 1, 28, 28) > 0.7).float()
+    torch.manual_seed(3)
+    ref = straightforward_iwae(model, x, 300, batch_size=4, chunk=100)
+    torch.manual_seed(3)
+    ours = iwae_log_likelihood(model, x, 300, batch_size=4, chunk=100)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_gemm_shapes_cost_the_stated_flops():
+    flops = sum(2 * m * k * n for m, k, n in step_gemm_shapes(128)) / 128
+    assert round(flops / 1e6, 2) == 3.28
+
+
+def test_textbook_loss_is_the_negative_elbo_summed_over_the_batch():
+    """Same weights, same z: the textbook's BCE + KLD equals -sum(ELBO terms) of vaelab's objective."""
+    torch.manual_seed(0)
+    textbook = TextbookVAE()
+    model = build(MLP, (1, 28, 28))
+    with torch.no_grad():  # copy the textbook's weights into vaelab's MLP
+        enc, dec = model.encoder.net, model.decoder.net
+        enc[0].weight.copy_(textbook.fc1.weight), enc[0].bias.copy_(textbook.fc1.bias)
+        enc[2].weight.copy_(torch.cat([textbook.fc21.weight, textbook.fc22.weight]))
+        enc[2].bias.copy_(torch.cat([textbook.fc21.bias, textbook.fc22.bias]))
+        dec[0].weight.copy_(textbook.fc3.weight), dec[0].bias.copy_(textbook.fc3.bias)
+        dec[2].weight.copy_(textbook.fc4.weight), dec[2].bias.copy_(textbook.fc4.bias)
+    x = (torch.rand(8, 1, 28, 28) > 0.7).float()
+    torch.manual_seed(1)
+    recon, mu, logvar = textbook(x.flatten(1))
+    ref = textbook_loss(recon, x.flatten(1), mu, logvar)
+    torch.manual_seed(1)
+    terms = elbo(model, x)
+    torch.testing.assert_close(-terms.elbo.sum(), ref, rtol=1e-4, atol=1e-2)
