@@ -11,6 +11,7 @@ demo: setup
 	.venv/bin/vaelab train
 
 test: setup
+	bash scripts/install-browser.sh
 	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/ruff format --check src tests benchmarks
 	.venv/bin/python -m pytest -q

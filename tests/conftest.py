@@ -30,3 +30,13 @@ def mnist_dir(tmp_path):
     write_idx(d / "t10k-images-idx3-ubyte.gz", images(60))
     write_idx(d / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 60))
     return d
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A small run on the bundled digits (2 latent dimensions), trained once for the session."""
+    from vaelab.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    assert main(["train", "--hidden", "64", "--latent-dim", "2", "--epochs", "3", "--out", str(out)]) == 0
+    return out

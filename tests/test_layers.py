@@ -13,7 +13,7 @@ PACKAGE = Path(vaelab.__file__).parent
 LAYERS = {
     0: {"kl", "distributions", "objectives", "linear_gaussian", "errors", "fileio"},
     1: {"models", "data", "explain", "plots", "config"},
-    2: {"training", "evaluation", "checkpoint", "distributed"},
+    2: {"training", "evaluation", "checkpoint", "distributed", "inspection"},
     3: {"report", "web"},
     4: {"cli", "__main__", "__init__"},
 }

@@ -16,6 +16,8 @@ from pathlib import Path
 from vaelab.errors import UserError
 
 EXAMPLES = {
+    "serve": "examples:\n  vaelab serve runs/digits\n  vaelab serve runs/mnist --port 8123",
+    "report": "examples:\n  vaelab report runs/digits\n  vaelab report runs/mnist --projection tsne --out mnist.html",
     "evaluate": (
         "examples:\n  vaelab evaluate runs/digits\n"
         "  vaelab evaluate runs/mnist --iwae-k 5000 --json eval.json --per-example test.csv\n"
@@ -223,6 +225,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from vaelab.report import run_report
+
+    out, figures = run_report(args.run, out=args.out, projection=args.projection)
+    print(f"wrote {out} and {len(figures)} figures in {figures[0].parent}/")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from vaelab.web.app import create_app
+
+    app = create_app(args.run)
+    print(f"vaelab: serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _port(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
+    return value
+
+
 # -- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -272,6 +300,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", type=_output_path, metavar="FILE", help="write the record as JSON (also RUN/evaluation.json)"
     )
     p.add_argument("--per-example", type=_output_path, metavar="FILE.csv", help="per-example ELBO, reconstruction, KL")
+
+    p = add("report", "a self-contained HTML report of a run, with its figures as PNG files", cmd_report)
+    p.add_argument("run", type=Path, metavar="RUN", help="a run directory")
+    p.add_argument("--out", type=_output_path, metavar="FILE", help="the HTML file (default: RUN/report.html)")
+    p.add_argument(
+        "--projection",
+        choices=("pca", "tsne"),
+        default="pca",
+        help="how to draw a latent space of more than 2 dimensions (default: pca)",
+    )
+
+    p = add("serve", "a local web page: KL explorer, image inspector, latent explorer", cmd_serve)
+    p.add_argument("run", type=Path, metavar="RUN", help="a run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
     return parser
 
 

@@ -94,3 +94,126 @@ def elbo_gap(elbo: list[float], log_px: float, mean_field_gap: float) -> Figure:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+# -- figures of a trained run (vaelab report) -------------------------------------------------------
+def to_png_bytes(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def training_curves(rows: list[dict]) -> Figure:
+    """Reconstruction, KL, ELBO and beta per epoch, train and validation, from metrics.csv rows."""
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.3))
+    panels = [("reconstruction", "E_q[log p(x|z)]"), ("kl", "KL(q(z|x) ‖ p(z))"), ("elbo", "ELBO"), ("beta", "β")]
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for split, style in (("train", "-"), ("val", "--")):
+            pts = [(int(r["epoch"]) + 1, float(r[key])) for r in rows if r["split"] == split and r[key] != ""]
+            if pts and (key != "beta" or split == "train"):
+                ax.plot(*zip(*pts, strict=True), style, label=split if key != "beta" else None)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("nats per example" if key != "beta" else "weight of the KL")
+        ax.grid(alpha=0.3)
+        if key != "beta":
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def kl_per_dimension(kl: np.ndarray, active: np.ndarray | None) -> Figure:
+    """Bars of the average KL of each latent dimension, largest first; active units coloured."""
+    order = np.argsort(-kl)
+    fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(kl) + 2), 3.2))
+    colors = ["#d95f02" if active is None or active[j] else "#bbbbbb" for j in order]
+    ax.bar(range(len(kl)), kl[order], color=colors)
+    ax.set_xticks(range(len(kl)), [f"z{j}" for j in order], rotation=90, fontsize=7)
+    ax.set_ylabel("average KL (nats)")
+    title = "KL per latent dimension, sorted"
+    if active is not None:
+        title += f": {int(active.sum())} active (orange), {int((~active).sum())} inactive (grey)"
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _show(ax, image: np.ndarray) -> None:
+    """One image (C, H, W) in [0, 1]."""
+    if image.shape[0] == 1:
+        ax.imshow(image[0], cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(np.clip(image.transpose(1, 2, 0), 0, 1))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def image_rows(rows: list[tuple[str, np.ndarray]], title: str) -> Figure:
+    """Rows of images (N, C, H, W), each row labelled on its left."""
+    n = max(len(images) for _, images in rows)
+    fig, axes = plt.subplots(len(rows), n, figsize=(0.9 * n + 1, 0.95 * len(rows) + 0.5), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r, c]
+            if c < len(images):
+                _show(ax, images[c])
+            else:
+                ax.axis("off")
+        axes[r, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def latent_scatter(points: np.ndarray, labels: np.ndarray | None, xlabel: str, ylabel: str, title: str) -> Figure:
+    fig, ax = plt.subplots(figsize=(5.5, 4.8))
+    if labels is None:
+        ax.scatter(points[:, 0], points[:, 1], s=6, alpha=0.7)
+    else:
+        sc = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=6, alpha=0.8)
+        fig.colorbar(sc, ax=ax, label="label")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def manifold(images: np.ndarray, values: np.ndarray) -> Figure:
+    """Decoded images over a grid of (z1, z2); images (n, n, C, H, W), rows from high z2 to low."""
+    n = images.shape[0]
+    fig, axes = plt.subplots(n, n, figsize=(0.6 * n + 1, 0.6 * n + 1))
+    for r in range(n):
+        for c in range(n):
+            _show(axes[r, c], images[r, c])
+    for c in range(n):
+        axes[-1, c].set_xlabel(f"{values[c]:.1f}", fontsize=7)
+    for r in range(n):
+        axes[r, 0].set_ylabel(f"{values[n - 1 - r]:.1f}", fontsize=7, rotation=0, ha="right")
+    fig.suptitle("decoded means over the 2-D latent space (z₁ across, z₂ up)", fontsize=10)
+    return fig
+
+
+def posterior_against_prior(images: np.ndarray, mu: np.ndarray, log_var: np.ndarray, dims: list[int]) -> Figure:
+    """For each image (row): the image, then q(z_j|x) against N(0, 1) for each dimension j in ``dims``,
+    with KL_j = mu^2/2 + (sigma^2 - 1 - log sigma^2)/2 written in each panel."""
+    n, d = len(images), len(dims)
+    fig, axes = plt.subplots(n, d + 1, figsize=(1.7 * (d + 1), 1.35 * n + 0.4), squeeze=False)
+    t = np.linspace(-4, 4, 300)
+    prior = np.exp(-0.5 * t**2) / np.sqrt(2 * np.pi)
+    for r in range(n):
+        _show(axes[r, 0], images[r])
+        for c, j in enumerate(dims):
+            ax = axes[r, c + 1]
+            m, v = mu[r, j], np.exp(log_var[r, j])
+            q = np.exp(-0.5 * (t - m) ** 2 / v) / np.sqrt(2 * np.pi * v)
+            ax.plot(t, prior, color=COLORS["prior"], lw=1)
+            ax.plot(t, q, color=COLORS["q"], lw=1)
+            kl = 0.5 * (m * m + v - 1 - log_var[r, j])
+            ax.set_title(f"z{j}: KL {kl:.2f}", fontsize=7)
+            ax.set_xticks([-3, 0, 3])
+            ax.set_yticks([])
+            ax.tick_params(labelsize=6)
+    fig.suptitle("q(z_j|x) (orange) against the prior N(0, 1) (purple), dimensions with the most KL", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import re
+from pathlib import Path
 
 import numpy as np
 
 from vaelab import plots
 from vaelab.explain import Explanation
+from vaelab.fileio import atomic_write_text
 
 CSS = """
 body { font-family: system-ui, sans-serif; max-width: 980px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -105,3 +108,150 @@ def _posterior_figure(result: Explanation):
         },
         "q, the exact posterior and the prior" + (" (first two dims)" if result.model.latent_dim > 2 else ""),
     )
+
+
+# -- vaelab report RUN ---------------------------------------------------------------------------------
+def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8) -> tuple[Path, list[Path]]:
+    """Write RUN/report/*.png and a self-contained HTML page (default RUN/report.html)."""
+    import torch
+
+    from vaelab.inspection import decode_mean, open_run, project_2d, traversals
+
+    run = open_run(run_dir)
+    model, D = run.model, run.mu.shape[1]
+    figures_dir = run.path / "report"
+    figures_dir.mkdir(exist_ok=True)
+    out = Path(out) if out else run.path / "report.html"
+    dims = run.dims_by_kl
+    evaluation = run.evaluation()
+    kl_avg = run.kl_per_dim.mean(0).numpy()
+    activity = run.mu.var(0).numpy()
+    sections: list[tuple[str, str, object]] = []  # (title, caption, figure)
+
+    rows = run.metrics()
+    if rows:
+        sections.append(
+            (
+                "Training",
+                "Terms of the ELBO per epoch, in nats per example (validation dashed).",
+                plots.training_curves(rows),
+            )
+        )
+    sections.append(
+        (
+            "KL per latent dimension",
+            "Average KL(q(z_j|x) ‖ N(0, 1)) over the test set. A dimension is active when the variance "
+            "of its posterior mean over the test set exceeds 0.01 (Burda et al. 2015).",
+            plots.kl_per_dimension(kl_avg, activity > 0.01),
+        )
+    )
+    x = run.test_x[:examples]
+    recon = decode_mean(model, run.mu[:examples])
+    sections.append(
+        (
+            "Reconstructions",
+            "Test images and the mean of p(x|z) at z = the posterior mean.",
+            plots.image_rows([("test image", x.numpy()), ("reconstruction", recon)], "reconstructions"),
+        )
+    )
+    torch.manual_seed(0)
+    z = model.prior().sample((2 * examples,))
+    samples = decode_mean(model, z)
+    sections.append(
+        (
+            "Samples from the prior",
+            "Means of p(x|z) for z ~ p(z).",
+            plots.image_rows([("", samples[:examples]), ("", samples[examples:])], "z ~ p(z)"),
+        )
+    )
+    values = np.linspace(-3, 3, 9)
+    top = dims[: min(6, D)]
+    rows_t = traversals(model, run.mu[:1], top, values)
+    sections.append(
+        (
+            "Latent traversals",
+            "Starting from the first test image's posterior mean, one dimension at a time is set to "
+            "−3 … 3 (prior standard deviations); the dimensions with the most KL first.",
+            plots.image_rows(
+                [(f"z{j} ({kl_avg[j]:.2f} nats)", r) for j, r in zip(top, rows_t, strict=True)],
+                "traversals from −3 to 3",
+            ),
+        )
+    )
+    points, (xl, yl) = project_2d(run.mu.numpy(), projection)
+    labels = None if run.test_y is None else run.test_y.numpy()
+    how = "directly" if D <= 2 else ("by PCA" if projection == "pca" else "by t-SNE")
+    sections.append(
+        (
+            "The latent space",
+            f"Posterior means of the test set, shown {how}, coloured by label.",
+            plots.latent_scatter(points, labels, xl, yl, "posterior means of the test set"),
+        )
+    )
+    if D == 2:
+        grid = torch.distributions.Normal(0, 1).icdf(torch.linspace(0.05, 0.95, 10))
+        zz = torch.stack(torch.meshgrid(grid, grid.flip(0), indexing="xy"), -1).reshape(-1, 2)
+        images = decode_mean(model, zz).reshape(10, 10, *run.test_x.shape[1:])
+        sections.append(
+            (
+                "The decoded manifold",
+                "Decoded means over a grid of prior quantiles 5 % … 95 %.",
+                plots.manifold(images, grid.numpy()),
+            )
+        )
+    sections.append(
+        (
+            "q(z|x) against the prior",
+            "For four test images, each dimension's posterior against N(0, 1) and its KL: "
+            "μ²/2 for moving the mean, (σ² − 1 − log σ²)/2 for a width other than 1.",
+            plots.posterior_against_prior(
+                run.test_x[:4].numpy(), run.mu[:4].numpy(), run.log_var[:4].numpy(), dims[: min(6, D)]
+            ),
+        )
+    )
+    parts = [
+        f"<p>Run <code>{html.escape(str(run.path))}</code>: {html.escape(run.config.data)}, "
+        f"{D} latent dimensions, {html.escape(run.config.likelihood)} likelihood, "
+        f"{html.escape(run.config.prior)} prior; {len(run.test_x)} test images.</p>"
+    ]
+    if evaluation:
+        parts.append("<h2>Evaluation</h2>" + _evaluation_table(evaluation))
+    else:
+        parts.append("<p class='note'>Run <code>vaelab evaluate</code> on this run to add the evaluation table.</p>")
+    written = []
+    for i, (title, caption, fig) in enumerate(sections):
+        png = plots.to_png_bytes(fig)
+        name = f"{i + 1:02d}-{re.sub(r'[^a-z0-9]+', '-', title.lower()).strip('-')}.png"
+        (figures_dir / name).write_bytes(png)
+        written.append(figures_dir / name)
+        data = base64.b64encode(png).decode()
+        parts.append(
+            f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(caption)}</p>"
+            f"<img alt='{html.escape(title)}' src='data:image/png;base64,{data}' style='max-width:100%'>"
+        )
+    atomic_write_text(out, page(f"vaelab report: {run.path.name}", "".join(parts)))
+    return out, written
+
+
+def _evaluation_table(e: dict) -> str:
+    rows = [
+        ("data, split", f"{e['data']}, {e['split']} ({e['examples']} examples)"),
+        ("ELBO", f"{e['elbo']:.3f} nats"),
+        ("reconstruction", f"{e['reconstruction']:.3f} nats"),
+        (f"KL ({e['kl_method']})", f"{e['kl']:.3f} nats"),
+        ("mutual information I(x; z)", f"{e['mutual_information']:.3f} nats"),
+        ("marginal KL(q(z) ‖ p(z))", f"{e['marginal_kl']:.3f} nats"),
+        ("active units", f"{e['active_units']} of {len(e['activity'])}"),
+    ]
+    if "log_likelihood" in e:
+        rows.insert(
+            1,
+            (
+                f"log p(x), IWAE k={e['iwae_k']}",
+                f"{e['log_likelihood']:.3f} ± {e['log_likelihood_std_error']:.3f} nats",
+            ),
+        )
+    if "bits_per_dim" in e:
+        rows.append(("ELBO in bits/dim", f"{e['bits_per_dim']:.4f}"))
+    cells = "".join(f"<tr><td class='l'>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>" for a, b in rows)
+    return f"<table>{cells}</table>"

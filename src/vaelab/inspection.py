@@ -1,0 +1,96 @@
+"""Looking at a trained model: decoded images, traversals, latent maps, a run's data.
+
+Shared by ``vaelab report`` (static figures) and ``vaelab serve`` (the local web page).
+Images are returned as numpy arrays (N, C, H, W) in [0, 1]: the mean of p(x|z).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vaelab.checkpoint import load_run
+from vaelab.config import Config
+from vaelab.evaluation import posterior_params
+from vaelab.kl import kl_normal_std_normal
+from vaelab.training import prepare_data
+
+
+@dataclass
+class Run:
+    """A trained run and its test split, ready to inspect."""
+
+    path: Path
+    model: torch.nn.Module
+    config: Config
+    test_x: torch.Tensor  # (N, C, H, W), binarised as in training
+    test_y: torch.Tensor | None
+    mu: torch.Tensor  # (N, D) posterior means of the test set
+    log_var: torch.Tensor  # (N, D)
+    kl_per_dim: torch.Tensor  # (N, D), KL(q(z_j|x) || N(0, 1)) per example and dimension
+
+    @property
+    def dims_by_kl(self) -> list[int]:
+        """Latent dimensions, the largest average KL first."""
+        return torch.argsort(self.kl_per_dim.mean(0), descending=True).tolist()
+
+    def metrics(self) -> list[dict]:
+        path = self.path / "metrics.csv"
+        if not path.exists():
+            return []
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def evaluation(self) -> dict | None:
+        path = self.path / "evaluation.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+
+def open_run(path: str | Path, max_examples: int = 2000) -> Run:
+    path = Path(path)
+    model, config = load_run(path)
+    splits, _, _, test_x, _ = prepare_data(config, "cpu")
+    test_x = test_x[:max_examples]
+    test_y = None if splits.test.y is None else splits.test.y[:max_examples]
+    mu, log_var = posterior_params(model, test_x)
+    return Run(path, model, config, test_x, test_y, mu, log_var, kl_normal_std_normal(mu, log_var))
+
+
+@torch.no_grad()
+def decode_mean(model, z: torch.Tensor) -> np.ndarray:
+    """The mean of p(x|z) for each z (N, D), as images (N, C, H, W) clipped to [0, 1]."""
+    return model.decode(z).mean.clamp(0, 1).numpy()
+
+
+@torch.no_grad()
+def traversals(model, z0: torch.Tensor, dims: list[int], values: np.ndarray) -> list[np.ndarray]:
+    """For each dimension j: decoded images of z0 with z_j set to each value (in prior standard deviations)."""
+    rows = []
+    for j in dims:
+        z = z0.repeat(len(values), 1)
+        z[:, j] = torch.as_tensor(values, dtype=z.dtype)
+        rows.append(decode_mean(model, z))
+    return rows
+
+
+def project_2d(mu: np.ndarray, method: str = "pca", seed: int = 0) -> tuple[np.ndarray, tuple[str, str]]:
+    """2-D coordinates of posterior means: themselves when D = 2, else PCA (or t-SNE)."""
+    if mu.shape[1] == 1:
+        return np.stack([mu[:, 0], np.zeros(len(mu))], 1), ("z0", "")
+    if mu.shape[1] == 2:
+        return mu, ("z0", "z1")
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        perplexity = min(30.0, max(2.0, (len(mu) - 1) / 3))
+        return TSNE(2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(mu), ("t-SNE 1", "t-SNE 2")
+    from sklearn.decomposition import PCA
+
+    pca = PCA(2, random_state=seed).fit(mu)
+    share = pca.explained_variance_ratio_
+    return pca.transform(mu), (f"PC 1 ({share[0]:.0%} of variance)", f"PC 2 ({share[1]:.0%})")

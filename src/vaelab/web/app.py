@@ -1,0 +1,140 @@
+"""The local web app: a FastAPI service over one trained run, and a static page.
+
+Every number the page shows comes from the library (the KL core, the model), never from
+a re-implementation in JavaScript. Inputs are validated by type and range (FastAPI
+answers 422 with the reason); uploads are size- and format-checked; nothing from a
+request reaches the file system (the run directory is fixed when the app starts).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import Path as PathParam
+from fastapi.responses import HTMLResponse, Response
+from PIL import Image, UnidentifiedImageError
+
+from vaelab.inspection import decode_mean, open_run
+from vaelab.kl import kl_normal_std_normal
+
+MAX_UPLOAD_BYTES = 1_000_000
+Z_RANGE = 5.0
+STATIC = resources.files("vaelab.web") / "static"
+
+
+def png_data_url(image: np.ndarray) -> str:
+    """An image (C, H, W) in [0, 1] as a PNG data URL."""
+    arr = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    pil = Image.fromarray(arr[0]) if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def kl_terms(mu: float, sigma: float) -> dict:
+    """KL(N(mu, sigma^2) || N(0, 1)) and its two parts, from vaelab.kl."""
+    mu_t = torch.tensor(mu, dtype=torch.float64)
+    log_var = torch.tensor(2.0 * np.log(sigma), dtype=torch.float64)
+    kl = kl_normal_std_normal(mu_t, log_var).item()
+    mean_term = kl_normal_std_normal(mu_t, torch.zeros((), dtype=torch.float64)).item()  # mu^2 / 2
+    return {"kl": kl, "mean_term": mean_term, "width_term": kl - mean_term}
+
+
+def create_app(run_dir: str | Path) -> FastAPI:
+    run = open_run(run_dir)
+    model = run.model
+    C, H, W = model.x_shape
+    D = model.latent_dim
+    kl_avg = run.kl_per_dim.mean(0)
+    kl_total = run.kl_per_dim.sum(1)
+    order = torch.argsort(kl_total)
+    app = FastAPI(title="vaelab", docs_url=None, redoc_url=None)
+
+    def inspect(x: torch.Tensor) -> dict:
+        with torch.no_grad():
+            q = model.encode(x[None])
+            mu, sigma = q.base_dist.loc[0], q.base_dist.scale[0]
+            kl = kl_normal_std_normal(mu, 2 * sigma.log())
+        return {
+            "image": png_data_url(x.numpy()),
+            "reconstruction": png_data_url(decode_mean(model, mu[None])[0]),
+            "mu": mu.tolist(),
+            "sigma": sigma.tolist(),
+            "kl": kl.tolist(),
+            "kl_total": kl.sum().item(),
+        }
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return (STATIC / "index.html").read_text()
+
+    @app.get("/static/{name}")
+    def static(name: str = PathParam(pattern=r"^[a-z]+\.(js|css)$")) -> Response:
+        files = {f.name: f for f in STATIC.iterdir()}
+        if name not in files:
+            raise HTTPException(404, f"no static file {name!r}")
+        media = "text/javascript" if name.endswith(".js") else "text/css"
+        return Response(files[name].read_bytes(), media_type=media)
+
+    @app.get("/api/kl")
+    def kl(mu: float = Query(ge=-10, le=10), sigma: float = Query(ge=0.01, le=10)) -> dict:
+        return kl_terms(mu, sigma)
+
+    @app.get("/api/model")
+    def describe() -> dict:
+        return {
+            "run": run.path.name,
+            "data": run.config.data,
+            "latent_dim": D,
+            "x_shape": [C, H, W],
+            "test_count": len(run.test_x),
+            "dims_by_kl": run.dims_by_kl,
+            "kl_per_dim": kl_avg.tolist(),
+            "lowest_kl": [{"index": int(i), "kl": kl_total[i].item()} for i in order[:8]],
+            "highest_kl": [{"index": int(i), "kl": kl_total[i].item()} for i in order.flip(0)[:8]],
+        }
+
+    @app.get("/api/test/{index}")
+    def test_image(index: int = PathParam(ge=0)) -> dict:
+        if index >= len(run.test_x):
+            raise HTTPException(404, f"test image {index} does not exist; there are {len(run.test_x)} (0-based)")
+        return {"index": index, **inspect(run.test_x[index])}
+
+    @app.post("/api/inspect")
+    async def upload(file: UploadFile = File(...)) -> dict:
+        blob = await file.read(MAX_UPLOAD_BYTES + 1)
+        if len(blob) > MAX_UPLOAD_BYTES:
+            raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes; send a small PNG")
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                if im.format != "PNG":
+                    raise HTTPException(415, f"expected a PNG image, got {im.format}")
+                im = im.convert("L" if C == 1 else "RGB")
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+        except (UnidentifiedImageError, OSError):
+            raise HTTPException(415, "the upload is not a readable PNG image") from None
+        if arr.shape[:2] != (H, W):
+            raise HTTPException(422, f"the image is {arr.shape[1]}x{arr.shape[0]} pixels; this model needs {W}x{H}")
+        x = torch.from_numpy(arr[None] if C == 1 else arr.transpose(2, 0, 1).copy())
+        return inspect(x)
+
+    @app.get("/api/decode")
+    def decode(z: str = Query(max_length=40 * 1024)) -> dict:
+        try:
+            values = [float(v) for v in z.split(",")]
+        except ValueError:
+            raise HTTPException(422, "z must be comma-separated numbers") from None
+        if len(values) != D:
+            raise HTTPException(422, f"z has {len(values)} values; this model has {D} latent dimensions")
+        if not all(abs(v) <= Z_RANGE for v in values):  # also rejects NaN
+            raise HTTPException(422, f"every z value must lie in [-{Z_RANGE}, {Z_RANGE}]")
+        image = decode_mean(model, torch.tensor([values], dtype=torch.float32))[0]
+        return {"image": png_data_url(image)}
+
+    return app

@@ -1,0 +1,124 @@
+// vaelab serve: every number comes from the server (the library), none is computed here.
+const $ = (id) => document.getElementById(id);
+const api = async (url, options) => {
+  const r = await fetch(url, options);
+  const body = await r.json();
+  if (!r.ok) throw new Error(typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail));
+  return body;
+};
+const fmt = (v) => v.toFixed(4);
+const gauss = (t, m, s) => Math.exp(-0.5 * ((t - m) / s) ** 2) / (s * Math.sqrt(2 * Math.PI));
+
+// -- views ----------------------------------------------------------------------------------------
+function showView() {
+  const name = (location.hash || "#kl").slice(1);
+  document.querySelectorAll(".view").forEach((v) => v.classList.toggle("active", v.id === "view-" + name));
+  document.querySelectorAll(".tab").forEach((a) => a.classList.toggle("active", a.dataset.view === name));
+}
+window.addEventListener("hashchange", showView);
+
+// -- KL explorer ------------------------------------------------------------------------------------
+function plot1d(mu, sigma) {
+  const c = $("plot1d"), g = c.getContext("2d"), W = c.width, H = c.height;
+  g.clearRect(0, 0, W, H);
+  const x = (t) => ((t + 4) / 8) * W, ymax = Math.max(0.45, gauss(mu, mu, sigma) * 1.05);
+  const y = (p) => H - 20 - (p / ymax) * (H - 30);
+  g.strokeStyle = "#ccc"; g.beginPath(); g.moveTo(0, y(0)); g.lineTo(W, y(0)); g.stroke();
+  for (const [m, s, color, label, row] of [[0, 1, "#7570b3", "prior N(0, 1)", 0], [mu, sigma, "#d95f02", "q = N(μ, σ²)", 1]]) {
+    g.strokeStyle = color; g.lineWidth = 2; g.beginPath();
+    for (let i = 0; i <= 400; i++) { const t = -4 + (8 * i) / 400; i ? g.lineTo(x(t), y(gauss(t, m, s))) : g.moveTo(x(t), y(gauss(t, m, s))); }
+    g.stroke(); g.fillStyle = color; g.fillText(label, 10, 16 + 14 * row);
+  }
+  g.fillStyle = "#555"; for (let t = -4; t <= 4; t += 2) g.fillText(String(t), x(t) - 4, H - 5);
+}
+async function updateKL() {
+  const mu = +$("mu").value, sigma = +$("sigma").value;
+  $("mu-out").textContent = mu.toFixed(2); $("sigma-out").textContent = sigma.toFixed(2);
+  plot1d(mu, sigma);
+  const r = await api(`/api/kl?mu=${mu}&sigma=${sigma}`);
+  if (+$("mu").value !== mu || +$("sigma").value !== sigma) return; // a newer request is on its way
+  $("kl-value").textContent = fmt(r.kl); $("kl-mean").textContent = fmt(r.mean_term); $("kl-width").textContent = fmt(r.width_term);
+}
+function plot2d(m1, s1, m2, s2) {
+  const c = $("plot2d"), g = c.getContext("2d"), W = c.width, H = c.height;
+  g.clearRect(0, 0, W, H);
+  const x = (t) => ((t + 4) / 8) * W, y = (t) => H - ((t + 4) / 8) * H;
+  g.strokeStyle = "#eee"; g.beginPath(); g.moveTo(x(0), 0); g.lineTo(x(0), H); g.moveTo(0, y(0)); g.lineTo(W, y(0)); g.stroke();
+  for (const [a, sa, b, sb, color] of [[0, 1, 0, 1, "#7570b3"], [m1, s1, m2, s2, "#d95f02"]]) {
+    for (const k of [1, 2]) {
+      g.strokeStyle = color; g.setLineDash(k === 2 ? [3, 3] : []); g.beginPath();
+      g.ellipse(x(a), y(b), (k * sa * W) / 8, (k * sb * H) / 8, 0, 0, 2 * Math.PI); g.stroke();
+    }
+  }
+  g.setLineDash([]); g.fillStyle = "#555"; g.fillText("z₁", W - 14, y(0) - 4); g.fillText("z₂", x(0) + 4, 12);
+}
+async function updateKL2() {
+  const [m1, s1, m2, s2] = ["mu1", "s1", "mu2", "s2"].map((id) => +$(id).value);
+  plot2d(m1, s1, m2, s2);
+  const [a, b] = await Promise.all([api(`/api/kl?mu=${m1}&sigma=${s1}`), api(`/api/kl?mu=${m2}&sigma=${s2}`)]);
+  $("kl1").textContent = fmt(a.kl); $("kl2").textContent = fmt(b.kl); $("kl12").textContent = fmt(a.kl + b.kl);
+}
+
+// -- image inspector ----------------------------------------------------------------------------------
+function bars(kl) {
+  const c = $("bars"), g = c.getContext("2d"), W = c.width, H = c.height;
+  g.clearRect(0, 0, W, H);
+  const top = Math.max(...kl, 1e-9), w = W / kl.length;
+  kl.forEach((v, j) => {
+    g.fillStyle = "#d95f02"; g.fillRect(j * w + 1, H - 18 - (v / top) * (H - 30), w - 2, (v / top) * (H - 30));
+    g.fillStyle = "#555"; if (kl.length <= 32) g.fillText("z" + j, j * w + 2, H - 4);
+  });
+  g.fillText(`max ${top.toFixed(2)} nats`, W - 90, 12);
+}
+function showInspection(r) {
+  $("inspect-error").textContent = "";
+  $("img").src = r.image; $("recon").src = r.reconstruction; $("kl-total").textContent = fmt(r.kl_total);
+  bars(r.kl);
+  $("dims").innerHTML = "<tr><th>dim</th><th>μ</th><th>σ</th><th>KL (nats)</th></tr>" +
+    r.kl.map((v, j) => `<tr><td>z${j}</td><td>${r.mu[j].toFixed(3)}</td><td>${r.sigma[j].toFixed(3)}</td><td>${v.toFixed(3)}</td></tr>`).join("");
+}
+async function inspectIndex(i) {
+  try { $("index").value = i; showInspection(await api(`/api/test/${i}`)); }
+  catch (e) { $("inspect-error").textContent = e.message; }
+}
+async function inspectUpload() {
+  const file = $("upload").files[0];
+  if (!file) return;
+  const form = new FormData(); form.append("file", file);
+  try { showInspection(await api("/api/inspect", { method: "POST", body: form })); }
+  catch (e) { $("inspect-error").textContent = e.message; }
+}
+
+// -- latent explorer ------------------------------------------------------------------------------------
+let pending = null;
+async function decodeSliders() {
+  const sliders = [...document.querySelectorAll("#sliders input")];
+  const z = new Array(sliders.length);
+  sliders.forEach((s) => { z[+s.dataset.dim] = (+s.value).toFixed(3); s.nextElementSibling.textContent = (+s.value).toFixed(2); });
+  const key = z.join(",");
+  pending = key;
+  const r = await api(`/api/decode?z=${key}`);
+  if (pending === key) $("decoded").src = r.image;
+}
+
+// -- start ------------------------------------------------------------------------------------------------
+async function start() {
+  showView();
+  ["mu", "sigma"].forEach((id) => $(id).addEventListener("input", updateKL));
+  ["mu1", "s1", "mu2", "s2"].forEach((id) => $(id).addEventListener("input", updateKL2));
+  updateKL(); updateKL2();
+  const m = await api("/api/model");
+  $("run").textContent = `${m.run}: ${m.data}, ${m.latent_dim} latent dimensions, ${m.test_count} test images`;
+  $("index").max = m.test_count - 1;
+  for (const [id, list] of [["highest", m.highest_kl], ["lowest", m.lowest_kl]]) {
+    $(id).innerHTML = list.map((e) => `<li><a data-index="${e.index}">#${e.index}</a> ${e.kl.toFixed(2)} nats</li>`).join("");
+  }
+  document.querySelectorAll("ol a").forEach((a) => a.addEventListener("click", () => inspectIndex(+a.dataset.index)));
+  $("show").addEventListener("click", () => inspectIndex(+$("index").value));
+  $("upload").addEventListener("change", inspectUpload);
+  $("sliders").innerHTML = m.dims_by_kl.map((j) =>
+    `<label>z${j} <small>(${m.kl_per_dim[j].toFixed(2)} nats)</small> <input type="range" min="-3" max="3" step="0.05" value="0" data-dim="${j}"><output></output></label>`).join("");
+  document.querySelectorAll("#sliders input").forEach((s) => s.addEventListener("input", decodeSliders));
+  decodeSliders(); inspectIndex(0);
+}
+start();

@@ -1,0 +1,96 @@
+"""`vaelab serve` in a real browser: Debian's Chromium driven by Playwright, network blocked
+except for the local server. scripts/setup.sh installs Chromium."""
+
+import math
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+from playwright.sync_api import sync_playwright
+
+from vaelab.web.app import create_app
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(create_app(trained_run), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        pg = browser.new_page(viewport={"width": 1200, "height": 900})
+        blocked = []
+
+        def route(r):
+            if r.request.url.startswith(server):
+                r.continue_()
+            else:
+                blocked.append(r.request.url)
+                r.abort()
+
+        pg.route("**/*", route)
+        yield pg
+        browser.close()
+        assert blocked == [], f"the page tried to reach the network: {blocked}"
+
+
+def set_slider(page, selector, value):
+    page.eval_on_selector(selector, "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }", str(value))
+
+
+def test_kl_explorer_shows_the_library_value(page, server, tmp_path):
+    page.goto(server + "/#kl")
+    set_slider(page, "#mu", 1.5)
+    set_slider(page, "#sigma", 0.4)
+    expected = 0.5 * (1.5**2 + 0.4**2 - 1 - math.log(0.4**2))
+    page.wait_for_function(f"document.getElementById('kl-value').textContent === '{expected:.4f}'", timeout=10_000)
+    assert page.text_content("#kl-mean") == f"{1.5**2 / 2:.4f}"
+    page.screenshot(path=str(tmp_path / "kl.png"))
+
+
+def test_latent_slider_changes_the_decoded_image(page, server, tmp_path):
+    page.goto(server + "/#latent")
+    page.wait_for_function("document.getElementById('decoded').src.startsWith('data:image/png')", timeout=10_000)
+    before = page.get_attribute("#decoded", "src")
+    set_slider(page, "#sliders input", 2.5)
+    page.wait_for_function(f"document.getElementById('decoded').src !== {before!r}", timeout=10_000)
+    page.screenshot(path=str(tmp_path / "latent.png"))
+
+
+def test_image_inspector(page, server):
+    page.goto(server + "/#inspect")
+    page.fill("#index", "5")
+    page.click("#show")
+    page.wait_for_function("document.querySelectorAll('#dims tr').length === 3", timeout=10_000)  # header + 2 dims
+    page.fill("#index", "99999")
+    page.click("#show")
+    page.wait_for_function(
+        "document.getElementById('inspect-error').textContent.includes('does not exist')", timeout=10_000
+    )

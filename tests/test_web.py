@@ -1,0 +1,109 @@
+"""`vaelab serve`: the API against the library, and its validation of every input."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from torch.distributions import Normal, kl_divergence
+
+from vaelab.web.app import MAX_UPLOAD_BYTES, create_app
+
+
+@pytest.fixture(scope="module")
+def client(trained_run):
+    return TestClient(create_app(trained_run))
+
+
+def png(width, height, mode="L", fmt="PNG"):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width), dtype=np.uint8)).convert(mode).save(
+        buf, format=fmt
+    )
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mu,sigma", [(0.0, 1.0), (1.0, 0.5), (-2.5, 2.0), (0.3, 0.05)])
+def test_kl_endpoint_matches_an_independent_reference(client, mu, sigma):
+    r = client.get("/api/kl", params={"mu": mu, "sigma": sigma}).json()
+    ref = kl_divergence(Normal(torch.tensor(mu, dtype=torch.float64), sigma), Normal(0.0, 1.0)).item()
+    assert r["kl"] == pytest.approx(ref, abs=1e-12)
+    assert r["mean_term"] == pytest.approx(mu * mu / 2)
+    assert r["width_term"] == pytest.approx((sigma**2 - 1 - math.log(sigma**2)) / 2)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"mu": 1, "sigma": 0},
+        {"mu": 1, "sigma": -1},
+        {"mu": "a", "sigma": 1},
+        {"mu": 11, "sigma": 1},
+        {"mu": 1},
+        {"mu": "nan", "sigma": 1},
+    ],
+)
+def test_bad_slider_values_are_4xx(client, params):
+    r = client.get("/api/kl", params=params)
+    assert r.status_code == 422 and r.json()["detail"]
+
+
+def test_model_and_test_images(client):
+    m = client.get("/api/model").json()
+    assert m["latent_dim"] == 2 and m["x_shape"] == [1, 8, 8]
+    assert sorted(m["dims_by_kl"]) == [0, 1]
+    assert m["highest_kl"][0]["kl"] >= m["lowest_kl"][0]["kl"]
+    r = client.get("/api/test/0").json()
+    assert r["image"].startswith("data:image/png;base64,") and len(r["kl"]) == 2
+    assert r["kl_total"] == pytest.approx(sum(r["kl"]))
+    # the KL shown per dimension is the closed form at the shown mu and sigma
+    for mu, sigma, kl in zip(r["mu"], r["sigma"], r["kl"], strict=True):
+        assert kl == pytest.approx(0.5 * (mu * mu + sigma * sigma - 1 - math.log(sigma * sigma)), rel=1e-4, abs=1e-6)
+    assert client.get(f"/api/test/{m['test_count']}").status_code == 404
+    assert client.get("/api/test/-1").status_code == 422
+
+
+def test_decode(client):
+    a = client.get("/api/decode", params={"z": "0,0"}).json()["image"]
+    b = client.get("/api/decode", params={"z": "2.5,-2"}).json()["image"]
+    assert a != b
+    for bad in ("0", "0,0,0", "a,b", "nan,0", "9,0", ""):
+        r = client.get("/api/decode", params={"z": bad})
+        assert r.status_code == 422, bad
+
+
+def test_uploads(client):
+    ok = client.post("/api/inspect", files={"file": ("x.png", png(8, 8), "image/png")})
+    assert ok.status_code == 200 and len(ok.json()["kl"]) == 2
+    wrong_size = client.post("/api/inspect", files={"file": ("x.png", png(9, 8), "image/png")})
+    assert wrong_size.status_code == 422 and "needs 8x8" in wrong_size.json()["detail"]
+    not_image = client.post("/api/inspect", files={"file": ("x.png", b"hello", "image/png")})
+    assert not_image.status_code == 415
+    jpeg = client.post("/api/inspect", files={"file": ("x.jpg", png(8, 8, fmt="JPEG"), "image/jpeg")})
+    assert jpeg.status_code == 415
+    huge = client.post("/api/inspect", files={"file": ("x.png", b"\0" * (MAX_UPLOAD_BYTES + 10), "image/png")})
+    assert huge.status_code == 413
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/../app.py",
+        "/static/..%2Fapp.py",
+        "/static/%2e%2e%2fapp.py",
+        "/static/app.py",
+        "/static/.env",
+        "/static/index.html",
+    ],
+)
+def test_static_files_cannot_reach_elsewhere(client, path):
+    assert client.get(path).status_code in (404, 422)
+
+
+def test_page_and_assets(client):
+    assert "Latent explorer" in client.get("/").text
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
