@@ -154,8 +154,8 @@ def test_nan_stops_the_run_naming_step_and_term(tmp_path, capsys, monkeypatch):
     real = objectives.elbo
     calls = {"n": 0}
 
-    def poisoned(model, x):
-        terms = real(model, x)
+    def poisoned(model, x, noise=None):
+        terms = real(model, x, noise)
         calls["n"] += 1
         if model.training and calls["n"] > 30:  # after the first epoch's checkpoint
             return objectives.ElboTerms(terms.reconstruction * float("nan"), terms.kl, terms.kl_per_dim, "analytic")

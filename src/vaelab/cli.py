@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -83,15 +85,34 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc > 1:
+        return launch_torchrun(args.nproc)
     from vaelab.config import resolve
     from vaelab.training import summary_line, train_run
 
     options = {k: v for k, v in vars(args).items() if k in TRAIN_OPTIONS}
     config = resolve(args.config, options, args.preset)
     out, test = train_run(config, out=args.out, resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     print(summary_line(test))
     print(f"results in {out}/ (metrics.csv, config.toml, model.safetensors, checkpoints/, tensorboard/)")
     return 0
+
+
+def launch_torchrun(nproc: int) -> int:
+    """``vaelab CMD --nproc N ...`` = ``torchrun --standalone --nproc-per-node N -m vaelab CMD ...``."""
+    argv, rest = sys.argv[1:], []
+    i = 0
+    while i < len(argv):  # drop --nproc N and --nproc=N, keep everything else
+        if argv[i] == "--nproc":
+            i += 2
+            continue
+        if not argv[i].startswith("--nproc="):
+            rest.append(argv[i])
+        i += 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "vaelab"]
+    return subprocess.call([*cmd, *rest])
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -194,9 +215,18 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", type=Path, metavar="DIR", help="run directory (default: runs/DATA, never an existing one)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    g.add_argument(
+        "--nproc",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="train with N processes on this machine through torchrun (DistributedDataParallel)",
+    )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.nproc > 1:
+        return launch_torchrun(args.nproc)
     from vaelab.evaluation import evaluate_run, format_table
     from vaelab.fileio import atomic_write_text
 
@@ -210,6 +240,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         per_example=args.per_example is not None,
     )
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     print(
         f"{record['data']} ({record['split']}, {record['examples']} examples, binarize {record['binarize']}, "
         f"seed {record['seed']})"
@@ -300,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", type=_output_path, metavar="FILE", help="write the record as JSON (also RUN/evaluation.json)"
     )
     p.add_argument("--per-example", type=_output_path, metavar="FILE.csv", help="per-example ELBO, reconstruction, KL")
+    p.add_argument(
+        "--nproc",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="share the IWAE estimate across N processes on this machine (torchrun)",
+    )
 
     p = add("report", "a self-contained HTML report of a run, with its figures as PNG files", cmd_report)
     p.add_argument("run", type=Path, metavar="RUN", help="a run directory")
@@ -326,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         if args.debug:
             raise
-        print(f"vaelab: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
+            print(f"vaelab: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into head and the like
         return 0

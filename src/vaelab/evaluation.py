@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from vaelab import distributed
 from vaelab.checkpoint import load_run
 from vaelab.data import binarize_static
-from vaelab.data.batches import Batches
+from vaelab.data.batches import Batches, shard_rows
 from vaelab.distributions import diag_normal
 from vaelab.errors import UserError
 from vaelab.fileio import atomic_write_text
@@ -163,7 +164,10 @@ def evaluate(
     if pixels:
         record["bits_per_dim"] = -record["elbo"] / (pixels * math.log(2))
     if iwae_k > 0:
-        ll = iwae_log_likelihood(model, x, iwae_k, batch_size)
+        ctx = distributed.current()  # under torchrun each rank estimates its share of the examples
+        torch.manual_seed(seed + ctx.rank)
+        ll = iwae_log_likelihood(model, x[shard_rows(N, ctx.rank, ctx.world)], iwae_k, batch_size)
+        ll = distributed.all_gather_cat(ll)
         record.update(
             log_likelihood=ll.mean().item(), log_likelihood_std_error=ll.std().item() / math.sqrt(N), iwae_k=iwae_k
         )
@@ -235,6 +239,7 @@ def evaluate_run(
     """``vaelab evaluate``: load the run's model and data the way it was trained; evaluate one split."""
     if iwae_k < 0:
         raise UserError(f"--iwae-k must be >= 0, got {iwae_k}")
+    ctx = distributed.setup("cpu")
     model, config = load_run(run)
     changes = {k: v for k, v in (("data", data), ("data_dir", data_dir)) if v is not None}
     config = config.replace(**changes)
@@ -258,7 +263,7 @@ def evaluate_run(
         **record,
     }
     run = Path(run)
-    if run.is_dir():
+    if run.is_dir() and ctx.is_main:
         atomic_write_text(run / "evaluation.json", json.dumps(record, indent=1))
     csv_text = None
     if per_example:

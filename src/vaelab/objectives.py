@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from vaelab.kl import kl_q_p
+from vaelab.kl import diag_normal_params, kl_q_p
 
 
 class LatentVariableModel(Protocol):
@@ -49,20 +49,47 @@ class ElboTerms:
         return self.reconstruction - self.kl
 
 
-def elbo(model: LatentVariableModel, x: Tensor) -> ElboTerms:
-    """The ELBO's terms for a batch ``x``, one reparametrised sample z ~ q(z|x) per example."""
+@dataclass(frozen=True)
+class Noise:
+    """Where the standard-normal noise of the reparametrisation z = mu + sigma * eps comes from.
+
+    The noise of a whole (global) batch of ``total`` examples is drawn from ``generator``
+    and this process takes rows ``start:start + B``: one process, or several sharing a
+    batch (DistributedDataParallel), see the same eps for the same example, and a step's
+    noise is a pure function of the generator's seed.
+    """
+
+    generator: torch.Generator
+    total: int
+    start: int = 0
+
+    def sample(self, q_z: Distribution, sample_shape: tuple[int, ...] = ()) -> Tensor:
+        params = diag_normal_params(q_z)
+        if params is None:
+            raise ValueError("explicit noise needs a diagonal Gaussian q(z|x)")
+        mu, log_var = params  # (B, D)
+        B, D = mu.shape
+        eps = torch.randn((*sample_shape, self.total, D), generator=self.generator, device=mu.device, dtype=mu.dtype)[
+            ..., self.start : self.start + B, :
+        ]
+        return mu + torch.exp(0.5 * log_var) * eps
+
+
+def elbo(model: LatentVariableModel, x: Tensor, noise: Noise | None = None) -> ElboTerms:
+    """The ELBO's terms for a batch ``x``, one reparametrised sample z ~ q(z|x) per example
+    (from the global RNG, or from ``noise``)."""
     q_z = model.encode(x)
-    z = q_z.rsample()  # (B, D)
+    z = q_z.rsample() if noise is None else noise.sample(q_z)  # (B, D)
     p_x = model.decode(z)
     log_px_given_z = p_x.log_prob(x)  # (B,): the likelihood's event dims are summed
     kl = kl_q_p(q_z, model.prior(), z)
     return ElboTerms(log_px_given_z, kl.value, kl.per_dim, kl.method)
 
 
-def iwae_log_weights(model: LatentVariableModel, x: Tensor, k: int) -> Tensor:
+def iwae_log_weights(model: LatentVariableModel, x: Tensor, k: int, noise: Noise | None = None) -> Tensor:
     """log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x), z_i ~ q(z|x), shape (k, B)."""
     q_z = model.encode(x)
-    z = q_z.rsample((k,))  # (k, B, D)
+    z = q_z.rsample((k,)) if noise is None else noise.sample(q_z, (k,))  # (k, B, D)
     B = x.shape[0]
     flat = z.reshape(k * B, -1)
     p_x = model.decode(flat)
@@ -71,14 +98,14 @@ def iwae_log_weights(model: LatentVariableModel, x: Tensor, k: int) -> Tensor:
     return log_px_given_z + model.prior().log_prob(z) - q_z.log_prob(z)
 
 
-def iwae_bound(model: LatentVariableModel, x: Tensor, k: int) -> Tensor:
+def iwae_bound(model: LatentVariableModel, x: Tensor, k: int, noise: Noise | None = None) -> Tensor:
     r"""The IWAE bound (Burda et al. 2015), per example:
 
     .. math:: \mathcal L_k(x) = \mathbb E\big[\log \tfrac1k \textstyle\sum_i w_i\big] \le \log p(x)
 
     with k = 1 the ELBO; L_k increases with k and tends to log p(x).
     """
-    log_w = iwae_log_weights(model, x, k)
+    log_w = iwae_log_weights(model, x, k, noise)
     return torch.logsumexp(log_w, 0) - math.log(k)
 
 
@@ -100,8 +127,8 @@ def loss(terms: ElboTerms, beta: float = 1.0, free_bits: float = 0.0) -> Tensor:
     return -(terms.reconstruction.mean() - beta * kl)
 
 
-def iwae_loss(model: LatentVariableModel, x: Tensor, k: int) -> Tensor:
-    return -iwae_bound(model, x, k).mean()
+def iwae_loss(model: LatentVariableModel, x: Tensor, k: int, noise: Noise | None = None) -> Tensor:
+    return -iwae_bound(model, x, k, noise).mean()
 
 
 # -- beta schedules -----------------------------------------------------------------------

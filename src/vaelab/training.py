@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from vaelab import checkpoint, data, models, objectives
+from vaelab import checkpoint, data, distributed, models, objectives
 from vaelab.config import Config, lr_at
-from vaelab.data.batches import Batches
+from vaelab.data.batches import Batches, seeded, shard_rows
 from vaelab.errors import UserError
 from vaelab.fileio import atomic_write_text
 
@@ -77,9 +77,19 @@ class TermSums:
         self.method = terms.kl_method
 
     def record(self, epoch, split, beta, seconds, pixels: int | None, step: int) -> EpochRecord:
-        n = max(self.n, 1)
-        rec, kl = float(self.rec) / n, float(self.kl) / n
-        dims = [] if self.kl_dims is None else (self.kl_dims / n).tolist()
+        """Batch means over every example this process, and every other rank, has seen."""
+        dims_t = self.kl_dims if self.kl_dims is not None else torch.zeros(0)
+        sums = torch.cat(
+            [
+                torch.tensor([float(self.n), float(self.rec), float(self.kl)], dtype=torch.float64),
+                dims_t.detach().double().cpu(),
+            ]
+        )
+        sums = distributed.all_reduce_sum(sums)
+        n = max(sums[0].item(), 1.0)
+        rec, kl = sums[1].item() / n, sums[2].item() / n
+        dims = [] if self.kl_dims is None else (sums[3:] / n).tolist()
+        self.n = int(sums[0].item())
         bpd = -(rec - kl) / (pixels * LN2) if pixels else None
         return EpochRecord(
             epoch, split, rec - kl, rec, kl, dims, self.method, beta, self.n / max(seconds, 1e-9), seconds, bpd, step
@@ -137,8 +147,20 @@ def fit(
             f"--batch-size {config.batch_size} is larger than the training set ({len(train_x)} examples); "
             f"use at most {len(train_x)}"
         )
+    ctx = distributed.current()
+    if config.batch_size % ctx.world:
+        raise UserError(
+            f"--batch-size {config.batch_size} does not split evenly across {ctx.world} processes; "
+            f"use a multiple of {ctx.world}"
+        )
+    rows = shard_rows(config.batch_size, ctx.rank, ctx.world)
     batches = Batches(train_x, config.batch_size, config.seed, dynamic=config.binarize == "dynamic")
-    show = sys.stderr.isatty() if progress is None else progress
+    objective = Objective(model, config)
+    if ctx.active:  # gradients averaged across ranks during backward
+        from torch.nn.parallel import DistributedDataParallel
+
+        objective = DistributedDataParallel(objective)
+    show = (sys.stderr.isatty() if progress is None else progress) and ctx.is_main
     for epoch in range(state.epoch, config.epochs):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config, epoch)
@@ -146,7 +168,7 @@ def fit(
         sums = TermSums()
         start = time.perf_counter()
         beta = config.beta
-        iterator = batches.epoch(epoch)
+        iterator = batches.epoch(epoch, shard=(ctx.rank, ctx.world))
         if show:
             from tqdm import tqdm
 
@@ -160,15 +182,10 @@ def fit(
             )
         for x in iterator:
             beta = objectives.beta_at(state.step, config.warmup, config.beta, config.warmup_steps)
-            if config.objective == "iwae":
-                loss = objectives.iwae_loss(model, x, config.k)
-                with torch.no_grad():
-                    terms = objectives.elbo(model, x)
-                _check_finite(loss, None, epoch, state.step)
-            else:
-                terms = objectives.elbo(model, x)
-                loss = objectives.loss(terms, beta, config.free_bits)
-                _check_finite(loss, terms, epoch, state.step)
+            # the step's noise is a function of (seed, step), drawn for the global batch
+            noise = objectives.Noise(seeded(config.seed, 2, state.step, device=x.device), config.batch_size, rows.start)
+            loss, terms = objective(x, noise, beta)
+            _check_finite(loss, None if config.objective == "iwae" else terms, epoch, state.step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
@@ -199,6 +216,23 @@ def fit(
             for hook in hooks:
                 hook(record, model, state)
     return state
+
+
+class Objective(torch.nn.Module):
+    """The loss of a batch and its ELBO terms, as a module: what DistributedDataParallel wraps."""
+
+    def __init__(self, model, config: Config):
+        super().__init__()
+        self.model, self.config = model, config
+
+    def forward(self, x: Tensor, noise: objectives.Noise, beta: float) -> tuple[Tensor, objectives.ElboTerms]:
+        c = self.config
+        if c.objective == "iwae":
+            loss = objectives.iwae_loss(self.model, x, c.k, noise)
+            with torch.no_grad():  # the ELBO's terms, for the logs
+                return loss, objectives.elbo(self.model, x, noise)
+        terms = objectives.elbo(self.model, x, noise)
+        return objectives.loss(terms, beta, c.free_bits), terms
 
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
@@ -377,12 +411,23 @@ def train_run(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> tuple[Path, EpochRecord]:
-    """``vaelab train``: data, model, loop, run directory; returns the run directory and the test record."""
+    """``vaelab train``: data, model, loop, run directory; returns the run directory and the test record.
+
+    Under torchrun every rank runs this; rank 0 alone prepares the run directory, logs and
+    writes, the others wait for it at barriers.
+    """
     set_threads(config.threads)
     device = resolve_device(config.device)
+    ctx = distributed.setup(device.type)
+    if ctx.active and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    if not ctx.is_main:
+        log = _silent
     torch.manual_seed(config.seed)
     splits, train_x, val_x, test_x, pixels = prepare_data(config, device)
     out = Path(out) if out else default_out(splits.name)
+    distributed.barrier()  # every rank has chosen ``out`` before rank 0 creates it
     state, resume_ckpt = TrainState(), None
     if resume:
         prepare_out(out, resume, overwrite)
@@ -396,10 +441,13 @@ def train_run(
         checkpoint.set_rng_state(resume_ckpt["rng"])
         state = TrainState(resume_ckpt["epoch"], resume_ckpt["step"], resume_ckpt["best_elbo"])
         log(f"resuming {out} at epoch {state.epoch + 1}")
-    else:
+    elif ctx.is_main:
         prepare_out(out, resume, overwrite)
-    atomic_write_text(out / "config.toml", config.to_toml())
-    writer = RunWriter(out, config, optimizer, splits.x_shape, splits.fingerprint, config.latent_dim, state.epoch)
+    hooks: list = []
+    if ctx.is_main:
+        atomic_write_text(out / "config.toml", config.to_toml())
+        writer = RunWriter(out, config, optimizer, splits.x_shape, splits.fingerprint, config.latent_dim, state.epoch)
+        hooks.append(writer)
     n_params = sum(p.numel() for p in model.parameters())
     log(
         f"{splits.name}: {len(train_x)} train / {len(val_x)} val / {len(test_x)} test images of shape "
@@ -416,9 +464,11 @@ def train_run(
             )
 
     try:
-        fit(model, train_x, val_x, config, hooks=[writer, print_epoch], state=state, optimizer=optimizer, pixels=pixels)
+        fit(model, train_x, val_x, config, hooks=[*hooks, print_epoch], state=state, optimizer=optimizer, pixels=pixels)
     finally:
-        writer.close()
+        for hook in hooks:
+            hook.close()
+    distributed.barrier()  # rank 0's last checkpoint is on disk
     best = (
         checkpoint.load_checkpoint(out / "checkpoints" / "best.pt")
         if (out / "checkpoints" / "best.pt").exists()
@@ -428,6 +478,10 @@ def train_run(
         model.load_state_dict(best["model"])
     test = evaluate_terms(model, test_x, 1024, state.epoch, "test", pixels, config.seed)
     return out, test
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def _check_resumable(ckpt: dict, config: Config, splits: data.Splits) -> None:

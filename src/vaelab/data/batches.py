@@ -41,8 +41,14 @@ class Batches:
         N = self.x.shape[0]
         return N // self.batch_size if self.drop_last else -(-N // self.batch_size)
 
-    def epoch(self, epoch: int, shuffle: bool = True) -> Iterator[Tensor]:
-        """Batches of epoch ``epoch``, in the order of its permutation (or in storage order)."""
+    def epoch(self, epoch: int, shuffle: bool = True, shard: tuple[int, int] = (0, 1)) -> Iterator[Tensor]:
+        """Batches of epoch ``epoch``, in the order of its permutation (or in storage order).
+
+        ``shard=(rank, world)``: this process's rows of each global batch (as DistributedSampler
+        shards, but per batch); binarisation is drawn for the whole global batch first, so every
+        example gets the same pixels whatever the number of processes.
+        """
+        rank, world = shard
         N = self.x.shape[0]
         device = self.x.device
         order = torch.randperm(N, generator=seeded(self.seed, epoch), device="cpu").to(device) if shuffle else None
@@ -53,4 +59,9 @@ class Batches:
             x = self.x[order[start:stop]] if order is not None else self.x[start:stop]
             if self.dynamic:
                 x = torch.bernoulli(x, generator=g_bin)
-            yield x
+            yield x[shard_rows(x.shape[0], rank, world)] if world > 1 else x
+
+
+def shard_rows(total: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous part of ``total`` rows split across ``world`` processes."""
+    return slice(total * rank // world, total * (rank + 1) // world)
