@@ -193,6 +193,26 @@ def time_to_quality(budget: float) -> None:
     )
 
 
+# -- 6. processes -------------------------------------------------------------------------------------------
+def processes(n: int) -> None:
+    """examples/s of `vaelab train` with 1 and 2 processes (torchrun, gloo) on the same data."""
+    import csv
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "x.npy")
+        np.save(data, 255 * (np.random.default_rng(0).random((n, 28, 28)) > 0.7).astype(np.uint8))
+        vaelab_cmd = [os.path.join(os.path.dirname(sys.executable), "vaelab"), "train", "--data", data]
+        args = ["--binarize", "none", "--epochs", "3", "--threads", "1"]
+        for nproc in (1, 2):
+            out = os.path.join(tmp, f"run{nproc}")
+            subprocess.run([*vaelab_cmd, *args, "--nproc", str(nproc), "--out", out], check=True, capture_output=True)
+            with open(os.path.join(out, "metrics.csv"), newline="") as f:
+                speeds = [float(r["examples_per_s"]) for r in csv.DictReader(f) if r["split"] == "train"]
+            row(f"vaelab train, {nproc} process(es) x 1 thread, examples/s", spread(speeds[1:]), "", "")
+
+
 # -- subprocess measurements: start-up, memory ---------------------------------------------------------
 def peak_rss_mib(code: str) -> float:
     """Peak resident memory of a fresh Python process running ``code``: VmHWM from /proc, which
@@ -272,6 +292,9 @@ def main(argv=None) -> int:
 
     print("\n5. time to quality: bundled digits resized to 28 x 28, binarised test set, 2 threads")
     time_to_quality(10.0 if args.quick else 30.0)
+
+    print("\n6. processes: torchrun / DistributedDataParallel on this machine (gloo)")
+    processes(n)
     return 0
 
 
