@@ -206,6 +206,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     opt("--lr-schedule", "constant, or burda2015 (3^i epochs at lr * 10^(-i/7))", choices=LR_SCHEDULES)
     opt("--adam-eps", "Adam's epsilon", type=float, metavar="EPS")
     opt("--grad-clip", "clip the gradient norm to this; 0: off", type=_non_negative(float))
+    opt(
+        "--skip-nonfinite",
+        "skip up to N batches whose loss or gradient is NaN/Inf (counted in metrics.csv)",
+        type=_non_negative(int),
+        metavar="N",
+    )
     opt("--seed", "seed of the split, the initialisation, the data order and every sample", type=int)
     opt("--threads", "CPU threads; 0: PyTorch's default", type=_non_negative(int))
     opt("--device", "where to train", choices=DEVICES)
@@ -284,8 +290,15 @@ def _port(text: str) -> int:
 
 
 # -- parser -------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error said on one line that points at --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"vaelab: error: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vaelab",
         description="Variational autoencoders with every term of the objective explicit and checked.",
     )

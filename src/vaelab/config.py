@@ -88,6 +88,7 @@ class Config:
     lr_schedule: str = "constant"  # burda2015: 3^i epochs at lr * 10^(-i/7), i = 0..7
     adam_eps: float = 1e-8
     grad_clip: float = 0.0  # max gradient norm; 0 turns clipping off
+    skip_nonfinite: int = 0  # batches with a NaN/Inf loss or gradient that may be skipped before stopping
     seed: int = 0
     threads: int = 0  # 0: vaelab's default policy (see training.set_threads)
     device: str = "auto"
@@ -108,7 +109,15 @@ class Config:
             value = getattr(self, name)
             if value not in allowed:
                 raise UserError(f"{name} = {value!r} is not one of {', '.join(allowed)}")
-        at_least = {"latent_dim": 1, "epochs": 0, "batch_size": 1, "k": 1, "prior_components": 1, "warmup_steps": 0}
+        at_least = {
+            "latent_dim": 1,
+            "epochs": 0,
+            "batch_size": 1,
+            "k": 1,
+            "prior_components": 1,
+            "warmup_steps": 0,
+            "skip_nonfinite": 0,
+        }
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise UserError(f"{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")

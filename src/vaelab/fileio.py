@@ -9,25 +9,51 @@ target is touched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 
+from vaelab.errors import UserError
+
+TMP_SUFFIX = ".vaelab-tmp"
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically; a failure (a full disk, say) leaves ``path`` as it was
+    and raises :class:`UserError` naming the file and the cause."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        _remove(tmp)
+        hint = "free some space" if err.errno == errno.ENOSPC else "check the folder exists and is writable"
+        raise UserError(
+            f"could not write {path}: {err.strerror or err}; {hint}. The previous {path.name}, if any, is unchanged"
+        ) from None
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        _remove(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _remove(tmp: str | None) -> None:
+    if tmp is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete the temporary files a killed write left behind (they never replaced anything)."""
+    for leftover in Path(directory).glob(f".*{TMP_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

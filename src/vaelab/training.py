@@ -24,7 +24,7 @@ from vaelab import checkpoint, data, distributed, models, objectives
 from vaelab.config import Config, lr_at
 from vaelab.data.batches import Batches, seeded, shard_rows
 from vaelab.errors import UserError
-from vaelab.fileio import atomic_write_text
+from vaelab.fileio import atomic_write_text, remove_stale_temporaries
 
 LN2 = math.log(2.0)
 
@@ -49,6 +49,7 @@ class EpochRecord:
     seconds: float
     bits_per_dim: float | None = None
     step: int = 0
+    skipped: int = 0  # batches dropped by --skip-nonfinite
 
 
 @dataclass
@@ -168,6 +169,7 @@ def fit(
         sums = TermSums()
         start = time.perf_counter()
         beta = config.beta
+        skipped = 0
         iterator = batches.epoch(epoch, shard=(ctx.rank, ctx.world))
         if show:
             from tqdm import tqdm
@@ -185,14 +187,22 @@ def fit(
             # the step's noise is a function of (seed, step), drawn for the global batch
             noise = objectives.Noise(seeded(config.seed, 2, state.step, device=x.device), config.batch_size, rows.start)
             loss, terms = objective(x, noise, beta)
-            _check_finite(loss, None if config.objective == "iwae" else terms, epoch, state.step)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                try:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, error_if_nonfinite=True)
-                except RuntimeError:
-                    raise NonFiniteError(_nonfinite_message("a gradient", epoch, state.step)) from None
+            problem = _nonfinite(loss, None if config.objective == "iwae" else terms)
+            if problem is None:
+                loss.backward()
+                if config.grad_clip > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    problem = None if bool(torch.isfinite(norm)) else "a gradient"
+            if ctx.active:  # every rank skips or stops together
+                flags = distributed.all_reduce_sum(torch.tensor([float(problem is not None)]))
+                problem = problem or ("a loss or gradient on another rank" if flags.item() else None)
+            if problem is not None:
+                if skipped >= config.skip_nonfinite:
+                    raise NonFiniteError(_nonfinite_message(problem, epoch, state.step))
+                skipped += 1  # --skip-nonfinite: drop this batch, count it, go on
+                state.step += 1
+                continue
             optimizer.step()
             sums.add(terms)
             state.step += 1
@@ -204,6 +214,7 @@ def fit(
                 )
         seconds = time.perf_counter() - start
         train_record = sums.record(epoch, "train", beta, seconds, pixels, state.step)
+        train_record.skipped = skipped
         state.history.append(train_record)
         records = [train_record]
         if val_x is not None:
@@ -243,21 +254,22 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
 def _nonfinite_message(what: str, epoch: int, step: int) -> str:
     return (
         f"{what} became NaN or infinite at epoch {epoch + 1}, step {step}; training stopped and the last good "
-        "checkpoint is kept. Try a lower --lr or --grad-clip 100"
+        "checkpoint is kept. Try a lower --lr, --grad-clip 100, or --skip-nonfinite N"
     )
 
 
-def _check_finite(loss: Tensor, terms: objectives.ElboTerms | None, epoch: int, step: int) -> None:
+def _nonfinite(loss: Tensor, terms: objectives.ElboTerms | None) -> str | None:
+    """None when the loss is finite, else which term is not."""
     if bool(torch.isfinite(loss)):
-        return
+        return None
     if terms is None:
-        raise NonFiniteError(_nonfinite_message("the IWAE loss", epoch, step))
+        return "the IWAE loss"
     bad = [
         name
         for name, t in (("reconstruction", terms.reconstruction), ("KL", terms.kl))
         if not bool(torch.isfinite(t).all())
     ]
-    raise NonFiniteError(_nonfinite_message(f"the {' and '.join(bad) or 'loss'} term", epoch, step))
+    return f"the {' and '.join(bad) or 'loss'} term"
 
 
 # -- the run directory ------------------------------------------------------------------------
@@ -273,6 +285,7 @@ CSV_BASE = [
     "seconds",
     "bits_per_dim",
     "kl_method",
+    "skipped",
 ]
 
 
@@ -318,6 +331,8 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (out / "checkpoints" / "last.pt").exists():
             raise UserError(f"--resume: {out} has no checkpoints/last.pt to resume from")
+        remove_stale_temporaries(out / "checkpoints")
+        remove_stale_temporaries(out)
         return
     if out.exists() and any(out.iterdir()):
         if not overwrite:

@@ -1,0 +1,178 @@
+"""Nothing lost under a kill, a full disk or a numerical blow-up.
+
+The kill tests run `vaelab train` as a real subprocess, send it SIGKILL, `--resume` it and
+compare the final parameters bit for bit with an uninterrupted run (CPU, deterministic).
+"""
+
+import errno
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from vaelab import fileio, objectives
+from vaelab.checkpoint import load_checkpoint
+from vaelab.cli import main
+
+ARGS = [
+    "--hidden",
+    "48",
+    "--latent-dim",
+    "3",
+    "--batch-size",
+    "32",
+    "--seed",
+    "1",
+    "--epochs",
+    "8",
+    "--binarize",
+    "dynamic",
+]
+
+
+def train_cmd(out, *extra, prelude=None):
+    if prelude is None:
+        return [sys.executable, "-m", "vaelab", "train", *ARGS, "--out", str(out), *extra]
+    code = prelude + "\nimport sys\nfrom vaelab.cli import main\nraise SystemExit(main(sys.argv[1:]))"
+    return [sys.executable, "-c", code, "train", *ARGS, "--out", str(out), *extra]
+
+
+def val_rows(out):
+    path = out / "metrics.csv"
+    return path.read_text().count(",val,") if path.exists() else 0
+
+
+def final_params(out):
+    return load_checkpoint(out / "checkpoints" / "last.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    subprocess.run(train_cmd(out), check=True, capture_output=True, timeout=300)
+    return final_params(out)
+
+
+def kill_when(proc, condition, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before the kill point: {proc.stderr.read()}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("kill point not reached")
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def resume_and_compare(out, reference):
+    r = subprocess.run(train_cmd(out, "--resume"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    resumed = final_params(out)
+    for name, value in reference.items():
+        assert torch.equal(value, resumed[name]), name
+    assert not list((out / "checkpoints").glob(f".*{fileio.TMP_SUFFIX}"))
+
+
+@pytest.mark.parametrize("epochs_done,seed", [(1, 0), (3, 1), (5, 2)])
+def test_kill_at_a_random_step_then_resume_is_exact(tmp_path, reference, epochs_done, seed):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    delay = random.Random(seed).uniform(0.0, 0.08)  # somewhere inside the next epoch
+
+    def ready():
+        if val_rows(out) >= epochs_done:
+            time.sleep(delay)
+            return True
+        return False
+
+    kill_when(proc, ready)
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] >= epochs_done - 1  # csv row comes first
+    resume_and_compare(out, reference)
+
+
+SLOW_CHECKPOINT = textwrap.dedent(
+    """
+    import os, time, pathlib
+    real_replace = os.replace
+    marker = pathlib.Path(os.environ["VAELAB_TEST_MARKER"])
+    writes = {"n": 0}
+    def slow_replace(src, dst):
+        if str(dst).endswith("last.pt"):
+            writes["n"] += 1
+            if writes["n"] == 3:  # the third epoch's checkpoint: temp file written, not yet renamed
+                marker.touch()
+                time.sleep(60)
+        return real_replace(src, dst)
+    os.replace = slow_replace
+    """
+)
+
+
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, reference):
+    out, marker = tmp_path / "run", tmp_path / "writing"
+    env = {**os.environ, "VAELAB_TEST_MARKER": str(marker)}
+    proc = subprocess.Popen(
+        train_cmd(out, prelude=SLOW_CHECKPOINT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    kill_when(proc, marker.exists)
+    assert list((out / "checkpoints").glob(f".last.pt.*{fileio.TMP_SUFFIX}"))  # the write was under way
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 2  # the previous one, intact
+    resume_and_compare(out, reference)
+
+
+def test_disk_full_while_writing_a_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert main(["train", *ARGS[:-4], "--epochs", "1", "--out", str(out)]) == 0
+    before = hashlib.sha256((out / "checkpoints" / "last.pt").read_bytes()).hexdigest()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fileio.os, "fsync", full)
+    code = main(["train", *ARGS[:-4], "--epochs", "2", "--out", str(out), "--resume"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in err and "free some space" in err and "Traceback" not in err
+    assert hashlib.sha256((out / "checkpoints" / "last.pt").read_bytes()).hexdigest() == before
+    assert not list((out / "checkpoints").glob(f".*{fileio.TMP_SUFFIX}"))
+
+
+def _poison_steps(monkeypatch, steps):
+    real, calls = objectives.elbo, {"n": 0}
+
+    def poisoned(model, x, noise=None):
+        terms = real(model, x, noise)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] in steps:
+                return objectives.ElboTerms(terms.reconstruction, terms.kl * float("inf"), terms.kl_per_dim, "analytic")
+        return terms
+
+    monkeypatch.setattr(objectives, "elbo", poisoned)
+
+
+def test_skip_nonfinite_skips_and_counts(tmp_path, monkeypatch, capsys):
+    _poison_steps(monkeypatch, {5, 9})
+    out = tmp_path / "run"
+    assert main(["train", *ARGS[:-4], "--epochs", "2", "--skip-nonfinite", "2", "--out", str(out)]) == 0
+    rows = (out / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    skipped = [int(r.split(",")[header.index("skipped")] or 0) for r in rows[1:] if ",train," in r]
+    assert skipped == [2, 0]
+    assert torch.isfinite(torch.cat([p.flatten() for p in final_params(out).values()])).all()
+
+
+def test_more_bad_batches_than_allowed_stop_the_run(tmp_path, monkeypatch, capsys):
+    _poison_steps(monkeypatch, {5, 9})
+    out = tmp_path / "run"
+    assert main(["train", *ARGS[:-4], "--epochs", "2", "--skip-nonfinite", "1", "--out", str(out)]) == 2
+    assert "the KL term became NaN or infinite at epoch 1, step 8" in capsys.readouterr().err
