@@ -40,3 +40,28 @@ def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "digits"
     assert main(["train", "--hidden", "64", "--latent-dim", "2", "--epochs", "3", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    """`vaelab serve` of the trained run on a free loopback port, in a thread; yields its URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from vaelab.web.app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(trained_run), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)

@@ -2,15 +2,9 @@
 except for the local server. scripts/setup.sh installs Chromium."""
 
 import math
-import socket
-import threading
-import time
 
 import pytest
-import uvicorn
 from playwright.sync_api import sync_playwright
-
-from vaelab.web.app import create_app
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -22,23 +16,6 @@ FLAGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-
-
-@pytest.fixture(scope="module")
-def server(trained_run):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(trained_run), host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
 
 
 @pytest.fixture(scope="module")

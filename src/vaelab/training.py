@@ -143,17 +143,8 @@ def fit(
     config = (config or Config()).replace(**options)
     state = state or TrainState()
     optimizer = optimizer or make_optimizer(model, config)
-    if config.batch_size > len(train_x):
-        raise UserError(
-            f"--batch-size {config.batch_size} is larger than the training set ({len(train_x)} examples); "
-            f"use at most {len(train_x)}"
-        )
     ctx = distributed.current()
-    if config.batch_size % ctx.world:
-        raise UserError(
-            f"--batch-size {config.batch_size} does not split evenly across {ctx.world} processes; "
-            f"use a multiple of {ctx.world}"
-        )
+    check_batch_size(config.batch_size, len(train_x), ctx.world)
     rows = shard_rows(config.batch_size, ctx.rank, ctx.world)
     batches = Batches(train_x, config.batch_size, config.seed, dynamic=config.binarize == "dynamic")
     objective = Objective(model, config)
@@ -244,6 +235,17 @@ class Objective(torch.nn.Module):
                 return loss, objectives.elbo(self.model, x, noise)
         terms = objectives.elbo(self.model, x, noise)
         return objectives.loss(terms, beta, c.free_bits), terms
+
+
+def check_batch_size(batch_size: int, examples: int, world: int) -> None:
+    if batch_size > examples:
+        raise UserError(
+            f"--batch-size {batch_size} is larger than the training set ({examples} examples); use at most {examples}"
+        )
+    if batch_size % world:
+        raise UserError(
+            f"--batch-size {batch_size} does not split evenly across {world} processes; use a multiple of {world}"
+        )
 
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
@@ -441,6 +443,7 @@ def train_run(
         log = _silent
     torch.manual_seed(config.seed)
     splits, train_x, val_x, test_x, pixels = prepare_data(config, device)
+    check_batch_size(config.batch_size, len(train_x), ctx.world)  # before anything is written
     out = Path(out) if out else default_out(splits.name)
     distributed.barrier()  # every rank has chosen ``out`` before rank 0 creates it
     state, resume_ckpt = TrainState(), None

@@ -1,0 +1,59 @@
+"""A bounded load test of `vaelab serve` on loopback: 1000 requests to each endpoint, 20 at a
+time. No request may fail, and the server's memory may not grow by more than 64 MiB."""
+
+import asyncio
+import io
+import time
+
+import httpx
+import numpy as np
+from PIL import Image
+
+REQUESTS, CONCURRENCY, MEMORY_BOUND_MIB = 1000, 20, 64
+
+
+def rss_mib() -> float:  # the server runs in this process (a thread)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def png_8x8() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def hammer(base: str, method: str, path: str, n: int, **kwargs) -> list[int]:
+    limit = asyncio.Semaphore(CONCURRENCY)
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+
+        async def one() -> int:
+            async with limit:
+                r = await client.request(method, path, **kwargs)
+                return r.status_code
+
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+
+ENDPOINTS = [
+    ("GET", "/api/kl?mu=0.7&sigma=0.4", {}),
+    ("GET", "/api/model", {}),
+    ("GET", "/api/test/3", {}),
+    ("GET", "/api/decode?z=0.5,-1", {}),
+    ("POST", "/api/inspect", {"files": {"file": ("x.png", png_8x8(), "image/png")}}),
+    ("GET", "/", {}),
+    ("GET", "/static/app.js", {}),
+]
+
+
+def test_load_every_endpoint(server):
+    for method, path, kwargs in ENDPOINTS:  # warm up: first-call allocations are not growth
+        asyncio.run(hammer(server, method, path, 50, **kwargs))
+    before = rss_mib()
+    start = time.time()
+    for method, path, kwargs in ENDPOINTS:
+        codes = asyncio.run(hammer(server, method, path, REQUESTS, **kwargs))
+        assert codes == [200] * REQUESTS, (path, sorted(set(codes)))
+    grown = rss_mib() - before
+    assert grown < MEMORY_BOUND_MIB, f"memory grew by {grown:.0f} MiB over {len(ENDPOINTS) * REQUESTS} requests"
+    assert time.time() - start < 300  # bounded: the test stops by itself
