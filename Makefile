@@ -8,7 +8,10 @@ demo: setup
 	mkdir -p runs
 	.venv/bin/vaelab explain --json runs/explain.json --html runs/explain.html > /dev/null
 	@echo "vaelab explain: every step holds; the derivation is in runs/explain.html"
-	.venv/bin/vaelab train
+	.venv/bin/vaelab train --out runs/demo --overwrite
+	.venv/bin/vaelab evaluate runs/demo --iwae-k 1000
+	.venv/bin/vaelab report runs/demo
+	@echo "open runs/demo/report.html, or run: .venv/bin/vaelab serve runs/demo"
 
 test: setup
 	bash scripts/install-browser.sh
