@@ -18,7 +18,18 @@ LAYERS = {
     4: {"cli", "__main__", "__init__"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
-L0_MAY_IMPORT = {"torch", "math", "dataclasses", "typing", "__future__", "os", "tempfile", "contextlib", "pathlib"}
+L0_MAY_IMPORT = {
+    "torch",
+    "math",
+    "dataclasses",
+    "typing",
+    "__future__",
+    "os",
+    "errno",
+    "tempfile",
+    "contextlib",
+    "pathlib",
+}
 
 
 def top_module(path: Path) -> str:
