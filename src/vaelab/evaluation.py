@@ -253,6 +253,7 @@ def evaluate_run(
     if split == "train" and config.binarize == "dynamic":
         x = binarize_static(x, config.seed + 3)
     record, per = evaluate(model, x, iwae_k=iwae_k, batch_size=batch_size, seed=seed, pixels=pixels)
+    distributed.teardown()
     record = {
         "data": splits.name,
         "split": split,

@@ -87,14 +87,13 @@ class TermSums:
             ]
         )
         sums = distributed.all_reduce_sum(sums)
-        n = max(sums[0].item(), 1.0)
+        examples = sums[0].item()
+        n = max(examples, 1.0)
         rec, kl = sums[1].item() / n, sums[2].item() / n
         dims = [] if self.kl_dims is None else (sums[3:] / n).tolist()
-        self.n = int(sums[0].item())
         bpd = -(rec - kl) / (pixels * LN2) if pixels else None
-        return EpochRecord(
-            epoch, split, rec - kl, rec, kl, dims, self.method, beta, self.n / max(seconds, 1e-9), seconds, bpd, step
-        )
+        speed = examples / max(seconds, 1e-9)
+        return EpochRecord(epoch, split, rec - kl, rec, kl, dims, self.method, beta, speed, seconds, bpd, step)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -495,6 +494,7 @@ def train_run(
     if best is not None:
         model.load_state_dict(best["model"])
     test = evaluate_terms(model, test_x, 1024, state.epoch, "test", pixels, config.seed)
+    distributed.teardown()
     return out, test
 
 
