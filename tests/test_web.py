@@ -107,3 +107,16 @@ def test_page_and_assets(client):
     assert "Latent explorer" in client.get("/").text
     assert client.get("/static/app.js").status_code == 200
     assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
+
+
+def test_serve_refuses_a_taken_port(trained_run, capsys):
+    import socket
+
+    from vaelab.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", str(trained_run), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -276,6 +277,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from vaelab.web.app import create_app
 
+    with socket.socket() as probe:  # say a taken port in one line, before loading the model
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as err:
+            raise UserError(
+                f"cannot listen on {args.host}:{args.port} ({err.strerror}); choose another --port"
+            ) from None
     app = create_app(args.run)
     print(f"vaelab: serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
