@@ -42,3 +42,16 @@ def test_report_without_evaluation_says_how_to_add_it(tmp_path, capsys):
     page = (run / "report.html").read_text()
     assert "vaelab evaluate" in page and "by PCA" in page
     assert "<h2>The decoded manifold</h2>" not in page  # only for a 2-D latent space
+
+
+def test_projections():
+    import numpy as np
+
+    from vaelab.inspection import project_2d
+
+    mu = np.random.default_rng(0).normal(size=(60, 5))
+    for method, label in (("pca", "PC 1"), ("tsne", "t-SNE 1")):
+        points, (xl, _) = project_2d(mu, method)
+        assert points.shape == (60, 2) and xl.startswith(label)
+    points, labels = project_2d(mu[:, :2], "tsne")  # a 2-D latent space is shown as it is
+    assert np.array_equal(points, mu[:, :2]) and labels == ("z0", "z1")

@@ -246,3 +246,21 @@ def test_bad_checkpoints_are_refused(tmp_path, make, message):
     make(path)
     with pytest.raises(UserError, match=message):
         load_checkpoint(path)
+
+
+def test_a_users_own_modules_train_through_the_same_loop():
+    """VAE(encoder, decoder, ...) with hand-written nn.Modules: encoder -> (B, 2D), decoder -> (B, P C, H, W)."""
+    from torch import nn
+
+    from vaelab.models import VAE, make_likelihood, make_prior
+
+    D = 3
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 2 * D))
+    decoder = nn.Sequential(nn.Linear(D, 32), nn.Tanh(), nn.Linear(32, 64), nn.Unflatten(1, (1, 8, 8)))
+    model = VAE(
+        encoder, decoder, D, (1, 8, 8), make_likelihood("bernoulli", (1, 8, 8)), make_prior("normal", D, (1, 8, 8), 1)
+    )
+    x = (torch.rand(200, 1, 8, 8) > 0.5).float()
+    state = vaelab.fit(model, x, x[:40], epochs=2, batch_size=40, progress=False)
+    assert len(state.history[-1].kl_per_dim) == D
+    assert torch.isfinite(torch.tensor(state.history[-1].elbo))

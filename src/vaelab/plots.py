@@ -190,7 +190,7 @@ def manifold(images: np.ndarray, values: np.ndarray) -> Figure:
         axes[-1, c].set_xlabel(f"{values[c]:.1f}", fontsize=7)
     for r in range(n):
         axes[r, 0].set_ylabel(f"{values[n - 1 - r]:.1f}", fontsize=7, rotation=0, ha="right")
-    fig.suptitle("decoded means over the 2-D latent space (z₁ across, z₂ up)", fontsize=10)
+    fig.suptitle("decoded means over the 2-D latent space (z0 across, z1 up)", fontsize=10)
     return fig
 
 

@@ -27,4 +27,4 @@ def build(config, x_shape) -> VAE:
     return VAE(encoder, decoder, config.latent_dim, x_shape, likelihood, prior)
 
 
-__all__ = ["VAE", "Likelihood", "build", "architecture_for", "ARCHITECTURES"]
+__all__ = ["VAE", "Likelihood", "build", "architecture_for", "make_likelihood", "make_prior", "ARCHITECTURES"]
