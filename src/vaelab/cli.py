@@ -33,6 +33,7 @@ EXAMPLES = {
         "  vaelab train --data images/ --model conv --latent-dim 32 --out runs/mine\n"
         "  vaelab train --config run.toml --beta 4 --warmup linear --warmup-steps 2000\n"
         "  vaelab train --out runs/digits --resume\n"
+        "  torchrun --nproc-per-node 2 --max-restarts 3 -m vaelab train --out runs/big --auto-resume\n"
         "  vaelab train --preset burda2015-iwae-k5 --download      # Burda et al. 2015, full protocol\n\n"
         "Options given here override the --config file, which overrides the --preset, then the defaults.\n"
         "The resolved config is saved as RUN/config.toml."
@@ -87,13 +88,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1:
-        return launch_torchrun(args.nproc)
-    from vaelab.config import resolve
+        return launch_torchrun(args.nproc, args.argv)
+    from dataclasses import fields
+
+    from vaelab.config import Config, resolve
     from vaelab.training import summary_line, train_run
 
-    options = {k: v for k, v in vars(args).items() if k in TRAIN_OPTIONS}
+    if args.resume and args.auto_resume:
+        raise UserError("--resume and --auto-resume: give one (--auto-resume also starts a run that has no checkpoint)")
+    names = {f.name for f in fields(Config)}  # options the user set: argparse leaves the others out
+    options = {k: v for k, v in vars(args).items() if k in names}
     config = resolve(args.config, options, args.preset)
-    out, test = train_run(config, out=args.out, resume=args.resume, overwrite=args.overwrite)
+    out, test = train_run(
+        config, out=args.out, resume=args.resume, overwrite=args.overwrite, auto_resume=args.auto_resume
+    )
     if os.environ.get("RANK", "0") != "0":
         return 0
     print(summary_line(test))
@@ -101,9 +109,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch_torchrun(nproc: int) -> int:
-    """``vaelab CMD --nproc N ...`` = ``torchrun --standalone --nproc-per-node N -m vaelab CMD ...``."""
-    argv, rest = sys.argv[1:], []
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """``vaelab CMD --nproc N ...`` = ``torchrun --standalone --nproc-per-node N -m vaelab CMD ...``;
+    ``argv`` is the command line given to :func:`main`, without the program name."""
+    rest = []
     i = 0
     while i < len(argv):  # drop --nproc N and --nproc=N, keep everything else
         if argv[i] == "--nproc":
@@ -139,9 +148,6 @@ def _non_negative(kind):
     return parse
 
 
-TRAIN_OPTIONS: set[str] = set()
-
-
 def add_train_options(p: argparse.ArgumentParser) -> None:
     from vaelab.config import (
         ACTIVATIONS,
@@ -168,7 +174,6 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
     def opt(flag, help, **kw):
         dest = flag.lstrip("-").replace("-", "_")
-        TRAIN_OPTIONS.add(dest)
         default = getattr(d, dest)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         groups[-1].add_argument(flag, dest=dest, default=S, help=f"{help} (default: {shown})", **kw)
@@ -183,7 +188,6 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         default=S,
         help="download the data set into the cache (~/.cache/vaelab, or $VAELAB_CACHE)",
     )
-    TRAIN_OPTIONS.add("download")
     opt("--binarize", "binarise pixels: none, static (once) or dynamic (every batch)", choices=BINARIZE)
     g = group("model")
     opt("--model", "architecture; auto: conv for colour images, mlp otherwise", choices=MODELS)
@@ -221,6 +225,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", choices=PRESETS, help="a published protocol: " + ", ".join(PRESETS))
     g.add_argument("--out", type=Path, metavar="DIR", help="run directory (default: runs/DATA, never an existing one)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    g.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue from --out's checkpoints/last.pt if it exists, else start the run: the same command "
+        "restarted (torchrun --max-restarts, a scheduler) loses at most the epoch in progress",
+    )
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     g.add_argument(
         "--nproc",
@@ -233,7 +243,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.nproc > 1:
-        return launch_torchrun(args.nproc)
+        return launch_torchrun(args.nproc, args.argv)
     from vaelab.evaluation import evaluate_run, format_table
     from vaelab.fileio import atomic_write_text
 
@@ -380,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # --nproc runs the same command line again under torchrun
     try:
         return args.func(args)
     except UserError as err:

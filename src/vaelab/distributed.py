@@ -5,11 +5,24 @@ processes with RANK / WORLD_SIZE / MASTER_ADDR in their environment; :func:`setu
 them into one process group (nccl on CUDA, gloo on CPU). Each rank takes its rows of every
 global batch; DDP averages the gradients; epoch metrics are summed across ranks before
 rank 0 logs them; only rank 0 writes files.
+
+Shutting down cleanly. A gloo worker thread that drops the last reference to a
+collective's tensor must take the GIL to free the tensor's Python object; if that happens
+while the interpreter is finalising, the thread cannot take it and the process aborts
+("terminate called without an active exception", SIGABRT), typically on a rank that exits
+right after its last collective. :func:`teardown` destroys the process group, which joins
+its worker threads, so none is left at exit. DistributedDataParallel keeps the group it is
+given alive after ``destroy_process_group`` (its C++ reducer holds it), so DDP gets a group
+of its own (:func:`gradient_group`): it carries only DDP's bucket tensors, which have no
+Python objects, and the default group, which carries vaelab's own collectives, is really
+destroyed.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +55,22 @@ def setup(device_kind: str) -> Context:
     return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+@contextmanager
+def session(device_kind: str) -> Iterator[Context]:
+    """:func:`setup` on entry, :func:`teardown` on every way out (errors included)."""
+    try:
+        yield setup(device_kind)
+    finally:
+        teardown()
+
+
+def gradient_group():
+    """A process group for DistributedDataParallel's gradient all-reduce (see the module docstring).
+
+    A collective: every rank calls it, in the same order."""
+    return dist.new_group(backend=dist.get_backend())
+
+
 def current() -> Context:
     if dist.is_available() and dist.is_initialized():
         return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
@@ -71,5 +100,6 @@ def barrier() -> None:
 
 
 def teardown() -> None:
+    """Destroy every process group (a no-op when there is none): this joins the gloo worker threads."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -239,21 +239,20 @@ def evaluate_run(
     """``vaelab evaluate``: load the run's model and data the way it was trained; evaluate one split."""
     if iwae_k < 0:
         raise UserError(f"--iwae-k must be >= 0, got {iwae_k}")
-    ctx = distributed.setup("cpu")
-    model, config = load_run(run)
-    changes = {k: v for k, v in (("data", data), ("data_dir", data_dir)) if v is not None}
-    config = config.replace(**changes)
-    splits, train_x, val_x, test_x, pixels = prepare_data(config, "cpu")
-    if splits.x_shape != model.x_shape:
-        raise UserError(
-            f"{splits.name} has images of shape {splits.x_shape}, the model was trained on "
-            f"{model.x_shape}; evaluate on data of the same shape"
-        )
-    x = {"train": train_x, "val": val_x, "test": test_x}[split]
-    if split == "train" and config.binarize == "dynamic":
-        x = binarize_static(x, config.seed + 3)
-    record, per = evaluate(model, x, iwae_k=iwae_k, batch_size=batch_size, seed=seed, pixels=pixels)
-    distributed.teardown()
+    with distributed.session("cpu") as ctx:
+        model, config = load_run(run)
+        changes = {k: v for k, v in (("data", data), ("data_dir", data_dir)) if v is not None}
+        config = config.replace(**changes)
+        splits, train_x, val_x, test_x, pixels = prepare_data(config, "cpu")
+        if splits.x_shape != model.x_shape:
+            raise UserError(
+                f"{splits.name} has images of shape {splits.x_shape}, the model was trained on "
+                f"{model.x_shape}; evaluate on data of the same shape"
+            )
+        x = {"train": train_x, "val": val_x, "test": test_x}[split]
+        if split == "train" and config.binarize == "dynamic":
+            x = binarize_static(x, config.seed + 3)
+        record, per = evaluate(model, x, iwae_k=iwae_k, batch_size=batch_size, seed=seed, pixels=pixels)
     record = {
         "data": splits.name,
         "split": split,

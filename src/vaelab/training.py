@@ -150,7 +150,7 @@ def fit(
     if ctx.active:  # gradients averaged across ranks during backward
         from torch.nn.parallel import DistributedDataParallel
 
-        objective = DistributedDataParallel(objective)
+        objective = DistributedDataParallel(objective, process_group=distributed.gradient_group())
     show = (sys.stderr.isatty() if progress is None else progress) and ctx.is_main
     for epoch in range(state.epoch, config.epochs):
         for group in optimizer.param_groups:
@@ -328,12 +328,13 @@ def default_out(name: str) -> Path:
     return candidate
 
 
-def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+def prepare_out(out: Path, resume: bool, overwrite: bool, remove_temporaries: bool = True) -> None:
     if resume:
         if not (out / "checkpoints" / "last.pt").exists():
             raise UserError(f"--resume: {out} has no checkpoints/last.pt to resume from")
-        remove_stale_temporaries(out / "checkpoints")
-        remove_stale_temporaries(out)
+        if remove_temporaries:  # rank 0 only: the files of a write that a kill interrupted
+            remove_stale_temporaries(out / "checkpoints")
+            remove_stale_temporaries(out)
         return
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -426,15 +427,30 @@ def train_run(
     resume: bool = False,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    auto_resume: bool = False,
 ) -> tuple[Path, EpochRecord]:
     """``vaelab train``: data, model, loop, run directory; returns the run directory and the test record.
+
+    ``auto_resume``: continue from ``out/checkpoints/last.pt`` when it exists, else start the
+    run in ``out`` (replacing a run directory that has no checkpoint yet). That is what a command
+    restarted by ``torchrun --max-restarts`` or a cluster scheduler needs: the same command
+    line, run again, continues where the last checkpoint left off.
 
     Under torchrun every rank runs this; rank 0 alone prepares the run directory, logs and
     writes, the others wait for it at barriers.
     """
     set_threads(config.threads)
     device = resolve_device(config.device)
-    ctx = distributed.setup(device.type)
+    if auto_resume and out is None:
+        raise UserError("--auto-resume needs --out: the run directory to continue in")
+    with distributed.session(device.type) as ctx:
+        if auto_resume:  # decided by every rank before rank 0 writes anything (the barrier below)
+            resume = (Path(out) / "checkpoints" / "last.pt").exists()
+            overwrite = overwrite or (not resume and (Path(out) / "config.toml").exists())
+        return _train(config, device, ctx, out, resume, overwrite, log)
+
+
+def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, EpochRecord]:
     if ctx.active and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
@@ -444,10 +460,10 @@ def train_run(
     splits, train_x, val_x, test_x, pixels = prepare_data(config, device)
     check_batch_size(config.batch_size, len(train_x), ctx.world)  # before anything is written
     out = Path(out) if out else default_out(splits.name)
-    distributed.barrier()  # every rank has chosen ``out`` before rank 0 creates it
+    distributed.barrier()  # every rank has chosen ``out`` and read the directory before rank 0 changes it
     state, resume_ckpt = TrainState(), None
     if resume:
-        prepare_out(out, resume, overwrite)
+        prepare_out(out, resume, overwrite, remove_temporaries=ctx.is_main)
         resume_ckpt = checkpoint.load_checkpoint(out / "checkpoints" / "last.pt")
         _check_resumable(resume_ckpt, config, splits)
     model = models.build(config, splits.x_shape).to(device)
@@ -493,9 +509,7 @@ def train_run(
     )
     if best is not None:
         model.load_state_dict(best["model"])
-    test = evaluate_terms(model, test_x, 1024, state.epoch, "test", pixels, config.seed)
-    distributed.teardown()
-    return out, test
+    return out, evaluate_terms(model, test_x, 1024, state.epoch, "test", pixels, config.seed)
 
 
 def _silent(message: str) -> None:
