@@ -264,3 +264,57 @@ def test_a_users_own_modules_train_through_the_same_loop():
     state = vaelab.fit(model, x, x[:40], epochs=2, batch_size=40, progress=False)
     assert len(state.history[-1].kl_per_dim) == D
     assert torch.isfinite(torch.tensor(state.history[-1].elbo))
+
+
+class _NaNGradient(torch.autograd.Function):
+    """The identity forward; a NaN gradient backward once ``armed``: a finite loss, a non-finite gradient."""
+
+    armed = False
+
+    @staticmethod
+    def forward(ctx, h):
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan") if _NaNGradient.armed else grad
+
+
+def _model_with_a_nan_gradient():
+    from torch import nn
+
+    from vaelab.models import VAE, make_likelihood, make_prior
+
+    class NaNGradient(nn.Module):
+        def forward(self, h):
+            return _NaNGradient.apply(h)
+
+    D, shape = 2, (1, 8, 8)
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), NaNGradient(), nn.Tanh(), nn.Linear(16, 2 * D))
+    decoder = nn.Sequential(nn.Linear(D, 64), nn.Unflatten(1, shape))
+    return VAE(encoder, decoder, D, shape, make_likelihood("bernoulli", shape), make_prior("normal", D, shape, 1))
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 5.0])
+def test_a_nan_gradient_with_a_finite_loss_stops_the_run(monkeypatch, grad_clip):
+    """Before the gradient norm was checked every step, grad_clip 0 let NaN gradients into Adam."""
+    monkeypatch.setattr(_NaNGradient, "armed", True)
+    model = _model_with_a_nan_gradient()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = (torch.rand(80, 1, 8, 8) > 0.5).float()
+    with pytest.raises(UserError, match=r"the gradient \(finite loss\) became NaN or infinite at epoch 1, step 0"):
+        vaelab.fit(model, x, epochs=1, batch_size=40, grad_clip=grad_clip, progress=False)
+    for name, value in model.state_dict().items():  # the step was not taken
+        assert torch.equal(value, before[name]), name
+
+
+def test_skip_nonfinite_skips_a_nan_gradient(monkeypatch):
+    model = _model_with_a_nan_gradient()
+    x = (torch.rand(80, 1, 8, 8) > 0.5).float()
+    vaelab.fit(model, x, epochs=1, batch_size=40, progress=False)  # unarmed: trains
+    monkeypatch.setattr(_NaNGradient, "armed", True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = vaelab.fit(model, x, epochs=1, batch_size=40, skip_nonfinite=2, progress=False)
+    assert state.history[-1].skipped == 2
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]) and torch.isfinite(value).all(), name

@@ -26,6 +26,10 @@ from vaelab.errors import UserError
 from vaelab.fileio import atomic_write_bytes
 
 FORMAT = 1
+# The version of the random streams (data/batches.py): a run resumes exactly only with the streams
+# it started with. 2: named streams (1, before them, let the noise of step s and the binarisation
+# of epoch s coincide).
+RNG_STREAMS = 2
 
 
 def rng_state() -> dict:
@@ -74,6 +78,7 @@ def save_checkpoint(
         "fingerprint": fingerprint,
         "best_elbo": best_elbo,
         "rng": rng_state(),
+        "rng_streams": RNG_STREAMS,
     }
     buf = io.BytesIO()
     torch.save(state, buf)

@@ -251,7 +251,7 @@ def evaluate_run(
             )
         x = {"train": train_x, "val": val_x, "test": test_x}[split]
         if split == "train" and config.binarize == "dynamic":
-            x = binarize_static(x, config.seed + 3)
+            x = binarize_static(x, config.seed, "train")  # the static draw a static run trains on
         record, per = evaluate(model, x, iwae_k=iwae_k, batch_size=batch_size, seed=seed, pixels=pixels)
     record = {
         "data": splits.name,

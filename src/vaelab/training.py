@@ -147,6 +147,7 @@ def fit(
     rows = shard_rows(config.batch_size, ctx.rank, ctx.world)
     batches = Batches(train_x, config.batch_size, config.seed, dynamic=config.binarize == "dynamic")
     objective = Objective(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
     if ctx.active:  # gradients averaged across ranks during backward
         from torch.nn.parallel import DistributedDataParallel
 
@@ -175,18 +176,17 @@ def fit(
         for x in iterator:
             beta = objectives.beta_at(state.step, config.warmup, config.beta, config.warmup_steps)
             # the step's noise is a function of (seed, step), drawn for the global batch
-            noise = objectives.Noise(seeded(config.seed, 2, state.step, device=x.device), config.batch_size, rows.start)
+            noise = objectives.Noise(
+                seeded(config.seed, "noise", state.step, device=x.device), config.batch_size, rows.start
+            )
             loss, terms = objective(x, noise, beta)
             optimizer.zero_grad(set_to_none=True)
-            problem = _nonfinite(loss, None if config.objective == "iwae" else terms)
-            if problem is None:
-                loss.backward()
-                if config.grad_clip > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                    problem = None if bool(torch.isfinite(norm)) else "a gradient"
+            loss.backward()  # on every rank, whatever the loss: DDP's all-reduce needs all of them
+            grad_norm = gradient_norm(params, config.grad_clip)
+            ok = torch.isfinite(loss) & torch.isfinite(grad_norm)  # the step's one host sync is below
             if ctx.active:  # every rank skips or stops together
-                flags = distributed.all_reduce_sum(torch.tensor([float(problem is not None)]))
-                problem = problem or ("a loss or gradient on another rank" if flags.item() else None)
+                ok = distributed.all_reduce_sum((~ok).double()) == 0
+            problem = None if bool(ok) else _nonfinite(loss, None if config.objective == "iwae" else terms, grad_norm)
             if problem is not None:
                 if skipped >= config.skip_nonfinite:
                     raise NonFiniteError(_nonfinite_message(problem, epoch, state.step))
@@ -259,10 +259,23 @@ def _nonfinite_message(what: str, epoch: int, step: int) -> str:
     )
 
 
-def _nonfinite(loss: Tensor, terms: objectives.ElboTerms | None) -> str | None:
-    """None when the loss is finite, else which term is not."""
+def gradient_norm(params: list[Tensor], clip: float) -> Tensor:
+    """The global L2 norm of the gradients (one fused reduction), clipping them to ``clip`` when > 0.
+
+    Checked every step: a NaN or infinite gradient can come from a finite loss (a sqrt at 0,
+    a division by a vanishing scale), and ``optimizer.step()`` would write it into the weights.
+    """
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+
+
+def _nonfinite(loss: Tensor, terms: objectives.ElboTerms | None, grad_norm: Tensor) -> str:
+    """Which part of the step is NaN or infinite (``terms`` None for the IWAE loss)."""
     if bool(torch.isfinite(loss)):
-        return None
+        if bool(torch.isfinite(grad_norm)):
+            return "a loss or gradient on another rank"
+        return "the gradient (finite loss)"
     if terms is None:
         return "the IWAE loss"
     bad = [
@@ -308,11 +321,11 @@ def prepare_data(config: Config, device) -> tuple[data.Splits, Tensor, Tensor, T
     if binarized:
         # validation and test are binarised once (fixed), so their numbers compare across epochs
         val_x, test_x = (
-            data.binarize_static(val_x.cpu(), config.seed + 1).to(device),
-            data.binarize_static(test_x.cpu(), config.seed + 2).to(device),
+            data.binarize_static(val_x.cpu(), config.seed, "val").to(device),
+            data.binarize_static(test_x.cpu(), config.seed, "test").to(device),
         )
         if config.binarize == "static":
-            train_x = data.binarize_static(train_x.cpu(), config.seed).to(device)
+            train_x = data.binarize_static(train_x.cpu(), config.seed, "train").to(device)
     # bits/dim where p(x|z) is a probability mass function (binary or 256-level pixels)
     pixels = splits.train.x[0].numel() if config.likelihood in ("bernoulli", "logistic") else None
     return splits, train_x, val_x, test_x, pixels
@@ -517,6 +530,11 @@ def _silent(message: str) -> None:
 
 
 def _check_resumable(ckpt: dict, config: Config, splits: data.Splits) -> None:
+    if ckpt.get("rng_streams") != checkpoint.RNG_STREAMS:
+        raise UserError(
+            "--resume: this checkpoint was written by an earlier vaelab whose random streams differ, so the run "
+            "would not continue exactly; start a new run (its model still loads for evaluate and report)"
+        )
     if ckpt["fingerprint"] != splits.fingerprint:
         raise UserError(
             f"--resume: the data differ from the run's ({splits.name} now has another fingerprint); "

@@ -1,30 +1,46 @@
 """Batches as index slices of a per-epoch permutation: no per-sample Python work.
 
-The order of epoch e is ``randperm(N, generator=seeded(seed, e))``: a pure function of
-(seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would.
-Dynamic binarisation draws x_bin ~ Bernoulli(x) per batch from the same kind of
-generator, seeded by (seed, epoch), so it too is reproducible across a resume.
+The order of epoch e is ``randperm(N, generator=seeded(seed, "order", e))``: a pure function
+of (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would.
+Dynamic binarisation draws x_bin ~ Bernoulli(x) per batch from its own stream,
+``seeded(seed, "binarize", e)``, so it too is reproducible across a resume.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
+# Every random stream of a run, by name. A stream's generator is seeded by a hash of
+# (seed, name, indices), so two streams never share a generator (a collision needs two
+# 63-bit hashes to coincide), whatever their indices.
+STREAMS = (
+    "order",  # the data order of an epoch: (epoch,)
+    "binarize",  # dynamic binarisation of an epoch's batches: (epoch,)
+    "noise",  # the reparametrisation noise eps of an optimiser step: (step,)
+    "binarize-static",  # a split binarised once: (split index,)
+)
 
-def seeded(seed: int, *stream: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator whose state is a pure function of (seed, *stream)."""
-    mixed = seed
-    for s in stream:
-        mixed = (mixed * 1_000_003 + s + 1) % (2**63 - 1)
+
+def seeded(seed: int, stream: str, *index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator whose state is a pure function of (seed, stream, *index); ``stream`` is one of STREAMS."""
+    if stream not in STREAMS:
+        raise ValueError(f"unknown random stream {stream!r}; the streams are {', '.join(STREAMS)}")
+    key = ":".join(map(str, (seed, stream, *index))).encode()
+    mixed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1  # 63 bits
     return torch.Generator(device=device).manual_seed(mixed)
 
 
-def binarize_static(x: Tensor, seed: int) -> Tensor:
-    """One fixed Bernoulli draw per pixel (the 'static' binarisation of Larochelle & Murray 2011)."""
-    return torch.bernoulli(x, generator=seeded(seed, 7_919))
+SPLITS = ("train", "val", "test")
+
+
+def binarize_static(x: Tensor, seed: int, split: str) -> Tensor:
+    """One fixed Bernoulli draw per pixel (the 'static' binarisation of Larochelle & Murray 2011),
+    its own draw for each split."""
+    return torch.bernoulli(x, generator=seeded(seed, "binarize-static", SPLITS.index(split)))
 
 
 class Batches:
@@ -51,8 +67,10 @@ class Batches:
         rank, world = shard
         N = self.x.shape[0]
         device = self.x.device
-        order = torch.randperm(N, generator=seeded(self.seed, epoch), device="cpu").to(device) if shuffle else None
-        g_bin = seeded(self.seed, epoch, 1, device=device) if self.dynamic else None
+        order = (
+            torch.randperm(N, generator=seeded(self.seed, "order", epoch), device="cpu").to(device) if shuffle else None
+        )
+        g_bin = seeded(self.seed, "binarize", epoch, device=device) if self.dynamic else None
         for i in range(len(self)):
             start = i * self.batch_size
             stop = min(start + self.batch_size, N)
