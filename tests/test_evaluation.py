@@ -137,7 +137,11 @@ def test_evaluate_record_adds_up():
     fit(model, x, epochs=1, batch_size=50, progress=False)
     record, per = evaluate(model, x, iwae_k=50, pixels=64)
     assert record["kl_split"]["adds_up"] and record["kl_split"]["agrees_with_kl_within_4_std_errors"]
-    assert record["elbo"] <= record["log_likelihood"] + 4 * record["log_likelihood_std_error"]
+    # paired on the same examples: IWAE-k >= ELBO in expectation for each x, so the mean of
+    # log p_k(x) - ELBO(x) is not below -4 of its standard errors (a false alarm about 3e-5 of the
+    # time, one-sided, normal approximation); in fact it is well above 0
+    gap = per["log_likelihood"] - per["elbo"].double()
+    assert gap.mean() >= -4 * gap.std() / math.sqrt(len(gap))
     assert sum(record["kl_per_dim"]) == pytest.approx(record["kl"], rel=1e-4)
     assert per["elbo"].shape == (300,)
 
@@ -172,5 +176,8 @@ def test_evaluate_command_on_a_run(tmp_path, capsys):
         assert key in record, key
     assert (out / "evaluation.json").exists()
     lines = pe.read_text().splitlines()
-    assert lines[0].startswith("index,elbo,reconstruction,kl,kl_dim_0") and len(lines) == 1 + record["examples"]
+    assert (
+        lines[0].startswith("index,elbo,reconstruction,kl,log_likelihood,kl_dim_0")
+        and len(lines) == 1 + record["examples"]
+    )
     assert main(["evaluate", str(tmp_path / "missing")]) == 2

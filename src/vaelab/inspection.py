@@ -16,8 +16,8 @@ import torch
 
 from vaelab.checkpoint import load_run
 from vaelab.config import Config
-from vaelab.evaluation import posterior_params
-from vaelab.kl import kl_normal_std_normal
+from vaelab.evaluation import kl_per_example, posterior_params
+from vaelab.kl import KLResult
 from vaelab.training import prepare_data
 
 
@@ -32,12 +32,14 @@ class Run:
     test_y: torch.Tensor | None
     mu: torch.Tensor  # (N, D) posterior means of the test set
     log_var: torch.Tensor  # (N, D)
-    kl_per_dim: torch.Tensor  # (N, D), KL(q(z_j|x) || N(0, 1)) per example and dimension
+    kl: KLResult  # the model's KL(q(z|x) || p(z)) per test image: per dimension where the prior factorises
 
     @property
     def dims_by_kl(self) -> list[int]:
-        """Latent dimensions, the largest average KL first."""
-        return torch.argsort(self.kl_per_dim.mean(0), descending=True).tolist()
+        """Latent dimensions, the largest average KL first; by activity (the variance of the posterior
+        means) where the prior does not factorise, so that the KL has no per-dimension split."""
+        score = self.mu.var(0) if self.kl.per_dim is None else self.kl.per_dim.mean(0)
+        return torch.argsort(score, descending=True).tolist()
 
     def metrics(self) -> list[dict]:
         path = self.path / "metrics.csv"
@@ -58,7 +60,7 @@ def open_run(path: str | Path, max_examples: int = 2000) -> Run:
     test_x = test_x[:max_examples]
     test_y = None if splits.test.y is None else splits.test.y[:max_examples]
     mu, log_var = posterior_params(model, test_x)
-    return Run(path, model, config, test_x, test_y, mu, log_var, kl_normal_std_normal(mu, log_var))
+    return Run(path, model, config, test_x, test_y, mu, log_var, kl_per_example(model, test_x))
 
 
 @torch.no_grad()

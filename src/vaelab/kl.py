@@ -182,12 +182,23 @@ class _rng_from:
 class KLResult:
     """A KL value per example, and how it was obtained.
 
-    ``per_dim`` is present when both distributions factorise over latent dimensions.
+    ``per_dim`` is present when both distributions factorise over latent dimensions;
+    ``std_error`` when ``value`` is a Monte Carlo mean over several samples.
     """
 
     value: Tensor  # (B,)
     method: str  # "analytic" or "monte_carlo"
     per_dim: Tensor | None = None  # (B, D)
+    std_error: Tensor | None = None  # (B,)
+
+    def __getitem__(self, index) -> KLResult:
+        """The same record for the examples ``index`` selects (an int keeps a batch of one)."""
+        index = slice(index, index + 1) if isinstance(index, int) else index
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[index]
+
+        return KLResult(self.value[index], self.method, pick(self.per_dim), pick(self.std_error))
 
 
 def diag_normal_params(d: Distribution) -> tuple[Tensor, Tensor] | None:
@@ -197,27 +208,34 @@ def diag_normal_params(d: Distribution) -> tuple[Tensor, Tensor] | None:
     return None
 
 
-def kl_q_p(q: Distribution, p: Distribution, z: Tensor | None = None) -> KLResult:
-    """KL(q || p) per example, analytic where a closed form exists, else Monte Carlo.
+def kl_closed_form(q: Distribution, p: Distribution) -> KLResult | None:
+    """KL(q || p) per example in closed form, or None when the pair has none.
 
-    - Both diagonal Gaussians: :func:`kl_normal_normal` per dimension (analytic).
-    - Otherwise a pair registered in ``torch.distributions.kl_divergence``: analytic total.
-    - Otherwise (mixture and VampPrior priors): the single-sample estimate
-      ``log q(z) - log p(z)`` at the reparametrised sample ``z`` that the
-      reconstruction term uses. It is unbiased for KL, so its batch mean is an unbiased
-      estimate of the mean KL and valid inside a stochastic-gradient ELBO; it is not a
-      closed form, and the result says so.
+    - Both diagonal Gaussians: :func:`kl_normal_normal` per dimension.
+    - Otherwise a pair registered in ``torch.distributions.kl_divergence``: the total.
     """
     q_params, p_params = diag_normal_params(q), diag_normal_params(p)
     if q_params is not None and p_params is not None:
         per_dim = kl_normal_normal(*q_params, *torch.broadcast_tensors(*p_params))
         return KLResult(per_dim.sum(-1), "analytic", per_dim=per_dim)
     try:
-        value = torch.distributions.kl_divergence(q, p)
-        return KLResult(value, "analytic")
+        return KLResult(torch.distributions.kl_divergence(q, p), "analytic")
     except NotImplementedError:
-        pass
+        return None
+
+
+def kl_q_p(q: Distribution, p: Distribution, z: Tensor | None = None) -> KLResult:
+    """KL(q || p) per example, analytic where a closed form exists (:func:`kl_closed_form`), else Monte Carlo.
+
+    Without a closed form (mixture and VampPrior priors): the single-sample estimate
+    ``log q(z) - log p(z)`` at the reparametrised sample ``z`` that the reconstruction
+    term uses. It is unbiased for KL, so its batch mean is an unbiased estimate of the
+    mean KL and valid inside a stochastic-gradient ELBO; it is not a closed form, and the
+    result says so.
+    """
+    closed = kl_closed_form(q, p)
+    if closed is not None:
+        return closed
     if z is None:
         z = q.rsample()
-    value = q.log_prob(z) - p.log_prob(z)
-    return KLResult(value, "monte_carlo")
+    return KLResult(q.log_prob(z) - p.log_prob(z), "monte_carlo")

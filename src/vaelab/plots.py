@@ -123,15 +123,16 @@ def training_curves(rows: list[dict]) -> Figure:
     return fig
 
 
-def kl_per_dimension(kl: np.ndarray, active: np.ndarray | None) -> Figure:
-    """Bars of the average KL of each latent dimension, largest first; active units coloured."""
+def kl_per_dimension(kl: np.ndarray, active: np.ndarray | None, ylabel: str = "average KL (nats)") -> Figure:
+    """Bars of the average KL of each latent dimension (or another per-dimension score, named by
+    ``ylabel``), largest first; active units coloured."""
     order = np.argsort(-kl)
     fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(kl) + 2), 3.2))
     colors = ["#d95f02" if active is None or active[j] else "#bbbbbb" for j in order]
     ax.bar(range(len(kl)), kl[order], color=colors)
     ax.set_xticks(range(len(kl)), [f"z{j}" for j in order], rotation=90, fontsize=7)
-    ax.set_ylabel("average KL (nats)")
-    title = "KL per latent dimension, sorted"
+    ax.set_ylabel(ylabel)
+    title = f"{ylabel.split(' (')[0]} per latent dimension, sorted"
     if active is not None:
         title += f": {int(active.sum())} active (orange), {int((~active).sum())} inactive (grey)"
     ax.set_title(title, fontsize=10)
@@ -194,26 +195,45 @@ def manifold(images: np.ndarray, values: np.ndarray) -> Figure:
     return fig
 
 
-def posterior_against_prior(images: np.ndarray, mu: np.ndarray, log_var: np.ndarray, dims: list[int]) -> Figure:
-    """For each image (row): the image, then q(z_j|x) against N(0, 1) for each dimension j in ``dims``,
-    with KL_j = mu^2/2 + (sigma^2 - 1 - log sigma^2)/2 written in each panel."""
+def posterior_against_prior(
+    images: np.ndarray,
+    mu: np.ndarray,
+    log_var: np.ndarray,
+    dims: list[int],
+    prior_samples: np.ndarray | None = None,
+    row_titles: list[str] | None = None,
+) -> Figure:
+    """For each image (row): the image, then q(z_j|x) for each dimension j in ``dims`` against the prior.
+
+    With ``prior_samples`` None the prior is N(0, I) and each panel says its closed-form
+    KL_j = mu^2/2 + (sigma^2 - 1 - log sigma^2)/2. Otherwise (a prior that does not factorise)
+    each panel shows the prior's marginal p(z_j) as a histogram of ``prior_samples`` (S, D),
+    and the KL, which has no per-dimension split, goes in ``row_titles``.
+    """
     n, d = len(images), len(dims)
     fig, axes = plt.subplots(n, d + 1, figsize=(1.7 * (d + 1), 1.35 * n + 0.4), squeeze=False)
     t = np.linspace(-4, 4, 300)
     prior = np.exp(-0.5 * t**2) / np.sqrt(2 * np.pi)
     for r in range(n):
         _show(axes[r, 0], images[r])
+        if row_titles is not None:
+            axes[r, 0].set_title(row_titles[r], fontsize=6)
         for c, j in enumerate(dims):
             ax = axes[r, c + 1]
             m, v = mu[r, j], np.exp(log_var[r, j])
             q = np.exp(-0.5 * (t - m) ** 2 / v) / np.sqrt(2 * np.pi * v)
-            ax.plot(t, prior, color=COLORS["prior"], lw=1)
+            if prior_samples is None:
+                ax.plot(t, prior, color=COLORS["prior"], lw=1)
+                kl = 0.5 * (m * m + v - 1 - log_var[r, j])
+                ax.set_title(f"z{j}: KL {kl:.2f}", fontsize=7)
+            else:
+                ax.hist(prior_samples[:, j], bins=60, range=(-4, 4), density=True, color=COLORS["prior"], alpha=0.5)
+                ax.set_title(f"z{j}", fontsize=7)
             ax.plot(t, q, color=COLORS["q"], lw=1)
-            kl = 0.5 * (m * m + v - 1 - log_var[r, j])
-            ax.set_title(f"z{j}: KL {kl:.2f}", fontsize=7)
             ax.set_xticks([-3, 0, 3])
             ax.set_yticks([])
             ax.tick_params(labelsize=6)
-    fig.suptitle("q(z_j|x) (orange) against the prior N(0, 1) (purple), dimensions with the most KL", fontsize=9)
+    prior_name = "the prior N(0, 1)" if prior_samples is None else "the prior's marginal p(z_j)"
+    fig.suptitle(f"q(z_j|x) (orange) against {prior_name} (purple), dimensions with the most KL", fontsize=9)
     fig.tight_layout()
     return fig

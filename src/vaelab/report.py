@@ -124,8 +124,8 @@ def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8) ->
     out = Path(out) if out else run.path / "report.html"
     dims = run.dims_by_kl
     evaluation = run.evaluation()
-    kl_avg = run.kl_per_dim.mean(0).numpy()
     activity = run.mu.var(0).numpy()
+    kl_avg = None if run.kl.per_dim is None else run.kl.per_dim.mean(0).numpy()
     sections: list[tuple[str, str, object]] = []  # (title, caption, figure)
 
     rows = run.metrics()
@@ -137,14 +137,25 @@ def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8) ->
                 plots.training_curves(rows),
             )
         )
-    sections.append(
-        (
-            "KL per latent dimension",
-            "Average KL(q(z_j|x) ‖ N(0, 1)) over the test set. A dimension is active when the variance "
-            "of its posterior mean over the test set exceeds 0.01 (Burda et al. 2015).",
-            plots.kl_per_dimension(kl_avg, activity > 0.01),
+    if kl_avg is not None:
+        sections.append(
+            (
+                "KL per latent dimension",
+                "Average KL(q(z_j|x) ‖ p(z_j)) over the test set. A dimension is active when the variance "
+                "of its posterior mean over the test set exceeds 0.01 (Burda et al. 2015).",
+                plots.kl_per_dimension(kl_avg, activity > 0.01),
+            )
         )
-    )
+    else:
+        sections.append(
+            (
+                "Activity per latent dimension",
+                f"The {run.config.prior} prior does not factorise over dimensions, so its KL has no split into "
+                "dimensions; the bars show each dimension's activity, the variance of its posterior mean over "
+                "the test set (active above 0.01, Burda et al. 2015).",
+                plots.kl_per_dimension(activity, activity > 0.01, ylabel="activity Cov_x(E[z_j|x])"),
+            )
+        )
     x = run.test_x[:examples]
     recon = decode_mean(model, run.mu[:examples])
     sections.append(
@@ -173,7 +184,10 @@ def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8) ->
             "Starting from the first test image's posterior mean, one dimension at a time is set to "
             "−3 … 3 (prior standard deviations); the dimensions with the most KL first.",
             plots.image_rows(
-                [(f"z{j} ({kl_avg[j]:.2f} nats)", r) for j, r in zip(top, rows_t, strict=True)],
+                [
+                    (f"z{j}" if kl_avg is None else f"z{j} ({kl_avg[j]:.2f} nats)", r)
+                    for j, r in zip(top, rows_t, strict=True)
+                ],
                 "traversals from −3 to 3",
             ),
         )
@@ -199,20 +213,40 @@ def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8) ->
                 plots.manifold(images, grid.numpy()),
             )
         )
+    if run.kl.per_dim is None:  # the prior's marginals from samples; the KL of each image by Monte Carlo
+        prior_samples = model.prior().sample((20_000,)).numpy()
+        kl, se = run.kl.value[:4].tolist(), run.kl.std_error[:4].tolist()
+        row_titles = [f"KL {v:.2f} ± {e:.2f}" for v, e in zip(kl, se, strict=True)]
+        caption = (
+            "For four test images, each dimension's posterior against the prior's marginal (a histogram of "
+            "20,000 prior samples), and each image's KL(q(z|x) ‖ p(z)): a Monte Carlo estimate ± its standard "
+            "error, since this prior has no closed-form KL."
+        )
+    else:
+        prior_samples, row_titles = None, None
+        caption = (
+            "For four test images, each dimension's posterior against N(0, 1) and its KL: "
+            "μ²/2 for moving the mean, (σ² − 1 − log σ²)/2 for a width other than 1."
+        )
     sections.append(
         (
             "q(z|x) against the prior",
-            "For four test images, each dimension's posterior against N(0, 1) and its KL: "
-            "μ²/2 for moving the mean, (σ² − 1 − log σ²)/2 for a width other than 1.",
+            caption,
             plots.posterior_against_prior(
-                run.test_x[:4].numpy(), run.mu[:4].numpy(), run.log_var[:4].numpy(), dims[: min(6, D)]
+                run.test_x[:4].numpy(),
+                run.mu[:4].numpy(),
+                run.log_var[:4].numpy(),
+                dims[: min(6, D)],
+                prior_samples,
+                row_titles,
             ),
         )
     )
     parts = [
         f"<p>Run <code>{html.escape(str(run.path))}</code>: {html.escape(run.config.data)}, "
         f"{D} latent dimensions, {html.escape(run.config.likelihood)} likelihood, "
-        f"{html.escape(run.config.prior)} prior; {len(run.test_x)} test images.</p>"
+        f"{html.escape(run.config.prior)} prior; {len(run.test_x)} test images; "
+        f"average KL(q(z|x) ‖ p(z)) {run.kl.value.mean().item():.3f} nats ({run.kl.method.replace('_', ' ')}).</p>"
     ]
     if evaluation:
         parts.append("<h2>Evaluation</h2>" + _evaluation_table(evaluation))

@@ -20,8 +20,9 @@ from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, Response
 from PIL import Image, UnidentifiedImageError
 
+from vaelab.evaluation import kl_per_example
 from vaelab.inspection import decode_mean, open_run
-from vaelab.kl import kl_normal_std_normal
+from vaelab.kl import KLResult, kl_normal_std_normal
 
 MAX_UPLOAD_BYTES = 1_000_000
 Z_RANGE = 5.0
@@ -51,23 +52,25 @@ def create_app(run_dir: str | Path) -> FastAPI:
     model = run.model
     C, H, W = model.x_shape
     D = model.latent_dim
-    kl_avg = run.kl_per_dim.mean(0)
-    kl_total = run.kl_per_dim.sum(1)
+    kl_total = run.kl.value  # the model's own KL term per test image
     order = torch.argsort(kl_total)
     app = FastAPI(title="vaelab", docs_url=None, redoc_url=None)
 
-    def inspect(x: torch.Tensor) -> dict:
+    def inspect(x: torch.Tensor, kl: KLResult) -> dict:
+        """One image (C, H, W) and its KL (a KLResult of one example): closed form per dimension
+        where the prior factorises, else a Monte Carlo estimate with its standard error."""
         with torch.no_grad():
             q = model.encode(x[None])
             mu, sigma = q.base_dist.loc[0], q.base_dist.scale[0]
-            kl = kl_normal_std_normal(mu, 2 * sigma.log())
         return {
             "image": png_data_url(x.numpy()),
             "reconstruction": png_data_url(decode_mean(model, mu[None])[0]),
             "mu": mu.tolist(),
             "sigma": sigma.tolist(),
-            "kl": kl.tolist(),
-            "kl_total": kl.sum().item(),
+            "kl": None if kl.per_dim is None else kl.per_dim[0].tolist(),
+            "kl_total": kl.value[0].item(),
+            "kl_std_error": None if kl.std_error is None else kl.std_error[0].item(),
+            "kl_method": kl.method,
         }
 
     @app.get("/", response_class=HTMLResponse)
@@ -95,7 +98,9 @@ def create_app(run_dir: str | Path) -> FastAPI:
             "x_shape": [C, H, W],
             "test_count": len(run.test_x),
             "dims_by_kl": run.dims_by_kl,
-            "kl_per_dim": kl_avg.tolist(),
+            "prior": run.config.prior,
+            "kl_method": run.kl.method,
+            "kl_per_dim": None if run.kl.per_dim is None else run.kl.per_dim.mean(0).tolist(),
             "lowest_kl": [{"index": int(i), "kl": kl_total[i].item()} for i in order[:8]],
             "highest_kl": [{"index": int(i), "kl": kl_total[i].item()} for i in order.flip(0)[:8]],
         }
@@ -104,7 +109,7 @@ def create_app(run_dir: str | Path) -> FastAPI:
     def test_image(index: int = PathParam(ge=0)) -> dict:
         if index >= len(run.test_x):
             raise HTTPException(404, f"test image {index} does not exist; there are {len(run.test_x)} (0-based)")
-        return {"index": index, **inspect(run.test_x[index])}
+        return {"index": index, **inspect(run.test_x[index], run.kl[index])}
 
     @app.post("/api/inspect")
     async def upload(file: UploadFile = File(...)) -> dict:
@@ -122,7 +127,7 @@ def create_app(run_dir: str | Path) -> FastAPI:
         if arr.shape[:2] != (H, W):
             raise HTTPException(422, f"the image is {arr.shape[1]}x{arr.shape[0]} pixels; this model needs {W}x{H}")
         x = torch.from_numpy(arr[None] if C == 1 else arr.transpose(2, 0, 1).copy())
-        return inspect(x)
+        return inspect(x, kl_per_example(model, x[None]))
 
     @app.get("/api/decode")
     def decode(z: str = Query(max_length=40 * 1024)) -> dict:

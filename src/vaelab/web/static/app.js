@@ -71,11 +71,17 @@ function bars(kl) {
   g.fillText(`max ${top.toFixed(2)} nats`, W - 90, 12);
 }
 function showInspection(r) {
+  // r.kl: the KL of each dimension where the prior factorises (closed form); null where it does not,
+  // and then r.kl_total is a Monte Carlo estimate with its standard error r.kl_std_error
   $("inspect-error").textContent = "";
   $("img").src = r.image; $("recon").src = r.reconstruction; $("kl-total").textContent = fmt(r.kl_total);
-  bars(r.kl);
-  $("dims").innerHTML = "<tr><th>dim</th><th>μ</th><th>σ</th><th>KL (nats)</th></tr>" +
-    r.kl.map((v, j) => `<tr><td>z${j}</td><td>${r.mu[j].toFixed(3)}</td><td>${r.sigma[j].toFixed(3)}</td><td>${v.toFixed(3)}</td></tr>`).join("");
+  $("kl-how").textContent = r.kl_std_error === null ? "(closed form)"
+    : `± ${fmt(r.kl_std_error)} (Monte Carlo standard error; this prior has no closed-form KL)`;
+  const c = $("bars");
+  if (r.kl) bars(r.kl); else c.getContext("2d").clearRect(0, 0, c.width, c.height);
+  const kl = (j) => (r.kl ? `<td>${r.kl[j].toFixed(3)}</td>` : "");
+  $("dims").innerHTML = `<tr><th>dim</th><th>μ</th><th>σ</th>${r.kl ? "<th>KL (nats)</th>" : ""}</tr>` +
+    r.mu.map((m, j) => `<tr><td>z${j}</td><td>${m.toFixed(3)}</td><td>${r.sigma[j].toFixed(3)}</td>${kl(j)}</tr>`).join("");
 }
 async function inspectIndex(i) {
   try { $("index").value = i; showInspection(await api(`/api/test/${i}`)); }
@@ -117,7 +123,7 @@ async function start() {
   $("show").addEventListener("click", () => inspectIndex(+$("index").value));
   $("upload").addEventListener("change", inspectUpload);
   $("sliders").innerHTML = m.dims_by_kl.map((j) =>
-    `<label>z${j} <small>(${m.kl_per_dim[j].toFixed(2)} nats)</small> <input type="range" min="-3" max="3" step="0.05" value="0" data-dim="${j}"><output></output></label>`).join("");
+    `<label>z${j} <small>${m.kl_per_dim ? `(${m.kl_per_dim[j].toFixed(2)} nats)` : ""}</small> <input type="range" min="-3" max="3" step="0.05" value="0" data-dim="${j}"><output></output></label>`).join("");
   document.querySelectorAll("#sliders input").forEach((s) => s.addEventListener("input", decodeSliders));
   decodeSliders(); inspectIndex(0);
 }
