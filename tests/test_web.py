@@ -8,6 +8,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from tests.pngs import bad_checksum_png, grey_png, truncated_png
 from torch.distributions import Normal, kl_divergence
 
 from vaelab.web.app import MAX_UPLOAD_BYTES, create_app
@@ -75,9 +76,14 @@ def test_decode(client):
         assert r.status_code == 422, bad
 
 
+def post_png(client, blob):
+    return client.post("/api/inspect", files={"file": ("x.png", blob, "image/png")})
+
+
 def test_uploads(client):
-    ok = client.post("/api/inspect", files={"file": ("x.png", png(8, 8), "image/png")})
+    ok = post_png(client, png(8, 8))
     assert ok.status_code == 200 and len(ok.json()["kl"]) == 2
+    assert post_png(client, grey_png(8, 8)).status_code == 200  # the hand-written PNGs are valid
     wrong_size = client.post("/api/inspect", files={"file": ("x.png", png(9, 8), "image/png")})
     assert wrong_size.status_code == 422 and "needs 8x8" in wrong_size.json()["detail"]
     not_image = client.post("/api/inspect", files={"file": ("x.png", b"hello", "image/png")})
@@ -86,6 +92,30 @@ def test_uploads(client):
     assert jpeg.status_code == 415
     huge = client.post("/api/inspect", files={"file": ("x.png", b"\0" * (MAX_UPLOAD_BYTES + 10), "image/png")})
     assert huge.status_code == 413
+
+
+@pytest.mark.parametrize("width,height", [(12000, 12000), (20000, 20000)])
+def test_a_small_file_declaring_a_huge_image_is_refused_before_decoding(client, monkeypatch, width, height):
+    """140 KB declaring 12000x12000 pixels, 390 KB declaring 20000x20000 (over Pillow's decompression-bomb
+    limit): refused from the header, the pixels never decoded."""
+    from PIL import ImageFile
+
+    decoded = []
+    real = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.size) or real(im))
+    r = post_png(client, grey_png(width, height))
+    assert r.status_code == 422 and "this model needs 8x8" in r.json()["detail"], r.text
+    assert decoded == []
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [truncated_png(8, 8), bad_checksum_png(8, 8), b"\x89PNG\r\n\x1a\n" + bytes(40), grey_png(8, 8)[:30]],
+    ids=["truncated", "bad checksum", "signature only", "header cut"],
+)
+def test_malformed_pngs_are_4xx(client, blob):
+    r = post_png(client, blob)
+    assert r.status_code == 415 and "PNG" in r.json()["detail"], r.text
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,28 @@ def png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def read_png(blob: bytes, size: tuple[int, int], mode: str) -> np.ndarray:
+    """An uploaded PNG of ``size`` (H, W) as floats in [0, 1], (H, W) or (H, W, 3); HTTP 4xx otherwise.
+
+    The header is read first and the pixels decoded only when the image has the model's size,
+    so a small file that declares a huge image (a decompression bomb) costs nothing.
+    """
+    H, W = size
+    try:
+        with Image.open(io.BytesIO(blob), formats=["PNG"]) as im:  # reads the header only
+            if (im.height, im.width) != (H, W):
+                raise HTTPException(422, f"the image is {im.width}x{im.height} pixels; this model needs {W}x{H}")
+            return np.asarray(im.convert(mode), dtype=np.float32) / 255.0
+    except HTTPException:
+        raise
+    except Image.DecompressionBombError:  # Pillow refuses a declared size over 2 x MAX_IMAGE_PIXELS at open
+        raise HTTPException(422, f"the image declares too many pixels; this model needs {W}x{H}") from None
+    except UnidentifiedImageError:
+        raise HTTPException(415, "the upload is not a PNG image") from None
+    except Exception:  # a malformed file: Pillow raises OSError, SyntaxError, ValueError, zlib.error, ...
+        raise HTTPException(415, "the upload is not a readable PNG image") from None
+
+
 def kl_terms(mu: float, sigma: float) -> dict:
     """KL(N(mu, sigma^2) || N(0, 1)) and its two parts, from vaelab.kl."""
     mu_t = torch.tensor(mu, dtype=torch.float64)
@@ -116,16 +138,7 @@ def create_app(run_dir: str | Path) -> FastAPI:
         blob = await file.read(MAX_UPLOAD_BYTES + 1)
         if len(blob) > MAX_UPLOAD_BYTES:
             raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes; send a small PNG")
-        try:
-            with Image.open(io.BytesIO(blob)) as im:
-                if im.format != "PNG":
-                    raise HTTPException(415, f"expected a PNG image, got {im.format}")
-                im = im.convert("L" if C == 1 else "RGB")
-                arr = np.asarray(im, dtype=np.float32) / 255.0
-        except (UnidentifiedImageError, OSError):
-            raise HTTPException(415, "the upload is not a readable PNG image") from None
-        if arr.shape[:2] != (H, W):
-            raise HTTPException(422, f"the image is {arr.shape[1]}x{arr.shape[0]} pixels; this model needs {W}x{H}")
+        arr = read_png(blob, (H, W), "L" if C == 1 else "RGB")
         x = torch.from_numpy(arr[None] if C == 1 else arr.transpose(2, 0, 1).copy())
         return inspect(x, kl_per_example(model, x[None]))
 
