@@ -176,6 +176,17 @@ CATALOGUE = [
         ["no checkpoints/last.pt"],
     ),
     ("JSON into a missing folder", lambda t: ["explain", "--json", str(t / "no" / "x.json")], ["does not exist"]),
+    (
+        "resume and auto-resume together",
+        lambda t: ["train", "--out", str(make_run(t)), "--resume", "--auto-resume"],
+        ["give one"],
+    ),
+    ("auto-resume without --out", lambda t: ["train", *FAST, "--auto-resume"], ["--auto-resume needs --out"]),
+    (
+        "auto-resume into a folder that is not a run",
+        lambda t: ["train", *FAST, "--out", str(a_file(t).parent), "--auto-resume"],
+        ["not empty"],
+    ),
 ]
 
 

@@ -224,3 +224,20 @@ def test_dynamic_binarization_resamples_each_epoch_reproducibly():
     assert set(e0.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(e0, e0_again) and not torch.equal(e0, e1)
     assert abs(e0.mean().item() - 0.5) < 0.1  # 1024 Bernoulli(0.5) draws: sd 0.016, so 6 sd
+
+
+def test_random_streams_never_share_a_generator():
+    """Every (stream, index) of a run gets its own generator. The old scheme mixed integers, so the
+    noise of step 1 in 'epoch slot' 2 and the binarisation of epoch 2 were one generator."""
+    from vaelab.data.batches import STREAMS, seeded
+
+    seeds = {}
+    for stream in STREAMS:
+        for index in range(3000):
+            seeds[(stream, index)] = seeded(0, stream, index).initial_seed()
+    assert len(set(seeds.values())) == len(seeds)
+    a, b = seeded(0, "noise", 1), seeded(0, "binarize", 1)
+    assert not torch.equal(torch.rand(8, generator=a), torch.rand(8, generator=b))
+    assert seeded(3, "noise", 7).initial_seed() == seeded(3, "noise", 7).initial_seed()  # a pure function
+    with pytest.raises(ValueError, match="unknown random stream"):
+        seeded(0, "nosie", 1)

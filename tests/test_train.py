@@ -318,3 +318,34 @@ def test_skip_nonfinite_skips_a_nan_gradient(monkeypatch):
     assert state.history[-1].skipped == 2
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]) and torch.isfinite(value).all(), name
+
+
+def test_resume_refuses_a_checkpoint_of_the_old_random_streams(tmp_path, capsys):
+    code, out = run(tmp_path, "--epochs", "1")
+    path = out / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    del state["rng_streams"]  # as written before the streams were named
+    torch.save(state, path)
+    before = files_digest(out)
+    code, _ = run(tmp_path, "--epochs", "2", "--resume")
+    assert code == 2 and "random streams differ" in capsys.readouterr().err
+    assert files_digest(out) == before
+    assert load_model(path) is not None  # its model still loads
+
+
+def test_auto_resume_starts_then_continues(tmp_path, capsys):
+    """--auto-resume: a new run when --out has no checkpoint, a resume when it has one."""
+    code, out = run(tmp_path, "--epochs", "1", "--auto-resume")
+    assert code == 0 and "resuming" not in capsys.readouterr().out
+    code, _ = run(tmp_path, "--epochs", "2", "--auto-resume")
+    assert code == 0 and "resuming" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_rows(out / "metrics.csv") if r["split"] == "val"] == ["0", "1"]
+    assert main(["train", *FAST, "--epochs", "1", "--auto-resume"]) == 2
+    assert "--auto-resume needs --out" in capsys.readouterr().err
+
+
+def test_nproc_runs_the_command_line_given_to_main(tmp_path):
+    """main([... '--nproc', '2']) launches torchrun with that command line, not the process's own sys.argv."""
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--epochs", "1", "--out", str(out), "--nproc", "2"]) == 0
+    assert (out / "checkpoints" / "last.pt").exists()
