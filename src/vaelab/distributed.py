@@ -51,7 +51,14 @@ def setup(device_kind: str) -> Context:
         return Context()
     if not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
-        dist.init_process_group(backend)
+        store, rank, world = next(dist.rendezvous("env://"))
+        # torchrun --max-restarts starts the workers again against the same key-value store (the
+        # agent's, shared across rounds); without a prefix of its own, a restarted rank can read the
+        # address a dead rank of the last attempt published and fail to connect to it
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            backend, store=dist.PrefixStore(f"vaelab/attempt_{attempt}", store), rank=rank, world_size=world
+        )
     return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
