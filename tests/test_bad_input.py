@@ -140,7 +140,7 @@ CATALOGUE = [
     (
         "grey values with a Bernoulli likelihood",
         lambda t: ["train", "--binarize", "none"],
-        ["Bernoulli", "--binarize dynamic"],
+        ["bernoulli likelihood", "--binarize dynamic"],
     ),
     ("empty data set", lambda t: ["train", "--data", npy(t, np.zeros((0, 4, 4)))], ["no images"]),
     ("batch larger than the data", lambda t: ["train", "--batch-size", "100000"], ["larger than the training set"]),

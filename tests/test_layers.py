@@ -1,7 +1,8 @@
 """The architecture of shared/DESIGN.md: nothing imports upward.
 
-L0 math core (torch only) < L1 models, data, explain, plots, config < L2 training,
-evaluation, checkpoint, distributed < L3 report, web < L4 cli.
+L0 math core and the table of parts (torch and the standard library only) < L1 models, data,
+explain, plots, config < L2 training, runs, evaluation, checkpoint, distributed, inspection
+< L3 report, web < L4 cli.
 """
 
 import ast
@@ -11,9 +12,9 @@ import vaelab
 
 PACKAGE = Path(vaelab.__file__).parent
 LAYERS = {
-    0: {"kl", "distributions", "objectives", "linear_gaussian", "errors", "fileio"},
+    0: {"kl", "distributions", "objectives", "linear_gaussian", "errors", "fileio", "parts"},
     1: {"models", "data", "explain", "plots", "config"},
-    2: {"training", "evaluation", "checkpoint", "distributed", "inspection"},
+    2: {"training", "runs", "evaluation", "checkpoint", "distributed", "inspection"},
     3: {"report", "web"},
     4: {"cli", "__main__", "__init__"},
 }
@@ -29,6 +30,8 @@ L0_MAY_IMPORT = {
     "tempfile",
     "contextlib",
     "pathlib",
+    "importlib",
+    "collections",
 }
 
 

@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from vaelab.config import Config, resolve
-    from vaelab.training import summary_line, train_run
+    from vaelab.runs import summary_line, train_run
 
     if args.resume and args.auto_resume:
         raise UserError("--resume and --auto-resume: give one (--auto-resume also starts a run that has no checkpoint)")
@@ -148,20 +148,14 @@ def _non_negative(kind):
     return parse
 
 
+def _described(what: str, table) -> str:
+    """'what: name (its help), ...' from a table of parts."""
+    return f"{what}: " + "; ".join(f"{part.name} ({part.help})" for part in table)
+
+
 def add_train_options(p: argparse.ArgumentParser) -> None:
-    from vaelab.config import (
-        ACTIVATIONS,
-        BINARIZE,
-        DEVICES,
-        LIKELIHOODS,
-        LR_SCHEDULES,
-        MODELS,
-        OBJECTIVES,
-        PRESETS,
-        PRIORS,
-        WARMUPS,
-        Config,
-    )
+    from vaelab import parts
+    from vaelab.config import BINARIZE, DEVICES, LR_SCHEDULES, PRESETS, WARMUPS, Config
 
     d = Config()
     groups = [p]
@@ -190,15 +184,20 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     )
     opt("--binarize", "binarise pixels: none, static (once) or dynamic (every batch)", choices=BINARIZE)
     g = group("model")
-    opt("--model", "architecture; auto: conv for colour images, mlp otherwise", choices=MODELS)
+    opt(
+        "--model",
+        "architecture; auto: conv for colour images, mlp otherwise",
+        choices=("auto", *parts.ARCHITECTURES.names()),
+    )
     opt("--hidden", "hidden layer sizes, e.g. 400 or 200,200", type=_hidden, metavar="SIZES")
-    opt("--activation", "activation function", choices=ACTIVATIONS)
+    opt("--activation", "activation function", choices=parts.ACTIVATIONS.names())
     opt("--latent-dim", "dimension of z", type=positive_int, metavar="D")
-    opt("--likelihood", "p(x|z)", choices=LIKELIHOODS)
-    opt("--prior", "p(z): normal (closed-form KL), mixture or vamp (Monte Carlo KL)", choices=PRIORS)
+    opt("--posterior", _described("q(z|x)", parts.POSTERIORS), choices=parts.POSTERIORS.names())
+    opt("--likelihood", _described("p(x|z)", parts.LIKELIHOODS), choices=parts.LIKELIHOODS.names())
+    opt("--prior", _described("p(z)", parts.PRIORS), choices=parts.PRIORS.names())
     opt("--prior-components", "components of the mixture / VampPrior", type=positive_int, metavar="K")
     g = group("objective")
-    opt("--objective", "elbo, or the IWAE bound with --k samples", choices=OBJECTIVES)
+    opt("--objective", _described("the loss", parts.OBJECTIVES), choices=parts.OBJECTIVES.names())
     opt("--k", "importance samples for --objective iwae", type=positive_int)
     opt("--beta", "weight of the KL term", type=_non_negative(float))
     opt("--warmup", "beta schedule", choices=WARMUPS)

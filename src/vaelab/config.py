@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from vaelab import parts
 from vaelab.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -22,13 +24,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "kmnist", "cifar10")
+# The parts (likelihoods, priors, posteriors, objectives, architectures, activations) are the
+# tables of parts.py; these are the loop's own options.
 BINARIZE = ("none", "static", "dynamic")
-MODELS = ("auto", "mlp", "conv")
-ACTIVATIONS = ("relu", "tanh", "elu", "gelu", "softplus")
-LIKELIHOODS = ("bernoulli", "continuous-bernoulli", "gaussian", "logistic")
-PRIORS = ("normal", "mixture", "vamp")
-OBJECTIVES = ("elbo", "iwae")
 WARMUPS = ("constant", "linear", "cyclical")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "burda2015")
@@ -71,6 +69,7 @@ class Config:
     hidden: tuple[int, ...] = (400,)
     activation: str = "relu"
     latent_dim: int = 20
+    posterior: str = "diagonal"
     likelihood: str = "bernoulli"
     prior: str = "normal"
     prior_components: int = 10  # mixture components / VampPrior pseudo-inputs
@@ -90,17 +89,18 @@ class Config:
     grad_clip: float = 0.0  # max gradient norm; 0 turns clipping off
     skip_nonfinite: int = 0  # batches with a NaN/Inf loss or gradient that may be skipped before stopping
     seed: int = 0
-    threads: int = 0  # 0: vaelab's default policy (see training.set_threads)
+    threads: int = 0  # 0: vaelab's default policy (see runs.set_threads)
     device: str = "auto"
 
     def __post_init__(self) -> None:
         choices = {
             "binarize": BINARIZE,
-            "model": MODELS,
-            "activation": ACTIVATIONS,
-            "likelihood": LIKELIHOODS,
-            "prior": PRIORS,
-            "objective": OBJECTIVES,
+            "model": ("auto", *parts.ARCHITECTURES.names()),
+            "activation": parts.ACTIVATIONS.names(),
+            "posterior": parts.POSTERIORS.names(),
+            "likelihood": parts.LIKELIHOODS.names(),
+            "prior": parts.PRIORS.names(),
+            "objective": parts.OBJECTIVES.names(),
             "warmup": WARMUPS,
             "device": DEVICES,
             "lr_schedule": LR_SCHEDULES,
@@ -130,8 +130,11 @@ class Config:
                 raise UserError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.threads < 0:
             raise UserError(f"threads must be >= 0, got {self.threads}")
-        if self.free_bits > 0 and self.prior != "normal":
-            raise UserError("free bits need a KL per latent dimension: use --prior normal or --free-bits 0")
+        if self.free_bits > 0 and not parts.PRIORS[self.prior].factorises:
+            raise UserError(
+                f"free bits need a KL per latent dimension, and the {self.prior} prior does not factorise: "
+                "use --prior normal or --free-bits 0"
+            )
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -149,7 +152,7 @@ class Config:
         return tomli_w.dumps(self.to_dict())
 
 
-FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+FIELD_TYPES = typing.get_type_hints(Config)
 
 
 def coerce(name: str, value: Any, source: str) -> Any:
@@ -159,36 +162,34 @@ def coerce(name: str, value: Any, source: str) -> Any:
         raise UserError(f"unknown option {name!r} in {source}; known options: {known}")
     kind = FIELD_TYPES[name]
     bad = UserError(f"{name} in {source} must be {_describe(kind)}, got {value!r}")
-    if kind == "bool":
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if kind is bool:
         if not isinstance(value, bool):
             raise bad
         return value
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
+    if kind is int:
+        if not whole:
             raise bad
         return value
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if kind is float:
+        if not whole and not isinstance(value, float):
             raise bad
         return float(value)
-    if kind == "tuple[int, ...]":
-        if isinstance(value, int) and not isinstance(value, bool):
+    if typing.get_origin(kind) is tuple:  # tuple[int, ...]
+        if whole:
             return (value,)
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise bad
         return tuple(value)
-    if not isinstance(value, str):  # str and str | None
+    if not isinstance(value, str):  # str, and str | None
         raise bad
     return value
 
 
-def _describe(kind: str) -> str:
-    return {
-        "bool": "true or false",
-        "int": "a whole number",
-        "float": "a number",
-        "tuple[int, ...]": "a list of whole numbers, e.g. [200, 200]",
-    }.get(kind, "a string")
+def _describe(kind) -> str:
+    if typing.get_origin(kind) is tuple:
+        return "a list of whole numbers, e.g. [200, 200]"
+    return {bool: "true or false", int: "a whole number", float: "a number"}.get(kind, "a string")
 
 
 def parse_toml(text: str, where: str) -> dict:

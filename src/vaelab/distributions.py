@@ -22,7 +22,9 @@ from torch.distributions import (
     Distribution,
     Independent,
     MixtureSameFamily,
+    MultivariateNormal,
     Normal,
+    TransformedDistribution,
     constraints,
 )
 
@@ -35,6 +37,38 @@ def diag_normal(mu: Tensor, log_var: Tensor, clamp: bool = False) -> Independent
     if clamp:
         log_var = log_var.clamp(LOG_VAR_MIN, LOG_VAR_MAX)
     return Independent(Normal(mu, torch.exp(0.5 * log_var), validate_args=False), 1, validate_args=False)
+
+
+def diagonal_posterior(h: Tensor) -> Independent:
+    """q(z|x) = N(mu, diag exp(log_var)) from the encoder's output h = (mu, log_var), (B, 2 D);
+    log_var clamped (module docstring). The ``diagonal`` entry of ``parts.POSTERIORS``."""
+    mu, log_var = h.chunk(2, dim=-1)
+    return diag_normal(mu, log_var, clamp=True)
+
+
+def base_loc(q: Distribution) -> Tensor:
+    """The location parameter of ``q``'s base Gaussian (through Independent and transforms)."""
+    while isinstance(q, (Independent, TransformedDistribution)):
+        q = q.base_dist
+    return q.loc
+
+
+def reparametrize(q: Distribution, eps: Tensor) -> Tensor:
+    """z = the reparametrised sample of ``q`` for standard-normal noise ``eps`` of its event shape:
+    mu + sigma eps (diagonal Gaussian), mu + L eps (full covariance, L the Cholesky factor), and
+    through the transforms of a flow. This is what lets the noise come from outside (``Noise``)."""
+    if isinstance(q, Independent):
+        return reparametrize(q.base_dist, eps)
+    if isinstance(q, Normal):
+        return q.loc + q.scale * eps
+    if isinstance(q, MultivariateNormal):
+        return q.loc + (q.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+    if isinstance(q, TransformedDistribution):
+        z = reparametrize(q.base_dist, eps)
+        for transform in q.transforms:
+            z = transform(z)
+        return z
+    raise TypeError(f"no reparametrisation from standard-normal noise for {type(q).__name__}")
 
 
 def standard_normal(latent_dim: int, device=None, dtype=None) -> Independent:

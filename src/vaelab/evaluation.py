@@ -24,15 +24,13 @@ from torch import Tensor
 
 from vaelab import distributed
 from vaelab.checkpoint import load_run
-from vaelab.data import binarize_static
+from vaelab.data import binarize_static, prepare_data
 from vaelab.data.batches import Batches, shard_rows
 from vaelab.distributions import diag_normal
 from vaelab.errors import UserError
 from vaelab.fileio import atomic_write_text
 from vaelab.kl import KLResult, diag_normal_params, kl_closed_form, kl_monte_carlo
-from vaelab.models import VAE
-from vaelab.objectives import elbo
-from vaelab.training import prepare_data
+from vaelab.objectives import bits_per_dim, elbo_batches, log_importance_weights
 
 ACTIVE_THRESHOLD = 0.01
 
@@ -41,34 +39,23 @@ ACTIVE_THRESHOLD = 0.01
 def iwae_log_likelihood(model, x: Tensor, k: int, batch_size: int = 100, chunk: int = 500) -> Tensor:
     """IWAE-k estimate of log p(x) per example, shape (N,), float64.
 
-    Encodes each example once; draws the k samples ``chunk`` at a time and folds each
-    chunk into a running logsumexp: memory is O(batch_size * chunk * pixels), whatever k.
+    Draws the k samples ``chunk`` at a time (the joint weights over every latent layer,
+    :func:`objectives.log_importance_weights`) and folds each chunk into a running
+    logsumexp: memory is O(batch_size * chunk * pixels), whatever k.
     """
     out = []
     for xb in Batches(x, batch_size, 0, drop_last=False).epoch(0, shuffle=False):
-        q_z = model.encode(xb)
-        p_z = model.prior()
         B = xb.shape[0]
         # float64 from here: log p(x) is hundreds of nats, where float32's spacing is 6e-5
         running = torch.full((B,), -math.inf, device=x.device, dtype=torch.float64)
         done = 0
         while done < k:
             n = min(chunk, k - done)
-            z = q_z.sample((n,))  # (n, B, D)
-            log_w = log_px_given_z_samples(model, z, xb) + p_z.log_prob(z) - q_z.log_prob(z)  # (n, B)
+            log_w = log_importance_weights(model, xb, lambda q, n=n: q.sample((n,)))  # (n, B)
             running = torch.logaddexp(running, torch.logsumexp(log_w.double(), 0))
             done += n
         out.append(running - math.log(k))
     return torch.cat(out)
-
-
-def log_px_given_z_samples(model, z: Tensor, x: Tensor) -> Tensor:
-    """log p(x | z_i), (n, B): a vaelab VAE's likelihood-specific fast path, else ``decode(z).log_prob``."""
-    if isinstance(model, VAE):
-        return model.log_px_given_z_samples(z, x)
-    n, B = z.shape[:2]
-    x_rep = x.unsqueeze(0).expand(n, *x.shape).reshape(n * B, *x.shape[1:])
-    return model.decode(z.flatten(0, 1)).log_prob(x_rep).view(n, B)
 
 
 @torch.no_grad()
@@ -164,9 +151,7 @@ def evaluate(
     model.eval()
     torch.manual_seed(seed)
     # E_q[log p(x|z)] with one z per example; the KL in closed form, or from many samples where it has none
-    reconstruction = torch.cat(
-        [elbo(model, xb).reconstruction for xb in Batches(x, 1000, 0, drop_last=False).epoch(0, shuffle=False)]
-    )
+    reconstruction = torch.cat([t.reconstruction for t in elbo_batches(model, x, 1024, seed)])
     kl = kl_per_example(model, x, seed=seed)
     per = {"elbo": reconstruction - kl.value, "reconstruction": reconstruction, "kl": kl.value}
     if kl.std_error is not None:
@@ -185,7 +170,7 @@ def evaluate(
     if kl.std_error is not None:  # the Monte Carlo error of the mean KL: independent draws per example
         record["kl_std_error"] = (kl.std_error.square().sum().sqrt() / N).item()
     if pixels:
-        record["bits_per_dim"] = -record["elbo"] / (pixels * math.log(2))
+        record["bits_per_dim"] = bits_per_dim(record["elbo"], pixels)
     if iwae_k > 0:
         ctx = distributed.current()  # under torchrun each rank estimates its share of the examples
         torch.manual_seed(seed + ctx.rank)
@@ -196,7 +181,7 @@ def evaluate(
             log_likelihood=ll.mean().item(), log_likelihood_std_error=ll.std().item() / math.sqrt(N), iwae_k=iwae_k
         )
         if pixels:
-            record["log_likelihood_bits_per_dim"] = -record["log_likelihood"] / (pixels * math.log(2))
+            record["log_likelihood_bits_per_dim"] = bits_per_dim(record["log_likelihood"], pixels)
     mu, log_var = posterior_params(model, x)
     act = activity(mu)
     record["activity"] = act.tolist()

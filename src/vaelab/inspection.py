@@ -16,9 +16,9 @@ import torch
 
 from vaelab.checkpoint import load_run
 from vaelab.config import Config
+from vaelab.data import prepare_data
 from vaelab.evaluation import kl_per_example, posterior_params
 from vaelab.kl import KLResult
-from vaelab.training import prepare_data
 
 
 @dataclass

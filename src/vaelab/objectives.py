@@ -5,6 +5,14 @@ For one example x, with q = q(z|x), p(x|z) the decoder and p(z) the prior:
     ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z))        (reconstruction - KL)
     log p(x) = ELBO(x) + KL(q(z|x) || p(z|x))               (so ELBO <= log p(x))
 
+A model with several latent layers z_1 .. z_L (top-down inference, q(z_l | x, z_>l) and
+p(z_l | z_>l)) has one KL per layer, each at the sample of the layers above it:
+
+    ELBO(x) = E_q[log p(x|z)] - sum_l E_q[KL(q(z_l | x, z_>l) || p(z_l | z_>l))]
+
+The contract (:class:`LatentVariableModel`): the model hands the objective its latent
+layers, each with q, p and the sample z (:class:`LatentLayer`), and log p(x|z) for them.
+
 Reductions (the classic VAE bug is a hidden one): each term is **summed** over pixels
 and latent dimensions inside :func:`elbo`, giving one number per example in nats; the
 mean over the batch happens once, in :func:`loss`. beta multiplies the KL there and
@@ -14,39 +22,97 @@ nowhere else.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, final
 
 import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from vaelab.kl import diag_normal_params, kl_q_p
+from vaelab.distributions import base_loc, reparametrize
+from vaelab.kl import KLResult, diag_normal_params, kl_q_p
+
+Draw = Callable[[Distribution], Tensor]  # q -> a reparametrised sample z ~ q (maybe with leading sample dims)
+
+
+@dataclass(frozen=True)
+class LatentLayer:
+    """One stochastic layer of a model on one batch: q(z_l | x, z_>l), p(z_l | z_>l), and the
+    sample z_l ~ q that the reconstruction term and the layers below it use. (B, D_l), or
+    (n, B, D_l) with n samples per example."""
+
+    name: str
+    q: Distribution
+    p: Distribution
+    z: Tensor
 
 
 class LatentVariableModel(Protocol):
-    def encode(self, x: Tensor) -> Distribution: ...
-    def decode(self, z: Tensor) -> Distribution: ...
-    def prior(self) -> Distribution: ...
+    """What the objectives ask of a model (vaelab's VAE, or any class with these two methods)."""
+
+    def latents(self, x: Tensor, draw: Draw) -> list[LatentLayer]:
+        """Inference on ``x``: the latent layers, top first, each sample drawn with ``draw(q)``."""
+        ...
+
+    def log_px_given_z(self, layers: list[LatentLayer], x: Tensor) -> Tensor:
+        """log p(x | z) for the layers' samples, summed over pixels: (B,), or (n, B) for n samples."""
+        ...
+
+
+@final
+class OneLayer:
+    """A model with ``encode(x) -> q(z|x)``, ``decode(z) -> p(x|z)`` and ``prior() -> p(z)``, wrapped
+    into the contract: one latent layer named ``z``. For models written in that classic form."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def latents(self, x: Tensor, draw: Draw) -> list[LatentLayer]:
+        q_z = self.model.encode(x)
+        return [LatentLayer("z", q_z, self.model.prior(), draw(q_z))]
+
+    def log_px_given_z(self, layers: list[LatentLayer], x: Tensor) -> Tensor:
+        (layer,) = layers
+        if layer.z.dim() == 2:
+            return self.model.decode(layer.z).log_prob(x)
+        n, B = layer.z.shape[:2]  # n samples per example: decode them as one batch
+        x_rep = x.unsqueeze(0).expand(n, *x.shape).reshape(n * B, *x.shape[1:])
+        return self.model.decode(layer.z.flatten(0, 1)).log_prob(x_rep).view(n, B)
 
 
 @dataclass(frozen=True)
 class ElboTerms:
     """Per-example terms of the ELBO, in nats. Shapes: (B,), and (B, D) for ``kl_per_dim``.
 
+    ``kl`` is the total over latent layers and ``kl_per_layer`` each layer's part, by name.
     ``kl_method`` is ``"analytic"`` (closed form) or ``"monte_carlo"`` (single-sample
-    estimate at the same z as the reconstruction). ``kl_per_dim`` is None when the
-    prior does not factorise over dimensions (mixture, VampPrior).
+    estimate at the same z as the reconstruction) when any layer has no closed form.
+    ``kl_per_dim`` (the layers' dimensions in order) is None when a layer's KL does not
+    factorise over dimensions (mixture, VampPrior).
     """
 
     reconstruction: Tensor  # E_q[log p(x|z)], (B,)
     kl: Tensor  # KL(q(z|x) || p(z)), (B,)
     kl_per_dim: Tensor | None  # (B, D)
     kl_method: str
+    kl_per_layer: dict[str, Tensor] = field(default_factory=dict)  # (B,) each
 
     @property
     def elbo(self) -> Tensor:
         return self.reconstruction - self.kl
+
+    @classmethod
+    def of_layers(cls, reconstruction: Tensor, kls: dict[str, KLResult]) -> ElboTerms:
+        """The terms from log p(x|z) and each layer's KL."""
+        parts = list(kls.values())
+        total = parts[0].value if len(parts) == 1 else torch.stack([k.value for k in parts]).sum(0)
+        factorises = all(k.per_dim is not None for k in parts)
+        per_dim = (
+            (parts[0].per_dim if len(parts) == 1 else torch.cat([k.per_dim for k in parts], -1)) if factorises else None
+        )
+        method = "analytic" if all(k.method == "analytic" for k in parts) else "monte_carlo"
+        return cls(reconstruction, total, per_dim, method, {name: k.value for name, k in kls.items()})
 
 
 @dataclass(frozen=True)
@@ -64,38 +130,67 @@ class Noise:
     start: int = 0
 
     def sample(self, q_z: Distribution, sample_shape: tuple[int, ...] = ()) -> Tensor:
+        """A reparametrised z ~ q_z, (*sample_shape, B, D), from this process's rows of the noise."""
+        B = q_z.batch_shape[0]
+        (D,) = q_z.event_shape
+        loc = base_loc(q_z)  # for the device and dtype
+        eps = torch.randn((*sample_shape, self.total, D), generator=self.generator, device=loc.device, dtype=loc.dtype)
+        eps = eps[..., self.start : self.start + B, :]
         params = diag_normal_params(q_z)
-        if params is None:
-            raise ValueError("explicit noise needs a diagonal Gaussian q(z|x)")
-        mu, log_var = params  # (B, D)
-        B, D = mu.shape
-        eps = torch.randn((*sample_shape, self.total, D), generator=self.generator, device=mu.device, dtype=mu.dtype)[
-            ..., self.start : self.start + B, :
-        ]
-        return mu + torch.exp(0.5 * log_var) * eps
+        if params is not None:
+            mu, log_var = params  # (B, D)
+            return mu + torch.exp(0.5 * log_var) * eps
+        return reparametrize(q_z, eps)
+
+
+def rsample(q: Distribution) -> Tensor:
+    """One reparametrised sample from the global RNG: the default ``draw``."""
+    return q.rsample()
 
 
 def elbo(model: LatentVariableModel, x: Tensor, noise: Noise | None = None) -> ElboTerms:
-    """The ELBO's terms for a batch ``x``, one reparametrised sample z ~ q(z|x) per example
+    """The ELBO's terms for a batch ``x``, one reparametrised sample per example and layer
     (from the global RNG, or from ``noise``)."""
-    q_z = model.encode(x)
-    z = q_z.rsample() if noise is None else noise.sample(q_z)  # (B, D)
-    p_x = model.decode(z)
-    log_px_given_z = p_x.log_prob(x)  # (B,): the likelihood's event dims are summed
-    kl = kl_q_p(q_z, model.prior(), z)
-    return ElboTerms(log_px_given_z, kl.value, kl.per_dim, kl.method)
+    layers = model.latents(x, rsample if noise is None else noise.sample)
+    log_px_given_z = model.log_px_given_z(layers, x)  # (B,): the likelihood's event dims are summed
+    kls = {layer.name: kl_q_p(layer.q, layer.p, layer.z) for layer in layers}
+    return ElboTerms.of_layers(log_px_given_z, kls)
+
+
+@torch.no_grad()
+def elbo_batches(model: LatentVariableModel, x: Tensor, batch_size: int, seed: int = 0) -> list[ElboTerms]:
+    """The ELBO's terms for a whole data set ``x``, batch by batch, in eval mode, one z per example
+    drawn from the global RNG seeded by ``seed`` (forked: the caller's RNG state and the model's
+    mode are restored)."""
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = [elbo(model, x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    model.train(was_training)
+    return out
+
+
+def bits_per_dim(nats: float | Tensor, pixels: int) -> float | Tensor:
+    """A log-likelihood (or ELBO) in nats per example as bits per pixel: -nats / (pixels ln 2).
+    Meaningful for discrete likelihoods, where it is a code length."""
+    return -nats / (pixels * math.log(2.0))
+
+
+def log_importance_weights(model: LatentVariableModel, x: Tensor, draw: Draw) -> Tensor:
+    """log w = log p(x|z) + sum_l [log p(z_l | z_>l) - log q(z_l | x, z_>l)] for the samples ``draw``
+    makes (n per example): the joint importance weights over every latent layer, (n, B)."""
+    layers = model.latents(x, draw)
+    log_w = model.log_px_given_z(layers, x)
+    for layer in layers:
+        log_w = log_w + layer.p.log_prob(layer.z) - layer.q.log_prob(layer.z)
+    return log_w
 
 
 def iwae_log_weights(model: LatentVariableModel, x: Tensor, k: int, noise: Noise | None = None) -> Tensor:
-    """log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x), z_i ~ q(z|x), shape (k, B)."""
-    q_z = model.encode(x)
-    z = q_z.rsample((k,)) if noise is None else noise.sample(q_z, (k,))  # (k, B, D)
-    B = x.shape[0]
-    flat = z.reshape(k * B, -1)
-    p_x = model.decode(flat)
-    x_rep = x.unsqueeze(0).expand(k, *x.shape).reshape(k * B, *x.shape[1:])
-    log_px_given_z = p_x.log_prob(x_rep).reshape(k, B)
-    return log_px_given_z + model.prior().log_prob(z) - q_z.log_prob(z)
+    """log w_i for k reparametrised samples per example (from the global RNG, or ``noise``), (k, B)."""
+    draw = (lambda q: q.rsample((k,))) if noise is None else (lambda q: noise.sample(q, (k,)))
+    return log_importance_weights(model, x, draw)
 
 
 def iwae_bound(model: LatentVariableModel, x: Tensor, k: int, noise: Noise | None = None) -> Tensor:
@@ -129,6 +224,21 @@ def loss(terms: ElboTerms, beta: float = 1.0, free_bits: float = 0.0) -> Tensor:
 
 def iwae_loss(model: LatentVariableModel, x: Tensor, k: int, noise: Noise | None = None) -> Tensor:
     return -iwae_bound(model, x, k, noise).mean()
+
+
+# -- the objectives of parts.OBJECTIVES: (model, x, noise, beta, config) -> (loss, terms) ----------
+def elbo_objective(model: LatentVariableModel, x: Tensor, noise: Noise | None, beta: float, config):
+    """The negative ELBO with ``beta`` and ``config.free_bits``, and its terms."""
+    terms = elbo(model, x, noise)
+    return loss(terms, beta, config.free_bits), terms
+
+
+def iwae_objective(model: LatentVariableModel, x: Tensor, noise: Noise | None, beta: float, config):
+    """The negative IWAE bound with ``config.k`` samples; the ELBO's terms (one more sample, no
+    gradient) for the logs."""
+    iwae = iwae_loss(model, x, config.k, noise)
+    with torch.no_grad():
+        return iwae, elbo(model, x, noise)
 
 
 # -- beta schedules -----------------------------------------------------------------------

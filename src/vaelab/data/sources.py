@@ -29,6 +29,7 @@ from torch import Tensor
 
 from vaelab.data import download
 from vaelab.errors import UserError
+from vaelab.parts import DATASETS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -127,6 +128,7 @@ def _find(directory: Path, stem: str) -> Path:
 
 
 def load_idx_family(name: str, data_dir: str | None, download_ok: bool):
+    """The MNIST family's four IDX files from ``data_dir``, the cache, or a download."""
     directory = Path(data_dir) if data_dir else download.cache_dir() / name
     stems = [f.removesuffix(".gz") for f in download.IDX_FILES]
     try:
@@ -245,21 +247,35 @@ def load_folder(path: Path):
 
 
 # -- putting it together ----------------------------------------------------------------------
-def load(config) -> Splits:
-    """The data set that ``config.data`` names, split and validated."""
-    name, seed = config.data, config.seed
-    if name == "digits":
-        from sklearn.datasets import load_digits
+def load_digits(data_dir: str | None, download_ok: bool):
+    """scikit-learn's bundled 8x8 digits (17 grey levels, no test split of its own)."""
+    from sklearn.datasets import load_digits as sklearn_digits
 
-        d = load_digits()
-        x = (d.images / 16.0).astype(np.float32)
-        return _split(name, validate(x, d.target, "digits"), d.target, None, None, seed, levels=17)
-    if name in ("mnist", "fashion-mnist", "kmnist", "cifar10"):
-        loader = load_cifar10 if name == "cifar10" else lambda *a: load_idx_family(name, *a)
-        (x_tr, y_tr, where_tr), (x_te, y_te, where_te) = loader(config.data_dir, config.download)
-        return _split(
-            name, validate(x_tr, y_tr, where_tr), y_tr, validate(x_te, y_te, where_te), y_te, seed, levels=256
-        )
+    d = sklearn_digits()
+    return ((d.images / 16.0).astype(np.float32), d.target, "digits"), None
+
+
+def load_mnist(data_dir: str | None, download_ok: bool):
+    return load_idx_family("mnist", data_dir, download_ok)
+
+
+def load_fashion_mnist(data_dir: str | None, download_ok: bool):
+    return load_idx_family("fashion-mnist", data_dir, download_ok)
+
+
+def load_kmnist(data_dir: str | None, download_ok: bool):
+    return load_idx_family("kmnist", data_dir, download_ok)
+
+
+def load(config) -> Splits:
+    """The data set that ``config.data`` names (an entry of ``parts.DATASETS``, a .npy/.npz file
+    or a folder of images), split and validated."""
+    name, seed = config.data, config.seed
+    if name in DATASETS:
+        source = DATASETS[name]
+        (x, y, where), test = source.constructor()(config.data_dir, config.download)
+        x_test, y_test = (None, None) if test is None else (validate(test[0], test[1], test[2]), test[1])
+        return _split(name, validate(x, y, where), y, x_test, y_test, seed, levels=source.levels)
     path = Path(name)
     if path.is_dir():
         x, y = load_folder(path)
@@ -269,8 +285,7 @@ def load(config) -> Splits:
         raise UserError(f"{path} does not exist")
     else:
         raise UserError(
-            f"unknown data set {name!r}: use digits, mnist, fashion-mnist, kmnist, cifar10, "
-            "a .npy/.npz file or a folder of images"
+            f"unknown data set {name!r}: use {', '.join(DATASETS.names())}, a .npy/.npz file or a folder of images"
         )
     levels = 256 if x.dtype == np.uint8 else 0
     return _split(path.name, validate(x, y, str(path)), y, None, None, seed, levels=levels)

@@ -13,19 +13,24 @@ parameters per pixel the likelihood needs. ``log_var`` is clamped to
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from vaelab import distributions as dist
+from vaelab import parts
+from vaelab.objectives import Draw, LatentLayer
 
 
 # -- likelihoods p(x|z) ------------------------------------------------------------------------
 class Likelihood(nn.Module):
-    """Turns the decoder's output (B, P C, H, W) into p(x|z)."""
+    """Turns the decoder's output (B, P C, H, W) into p(x|z); P and the likelihood's other facts
+    are its entry in ``parts.LIKELIHOODS``. Built as ``cls(x_shape)``."""
 
-    params_per_pixel = 1
+    def __init__(self, x_shape=None):
+        super().__init__()
 
     def forward(self, out: Tensor) -> Distribution:
         raise NotImplementedError
@@ -62,7 +67,7 @@ class GaussianLikelihood(Likelihood):
     """N(mean, sigma^2) per pixel with a learned per-pixel log-variance shared across examples."""
 
     def __init__(self, x_shape):
-        super().__init__()
+        super().__init__(x_shape)
         self.log_var = nn.Parameter(torch.full(x_shape, math.log(0.1)))
 
     def forward(self, out):
@@ -72,26 +77,20 @@ class GaussianLikelihood(Likelihood):
 class LogisticLikelihood(Likelihood):
     """Discretised logistic over 256 levels: the decoder outputs a location and a log-scale per pixel."""
 
-    params_per_pixel = 2
-
     def forward(self, out):
         loc, log_scale = out.chunk(2, dim=1)
         return dist.discretized_logistic(torch.sigmoid(loc), log_scale, 3)
 
 
 def make_likelihood(name: str, x_shape) -> Likelihood:
-    table = {
-        "bernoulli": BernoulliLikelihood,
-        "continuous-bernoulli": ContinuousBernoulliLikelihood,
-        "gaussian": lambda: GaussianLikelihood(x_shape),
-        "logistic": LogisticLikelihood,
-    }
-    return table[name]()
+    """The likelihood registered as ``name`` in ``parts.LIKELIHOODS``."""
+    return parts.LIKELIHOODS[name].constructor()(tuple(x_shape))
 
 
 # -- priors p(z) --------------------------------------------------------------------------------
+# Each prior is built as cls(latent_dim, x_shape, components, seed) from its entry in parts.PRIORS.
 class StandardNormalPrior(nn.Module):
-    def __init__(self, latent_dim: int):
+    def __init__(self, latent_dim: int, x_shape=None, components: int = 0, seed: int = 0):
         super().__init__()
         self.register_buffer("zeros", torch.zeros(latent_dim))
 
@@ -102,7 +101,7 @@ class StandardNormalPrior(nn.Module):
 class MixturePrior(nn.Module):
     """A learnable mixture of K diagonal Gaussians; the KL against it has no closed form."""
 
-    def __init__(self, latent_dim: int, components: int, seed: int = 0):
+    def __init__(self, latent_dim: int, x_shape, components: int, seed: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.logits = nn.Parameter(torch.zeros(components))
@@ -116,7 +115,7 @@ class MixturePrior(nn.Module):
 class VampPrior(nn.Module):
     """p(z) = 1/K sum_k q(z | u_k) with learned pseudo-inputs u_k (Tomczak & Welling 2018)."""
 
-    def __init__(self, x_shape, components: int, seed: int = 0):
+    def __init__(self, latent_dim: int, x_shape, components: int, seed: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.pseudo_logits = nn.Parameter(0.1 * torch.randn(components, *x_shape, generator=g))
@@ -128,12 +127,8 @@ class VampPrior(nn.Module):
 
 
 def make_prior(name: str, latent_dim: int, x_shape, components: int, seed: int = 0) -> nn.Module:
-    table = {
-        "normal": lambda: StandardNormalPrior(latent_dim),
-        "mixture": lambda: MixturePrior(latent_dim, components, seed),
-        "vamp": lambda: VampPrior(x_shape, components, seed),
-    }
-    return table[name]()
+    """The prior registered as ``name`` in ``parts.PRIORS``."""
+    return parts.PRIORS[name].constructor()(latent_dim, tuple(x_shape), components, seed)
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -148,16 +143,16 @@ class VAE(nn.Module):
         x_shape: tuple[int, int, int],
         likelihood: Likelihood,
         prior: nn.Module,
+        posterior: Callable[[Tensor], Distribution] = dist.diagonal_posterior,
     ):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.latent_dim, self.x_shape = latent_dim, tuple(x_shape)
         self.likelihood, self.prior_module = likelihood, prior
+        self.posterior = posterior
 
     def encode(self, x: Tensor) -> Distribution:
-        h = self.encoder(x)  # (B, 2 D)
-        mu, log_var = h.chunk(2, dim=-1)
-        return dist.diag_normal(mu, log_var, clamp=True)
+        return self.posterior(self.encoder(x))  # the encoder's output (B, params_per_latent D) -> q(z|x)
 
     def decode(self, z: Tensor) -> Distribution:
         out = self.decoder(z)  # (B, P C, H, W)
@@ -165,6 +160,19 @@ class VAE(nn.Module):
 
     def prior(self) -> Distribution:
         return self.prior_module(self.encode)
+
+    # -- the contract with the objectives (objectives.LatentVariableModel) ----------------------
+    def latents(self, x: Tensor, draw: Draw) -> list[LatentLayer]:
+        """One latent layer: q(z|x), p(z) and z = draw(q(z|x))."""
+        q_z = self.encode(x)
+        return [LatentLayer("z", q_z, self.prior(), draw(q_z))]
+
+    def log_px_given_z(self, layers: list[LatentLayer], x: Tensor) -> Tensor:
+        """log p(x|z) at the layer's sample: (B,) for z (B, D); (n, B) for n samples per example."""
+        (layer,) = layers
+        if layer.z.dim() == 2:
+            return self.decode(layer.z).log_prob(x)
+        return self.log_px_given_z_samples(layer.z, x)
 
     def log_px_given_z_samples(self, z: Tensor, x: Tensor) -> Tensor:
         """log p(x | z_i) for n samples per example, z (n, B, D) and x (B, C, H, W); shape (n, B)."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import Tensor, nn
 
 from vaelab.errors import UserError
-from vaelab.models.mlp import ACTIVATIONS
+from vaelab.models.mlp import activation_module
 
 
 def _check(x_shape):
@@ -15,17 +17,19 @@ def _check(x_shape):
 
 
 class ConvEncoder(nn.Module):
-    def __init__(self, x_shape, hidden: tuple[int, ...], latent_dim: int, activation: str = "relu", width: int = 32):
+    """x (B, C, H, W) -> (B, out_features): the posterior's parameters."""
+
+    def __init__(self, x_shape, hidden: tuple[int, ...], out_features: int, activation: str = "relu", width: int = 32):
         super().__init__()
         _check(x_shape)
         C, H, W = x_shape
-        act = ACTIVATIONS[activation]
+        act = partial(activation_module, activation)
         self.net = nn.Sequential(
             nn.Conv2d(C, width, 4, 2, 1), act(),  # (B, w, H/2, W/2)
             nn.Conv2d(width, 2 * width, 4, 2, 1), act(),  # (B, 2w, H/4, W/4)
             nn.Flatten(),
             nn.Linear(2 * width * (H // 4) * (W // 4), hidden[0]), act(),
-            nn.Linear(hidden[0], 2 * latent_dim),
+            nn.Linear(hidden[0], out_features),
         )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
@@ -37,7 +41,7 @@ class ConvDecoder(nn.Module):
         super().__init__()
         _check(x_shape)
         C, H, W = x_shape
-        act = ACTIVATIONS[activation]
+        act = partial(activation_module, activation)
         self.grid = (2 * width, H // 4, W // 4)
         self.fc = nn.Sequential(
             nn.Linear(latent_dim, hidden[0]), act(), nn.Linear(hidden[0], 2 * width * (H // 4) * (W // 4)), act()

@@ -6,7 +6,12 @@ import math
 
 from torch import Tensor, nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU, "softplus": nn.Softplus}
+from vaelab.parts import ACTIVATIONS
+
+
+def activation_module(name: str) -> nn.Module:
+    """A new activation module of the kind registered as ``name`` in ``parts.ACTIVATIONS``."""
+    return ACTIVATIONS[name].constructor()()
 
 
 def mlp(sizes: list[int], activation: str) -> nn.Sequential:
@@ -14,16 +19,16 @@ def mlp(sizes: list[int], activation: str) -> nn.Sequential:
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
-            layers.append(ACTIVATIONS[activation]())
+            layers.append(activation_module(activation))
     return nn.Sequential(*layers)
 
 
 class MLPEncoder(nn.Module):
-    """x (B, C, H, W) -> (B, 2 D)."""
+    """x (B, C, H, W) -> (B, out_features): the posterior's parameters (2 D for a diagonal Gaussian)."""
 
-    def __init__(self, x_shape, hidden: tuple[int, ...], latent_dim: int, activation: str = "relu"):
+    def __init__(self, x_shape, hidden: tuple[int, ...], out_features: int, activation: str = "relu"):
         super().__init__()
-        self.net = mlp([math.prod(x_shape), *hidden, 2 * latent_dim], activation)
+        self.net = mlp([math.prod(x_shape), *hidden, out_features], activation)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.flatten(1))

@@ -1,0 +1,40 @@
+"""Data ready for a model: loaded, checked against the likelihood's facts, binarised.
+
+Shared by training, evaluation and inspection, so all three see the same pixels.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from vaelab.data.batches import binarize_static
+from vaelab.data.sources import Splits, load
+from vaelab.errors import UserError
+from vaelab.parts import LIKELIHOODS
+
+
+def prepare_data(config, device) -> tuple[Splits, Tensor, Tensor, Tensor, int | None]:
+    """Load, check that the likelihood fits the data, binarise; return the splits, the train / val /
+    test tensors, and the number of pixels per image where bits/dim apply (a discrete likelihood)."""
+    splits = load(config)
+    likelihood = LIKELIHOODS[config.likelihood]
+    binarized = config.binarize != "none"
+    if likelihood.binary_only and not binarized and not splits.binary:
+        raise UserError(
+            f"{splits.name} has grey-level pixels, and a {likelihood.name} likelihood is only a likelihood for "
+            "binary data; use --binarize dynamic (or static), or --likelihood continuous-bernoulli"
+        )
+    if likelihood.levels is not None and splits.levels != likelihood.levels:
+        raise UserError(
+            f"the {likelihood.name} likelihood models {likelihood.levels} grey levels; {splits.name} has "
+            f"{splits.levels or 'continuous'} levels. Use --likelihood continuous-bernoulli or gaussian"
+        )
+    train_x, val_x, test_x = (s.x.to(device) for s in (splits.train, splits.val, splits.test))
+    if binarized:
+        # validation and test are binarised once (fixed), so their numbers compare across epochs
+        val_x = binarize_static(val_x.cpu(), config.seed, "val").to(device)
+        test_x = binarize_static(test_x.cpu(), config.seed, "test").to(device)
+        if config.binarize == "static":
+            train_x = binarize_static(train_x.cpu(), config.seed, "train").to(device)
+    pixels = splits.train.x[0].numel() if likelihood.discrete else None
+    return splits, train_x, val_x, test_x, pixels

@@ -1,0 +1,212 @@
+"""The table of parts: every likelihood, prior, posterior family, objective, architecture,
+activation and named data set vaelab knows, each one registered entry that carries its
+constructor and its facts.
+
+Everything else reads this table: ``Config``'s choices and the command line's, the rules
+about which parts go together (a Bernoulli likelihood needs binary pixels; free bits need a
+prior that factorises), bits/dim (discrete likelihoods only), and ``models.build``. To add a
+part, register one entry; nothing else changes (see docs/architecture.md).
+
+A constructor is given as ``"module:attribute"`` and imported only when a model is built, so
+this table, ``Config`` and ``vaelab --help`` load without torch; a test or a user may also
+register the constructor itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Generic, TypeVar, final
+
+from vaelab.errors import UserError
+
+Constructor = str | Callable
+
+
+@dataclass(frozen=True)
+class Part:
+    """A named part; ``build`` makes it (``"module:attribute"`` or the callable itself)."""
+
+    name: str
+    help: str
+    build: Constructor
+
+    def constructor(self) -> Callable:
+        if callable(self.build):
+            return self.build
+        module, attribute = self.build.split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@final
+@dataclass(frozen=True)
+class Likelihood(Part):
+    """p(x|z); ``build(x_shape)`` returns the module that turns decoder outputs into p(x|z)."""
+
+    params_per_pixel: int = 1  # decoder outputs per pixel and channel
+    discrete: bool = False  # a probability mass function over pixel values, so bits/dim apply
+    binary_only: bool = False  # a likelihood only for pixels that are 0 or 1 (Bernoulli)
+    levels: int | None = None  # the grey levels it models, when it models a fixed number
+
+
+@final
+@dataclass(frozen=True)
+class Prior(Part):
+    """p(z); ``build(latent_dim, x_shape, components, seed)`` returns its module."""
+
+    factorises: bool = True  # p(z) = prod_j p(z_j): the KL has a per-dimension split (and free bits apply)
+    closed_form_kl: bool = True  # KL(diagonal Gaussian || p) has a closed form
+
+
+@final
+@dataclass(frozen=True)
+class Posterior(Part):
+    """q(z|x); ``build(h)`` turns the encoder's output (B, params(D)) into q(z|x)."""
+
+    params_per_latent: int = 2  # encoder outputs per latent dimension
+    factorises: bool = True  # q(z|x) = prod_j q(z_j|x)
+
+
+@final
+@dataclass(frozen=True)
+class Objective(Part):
+    """``build(model, x, noise, beta, config) -> (loss, ElboTerms)``: the loss to minimise and the
+    ELBO's terms to log."""
+
+    uses_k: bool = False  # reads config.k, the number of importance samples
+
+
+@final
+@dataclass(frozen=True)
+class Architecture(Part):
+    """``build`` is the encoder, ``decoder`` the decoder; each takes (x_shape, hidden, latent_dim, ...)."""
+
+    decoder: Constructor = ""
+
+    def decoder_constructor(self) -> Callable:
+        return Part(self.name, self.help, self.decoder).constructor()
+
+
+@final
+@dataclass(frozen=True)
+class Activation(Part):
+    """``build()`` returns the activation module."""
+
+
+@final
+@dataclass(frozen=True)
+class DataSet(Part):
+    """A named data set; ``build(data_dir, download)`` returns ``((x, y, where), (x_test, y_test, where))``
+    with ``x_test`` None when the source has no test split of its own."""
+
+    levels: int = 256  # grey levels the source stores
+
+
+P = TypeVar("P", bound=Part)
+
+
+@final
+class Table(Generic[P]):
+    """The registered parts of one kind, by name, in the order they were registered."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._parts: dict[str, P] = {}
+
+    def register(self, part: P) -> P:
+        if part.name in self._parts:
+            raise ValueError(f"a {self.kind} named {part.name!r} is registered already")
+        self._parts[part.name] = part
+        return part
+
+    def unregister(self, name: str) -> None:
+        del self._parts[name]
+
+    def __getitem__(self, name: str) -> P:
+        try:
+            return self._parts[name]
+        except KeyError:
+            raise UserError(f"unknown {self.kind} {name!r}; choose one of {', '.join(self.names())}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._parts
+
+    def __iter__(self) -> Iterator[P]:
+        return iter(self._parts.values())
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._parts)
+
+
+LIKELIHOODS: Table[Likelihood] = Table("likelihood")
+PRIORS: Table[Prior] = Table("prior")
+POSTERIORS: Table[Posterior] = Table("posterior")
+OBJECTIVES: Table[Objective] = Table("objective")
+ARCHITECTURES: Table[Architecture] = Table("model")
+ACTIVATIONS: Table[Activation] = Table("activation")
+DATASETS: Table[DataSet] = Table("data set")
+
+_M = "vaelab.models.base"
+LIKELIHOODS.register(
+    Likelihood("bernoulli", "binary pixels", f"{_M}:BernoulliLikelihood", discrete=True, binary_only=True)
+)
+LIKELIHOODS.register(
+    Likelihood("continuous-bernoulli", "a density on [0, 1] for grey pixels", f"{_M}:ContinuousBernoulliLikelihood")
+)
+LIKELIHOODS.register(Likelihood("gaussian", "learned per-pixel variance", f"{_M}:GaussianLikelihood"))
+LIKELIHOODS.register(
+    Likelihood(
+        "logistic",
+        "discretised logistic over 256 levels",
+        f"{_M}:LogisticLikelihood",
+        params_per_pixel=2,
+        discrete=True,
+        levels=256,
+    )
+)
+
+PRIORS.register(Prior("normal", "N(0, I): closed-form KL", f"{_M}:StandardNormalPrior"))
+PRIORS.register(
+    Prior(
+        "mixture",
+        "a learned Gaussian mixture: Monte Carlo KL",
+        f"{_M}:MixturePrior",
+        factorises=False,
+        closed_form_kl=False,
+    )
+)
+PRIORS.register(
+    Prior(
+        "vamp",
+        "VampPrior, learned pseudo-inputs: Monte Carlo KL",
+        f"{_M}:VampPrior",
+        factorises=False,
+        closed_form_kl=False,
+    )
+)
+
+POSTERIORS.register(Posterior("diagonal", "N(mu, diag sigma^2)", "vaelab.distributions:diagonal_posterior"))
+
+OBJECTIVES.register(Objective("elbo", "the ELBO, with beta and free bits", "vaelab.objectives:elbo_objective"))
+OBJECTIVES.register(
+    Objective("iwae", "the IWAE bound with --k samples", "vaelab.objectives:iwae_objective", uses_k=True)
+)
+
+ARCHITECTURES.register(
+    Architecture("mlp", "multilayer perceptrons", "vaelab.models.mlp:MLPEncoder", "vaelab.models.mlp:MLPDecoder")
+)
+ARCHITECTURES.register(
+    Architecture(
+        "conv", "two stride-2 convolutions", "vaelab.models.conv:ConvEncoder", "vaelab.models.conv:ConvDecoder"
+    )
+)
+
+for _name, _cls in (("relu", "ReLU"), ("tanh", "Tanh"), ("elu", "ELU"), ("gelu", "GELU"), ("softplus", "Softplus")):
+    ACTIVATIONS.register(Activation(_name, _cls, f"torch.nn:{_cls}"))
+
+_S = "vaelab.data.sources"
+DATASETS.register(DataSet("digits", "scikit-learn's bundled 8x8 digits", f"{_S}:load_digits", levels=17))
+for _name in ("mnist", "fashion-mnist", "kmnist"):
+    DATASETS.register(DataSet(_name, "IDX files", f"{_S}:load_{_name.replace('-', '_')}"))
+DATASETS.register(DataSet("cifar10", "the python tarball", f"{_S}:load_cifar10"))

@@ -1,0 +1,273 @@
+"""A training run on disk: the run directory and ``vaelab train``.
+
+:func:`train_run` loads the data, builds the model, joins the process group under torchrun,
+and trains with :func:`training.fit`, attaching :class:`RunWriter`, the hook that writes the
+run directory (``config.toml``, ``metrics.csv``, TensorBoard events, atomic checkpoints,
+``model.safetensors``). Resuming (``--resume``, ``--auto-resume``) is checked here.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from vaelab import checkpoint, data, distributed, models
+from vaelab.config import Config
+from vaelab.data import prepare_data
+from vaelab.errors import UserError
+from vaelab.fileio import atomic_write_text, remove_stale_temporaries
+from vaelab.training import EpochRecord, TrainState, check_batch_size, evaluate_terms, fit, make_optimizer
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+CSV_BASE = [
+    "epoch",
+    "split",
+    "step",
+    "elbo",
+    "reconstruction",
+    "kl",
+    "beta",
+    "examples_per_s",
+    "seconds",
+    "bits_per_dim",
+    "kl_method",
+    "skipped",
+]
+
+
+def default_out(name: str) -> Path:
+    """runs/NAME, or runs/NAME-2, -3, ... : a default run never lands on an existing one."""
+    base = Path("runs") / Path(name).stem
+    candidate, i = base, 1
+    while candidate.exists():
+        i += 1
+        candidate = base.with_name(f"{base.name}-{i}")
+    return candidate
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool, remove_temporaries: bool = True) -> None:
+    if resume:
+        if not (out / "checkpoints" / "last.pt").exists():
+            raise UserError(f"--resume: {out} has no checkpoints/last.pt to resume from")
+        if remove_temporaries:  # rank 0 only: the files of a write that a kill interrupted
+            remove_stale_temporaries(out / "checkpoints")
+            remove_stale_temporaries(out)
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(
+                f"{out} already exists and is not empty; choose another --out, add --resume, or --overwrite"
+            )
+        if not (out / "config.toml").exists():
+            raise UserError(f"{out} is not a vaelab run directory (no config.toml); refusing to delete it")
+        shutil.rmtree(out)
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create run directory {out}: {err.strerror}; choose another --out") from None
+
+
+class RunWriter:
+    """Hook that writes metrics.csv, TensorBoard events and checkpoints (rank 0 only)."""
+
+    def __init__(
+        self, out: Path, config: Config, optimizer, x_shape, fingerprint: str, latent_dim: int, resume_epoch: int = 0
+    ):
+        self.out, self.config, self.optimizer = out, config, optimizer
+        self.x_shape, self.fingerprint = x_shape, fingerprint
+        self.columns = CSV_BASE + [f"kl_dim_{j}" for j in range(latent_dim)]
+        self.csv_path = out / "metrics.csv"
+        kept = []
+        if resume_epoch and self.csv_path.exists():  # drop rows of epochs that will be run again
+            with open(self.csv_path, newline="") as f:
+                kept = [row for row in csv.DictReader(f) if int(row["epoch"]) < resume_epoch]
+        with open(self.csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows(kept)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboard is a dependency; keep training without it
+            pass
+
+    def __call__(self, record: EpochRecord, model, state: TrainState) -> None:
+        row = {k: getattr(record, k) for k in CSV_BASE}
+        row.update({f"kl_dim_{j}": v for j, v in enumerate(record.kl_per_dim)})
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, self.columns).writerow(row)
+        if self.tb is not None:
+            for name in ("elbo", "reconstruction", "kl", "beta"):
+                self.tb.add_scalar(f"{record.split}/{name}", getattr(record, name), record.step)
+            self.tb.flush()
+        if record.split != "val":
+            return
+
+        def save(name: str) -> None:
+            checkpoint.save_checkpoint(
+                self.out / "checkpoints" / name,
+                model,
+                self.optimizer,
+                epoch=state.epoch,
+                step=state.step,
+                best_elbo=state.best_elbo,
+                config=self.config,
+                x_shape=self.x_shape,
+                fingerprint=self.fingerprint,
+            )
+
+        if record.elbo > state.best_elbo:
+            state.best_elbo = record.elbo
+            save("best.pt")
+            checkpoint.save_weights(self.out / "model.safetensors", model, self.config, self.x_shape)
+        save("last.pt")
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def summary_line(r: EpochRecord) -> str:
+    bpd = f"  {r.bits_per_dim:.3f} bits/dim" if r.bits_per_dim is not None else ""
+    kl = "KL" if r.kl_method == "analytic" else "KL (Monte Carlo)"
+    return f"{r.split:>5}  ELBO {r.elbo:9.3f}  reconstruction {r.reconstruction:9.3f}  {kl} {r.kl:7.3f} nats{bpd}"
+
+
+ARCHITECTURE_FIELDS = ("model", "hidden", "activation", "latent_dim", "likelihood", "prior", "prior_components")
+
+
+def train_run(
+    config: Config,
+    out: Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+    auto_resume: bool = False,
+) -> tuple[Path, EpochRecord]:
+    """``vaelab train``: data, model, loop, run directory; returns the run directory and the test record.
+
+    ``auto_resume``: continue from ``out/checkpoints/last.pt`` when it exists, else start the
+    run in ``out`` (replacing a run directory that has no checkpoint yet). That is what a command
+    restarted by ``torchrun --max-restarts`` or a cluster scheduler needs: the same command
+    line, run again, continues where the last checkpoint left off.
+
+    Under torchrun every rank runs this; rank 0 alone prepares the run directory, logs and
+    writes, the others wait for it at barriers.
+    """
+    set_threads(config.threads)
+    device = resolve_device(config.device)
+    if auto_resume and out is None:
+        raise UserError("--auto-resume needs --out: the run directory to continue in")
+    with distributed.session(device.type) as ctx:
+        if auto_resume:  # decided by every rank before rank 0 writes anything (the barrier below)
+            resume = (Path(out) / "checkpoints" / "last.pt").exists()
+            overwrite = overwrite or (not resume and (Path(out) / "config.toml").exists())
+        return _train(config, device, ctx, out, resume, overwrite, log)
+
+
+def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, EpochRecord]:
+    if ctx.active and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    if not ctx.is_main:
+        log = _silent
+    torch.manual_seed(config.seed)
+    splits, train_x, val_x, test_x, pixels = prepare_data(config, device)
+    check_batch_size(config.batch_size, len(train_x), ctx.world)  # before anything is written
+    out = Path(out) if out else default_out(splits.name)
+    distributed.barrier()  # every rank has chosen ``out`` and read the directory before rank 0 changes it
+    state, resume_ckpt = TrainState(), None
+    if resume:
+        prepare_out(out, resume, overwrite, remove_temporaries=ctx.is_main)
+        resume_ckpt = checkpoint.load_checkpoint(out / "checkpoints" / "last.pt")
+        _check_resumable(resume_ckpt, config, splits)
+    model = models.build(config, splits.x_shape).to(device)
+    optimizer = make_optimizer(model, config)
+    if resume_ckpt is not None:
+        checkpoint.load_state(model, resume_ckpt["model"], out / "checkpoints" / "last.pt")
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        checkpoint.set_rng_state(resume_ckpt["rng"])
+        state = TrainState(resume_ckpt["epoch"], resume_ckpt["step"], resume_ckpt["best_elbo"])
+        log(f"resuming {out} at epoch {state.epoch + 1}")
+    elif ctx.is_main:
+        prepare_out(out, resume, overwrite)
+    hooks: list = []
+    if ctx.is_main:
+        atomic_write_text(out / "config.toml", config.to_toml())
+        writer = RunWriter(out, config, optimizer, splits.x_shape, splits.fingerprint, config.latent_dim, state.epoch)
+        hooks.append(writer)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(
+        f"{splits.name}: {len(train_x)} train / {len(val_x)} val / {len(test_x)} test images of shape "
+        f"{splits.x_shape}; {models.architecture_for(config.model, splits.x_shape)} VAE, {n_params:,} parameters, "
+        f"{config.likelihood} likelihood, {config.prior} prior, on {device}"
+    )
+
+    def print_epoch(record: EpochRecord, model, state) -> None:
+        if record.split == "val":
+            log(
+                f"epoch {record.epoch + 1:3d}/{config.epochs}  "
+                + summary_line(record).strip()
+                + f"  beta {record.beta:.2f}"
+            )
+
+    try:
+        fit(model, train_x, val_x, config, hooks=[*hooks, print_epoch], state=state, optimizer=optimizer, pixels=pixels)
+    finally:
+        for hook in hooks:
+            hook.close()
+    distributed.barrier()  # rank 0's last checkpoint is on disk
+    best = (
+        checkpoint.load_checkpoint(out / "checkpoints" / "best.pt")
+        if (out / "checkpoints" / "best.pt").exists()
+        else None
+    )
+    if best is not None:
+        model.load_state_dict(best["model"])
+    return out, evaluate_terms(model, test_x, 1024, state.epoch, "test", pixels, config.seed)
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _check_resumable(ckpt: dict, config: Config, splits: data.Splits) -> None:
+    if ckpt.get("rng_streams") != checkpoint.RNG_STREAMS:
+        raise UserError(
+            "--resume: this checkpoint was written by an earlier vaelab whose random streams differ, so the run "
+            "would not continue exactly; start a new run (its model still loads for evaluate and report)"
+        )
+    if ckpt["fingerprint"] != splits.fingerprint:
+        raise UserError(
+            f"--resume: the data differ from the run's ({splits.name} now has another fingerprint); "
+            "resume with the same data, or start a new run"
+        )
+    old = ckpt["config"]
+    new = config.to_dict()
+    differs = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in ARCHITECTURE_FIELDS + ("seed", "binarize")
+        if old.get(k) != new.get(k)
+    ]
+    if differs:
+        raise UserError(f"--resume with a different config ({'; '.join(differs)}); use the run's config.toml")
+
+
+def set_threads(threads: int) -> None:
+    """``threads=0`` keeps PyTorch's default (one thread per core)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
