@@ -138,13 +138,13 @@ def test_evaluate_record_adds_up():
     x = (torch.rand(300, 1, 8, 8) > 0.5).float()
     fit(model, x, epochs=1, batch_size=50, progress=False)
     record, per = evaluate(model, x, iwae_k=50, pixels=64)
-    assert record["kl_split"]["adds_up"] and record["kl_split"]["agrees_with_kl_within_4_std_errors"]
+    assert record.kl_split["adds_up"] and record.kl_split["agrees_with_kl_within_4_std_errors"]
     # paired on the same examples: IWAE-k >= ELBO in expectation for each x, so the mean of
     # log p_k(x) - ELBO(x) is not below -4 of its standard errors (a false alarm about 3e-5 of the
     # time, one-sided, normal approximation); in fact it is well above 0
     gap = per["log_likelihood"] - per["elbo"].double()
     assert gap.mean() >= -4 * gap.std() / math.sqrt(len(gap))
-    assert sum(record["kl_per_dim"]) == pytest.approx(record["kl"], rel=1e-4)
+    assert sum(record.kl_per_dim) == pytest.approx(record.kl, rel=1e-4)
     assert per["elbo"].shape == (300,)
 
 

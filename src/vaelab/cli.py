@@ -258,12 +258,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     if os.environ.get("RANK", "0") != "0":
         return 0
-    print(
-        f"{record['data']} ({record['split']}, {record['examples']} examples, binarize {record['binarize']}, "
-        f"seed {record['seed']})"
-    )
+    print(f"{record.data} ({record.split}, {record.examples} examples, binarize {record.binarize}, seed {record.seed})")
     print(format_table(record))
-    text = json.dumps(record, indent=1)
+    text = json.dumps(record.to_dict(), indent=1)
     if args.json:
         atomic_write_text(args.json, text)
         print(f"wrote {args.json}")

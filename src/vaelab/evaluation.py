@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -139,17 +140,63 @@ def kl_split(model, mu: Tensor, log_var: Tensor, chunk: int = 256) -> tuple[dict
     return summary, total
 
 
+@dataclass
+class Evaluation:
+    """Every metric of one split, nats per example unless named otherwise; ``evaluation.json``."""
+
+    examples: int
+    elbo: float
+    reconstruction: float
+    kl: float
+    kl_method: str  # "analytic", or "monte_carlo" where the prior has no closed-form KL
+    kl_per_dim: list[float] | None  # None where the prior does not factorise
+    activity: list[float]  # Cov_x(E_q[z_j | x]) per dimension
+    active_units: int
+    mutual_information: float  # I_q(x; z) of the KL split
+    marginal_kl: float  # KL(q(z) || p(z)) of the KL split
+    kl_split: dict  # the split's estimator, its checks and their standard errors
+    kl_estimator: dict  # the analytic KL beside a single-sample Monte Carlo one
+    active_threshold: float = ACTIVE_THRESHOLD
+    kl_std_error: float | None = None  # a Monte Carlo KL's standard error
+    bits_per_dim: float | None = None  # discrete likelihoods
+    log_likelihood: float | None = None  # the IWAE-k estimate of log p(x)
+    log_likelihood_std_error: float | None = None
+    iwae_k: int | None = None
+    log_likelihood_bits_per_dim: float | None = None
+    # what was evaluated (set by evaluate_run)
+    data: str | None = None
+    split: str | None = None
+    binarize: str | None = None
+    seed: int | None = None
+    likelihood: str | None = None
+    prior: str | None = None
+
+    RUN_FIELDS = ("data", "split", "binarize", "seed", "likelihood", "prior")
+
+    def to_dict(self) -> dict:
+        """The record for JSON: what was evaluated first, then the metrics; absent values left out."""
+        optional = {f.name for f in fields(self) if f.default is None}
+        values = {k: v for k, v in asdict(self).items() if v is not None or k not in optional}
+        return {**{k: values[k] for k in self.RUN_FIELDS if k in values}, **values}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Evaluation:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
 @torch.no_grad()
 def evaluate(
     model, x: Tensor, *, iwae_k: int = 5000, batch_size: int = 100, seed: int = 0, pixels: int | None = None
-) -> tuple[dict, dict[str, Tensor]]:
+) -> tuple[Evaluation, dict[str, Tensor]]:
     """Every metric for data ``x`` (already binarised where the likelihood needs it).
 
-    Returns the record (plain numbers) and per-example tensors (elbo, reconstruction, kl,
-    kl_per_dim) for ``--per-example``.
+    Returns the record and per-example tensors (elbo, reconstruction, kl, kl_std_error,
+    log_likelihood, kl_per_dim, where the run has them) for ``--per-example``.
     """
     model.eval()
     torch.manual_seed(seed)
+    N = x.shape[0]
     # E_q[log p(x|z)] with one z per example; the KL in closed form, or from many samples where it has none
     reconstruction = torch.cat([t.reconstruction for t in elbo_batches(model, x, 1024, seed)])
     kl = kl_per_example(model, x, seed=seed)
@@ -158,35 +205,20 @@ def evaluate(
         per["kl_std_error"] = kl.std_error
     if kl.per_dim is not None:
         per["kl_per_dim"] = kl.per_dim
-    N = x.shape[0]
-    record: dict = {
-        "examples": N,
-        "elbo": per["elbo"].mean().item(),
-        "reconstruction": per["reconstruction"].mean().item(),
-        "kl": per["kl"].mean().item(),
-        "kl_method": kl.method,
-        "kl_per_dim": per["kl_per_dim"].mean(0).tolist() if "kl_per_dim" in per else None,
-    }
-    if kl.std_error is not None:  # the Monte Carlo error of the mean KL: independent draws per example
-        record["kl_std_error"] = (kl.std_error.square().sum().sqrt() / N).item()
-    if pixels:
-        record["bits_per_dim"] = bits_per_dim(record["elbo"], pixels)
+    likelihood = {}
     if iwae_k > 0:
         ctx = distributed.current()  # under torchrun each rank estimates its share of the examples
         torch.manual_seed(seed + ctx.rank)
         ll = iwae_log_likelihood(model, x[shard_rows(N, ctx.rank, ctx.world)], iwae_k, batch_size)
-        ll = distributed.all_gather_cat(ll)
-        per["log_likelihood"] = ll
-        record.update(
-            log_likelihood=ll.mean().item(), log_likelihood_std_error=ll.std().item() / math.sqrt(N), iwae_k=iwae_k
+        per["log_likelihood"] = ll = distributed.all_gather_cat(ll)
+        likelihood = dict(
+            log_likelihood=ll.mean().item(),
+            log_likelihood_std_error=ll.std().item() / math.sqrt(N),
+            iwae_k=iwae_k,
+            log_likelihood_bits_per_dim=bits_per_dim(ll.mean().item(), pixels) if pixels else None,
         )
-        if pixels:
-            record["log_likelihood_bits_per_dim"] = bits_per_dim(record["log_likelihood"], pixels)
     mu, log_var = posterior_params(model, x)
     act = activity(mu)
-    record["activity"] = act.tolist()
-    record["active_units"] = int((act > ACTIVE_THRESHOLD).sum())
-    record["active_threshold"] = ACTIVE_THRESHOLD
     split, single = kl_split(model, mu, log_var)  # single: one-sample Monte Carlo KL per example
     split["adds_up"] = abs(split["mutual_information"] + split["marginal_kl"] - split["kl_monte_carlo"]) < 1e-3
     # paired on the same examples: the single-sample KL minus the KL above; its mean is 0 in expectation
@@ -194,39 +226,51 @@ def evaluate(
     split["difference_std_error"] = (difference.std() / math.sqrt(N)).item()
     # |mean| <= 4 standard errors: a false alarm about 6e-5 of the time (normal approximation)
     split["agrees_with_kl_within_4_std_errors"] = abs(difference.mean().item()) <= 4 * split["difference_std_error"]
-    record["mutual_information"] = split.pop("mutual_information")
-    record["marginal_kl"] = split.pop("marginal_kl")
-    record["kl_split"] = split
-    record["kl_estimator"] = {
-        "analytic": record["kl"] if kl.method == "analytic" else None,
-        "single_sample_monte_carlo": single.mean().item(),
-        "single_sample_std_dev": single.std().item(),
-        "single_sample_std_error": single.std().item() / math.sqrt(N),
-    }
+    mean_kl = per["kl"].mean().item()
+    record = Evaluation(
+        examples=N,
+        elbo=per["elbo"].mean().item(),
+        reconstruction=per["reconstruction"].mean().item(),
+        kl=mean_kl,
+        kl_method=kl.method,
+        kl_per_dim=per["kl_per_dim"].mean(0).tolist() if "kl_per_dim" in per else None,
+        # the Monte Carlo error of the mean KL: independent draws per example
+        kl_std_error=None if kl.std_error is None else (kl.std_error.square().sum().sqrt() / N).item(),
+        bits_per_dim=bits_per_dim(per["elbo"].mean().item(), pixels) if pixels else None,
+        activity=act.tolist(),
+        active_units=int((act > ACTIVE_THRESHOLD).sum()),
+        mutual_information=split.pop("mutual_information"),
+        marginal_kl=split.pop("marginal_kl"),
+        kl_split=split,
+        kl_estimator={
+            "analytic": mean_kl if kl.method == "analytic" else None,
+            "single_sample_monte_carlo": single.mean().item(),
+            "single_sample_std_dev": single.std().item(),
+            "single_sample_std_error": single.std().item() / math.sqrt(N),
+        },
+        **likelihood,
+    )
     return record, per
 
 
-def format_table(record: dict) -> str:
+def format_table(record: Evaluation) -> str:
+    r = record
     rows = [
-        ("ELBO", record["elbo"], "nats"),
-        ("  reconstruction E_q[log p(x|z)]", record["reconstruction"], "nats"),
-        (f"  KL(q(z|x) || p(z)) [{record['kl_method']}]", record["kl"], "nats"),
-        ("    mutual information I(x; z)", record["mutual_information"], "nats"),
-        ("    marginal KL(q(z) || p(z))", record["marginal_kl"], "nats"),
+        ("ELBO", r.elbo, "nats"),
+        ("  reconstruction E_q[log p(x|z)]", r.reconstruction, "nats"),
+        (f"  KL(q(z|x) || p(z)) [{r.kl_method}]", r.kl, "nats"),
+        ("    mutual information I(x; z)", r.mutual_information, "nats"),
+        ("    marginal KL(q(z) || p(z))", r.marginal_kl, "nats"),
     ]
-    if "log_likelihood" in record:
+    if r.log_likelihood is not None:
         rows.append(
-            (
-                f"log p(x), IWAE k={record['iwae_k']}",
-                record["log_likelihood"],
-                f"nats  ± {record['log_likelihood_std_error']:.3f} (s.e.)",
-            )
+            (f"log p(x), IWAE k={r.iwae_k}", r.log_likelihood, f"nats  ± {r.log_likelihood_std_error:.3f} (s.e.)")
         )
-    if "bits_per_dim" in record:
-        rows.append(("ELBO in bits/dim", record["bits_per_dim"], "bits/dim"))
-    if "log_likelihood_bits_per_dim" in record:
-        rows.append(("log p(x) in bits/dim", record["log_likelihood_bits_per_dim"], "bits/dim"))
-    est = record["kl_estimator"]
+    if r.bits_per_dim is not None:
+        rows.append(("ELBO in bits/dim", r.bits_per_dim, "bits/dim"))
+    if r.log_likelihood_bits_per_dim is not None:
+        rows.append(("log p(x) in bits/dim", r.log_likelihood_bits_per_dim, "bits/dim"))
+    est = r.kl_estimator
     rows.append(
         (
             "KL, single-sample Monte Carlo",
@@ -235,11 +279,11 @@ def format_table(record: dict) -> str:
         )
     )
     lines = [f"{name:<40} {value:12.4f}  {unit}" for name, value, unit in rows]
-    D = len(record["activity"])
-    lines.append(f"{'active units (Cov_x E[z_j|x] > 0.01)':<40} {record['active_units']:>12d}  of {D}")
-    if record["kl_per_dim"] is not None:
-        order = sorted(range(D), key=lambda j: -record["kl_per_dim"][j])
-        top = ", ".join(f"z{j}: {record['kl_per_dim'][j]:.2f}" for j in order[:8])
+    D = len(r.activity)
+    lines.append(f"{f'active units (Cov_x E[z_j|x] > {r.active_threshold})':<40} {r.active_units:>12d}  of {D}")
+    if r.kl_per_dim is not None:
+        order = sorted(range(D), key=lambda j: -r.kl_per_dim[j])
+        top = ", ".join(f"z{j}: {r.kl_per_dim[j]:.2f}" for j in order[:8])
         lines.append(f"{'KL per dimension (largest first)':<40} {top}")
     return "\n".join(lines)
 
@@ -260,7 +304,7 @@ def per_example_csv(per: dict[str, Tensor]) -> str:
 
 def evaluate_run(
     run, *, data=None, data_dir=None, split="test", iwae_k=5000, batch_size=100, seed=0, per_example=False
-) -> tuple[dict, str | None]:
+) -> tuple[Evaluation, str | None]:
     """``vaelab evaluate``: load the run's model and data the way it was trained; evaluate one split."""
     if iwae_k < 0:
         raise UserError(f"--iwae-k must be >= 0, got {iwae_k}")
@@ -278,16 +322,16 @@ def evaluate_run(
         if split == "train" and config.binarize == "dynamic":
             x = binarize_static(x, config.seed, "train")  # the static draw a static run trains on
         record, per = evaluate(model, x, iwae_k=iwae_k, batch_size=batch_size, seed=seed, pixels=pixels)
-    record = {
-        "data": splits.name,
-        "split": split,
-        "binarize": config.binarize,
-        "seed": seed,
-        "likelihood": config.likelihood,
-        "prior": config.prior,
-        **record,
-    }
+    record = replace(
+        record,
+        data=splits.name,
+        split=split,
+        binarize=config.binarize,
+        seed=seed,
+        likelihood=config.likelihood,
+        prior=config.prior,
+    )
     run = Path(run)
     if run.is_dir() and ctx.is_main:
-        atomic_write_text(run / "evaluation.json", json.dumps(record, indent=1))
+        atomic_write_text(run / "evaluation.json", json.dumps(record.to_dict(), indent=1))
     return record, per_example_csv(per) if per_example else None

@@ -17,7 +17,7 @@ import torch
 from vaelab.checkpoint import load_run
 from vaelab.config import Config
 from vaelab.data import prepare_data
-from vaelab.evaluation import kl_per_example, posterior_params
+from vaelab.evaluation import Evaluation, kl_per_example, posterior_params
 from vaelab.kl import KLResult
 
 
@@ -48,9 +48,10 @@ class Run:
         with open(path, newline="") as f:
             return list(csv.DictReader(f))
 
-    def evaluation(self) -> dict | None:
+    def evaluation(self) -> Evaluation | None:
+        """The record ``vaelab evaluate`` wrote into the run directory, if it has run."""
         path = self.path / "evaluation.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return Evaluation.from_dict(json.loads(path.read_text())) if path.exists() else None
 
 
 def open_run(path: str | Path, max_examples: int = 2000) -> Run:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from vaelab import plots
+from vaelab.evaluation import ACTIVE_THRESHOLD, Evaluation
 from vaelab.explain import Explanation
 from vaelab.fileio import atomic_write_text
 
@@ -142,8 +143,8 @@ def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8) ->
             (
                 "KL per latent dimension",
                 "Average KL(q(z_j|x) ‖ p(z_j)) over the test set. A dimension is active when the variance "
-                "of its posterior mean over the test set exceeds 0.01 (Burda et al. 2015).",
-                plots.kl_per_dimension(kl_avg, activity > 0.01),
+                f"of its posterior mean over the test set exceeds {ACTIVE_THRESHOLD} (Burda et al. 2015).",
+                plots.kl_per_dimension(kl_avg, activity > ACTIVE_THRESHOLD),
             )
         )
     else:
@@ -152,8 +153,8 @@ def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8) ->
                 "Activity per latent dimension",
                 f"The {run.config.prior} prior does not factorise over dimensions, so its KL has no split into "
                 "dimensions; the bars show each dimension's activity, the variance of its posterior mean over "
-                "the test set (active above 0.01, Burda et al. 2015).",
-                plots.kl_per_dimension(activity, activity > 0.01, ylabel="activity Cov_x(E[z_j|x])"),
+                f"the test set (active above {ACTIVE_THRESHOLD}, Burda et al. 2015).",
+                plots.kl_per_dimension(activity, activity > ACTIVE_THRESHOLD, ylabel="activity Cov_x(E[z_j|x])"),
             )
         )
     x = run.test_x[:examples]
@@ -267,25 +268,21 @@ def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8) ->
     return out, written
 
 
-def _evaluation_table(e: dict) -> str:
+def _evaluation_table(e: Evaluation) -> str:
     rows = [
-        ("data, split", f"{e['data']}, {e['split']} ({e['examples']} examples)"),
-        ("ELBO", f"{e['elbo']:.3f} nats"),
-        ("reconstruction", f"{e['reconstruction']:.3f} nats"),
-        (f"KL ({e['kl_method']})", f"{e['kl']:.3f} nats"),
-        ("mutual information I(x; z)", f"{e['mutual_information']:.3f} nats"),
-        ("marginal KL(q(z) ‖ p(z))", f"{e['marginal_kl']:.3f} nats"),
-        ("active units", f"{e['active_units']} of {len(e['activity'])}"),
+        ("data, split", f"{e.data}, {e.split} ({e.examples} examples)"),
+        ("ELBO", f"{e.elbo:.3f} nats"),
+        ("reconstruction", f"{e.reconstruction:.3f} nats"),
+        (f"KL ({e.kl_method})", f"{e.kl:.3f} nats"),
+        ("mutual information I(x; z)", f"{e.mutual_information:.3f} nats"),
+        ("marginal KL(q(z) ‖ p(z))", f"{e.marginal_kl:.3f} nats"),
+        ("active units", f"{e.active_units} of {len(e.activity)}"),
     ]
-    if "log_likelihood" in e:
+    if e.log_likelihood is not None:
         rows.insert(
-            1,
-            (
-                f"log p(x), IWAE k={e['iwae_k']}",
-                f"{e['log_likelihood']:.3f} ± {e['log_likelihood_std_error']:.3f} nats",
-            ),
+            1, (f"log p(x), IWAE k={e.iwae_k}", f"{e.log_likelihood:.3f} ± {e.log_likelihood_std_error:.3f} nats")
         )
-    if "bits_per_dim" in e:
-        rows.append(("ELBO in bits/dim", f"{e['bits_per_dim']:.4f}"))
+    if e.bits_per_dim is not None:
+        rows.append(("ELBO in bits/dim", f"{e.bits_per_dim:.4f}"))
     cells = "".join(f"<tr><td class='l'>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>" for a, b in rows)
     return f"<table>{cells}</table>"
