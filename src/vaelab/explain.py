@@ -103,154 +103,210 @@ def _mc(name, formula, exact: float, samples: Tensor, note="") -> Step:
     return Step(name, formula, exact, samples.mean().item(), N_STD_ERRORS * se, "monte_carlo", note, se)
 
 
+@dataclass(frozen=True)
+class Problem:
+    """The numbers every step reads: the model, x, the exact posterior, an imperfect q, and
+    ``samples`` draws z ~ q with their log densities (one set of draws for every Monte Carlo step)."""
+
+    model: LinearGaussian
+    x: Tensor  # (d,)
+    posterior: MultivariateNormal
+    log_px: float
+    mu: Tensor  # q's mean, (k,)
+    log_var: Tensor  # q's log-variance, (k,)
+    kl_q_posterior: float  # closed form
+    kl_q_prior: float  # closed form
+    reconstruction: float  # E_q[log p(x|z)] in closed form
+    log_q: Tensor  # (N,) at the draws z_n ~ q
+    log_p_z: Tensor
+    log_posterior: Tensor
+    log_px_given_z: Tensor
+
+    @property
+    def elbo(self) -> float:
+        return self.reconstruction - self.kl_q_prior
+
+
 def explain(seed: int = 0, latent_dim: int = 2, data_dim: int = 5, samples: int = 20_000) -> Explanation:
     """Run the derivation on a random linear-Gaussian model and a deliberately imperfect q."""
     if latent_dim < 1 or data_dim < 1:
         raise UserError("--latent-dim and --data-dim must be at least 1")
     if samples < 2:
         raise UserError("--samples must be at least 2: Monte Carlo steps report a standard error")
+    p = _problem(seed, latent_dim, data_dim, samples)
+    gap_steps, trace, mean_field_gap = _gap_steps(p)
+    per_dimension, table = _per_dimension_step()
+    steps = [*_definition_steps(p), *_elbo_steps(p), *_closed_form_steps(p), *gap_steps, per_dimension]
+    return Explanation(
+        model=p.model,
+        x=p.x,
+        mu=p.mu,
+        log_var=p.log_var,
+        posterior=p.posterior,
+        log_px=p.log_px,
+        elbo=p.elbo,
+        kl_q_prior=p.kl_q_prior,
+        kl_q_posterior=p.kl_q_posterior,
+        steps=steps,
+        elbo_trace=trace,
+        intuition=table,
+        mean_field_gap=mean_field_gap,
+        samples=samples,
+        seed=seed,
+    )
+
+
+def _problem(seed: int, latent_dim: int, data_dim: int, samples: int) -> Problem:
     g = torch.Generator().manual_seed(seed)
     model = LinearGaussian.random(data_dim, latent_dim, seed=seed)
     z_true = torch.randn(latent_dim, generator=g, dtype=F64)
     x = model.decode(z_true).mean + model.noise_var**0.5 * torch.randn(data_dim, generator=g, dtype=F64)
-
     post = model.posterior(x)
-    log_px = model.log_px(x).item()
     # an imperfect q: the posterior's mean, shifted, and its marginal variances, widened
     mu = post.mean + 0.5 * torch.randn(latent_dim, generator=g, dtype=F64)
     log_var = post.covariance_matrix.diagonal().log() + 0.7
     q = diag_normal(mu, log_var)
     cov_q = torch.diag(log_var.exp())
-    prior = model.prior()
-
-    kl_q_post = kl_mvn(mu, cov_q, post.mean, post.covariance_matrix).item()
-    kl_q_prior = kl_normal_std_normal(mu, log_var).sum().item()
-    rec = expected_log_likelihood(model, x, mu, cov_q).item()
-    elbo = rec - kl_q_prior
-
-    torch.manual_seed(seed)  # the Monte Carlo draws below are a function of --seed
+    torch.manual_seed(seed)  # the Monte Carlo draws are a function of --seed
     z = q.sample((samples,))  # (N, k)
-    log_q, log_p_z, log_post = q.log_prob(z), prior.log_prob(z), post.log_prob(z)
-    log_px_given_z = model.decode(z).log_prob(x)
+    return Problem(
+        model=model,
+        x=x,
+        posterior=post,
+        log_px=model.log_px(x).item(),
+        mu=mu,
+        log_var=log_var,
+        kl_q_posterior=kl_mvn(mu, cov_q, post.mean, post.covariance_matrix).item(),
+        kl_q_prior=kl_normal_std_normal(mu, log_var).sum().item(),
+        reconstruction=expected_log_likelihood(model, x, mu, cov_q).item(),
+        log_q=q.log_prob(z),
+        log_p_z=model.prior().log_prob(z),
+        log_posterior=post.log_prob(z),
+        log_px_given_z=model.decode(z).log_prob(x),
+    )
 
-    steps: list[Step] = []
-    # 1. definition
-    steps.append(
+
+def _definition_steps(p: Problem) -> list[Step]:
+    """1. the definition of the KL to the posterior; 2. Bayes' rule at the sampled z."""
+    bayes = p.log_px_given_z + p.log_p_z - p.log_px
+    worst = int((p.log_posterior - bayes).abs().argmax())
+    return [
         _mc(
             "1. KL to the posterior is an expectation under q",
             "D_KL[q(z|x) ‖ p(z|x)] = E_q[log q(z|x) − log p(z|x)]",
-            kl_q_post,
-            log_q - log_post,
+            p.kl_q_posterior,
+            p.log_q - p.log_posterior,
             "lhs: closed form for two Gaussians (Cholesky); rhs: mean over samples z ~ q",
-        )
-    )
-    # 2. Bayes' rule, pointwise at sampled z
-    bayes = log_px_given_z + log_p_z - log_px
-    worst = int((log_post - bayes).abs().argmax())
-    steps.append(
+        ),
         Step(
             "2. Bayes' rule at sampled z",
             "log p(z|x) = log p(x|z) + log p(z) − log p(x)",
-            log_post[worst].item(),
+            p.log_posterior[worst].item(),
             bayes[worst].item(),
             EXACT_TOL,
             "exact",
-            f"checked at all {samples} sampled z; shown at the one with the largest difference",
-        )
-    )
-    # 3. substitute 2 into 1: D_KL = E_q[log q - log p(x|z) - log p(z)] + log p(x)
-    #    => log p(x) - D_KL[q || p(z|x)] = E_q[log p(x|z)] - D_KL[q || p(z)]
-    steps.append(
+            f"checked at all {len(bayes)} sampled z; shown at the one with the largest difference",
+        ),
+    ]
+
+
+def _elbo_steps(p: Problem) -> list[Step]:
+    """3. substitute 2 into 1: D_KL = E_q[log q - log p(x|z) - log p(z)] + log p(x), so
+    log p(x) - D_KL[q || p(z|x)] = E_q[log p(x|z)] - D_KL[q || p(z)]."""
+    return [
         Step(
             "3. Substitute and rearrange: the ELBO",
             "log p(x) − D_KL[q ‖ p(z|x)] = E_q[log p(x|z)] − D_KL[q ‖ p(z)]",
-            log_px - kl_q_post,
-            elbo,
+            p.log_px - p.kl_q_posterior,
+            p.elbo,
             EXACT_TOL,
             "exact",
             "log p(x) does not depend on z, so it leaves the expectation; rhs in closed form",
-        )
-    )
-    steps.append(
+        ),
         _mc(
             "3b. The ELBO's reconstruction term by sampling",
             "E_q[log p(x|z)] ≈ (1/N) Σ_n log p(x|z_n)",
-            rec,
-            log_px_given_z,
+            p.reconstruction,
+            p.log_px_given_z,
             "this is how a VAE computes it: sampled z, closed form only for the KL",
-        )
-    )
-    # 4. closed form of D_KL[q || N(0, I)], term by term
-    neg_entropy = -normal_entropy(log_var).sum().item()
-    cross = -0.5 * (latent_dim * math.log(2 * math.pi) + (mu.square() + log_var.exp()).sum()).item()
-    steps.append(
-        _mc("4a. The entropy part", "E_q[log q(z|x)] = −H(q) = −Σ_j ½(log 2π + 1 + log σ_j²)", neg_entropy, log_q)
-    )
-    steps.append(_mc("4b. The cross-entropy part", "E_q[log p(z)] = −Σ_j ½(log 2π + μ_j² + σ_j²)", cross, log_p_z))
-    steps.append(
+        ),
+    ]
+
+
+def _closed_form_steps(p: Problem) -> list[Step]:
+    """4. the closed form of D_KL[q || N(0, I)], term by term."""
+    k = p.mu.shape[0]
+    neg_entropy = -normal_entropy(p.log_var).sum().item()
+    cross = -0.5 * (k * math.log(2 * math.pi) + (p.mu.square() + p.log_var.exp()).sum()).item()
+    return [
+        _mc("4a. The entropy part", "E_q[log q(z|x)] = −H(q) = −Σ_j ½(log 2π + 1 + log σ_j²)", neg_entropy, p.log_q),
+        _mc("4b. The cross-entropy part", "E_q[log p(z)] = −Σ_j ½(log 2π + μ_j² + σ_j²)", cross, p.log_p_z),
         Step(
             "4c. Subtract: the closed form",
             "E_q[log q] − E_q[log p(z)] = ½ Σ_j (μ_j² + σ_j² − 1 − log σ_j²)",
             neg_entropy - cross,
-            0.5 * (mu.square() + log_var.exp() - 1 - log_var).sum().item(),
+            0.5 * (p.mu.square() + p.log_var.exp() - 1 - p.log_var).sum().item(),
             EXACT_TOL,
             "exact",
             "the log 2π terms cancel; what remains is the formula",
-        )
-    )
-    steps.append(
+        ),
         _mc(
             "4d. The closed form against sampling",
             "½ Σ_j (μ_j² + σ_j² − 1 − log σ_j²) = E_q[log q(z|x) − log p(z)]",
-            kl_q_prior,
-            log_q - log_p_z,
-        )
-    )
-    # 5. the gap, by maximising the ELBO over q
-    trace, mu_opt, log_var_opt = _maximise_elbo_diagonal(model, x, mu, log_var)
+            p.kl_q_prior,
+            p.log_q - p.log_p_z,
+        ),
+    ]
+
+
+def _gap_steps(p: Problem) -> tuple[list[Step], list[float], float]:
+    """5. the gap log p(x) - ELBO, by maximising the ELBO over a diagonal q; returns the steps,
+    the ELBO's trace during the optimisation, and the mean-field gap."""
+    post, k = p.posterior, p.mu.shape[0]
+    trace, mu_opt, log_var_opt = _maximise_elbo_diagonal(p.model, p.x, p.mu, p.log_var)
     best_kl_post = kl_mvn(mu_opt, torch.diag(log_var_opt.exp()), post.mean, post.covariance_matrix).item()
     precision = torch.linalg.inv(post.covariance_matrix)
     mean_field_gap = kl_mvn(post.mean, torch.diag(1.0 / precision.diagonal()), post.mean, post.covariance_matrix)
-    steps.append(
+    exact_elbo = (
+        expected_log_likelihood(p.model, p.x, post.mean, post.covariance_matrix)
+        - kl_mvn(post.mean, post.covariance_matrix, torch.zeros_like(p.mu), torch.eye(k, dtype=F64))
+    ).item()
+    steps = [
         Step(
             "5a. ELBO ≤ log p(x): the gap is the KL to the posterior",
             "log p(x) − ELBO(q) = D_KL[q ‖ p(z|x)] ≥ 0",
-            log_px - trace[-1],
+            p.log_px - trace[-1],
             best_kl_post,
             EXACT_TOL,
             "exact",
-            f"after {len(trace) - 1} L-BFGS gradient steps on a diagonal q; log p(x) = {log_px:.6f} stayed fixed",
-        )
-    )
-    steps.append(
+            f"after {len(trace) - 1} L-BFGS gradient steps on a diagonal q; log p(x) = {p.log_px:.6f} stayed fixed",
+        ),
         Step(
             "5b. A diagonal q stops at the mean-field gap",
             "max_{q diagonal} ELBO = log p(x) − D_KL[N(m, diag(1/Λ_jj)) ‖ p(z|x)]",
-            log_px - trace[-1],
+            p.log_px - trace[-1],
             mean_field_gap.item(),
             1e-5,
             "optimisation",
             "the best diagonal q has the posterior mean and variances 1/Λ_jj (Λ the posterior precision; "
             "Bishop 2006, §10.1.2); it cannot represent the posterior's correlations, so the gap stays "
             "> 0 unless p(z|x) is itself diagonal. Tolerance: the optimiser's convergence, not an identity",
-        )
-    )
-    exact_elbo = (
-        expected_log_likelihood(model, x, post.mean, post.covariance_matrix)
-        - kl_mvn(post.mean, post.covariance_matrix, torch.zeros_like(mu), torch.eye(latent_dim, dtype=F64))
-    ).item()
-    steps.append(
+        ),
         Step(
             "5c. With q = p(z|x) (full covariance) the gap is zero",
             "ELBO(p(z|x)) = log p(x)",
             exact_elbo,
-            log_px,
+            p.log_px,
             EXACT_TOL,
             "exact",
             "the bound is tight exactly when q is the true posterior",
-        )
-    )
-    # 6. intuition: the two prices per dimension
+        ),
+    ]
+    return steps, trace, mean_field_gap.item()
+
+
+def _per_dimension_step() -> tuple[Step, list[dict]]:
+    """6. intuition: the two prices per dimension, over a table of (mu, sigma)."""
     table = []
     worst_diff = 0.0
     for m in (0.0, 1.0, 2.0):
@@ -259,34 +315,16 @@ def explain(seed: int = 0, latent_dim: int = 2, data_dim: int = 5, samples: int 
             total = kl_normal_std_normal(torch.tensor(m, dtype=F64), torch.tensor(math.log(s * s), dtype=F64))
             worst_diff = max(worst_diff, abs(total.item() - mean_term - width_term))
             table.append({"mu": m, "sigma": s, "mean_term": mean_term, "width_term": width_term, "kl": total.item()})
-    steps.append(
-        Step(
-            "6. Per dimension: a price for the mean and a price for the width",
-            "KL_j = μ_j²/2 + (σ_j² − 1 − log σ_j²)/2",
-            worst_diff,
-            0.0,
-            EXACT_TOL,
-            "exact",
-            "lhs: the largest |KL_j − mean term − width term| over the table",
-        )
+    step = Step(
+        "6. Per dimension: a price for the mean and a price for the width",
+        "KL_j = μ_j²/2 + (σ_j² − 1 − log σ_j²)/2",
+        worst_diff,
+        0.0,
+        EXACT_TOL,
+        "exact",
+        "lhs: the largest |KL_j − mean term − width term| over the table",
     )
-    return Explanation(
-        model,
-        x,
-        mu,
-        log_var,
-        post,
-        log_px,
-        elbo,
-        kl_q_prior,
-        kl_q_post,
-        steps,
-        trace,
-        table,
-        mean_field_gap.item(),
-        samples,
-        seed,
-    )
+    return step, table
 
 
 def _maximise_elbo_diagonal(
