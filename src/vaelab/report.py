@@ -5,14 +5,17 @@ from __future__ import annotations
 import base64
 import html
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from vaelab import plots
 from vaelab.evaluation import ACTIVE_THRESHOLD, Evaluation
 from vaelab.explain import Explanation
 from vaelab.fileio import atomic_write_text
+from vaelab.inspection import decode_mean, open_run, project_2d, traversals
 
 CSS = """
 body { font-family: system-ui, sans-serif; max-width: 980px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -112,110 +115,162 @@ def _posterior_figure(result: Explanation):
 
 
 # -- vaelab report RUN ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Section:
+    title: str
+    caption: str
+    figure: plots.Figure
+
+
 def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8) -> tuple[Path, list[Path]]:
-    """Write RUN/report/*.png and a self-contained HTML page (default RUN/report.html)."""
-    import torch
+    """Write RUN/report/*.png and a self-contained HTML page (default RUN/report.html).
 
-    from vaelab.inspection import decode_mean, open_run, project_2d, traversals
-
+    Draws from the prior (samples, marginals) use the global RNG seeded with 0 inside a fork,
+    so a report is reproducible and the caller's RNG state is left as it was.
+    """
     run = open_run(run_dir)
-    model, D = run.model, run.mu.shape[1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        sections = [
+            _training(run),
+            _kl_per_dimension(run),
+            _reconstructions(run, examples),
+            _prior_samples(run, examples),
+            _traversals(run),
+            _latent_space(run, projection),
+            _manifold(run),
+            _posteriors(run),
+        ]
     figures_dir = run.path / "report"
     figures_dir.mkdir(exist_ok=True)
     out = Path(out) if out else run.path / "report.html"
-    dims = run.dims_by_kl
+    parts = [_summary(run)]
     evaluation = run.evaluation()
-    activity = run.mu.var(0).numpy()
-    kl_avg = None if run.kl.per_dim is None else run.kl.per_dim.mean(0).numpy()
-    sections: list[tuple[str, str, object]] = []  # (title, caption, figure)
-
-    rows = run.metrics()
-    if rows:
-        sections.append(
-            (
-                "Training",
-                "Terms of the ELBO per epoch, in nats per example (validation dashed).",
-                plots.training_curves(rows),
-            )
-        )
-    if kl_avg is not None:
-        sections.append(
-            (
-                "KL per latent dimension",
-                "Average KL(q(z_j|x) ‖ p(z_j)) over the test set. A dimension is active when the variance "
-                f"of its posterior mean over the test set exceeds {ACTIVE_THRESHOLD} (Burda et al. 2015).",
-                plots.kl_per_dimension(kl_avg, activity > ACTIVE_THRESHOLD),
-            )
-        )
+    if evaluation:
+        parts.append("<h2>Evaluation</h2>" + _evaluation_table(evaluation))
     else:
-        sections.append(
-            (
-                "Activity per latent dimension",
-                f"The {run.config.prior} prior does not factorise over dimensions, so its KL has no split into "
-                "dimensions; the bars show each dimension's activity, the variance of its posterior mean over "
-                f"the test set (active above {ACTIVE_THRESHOLD}, Burda et al. 2015).",
-                plots.kl_per_dimension(activity, activity > ACTIVE_THRESHOLD, ylabel="activity Cov_x(E[z_j|x])"),
-            )
+        parts.append("<p class='note'>Run <code>vaelab evaluate</code> on this run to add the evaluation table.</p>")
+    written = []
+    for i, section in enumerate(s for s in sections if s is not None):
+        png = plots.to_png_bytes(section.figure)
+        name = f"{i + 1:02d}-{re.sub(r'[^a-z0-9]+', '-', section.title.lower()).strip('-')}.png"
+        (figures_dir / name).write_bytes(png)
+        written.append(figures_dir / name)
+        data = base64.b64encode(png).decode()
+        title = html.escape(section.title)
+        parts.append(
+            f"<h2>{title}</h2><p class='note'>{html.escape(section.caption)}</p>"
+            f"<img alt='{title}' src='data:image/png;base64,{data}' style='max-width:100%'>"
         )
-    x = run.test_x[:examples]
-    recon = decode_mean(model, run.mu[:examples])
-    sections.append(
-        (
-            "Reconstructions",
-            "Test images and the mean of p(x|z) at z = the posterior mean.",
-            plots.image_rows([("test image", x.numpy()), ("reconstruction", recon)], "reconstructions"),
-        )
+    atomic_write_text(out, page(f"vaelab report: {run.path.name}", "".join(parts)))
+    return out, written
+
+
+def _summary(run) -> str:
+    D = run.mu.shape[1]
+    return (
+        f"<p>Run <code>{html.escape(str(run.path))}</code>: {html.escape(run.config.data)}, "
+        f"{D} latent dimensions, {html.escape(run.config.likelihood)} likelihood, "
+        f"{html.escape(run.config.prior)} prior; {len(run.test_x)} test images; "
+        f"average KL(q(z|x) ‖ p(z)) {run.kl.value.mean().item():.3f} nats ({run.kl.method.replace('_', ' ')}).</p>"
     )
-    torch.manual_seed(0)
-    z = model.prior().sample((2 * examples,))
-    samples = decode_mean(model, z)
-    sections.append(
-        (
-            "Samples from the prior",
-            "Means of p(x|z) for z ~ p(z).",
-            plots.image_rows([("", samples[:examples]), ("", samples[examples:])], "z ~ p(z)"),
-        )
+
+
+def _kl_avg(run) -> np.ndarray | None:
+    """The average KL of each latent dimension over the test set; None where the prior does not factorise."""
+    return None if run.kl.per_dim is None else run.kl.per_dim.mean(0).numpy()
+
+
+def _training(run) -> Section | None:
+    rows = run.metrics()
+    if not rows:
+        return None
+    return Section(
+        "Training",
+        "Terms of the ELBO per epoch, in nats per example (validation dashed).",
+        plots.training_curves(rows),
     )
-    values = np.linspace(-3, 3, 9)
-    top = dims[: min(6, D)]
-    rows_t = traversals(model, run.mu[:1], top, values)
-    sections.append(
-        (
-            "Latent traversals",
-            "Starting from the first test image's posterior mean, one dimension at a time is set to "
-            "−3 … 3 (prior standard deviations); the dimensions with the most KL first.",
-            plots.image_rows(
-                [
-                    (f"z{j}" if kl_avg is None else f"z{j} ({kl_avg[j]:.2f} nats)", r)
-                    for j, r in zip(top, rows_t, strict=True)
-                ],
-                "traversals from −3 to 3",
-            ),
+
+
+def _kl_per_dimension(run) -> Section:
+    activity, kl_avg = run.mu.var(0).numpy(), _kl_avg(run)
+    if kl_avg is not None:
+        return Section(
+            "KL per latent dimension",
+            "Average KL(q(z_j|x) ‖ p(z_j)) over the test set. A dimension is active when the variance "
+            f"of its posterior mean over the test set exceeds {ACTIVE_THRESHOLD} (Burda et al. 2015).",
+            plots.kl_per_dimension(kl_avg, activity > ACTIVE_THRESHOLD),
         )
+    return Section(
+        "Activity per latent dimension",
+        f"The {run.config.prior} prior does not factorise over dimensions, so its KL has no split into "
+        "dimensions; the bars show each dimension's activity, the variance of its posterior mean over "
+        f"the test set (active above {ACTIVE_THRESHOLD}, Burda et al. 2015).",
+        plots.kl_per_dimension(activity, activity > ACTIVE_THRESHOLD, ylabel="activity Cov_x(E[z_j|x])"),
     )
+
+
+def _reconstructions(run, examples: int) -> Section:
+    x = run.test_x[:examples].numpy()
+    recon = decode_mean(run.model, run.mu[:examples])
+    return Section(
+        "Reconstructions",
+        "Test images and the mean of p(x|z) at z = the posterior mean.",
+        plots.image_rows([("test image", x), ("reconstruction", recon)], "reconstructions"),
+    )
+
+
+def _prior_samples(run, examples: int) -> Section:
+    samples = decode_mean(run.model, run.model.prior().sample((2 * examples,)))
+    return Section(
+        "Samples from the prior",
+        "Means of p(x|z) for z ~ p(z).",
+        plots.image_rows([("", samples[:examples]), ("", samples[examples:])], "z ~ p(z)"),
+    )
+
+
+def _traversals(run) -> Section:
+    kl_avg = _kl_avg(run)
+    top = run.dims_by_kl[: min(6, run.mu.shape[1])]
+    rows = traversals(run.model, run.mu[:1], top, np.linspace(-3, 3, 9))
+    labels = [f"z{j}" if kl_avg is None else f"z{j} ({kl_avg[j]:.2f} nats)" for j in top]
+    return Section(
+        "Latent traversals",
+        "Starting from the first test image's posterior mean, one dimension at a time is set to "
+        "−3 … 3 (prior standard deviations); the dimensions with the most KL first.",
+        plots.image_rows(list(zip(labels, rows, strict=True)), "traversals from −3 to 3"),
+    )
+
+
+def _latent_space(run, projection: str) -> Section:
+    D = run.mu.shape[1]
     points, (xl, yl) = project_2d(run.mu.numpy(), projection)
     labels = None if run.test_y is None else run.test_y.numpy()
     how = "directly" if D <= 2 else ("by PCA" if projection == "pca" else "by t-SNE")
-    sections.append(
-        (
-            "The latent space",
-            f"Posterior means of the test set, shown {how}, coloured by label.",
-            plots.latent_scatter(points, labels, xl, yl, "posterior means of the test set"),
-        )
+    return Section(
+        "The latent space",
+        f"Posterior means of the test set, shown {how}, coloured by label.",
+        plots.latent_scatter(points, labels, xl, yl, "posterior means of the test set"),
     )
-    if D == 2:
-        grid = torch.distributions.Normal(0, 1).icdf(torch.linspace(0.05, 0.95, 10))
-        zz = torch.stack(torch.meshgrid(grid, grid.flip(0), indexing="xy"), -1).reshape(-1, 2)
-        images = decode_mean(model, zz).reshape(10, 10, *run.test_x.shape[1:])
-        sections.append(
-            (
-                "The decoded manifold",
-                "Decoded means over a grid of prior quantiles 5 % … 95 %.",
-                plots.manifold(images, grid.numpy()),
-            )
-        )
+
+
+def _manifold(run) -> Section | None:
+    """For a 2-D latent space: the decoded means over a grid of prior quantiles."""
+    if run.mu.shape[1] != 2:
+        return None
+    grid = torch.distributions.Normal(0, 1).icdf(torch.linspace(0.05, 0.95, 10))
+    zz = torch.stack(torch.meshgrid(grid, grid.flip(0), indexing="xy"), -1).reshape(-1, 2)
+    images = decode_mean(run.model, zz).reshape(10, 10, *run.test_x.shape[1:])
+    return Section(
+        "The decoded manifold",
+        "Decoded means over a grid of prior quantiles 5 % … 95 %.",
+        plots.manifold(images, grid.numpy()),
+    )
+
+
+def _posteriors(run) -> Section:
     if run.kl.per_dim is None:  # the prior's marginals from samples; the KL of each image by Monte Carlo
-        prior_samples = model.prior().sample((20_000,)).numpy()
+        prior_samples = run.model.prior().sample((20_000,)).numpy()
         kl, se = run.kl.value[:4].tolist(), run.kl.std_error[:4].tolist()
         row_titles = [f"KL {v:.2f} ± {e:.2f}" for v, e in zip(kl, se, strict=True)]
         caption = (
@@ -229,43 +284,15 @@ def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8) ->
             "For four test images, each dimension's posterior against N(0, 1) and its KL: "
             "μ²/2 for moving the mean, (σ² − 1 − log σ²)/2 for a width other than 1."
         )
-    sections.append(
-        (
-            "q(z|x) against the prior",
-            caption,
-            plots.posterior_against_prior(
-                run.test_x[:4].numpy(),
-                run.mu[:4].numpy(),
-                run.log_var[:4].numpy(),
-                dims[: min(6, D)],
-                prior_samples,
-                row_titles,
-            ),
-        )
+    figure = plots.posterior_against_prior(
+        run.test_x[:4].numpy(),
+        run.mu[:4].numpy(),
+        run.log_var[:4].numpy(),
+        run.dims_by_kl[: min(6, run.mu.shape[1])],
+        prior_samples,
+        row_titles,
     )
-    parts = [
-        f"<p>Run <code>{html.escape(str(run.path))}</code>: {html.escape(run.config.data)}, "
-        f"{D} latent dimensions, {html.escape(run.config.likelihood)} likelihood, "
-        f"{html.escape(run.config.prior)} prior; {len(run.test_x)} test images; "
-        f"average KL(q(z|x) ‖ p(z)) {run.kl.value.mean().item():.3f} nats ({run.kl.method.replace('_', ' ')}).</p>"
-    ]
-    if evaluation:
-        parts.append("<h2>Evaluation</h2>" + _evaluation_table(evaluation))
-    else:
-        parts.append("<p class='note'>Run <code>vaelab evaluate</code> on this run to add the evaluation table.</p>")
-    written = []
-    for i, (title, caption, fig) in enumerate(sections):
-        png = plots.to_png_bytes(fig)
-        name = f"{i + 1:02d}-{re.sub(r'[^a-z0-9]+', '-', title.lower()).strip('-')}.png"
-        (figures_dir / name).write_bytes(png)
-        written.append(figures_dir / name)
-        data = base64.b64encode(png).decode()
-        parts.append(
-            f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(caption)}</p>"
-            f"<img alt='{html.escape(title)}' src='data:image/png;base64,{data}' style='max-width:100%'>"
-        )
-    atomic_write_text(out, page(f"vaelab report: {run.path.name}", "".join(parts)))
-    return out, written
+    return Section("q(z|x) against the prior", caption, figure)
 
 
 def _evaluation_table(e: Evaluation) -> str:
