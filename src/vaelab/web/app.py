@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, Response
 from PIL import Image, UnidentifiedImageError
 
 from vaelab.evaluation import kl_per_example
-from vaelab.inspection import decode_mean, open_run
+from vaelab.inspection import Run, decode_mean, open_run
 from vaelab.kl import KLResult, kl_normal_std_normal
 
 MAX_UPLOAD_BYTES = 1_000_000
@@ -69,31 +69,63 @@ def kl_terms(mu: float, sigma: float) -> dict:
     return {"kl": kl, "mean_term": mean_term, "width_term": kl - mean_term}
 
 
-def create_app(run_dir: str | Path) -> FastAPI:
-    run = open_run(run_dir)
-    model = run.model
-    C, H, W = model.x_shape
-    D = model.latent_dim
-    kl_total = run.kl.value  # the model's own KL term per test image
-    order = torch.argsort(kl_total)
-    app = FastAPI(title="vaelab", docs_url=None, redoc_url=None)
+def inspect_image(model, x: torch.Tensor, kl: KLResult) -> dict:
+    """What the inspector shows of one image (C, H, W): the image, its reconstruction, q(z|x) and the
+    model's KL (a KLResult of one example: closed form per dimension where the prior factorises,
+    else a Monte Carlo estimate with its standard error)."""
+    with torch.no_grad():
+        q = model.encode(x[None])
+        mu, sigma = q.base_dist.loc[0], q.base_dist.scale[0]
+    return {
+        "image": png_data_url(x.numpy()),
+        "reconstruction": png_data_url(decode_mean(model, mu[None])[0]),
+        "mu": mu.tolist(),
+        "sigma": sigma.tolist(),
+        "kl": None if kl.per_dim is None else kl.per_dim[0].tolist(),
+        "kl_total": kl.value[0].item(),
+        "kl_std_error": None if kl.std_error is None else kl.std_error[0].item(),
+        "kl_method": kl.method,
+    }
 
-    def inspect(x: torch.Tensor, kl: KLResult) -> dict:
-        """One image (C, H, W) and its KL (a KLResult of one example): closed form per dimension
-        where the prior factorises, else a Monte Carlo estimate with its standard error."""
-        with torch.no_grad():
-            q = model.encode(x[None])
-            mu, sigma = q.base_dist.loc[0], q.base_dist.scale[0]
-        return {
-            "image": png_data_url(x.numpy()),
-            "reconstruction": png_data_url(decode_mean(model, mu[None])[0]),
-            "mu": mu.tolist(),
-            "sigma": sigma.tolist(),
-            "kl": None if kl.per_dim is None else kl.per_dim[0].tolist(),
-            "kl_total": kl.value[0].item(),
-            "kl_std_error": None if kl.std_error is None else kl.std_error[0].item(),
-            "kl_method": kl.method,
-        }
+
+def describe_run(run: Run) -> dict:
+    """The run as the page's header, lists and sliders need it."""
+    order = torch.argsort(run.kl.value)  # the model's own KL term per test image
+    listed = [{"index": int(i), "kl": run.kl.value[i].item()} for i in order]
+    return {
+        "run": run.path.name,
+        "data": run.config.data,
+        "latent_dim": run.model.latent_dim,
+        "x_shape": list(run.model.x_shape),
+        "test_count": len(run.test_x),
+        "dims_by_kl": run.dims_by_kl,
+        "prior": run.config.prior,
+        "kl_method": run.kl.method,
+        "kl_per_dim": None if run.kl.per_dim is None else run.kl.per_dim.mean(0).tolist(),
+        "lowest_kl": listed[:8],
+        "highest_kl": listed[::-1][:8],
+    }
+
+
+def parse_z(text: str, latent_dim: int) -> torch.Tensor:
+    """A latent vector from 'z0,z1,...' (HTTP 422 unless it has ``latent_dim`` values in [-Z_RANGE, Z_RANGE])."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise HTTPException(422, "z must be comma-separated numbers") from None
+    if len(values) != latent_dim:
+        raise HTTPException(422, f"z has {len(values)} values; this model has {latent_dim} latent dimensions")
+    if not all(abs(v) <= Z_RANGE for v in values):  # also rejects NaN
+        raise HTTPException(422, f"every z value must lie in [-{Z_RANGE}, {Z_RANGE}]")
+    return torch.tensor([values], dtype=torch.float32)
+
+
+def create_app(run_dir: str | Path) -> FastAPI:
+    """The app over one run: the page, its static files, and the JSON API the page calls."""
+    run = open_run(run_dir)
+    model, (C, H, W) = run.model, run.model.x_shape
+    summary = describe_run(run)
+    app = FastAPI(title="vaelab", docs_url=None, redoc_url=None)
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
@@ -113,25 +145,13 @@ def create_app(run_dir: str | Path) -> FastAPI:
 
     @app.get("/api/model")
     def describe() -> dict:
-        return {
-            "run": run.path.name,
-            "data": run.config.data,
-            "latent_dim": D,
-            "x_shape": [C, H, W],
-            "test_count": len(run.test_x),
-            "dims_by_kl": run.dims_by_kl,
-            "prior": run.config.prior,
-            "kl_method": run.kl.method,
-            "kl_per_dim": None if run.kl.per_dim is None else run.kl.per_dim.mean(0).tolist(),
-            "lowest_kl": [{"index": int(i), "kl": kl_total[i].item()} for i in order[:8]],
-            "highest_kl": [{"index": int(i), "kl": kl_total[i].item()} for i in order.flip(0)[:8]],
-        }
+        return summary
 
     @app.get("/api/test/{index}")
     def test_image(index: int = PathParam(ge=0)) -> dict:
         if index >= len(run.test_x):
             raise HTTPException(404, f"test image {index} does not exist; there are {len(run.test_x)} (0-based)")
-        return {"index": index, **inspect(run.test_x[index], run.kl[index])}
+        return {"index": index, **inspect_image(model, run.test_x[index], run.kl[index])}
 
     @app.post("/api/inspect")
     async def upload(file: UploadFile = File(...)) -> dict:
@@ -140,19 +160,11 @@ def create_app(run_dir: str | Path) -> FastAPI:
             raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes; send a small PNG")
         arr = read_png(blob, (H, W), "L" if C == 1 else "RGB")
         x = torch.from_numpy(arr[None] if C == 1 else arr.transpose(2, 0, 1).copy())
-        return inspect(x, kl_per_example(model, x[None]))
+        return inspect_image(model, x, kl_per_example(model, x[None]))
 
     @app.get("/api/decode")
     def decode(z: str = Query(max_length=40 * 1024)) -> dict:
-        try:
-            values = [float(v) for v in z.split(",")]
-        except ValueError:
-            raise HTTPException(422, "z must be comma-separated numbers") from None
-        if len(values) != D:
-            raise HTTPException(422, f"z has {len(values)} values; this model has {D} latent dimensions")
-        if not all(abs(v) <= Z_RANGE for v in values):  # also rejects NaN
-            raise HTTPException(422, f"every z value must lie in [-{Z_RANGE}, {Z_RANGE}]")
-        image = decode_mean(model, torch.tensor([values], dtype=torch.float32))[0]
+        image = decode_mean(model, parse_z(z, model.latent_dim))[0]
         return {"image": png_data_url(image)}
 
     return app
