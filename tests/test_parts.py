@@ -72,3 +72,45 @@ def test_every_registered_constructor_imports():
         assert callable(arch.constructor()) and callable(arch.decoder_constructor())
     for source in parts.DATASETS:
         assert callable(source.constructor())
+
+
+def full_covariance(h):
+    """A toy posterior family: q(z|x) = N(mu, L L^T) with L lower-triangular, positive diagonal."""
+    D = int((-3 + (9 + 8 * h.shape[-1]) ** 0.5) / 2)  # h holds D + D (D + 1) / 2 numbers
+    mu, flat = h[:, :D], h[:, D:]
+    L = torch.zeros(h.shape[0], D, D)
+    rows, cols = torch.tril_indices(D, D)
+    L[:, rows, cols] = flat
+    L = L.tril(-1) + torch.diag_embed(torch.nn.functional.softplus(L.diagonal(dim1=-2, dim2=-1)) + 1e-3)
+    return torch.distributions.MultivariateNormal(mu, scale_tril=L)
+
+
+def test_a_posterior_that_is_not_diagonal_trains_through_the_same_loop():
+    """Before the contract, explicit noise needed a diagonal Gaussian, so fit failed for any other q."""
+    part = parts.POSTERIORS.register(
+        parts.Posterior("toy-full", "", full_covariance, outputs=lambda D: D + D * (D + 1) // 2, factorises=False)
+    )
+    try:
+        model = vaelab.build_model(Config(posterior="toy-full", hidden=(16,), latent_dim=3), (1, 8, 8))
+        x = (torch.rand(64, 1, 8, 8) > 0.5).float()
+        state = vaelab.fit(model, x, x[:32], epochs=2, batch_size=32, progress=False)
+    finally:
+        parts.POSTERIORS.unregister(part.name)
+    assert all(torch.isfinite(torch.tensor(r.elbo)) for r in state.history)
+    assert isinstance(model.encode(x[:2]), torch.distributions.MultivariateNormal)
+
+
+def test_reparametrize_is_rsample_with_the_noise_made_explicit():
+    from vaelab.distributions import diag_normal, reparametrize
+
+    g = torch.Generator().manual_seed(0)
+    mu, log_var = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    L = torch.randn(4, 3, 3, generator=g).tril(-1) + torch.diag_embed(torch.rand(4, 3, generator=g) + 0.5)
+    flow = torch.distributions.TransformedDistribution(
+        diag_normal(mu, log_var), [torch.distributions.transforms.TanhTransform()]
+    )
+    for q in (diag_normal(mu, log_var), torch.distributions.MultivariateNormal(mu, scale_tril=L), flow):
+        torch.manual_seed(1)
+        expected = q.rsample()
+        torch.manual_seed(1)
+        torch.testing.assert_close(reparametrize(q, torch.randn(4, 3)), expected, rtol=0, atol=0)

@@ -59,12 +59,16 @@ class Prior(Part):
     closed_form_kl: bool = True  # KL(diagonal Gaussian || p) has a closed form
 
 
+def _two_per_dimension(latent_dim: int) -> int:
+    return 2 * latent_dim
+
+
 @final
 @dataclass(frozen=True)
 class Posterior(Part):
-    """q(z|x); ``build(h)`` turns the encoder's output (B, params(D)) into q(z|x)."""
+    """q(z|x); ``build(h)`` turns the encoder's output (B, outputs(D)) into q(z|x)."""
 
-    params_per_latent: int = 2  # encoder outputs per latent dimension
+    outputs: Callable[[int], int] = _two_per_dimension  # the encoder's width for D latent dimensions
     factorises: bool = True  # q(z|x) = prod_j q(z_j|x)
 
 

@@ -21,7 +21,7 @@ def build(config, x_shape) -> VAE:
     likelihood = make_likelihood(config.likelihood, x_shape)
     params_per_pixel = parts.LIKELIHOODS[config.likelihood].params_per_pixel
     encoder = architecture.constructor()(
-        x_shape, config.hidden, posterior.params_per_latent * config.latent_dim, config.activation
+        x_shape, config.hidden, posterior.outputs(config.latent_dim), config.activation
     )
     decoder = architecture.decoder_constructor()(
         x_shape, config.hidden, config.latent_dim, params_per_pixel, config.activation

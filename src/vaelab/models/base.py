@@ -152,7 +152,7 @@ class VAE(nn.Module):
         self.posterior = posterior
 
     def encode(self, x: Tensor) -> Distribution:
-        return self.posterior(self.encoder(x))  # the encoder's output (B, params_per_latent D) -> q(z|x)
+        return self.posterior(self.encoder(x))  # the encoder's output (B, outputs(D)) -> q(z|x)
 
     def decode(self, z: Tensor) -> Distribution:
         out = self.decoder(z)  # (B, P C, H, W)
