@@ -12,7 +12,7 @@ import vaelab
 
 PACKAGE = Path(vaelab.__file__).parent
 LAYERS = {
-    0: {"kl", "distributions", "objectives", "linear_gaussian", "errors", "fileio", "parts"},
+    0: {"kl", "distributions", "objectives", "linear_gaussian", "errors", "fileio", "parts", "decomposition"},
     1: {"models", "data", "explain", "plots", "config"},
     2: {"training", "runs", "evaluation", "checkpoint", "distributed", "inspection"},
     3: {"report", "web"},

@@ -84,3 +84,76 @@ def expected_log_likelihood(model: LinearGaussian, x: Tensor, mu_q: Tensor, cov_
     residual = x - mu_q @ model.W.T - model.b
     spread = torch.einsum("ij,...jk,ik->...", model.W, cov_q, model.W)  # tr(W S W^T)
     return -0.5 * d * math.log(2 * math.pi * s2) - 0.5 / s2 * (residual.square().sum(-1) + spread)
+
+
+@dataclass(frozen=True)
+class LinearEncoderOracle:
+    r"""The KL term's decomposition in closed form, for a linear Gaussian encoder on Gaussian data.
+
+    With x ~ N(m, Sigma) and q(z|x) = N(A x + c, S), S diagonal, the aggregate posterior is
+    Gaussian: q(z) = N(mu, C), mu = A m + c, C = A Sigma A^T + S (a linear map of a Gaussian plus
+    independent Gaussian noise). Its marginals are q(z_j) = N(mu_j, C_jj). Entropies of
+    Gaussians, H = 1/2 log det(2 pi e Cov), then give each term of
+    E_x KL(q(z|x) || N(0, I)) = I + TC + sum_j KL_j:
+
+        I    = H(z) - E_x H(z|x)         = 1/2 (log det C - log det S)
+        TC   = sum_j H(z_j) - H(z)       = 1/2 (sum_j log C_jj - log det C)
+        KL_j = KL(N(mu_j, C_jj) || N(0, 1)) = 1/2 (mu_j^2 + C_jj - 1 - log C_jj)
+
+    and their sum is E_x of the closed-form KL of Kingma & Welling, App. B:
+    1/2 E_x[tr S + |A x + c|^2 - D - log det S] = 1/2 (tr C + |mu|^2 - D - log det S).
+    """
+
+    A: Tensor  # (D, d)
+    c: Tensor  # (D,)
+    log_var: Tensor  # (D,), S = diag(exp(log_var))
+    m: Tensor  # (d,), the data's mean
+    cov_x: Tensor  # (d, d), the data's covariance
+
+    def data(self) -> MultivariateNormal:
+        return MultivariateNormal(self.m, covariance_matrix=self.cov_x)
+
+    def posterior_params(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, log_var) of q(z|x) for each row of x (N, d): each (N, D)."""
+        return x @ self.A.T + self.c, self.log_var.expand(x.shape[0], -1)
+
+    @property
+    def aggregate_mean(self) -> Tensor:
+        return self.A @ self.m + self.c
+
+    @property
+    def aggregate_cov(self) -> Tensor:
+        return self.A @ self.cov_x @ self.A.T + torch.diag(self.log_var.exp())
+
+    @property
+    def mutual_information(self) -> float:
+        return 0.5 * (torch.logdet(self.aggregate_cov) - self.log_var.sum()).item()
+
+    @property
+    def total_correlation(self) -> float:
+        C = self.aggregate_cov
+        return 0.5 * (C.diagonal().log().sum() - torch.logdet(C)).item()
+
+    @property
+    def dimension_wise_kl_per_dim(self) -> Tensor:
+        mu, var = self.aggregate_mean, self.aggregate_cov.diagonal()
+        return 0.5 * (mu.square() + var - 1 - var.log())
+
+    @property
+    def average_kl(self) -> float:
+        """E_x KL(q(z|x) || N(0, I)), from the closed form of the KL averaged over x."""
+        C, mu = self.aggregate_cov, self.aggregate_mean
+        return 0.5 * (C.trace() + mu.square().sum() - mu.shape[0] - self.log_var.sum()).item()
+
+    @classmethod
+    def random(cls, data_dim: int, latent_dim: int, seed: int = 0, scale: float = 0.6) -> LinearEncoderOracle:
+        """Correlated data and an encoder that mixes its inputs, so I, TC and the KL_j are all > 0."""
+        g = torch.Generator().manual_seed(seed)
+        F64 = torch.float64
+        root = torch.randn(data_dim, data_dim, generator=g, dtype=F64)
+        cov_x = root @ root.T / data_dim + 0.1 * torch.eye(data_dim, dtype=F64)
+        A = scale * torch.randn(latent_dim, data_dim, generator=g, dtype=F64)
+        c = 0.3 * torch.randn(latent_dim, generator=g, dtype=F64)
+        log_var = -1.0 + 0.3 * torch.randn(latent_dim, generator=g, dtype=F64)
+        m = torch.randn(data_dim, generator=g, dtype=F64)
+        return cls(A, c, log_var, m, cov_x)
