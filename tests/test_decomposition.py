@@ -158,8 +158,8 @@ def test_the_weighted_estimator_is_offset_by_log_n(oracle):
     """MWS's weights 1/(N M) sum to 1/N, not 1: where the batch's posteriors overlap (as here) it
     estimates log q(z) - log N and each log q(z_j) - log N, so MI is high by log N, TC by (D - 1) log N
     and the dimension-wise KL low by D log N, whatever the batch size (measured, N = 4096, log N = 8.32:
-    M = 16: (+7.66, +16.94, -24.64), M = 1024: (+8.32, +16.64, -24.92)). Where the encoder separates the examples the offset tends to
-    log M instead. The three still add up to the KL."""
+    M = 16: (+7.66, +16.94, -24.64), M = 1024: (+8.32, +16.64, -24.92)). Where the encoder separates
+    the examples the offset tends to log M instead. The three still add up to the KL."""
     N, D = 4096, 3
     for M in (64, 1024):
         bias = minibatch_bias(oracle, "mws", M, N=N)

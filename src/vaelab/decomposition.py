@@ -98,23 +98,27 @@ def mixture_log_densities(z: Tensor, mu: Tensor, log_var: Tensor, log_w: Tensor)
     return log_q_z, log_q_zj
 
 
-def _parts(z, mu_own, log_var_own, log_q_z, log_q_zj) -> KLParts:
+Prior = tuple[Tensor, Tensor] | None  # a diagonal Gaussian prior's (loc, log_var); None: N(0, I)
+
+
+def _parts(z, mu_own, log_var_own, log_q_z, log_q_zj, prior: Prior) -> KLParts:
+    loc, log_var = (torch.zeros_like(z), torch.zeros_like(z)) if prior is None else prior
     log_q_z_given_x = gaussian_log_density(z, mu_own, log_var_own).sum(-1)
-    return KLParts(
-        log_q_z_given_x, log_q_z, log_q_zj, gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
-    )
+    return KLParts(log_q_z_given_x, log_q_z, log_q_zj, gaussian_log_density(z, loc, log_var))
 
 
-def decompose_full_data(z: Tensor, mu: Tensor, log_var: Tensor, chunk: int = 256) -> KLParts:
-    """The full-data estimator against a standard-normal prior: z_n ~ q(z|x_n) (N, D), and
-    q(z) the mixture of all N posteriors with weights 1/N. O(N^2 D) time, in chunks of rows."""
-    N = z.shape[0]
-    pieces = [
-        mixture_log_densities(z[i : i + chunk], mu, log_var, torch.tensor(-math.log(N))) for i in range(0, N, chunk)
-    ]
-    log_q_z = torch.cat([p[0] for p in pieces])
-    log_q_zj = torch.cat([p[1] for p in pieces])
-    return _parts(z, mu, log_var, log_q_z, log_q_zj)
+def decompose_full_data(z: Tensor, mu: Tensor, log_var: Tensor, chunk: int = 256, prior: Prior = None) -> KLParts:
+    """The full-data estimator: z_n ~ q(z|x_n) (N, D), and q(z) the mixture of all N posteriors
+    with weights 1/N. O(N^2 D) time, in chunks of rows."""
+    log_q_z, log_q_zj = full_data_mixture(z, mu, log_var, chunk)
+    return _parts(z, mu, log_var, log_q_z, log_q_zj, prior)
+
+
+def full_data_mixture(z: Tensor, mu: Tensor, log_var: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """log q(z_n) and log q(z_nj) with q the mixture of all N posteriors, weights 1/N, in chunks of rows."""
+    log_w = torch.tensor(-math.log(mu.shape[0]))
+    pieces = [mixture_log_densities(z[i : i + chunk], mu, log_var, log_w) for i in range(0, z.shape[0], chunk)]
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
 
 
 def mws_log_weights(batch_size: int, dataset_size: int) -> Tensor:
@@ -133,9 +137,13 @@ def mss_log_weights(batch_size: int, dataset_size: int) -> Tensor:
     return weights.log()
 
 
-def decompose_minibatch(z: Tensor, mu: Tensor, log_var: Tensor, dataset_size: int, method: str) -> KLParts:
+MINIBATCH_ESTIMATORS = {"mss": mss_log_weights, "mws": mws_log_weights}
+
+
+def decompose_minibatch(
+    z: Tensor, mu: Tensor, log_var: Tensor, dataset_size: int, method: str, prior: Prior = None
+) -> KLParts:
     """The minibatch estimator ``method`` ('mss' or 'mws') for a batch: z (M, D) with z_i ~ q(z|x_i),
     the batch's own posteriors (mu, log_var) as the mixture's components."""
-    M = z.shape[0]
-    log_w = {"mss": mss_log_weights, "mws": mws_log_weights}[method](M, dataset_size).to(z)
-    return _parts(z, mu, log_var, *mixture_log_densities(z, mu, log_var, log_w))
+    log_w = MINIBATCH_ESTIMATORS[method](z.shape[0], dataset_size).to(z)
+    return _parts(z, mu, log_var, *mixture_log_densities(z, mu, log_var, log_w), prior)

@@ -27,6 +27,7 @@ from vaelab import distributed
 from vaelab.checkpoint import load_run
 from vaelab.data import binarize_static, prepare_data
 from vaelab.data.batches import Batches, shard_rows
+from vaelab.decomposition import decompose_full_data, full_data_mixture
 from vaelab.distributions import diag_normal
 from vaelab.errors import UserError
 from vaelab.fileio import atomic_write_text
@@ -99,41 +100,54 @@ def activity(mu: Tensor) -> Tensor:
 
 @torch.no_grad()
 def kl_split(model, mu: Tensor, log_var: Tensor, chunk: int = 256) -> tuple[dict, Tensor]:
-    r"""Split the average KL into mutual information and marginal KL (Hoffman & Johnson 2016).
+    r"""Take the average KL apart, with one sample z_n ~ q(z|x_n) per example and the aggregate
+    posterior q(z) = 1/N sum_m q(z|x_m) over all N evaluated examples (``decomposition.py``):
 
-    With one sample z_n ~ q(z|x_n) per example and the aggregate posterior
-    log q(z) = logsumexp_m log q(z|x_m) - log N computed over all N examples:
-
-        I_q(x; z)        ~ 1/N sum_n [log q(z_n|x_n) - log q(z_n)]
+        I_q(x; z)        ~ 1/N sum_n [log q(z_n|x_n) - log q(z_n)]             (Hoffman & Johnson 2016)
         KL(q(z) || p(z)) ~ 1/N sum_n [log q(z_n) - log p(z_n)]
+                         = total correlation + dimension-wise KL               (Chen et al. 2018)
 
-    Their sum is the Monte Carlo estimate 1/N sum_n [log q(z_n|x_n) - log p(z_n)] of the
-    average KL, so the two parts add up to it exactly; the sum is compared with the
-    analytic average KL within its standard error. Bias: q(z) is the mixture over the
-    N evaluated examples, so I is at most log N (it saturates when the encoder separates
-    examples well), and log q(z_n) includes the example's own component; both shrink
-    as N grows. Cost O(N^2 D), in chunks.
+    the last split where the prior factorises (a diagonal Gaussian). The parts add up exactly to
+    the Monte Carlo estimate 1/N sum_n [log q(z_n|x_n) - log p(z_n)] of the average KL. Bias: I is
+    at most log N (it saturates when the encoder separates examples well), and log q(z_n)
+    includes the example's own component; both fade as N grows. Cost O(N^2 D), in chunks.
 
     Returns the summary and the per-example single-sample KL ``log q(z_n|x_n) - log p(z_n)``.
     """
     N, D = mu.shape
-    q_all = diag_normal(mu, log_var)
-    z = q_all.sample()  # (N, D), one z_n per example
-    log_q_own = q_all.log_prob(z)  # log q(z_n | x_n)
-    log_q_agg = torch.empty(N, device=mu.device)
-    for start in range(0, N, chunk):
-        zc = z[start : start + chunk].unsqueeze(1)  # (c, 1, D) against every q(z|x_m): (c, N)
-        log_q_agg[start : start + chunk] = torch.logsumexp(q_all.log_prob(zc), dim=1) - math.log(N)
-    log_p = model.prior().log_prob(z)
-    mi = log_q_own - log_q_agg
-    marginal = log_q_agg - log_p
-    total = log_q_own - log_p
+    z = diag_normal(mu, log_var).sample()  # (N, D), one z_n per example
+    p_z = model.prior()
+    prior = diag_normal_params(p_z)
+
+    def se(t: Tensor) -> float:
+        return t.std().item() / math.sqrt(N)
+
+    terms = {}
+    if prior is not None:  # p(z) = prod_j p(z_j): MI + TC + dimension-wise KL
+        parts = decompose_full_data(z, mu, log_var, chunk, prior=tuple(t.expand_as(z) for t in prior))
+        mi, total = parts.mutual_information, parts.kl
+        tc, dwkl = parts.total_correlation, parts.dimension_wise_kl_per_dim
+        terms = {
+            "total_correlation": tc.mean().item(),
+            "total_correlation_std_error": se(tc),
+            "dimension_wise_kl": dwkl.sum(-1).mean().item(),
+            "dimension_wise_kl_std_error": se(dwkl.sum(-1)),
+            "dimension_wise_kl_per_dim": dwkl.mean(0).tolist(),
+        }
+    else:  # a prior that does not factorise: MI + marginal KL
+        log_q_own = diag_normal(mu, log_var).log_prob(z)
+        mi = log_q_own - full_data_mixture(z, mu, log_var, chunk)[0]
+        total = log_q_own - p_z.log_prob(z)
+    marginal = total - mi
     summary = {
         "mutual_information": mi.mean().item(),
+        "mutual_information_std_error": se(mi),
         "marginal_kl": marginal.mean().item(),
+        "marginal_kl_std_error": se(marginal),
+        **terms,
         "kl_monte_carlo": total.mean().item(),
-        "kl_monte_carlo_std_error": total.std().item() / math.sqrt(N),
-        "estimator": "aggregate posterior over the N evaluated examples, one z per example (Hoffman & Johnson 2016)",
+        "kl_monte_carlo_std_error": se(total),
+        "estimator": "full data: q(z) over the N evaluated examples, one z per example",
         "examples": N,
         "upper_bound_log_n": math.log(N),
     }
@@ -153,10 +167,13 @@ class Evaluation:
     activity: list[float]  # Cov_x(E_q[z_j | x]) per dimension
     active_units: int
     mutual_information: float  # I_q(x; z) of the KL split
-    marginal_kl: float  # KL(q(z) || p(z)) of the KL split
+    marginal_kl: float  # KL(q(z) || p(z)) of the KL split = total correlation + dimension-wise KL
     kl_split: dict  # the split's estimator, its checks and their standard errors
     kl_estimator: dict  # the analytic KL beside a single-sample Monte Carlo one
     active_threshold: float = ACTIVE_THRESHOLD
+    total_correlation: float | None = None  # KL(q(z) || prod_j q(z_j)), where the prior factorises
+    dimension_wise_kl: float | None = None  # sum_j KL(q(z_j) || p(z_j))
+    dimension_wise_kl_per_dim: list[float] | None = None
     kl_std_error: float | None = None  # a Monte Carlo KL's standard error
     bits_per_dim: float | None = None  # discrete likelihoods
     log_likelihood: float | None = None  # the IWAE-k estimate of log p(x)
@@ -220,7 +237,9 @@ def evaluate(
     mu, log_var = posterior_params(model, x)
     act = activity(mu)
     split, single = kl_split(model, mu, log_var)  # single: one-sample Monte Carlo KL per example
-    split["adds_up"] = abs(split["mutual_information"] + split["marginal_kl"] - split["kl_monte_carlo"]) < 1e-3
+    parts = ("mutual_information", "total_correlation", "dimension_wise_kl")
+    parts = parts if "total_correlation" in split else ("mutual_information", "marginal_kl")
+    split["adds_up"] = abs(sum(split[k] for k in parts) - split["kl_monte_carlo"]) < 1e-3
     # paired on the same examples: the single-sample KL minus the KL above; its mean is 0 in expectation
     difference = single.double() - per["kl"].double()
     split["difference_std_error"] = (difference.std() / math.sqrt(N)).item()
@@ -241,6 +260,9 @@ def evaluate(
         active_units=int((act > ACTIVE_THRESHOLD).sum()),
         mutual_information=split.pop("mutual_information"),
         marginal_kl=split.pop("marginal_kl"),
+        total_correlation=split.pop("total_correlation", None),
+        dimension_wise_kl=split.pop("dimension_wise_kl", None),
+        dimension_wise_kl_per_dim=split.pop("dimension_wise_kl_per_dim", None),
         kl_split=split,
         kl_estimator={
             "analytic": mean_kl if kl.method == "analytic" else None,
@@ -262,6 +284,11 @@ def format_table(record: Evaluation) -> str:
         ("    mutual information I(x; z)", r.mutual_information, "nats"),
         ("    marginal KL(q(z) || p(z))", r.marginal_kl, "nats"),
     ]
+    if r.total_correlation is not None:
+        rows += [
+            ("      total correlation", r.total_correlation, "nats  KL(q(z) || prod_j q(z_j))"),
+            ("      dimension-wise KL", r.dimension_wise_kl, "nats  sum_j KL(q(z_j) || p(z_j))"),
+        ]
     if r.log_likelihood is not None:
         rows.append(
             (f"log p(x), IWAE k={r.iwae_k}", r.log_likelihood, f"nats  ± {r.log_likelihood_std_error:.3f} (s.e.)")

@@ -303,6 +303,14 @@ def _evaluation_table(e: Evaluation) -> str:
         (f"KL ({e.kl_method})", f"{e.kl:.3f} nats"),
         ("mutual information I(x; z)", f"{e.mutual_information:.3f} nats"),
         ("marginal KL(q(z) ‖ p(z))", f"{e.marginal_kl:.3f} nats"),
+        *(
+            [
+                ("  total correlation KL(q(z) ‖ ∏ q(z_j))", f"{e.total_correlation:.3f} nats"),
+                ("  dimension-wise KL Σ_j KL(q(z_j) ‖ p(z_j))", f"{e.dimension_wise_kl:.3f} nats"),
+            ]
+            if e.total_correlation is not None
+            else []
+        ),
         ("active units", f"{e.active_units} of {len(e.activity)}"),
     ]
     if e.log_likelihood is not None:
