@@ -183,6 +183,16 @@ CATALOGUE = [
     ),
     ("auto-resume without --out", lambda t: ["train", *FAST, "--auto-resume"], ["--auto-resume needs --out"]),
     (
+        "total correlation with a prior that does not factorise",
+        lambda t: ["train", "--objective", "tc", "--prior", "vamp"],
+        ["--objective tc", "vamp prior does not factorise", "--prior normal"],
+    ),
+    (
+        "free bits with the tc objective",
+        lambda t: ["train", "--objective", "tc", "--free-bits", "1"],
+        ["--dwkl-weight"],
+    ),
+    (
         "auto-resume into a folder that is not a run",
         lambda t: ["train", *FAST, "--out", str(a_file(t).parent), "--auto-resume"],
         ["not empty"],

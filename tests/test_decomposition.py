@@ -165,3 +165,41 @@ def test_the_weighted_estimator_is_offset_by_log_n(oracle):
         bias = minibatch_bias(oracle, "mws", M, N=N)
         offsets = torch.tensor([math.log(N), (D - 1) * math.log(N), -D * math.log(N)], dtype=F64)
         assert ((bias - offsets).abs() < 0.5).all(), (M, bias)
+
+
+def blobs(n: int, seed: int, side: int = 12) -> torch.Tensor:
+    """Binary images of a 4 x 4 square at an independent, uniform x and y: two known independent factors."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = (torch.randint(0, side - 3, (n,), generator=g) for _ in range(2))
+    rows, cols = torch.arange(side)[None, :, None], torch.arange(side)[None, None, :]
+    in_rows = (rows >= ys[:, None, None]) & (rows < ys[:, None, None] + 4)  # (n, side, 1)
+    in_cols = (cols >= xs[:, None, None]) & (cols < xs[:, None, None] + 4)  # (n, 1, side)
+    return (in_rows & in_cols).float()[:, None]
+
+
+def test_beta_tcvae_total_correlation_falls_as_its_weight_grows(tmp_path):
+    """--objective tc on data with two independent factors: the full-data TC of the learned posterior,
+    measured here 1.9-2.0 nats at weight 1 and 0.4-0.6 at weight 4 (two seeds each, 25 epochs); this
+    test's runs: 1.89 (weight 1), 0.35 (weight 6, MSS), 0.23 (weight 6, MWS), standard errors 0.01-0.03.
+    It asserts weight 6 ends more than 8 combined standard errors below weight 1."""
+    import vaelab
+    from vaelab.config import Config
+    from vaelab.evaluation import kl_split, posterior_params
+
+    x = blobs(3000, seed=0)
+    tc = {}
+    for weight, estimator in ((1.0, "mss"), (6.0, "mss"), (6.0, "mws")):
+        config = Config(objective="tc", tc_weight=weight, tc_estimator=estimator, latent_dim=4, hidden=(128,))
+        torch.manual_seed(0)
+        model = vaelab.build_model(config, (1, 12, 12))
+        state = vaelab.fit(model, x, None, config, epochs=25, binarize="none", progress=False)
+        record = state.history[-1]  # the objective's own minibatch estimates are logged
+        parts = record.mutual_information + record.total_correlation + record.dimension_wise_kl
+        assert record.total_correlation is not None and math.isfinite(parts)
+        mu, log_var = posterior_params(model.eval(), x[:2000])
+        torch.manual_seed(0)
+        split, _ = kl_split(model, mu, log_var)
+        tc[weight, estimator] = split["total_correlation"], split["total_correlation_std_error"]
+    (low, low_se), (high, high_se) = tc[6.0, "mss"], tc[1.0, "mss"]
+    assert low < high - 8 * math.hypot(low_se, high_se), tc
+    assert tc[6.0, "mws"][0] < high, tc  # the weighted estimator pushes the same way

@@ -155,7 +155,7 @@ def _described(what: str, table) -> str:
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     from vaelab import parts
-    from vaelab.config import BINARIZE, DEVICES, LR_SCHEDULES, PRESETS, WARMUPS, Config
+    from vaelab.config import BINARIZE, DEVICES, LR_SCHEDULES, PRESETS, TC_ESTIMATORS, WARMUPS, Config
 
     d = Config()
     groups = [p]
@@ -203,6 +203,17 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     opt("--warmup", "beta schedule", choices=WARMUPS)
     opt("--warmup-steps", "steps of the linear ramp, or of one cycle", type=_non_negative(int), metavar="N")
     opt("--free-bits", "minimum KL per latent dimension, in nats", type=_non_negative(float), metavar="NATS")
+    for part, what in (
+        ("mi", "the mutual information"),
+        ("tc", "the total correlation"),
+        ("dwkl", "the dimension-wise KL"),
+    ):
+        opt(f"--{part}-weight", f"--objective tc: weight of {what}", type=_non_negative(float), metavar="W")
+    opt(
+        "--tc-estimator",
+        "--objective tc: q(z) from the minibatch, stratified (mss) or weighted (mws)",
+        choices=TC_ESTIMATORS,
+    )
     g = group("optimisation")
     opt("--epochs", "passes over the training set", type=_non_negative(int))
     opt("--batch-size", "examples per step", type=positive_int)

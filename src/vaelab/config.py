@@ -28,6 +28,7 @@ else:  # pragma: no cover
 # tables of parts.py; these are the loop's own options.
 BINARIZE = ("none", "static", "dynamic")
 WARMUPS = ("constant", "linear", "cyclical")
+TC_ESTIMATORS = ("mss", "mws")  # decomposition.MINIBATCH_ESTIMATORS
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "burda2015")
 
@@ -80,6 +81,11 @@ class Config:
     warmup: str = "constant"
     warmup_steps: int = 0  # linear: steps of the ramp; cyclical: steps of one cycle
     free_bits: float = 0.0  # nats per latent dimension
+    # --objective tc (beta-TCVAE): weights of the KL's three parts, and the minibatch estimator of q(z)
+    mi_weight: float = 1.0
+    tc_weight: float = 1.0
+    dwkl_weight: float = 1.0
+    tc_estimator: str = "mss"
     # optimisation
     epochs: int = 30
     batch_size: int = 128
@@ -104,6 +110,7 @@ class Config:
             "warmup": WARMUPS,
             "device": DEVICES,
             "lr_schedule": LR_SCHEDULES,
+            "tc_estimator": TC_ESTIMATORS,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -125,11 +132,21 @@ class Config:
             raise UserError(f"hidden sizes must be positive, got {','.join(map(str, self.hidden))}; e.g. --hidden 400")
         if not self.lr > 0 or not self.adam_eps > 0:
             raise UserError(f"lr and adam-eps must be positive, got {self.lr} and {self.adam_eps}")
-        for name in ("beta", "free_bits", "grad_clip"):
+        for name in ("beta", "free_bits", "grad_clip", "mi_weight", "tc_weight", "dwkl_weight"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.threads < 0:
             raise UserError(f"threads must be >= 0, got {self.threads}")
+        if self.objective == "tc":
+            whole = [f"the {self.prior} prior"] * (not parts.PRIORS[self.prior].factorises)
+            whole += [f"the {self.posterior} posterior"] * (not parts.POSTERIORS[self.posterior].factorises)
+            if whole:
+                raise UserError(
+                    f"--objective tc splits the KL into dimensions, and {' and '.join(whole)} does not factorise "
+                    "over them; use --prior normal (and --posterior diagonal)"
+                )
+        if self.objective == "tc" and self.free_bits > 0:
+            raise UserError("free bits apply to --objective elbo; with --objective tc use --dwkl-weight instead")
         if self.free_bits > 0 and not parts.PRIORS[self.prior].factorises:
             raise UserError(
                 f"free bits need a KL per latent dimension, and the {self.prior} prior does not factorise: "

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, final
 
 import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from vaelab.decomposition import decompose_minibatch
 from vaelab.distributions import base_loc, reparametrize
 from vaelab.kl import KLResult, diag_normal_params, kl_q_p
 
@@ -97,6 +98,9 @@ class ElboTerms:
     kl_per_dim: Tensor | None  # (B, D)
     kl_method: str
     kl_per_layer: dict[str, Tensor] = field(default_factory=dict)  # (B,) each
+    # the KL taken apart by the minibatch estimator of --objective tc: mutual_information,
+    # total_correlation, dimension_wise_kl, (B,) each; empty for the other objectives
+    kl_parts: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def elbo(self) -> Tensor:
@@ -226,19 +230,50 @@ def iwae_loss(model: LatentVariableModel, x: Tensor, k: int, noise: Noise | None
     return -iwae_bound(model, x, k, noise).mean()
 
 
-# -- the objectives of parts.OBJECTIVES: (model, x, noise, beta, config) -> (loss, terms) ----------
-def elbo_objective(model: LatentVariableModel, x: Tensor, noise: Noise | None, beta: float, config):
+# -- the objectives of parts.OBJECTIVES: (model, x, noise, beta, config, dataset_size) -> (loss, terms) --
+def elbo_objective(model: LatentVariableModel, x: Tensor, noise: Noise | None, beta: float, config, dataset_size: int):
     """The negative ELBO with ``beta`` and ``config.free_bits``, and its terms."""
     terms = elbo(model, x, noise)
     return loss(terms, beta, config.free_bits), terms
 
 
-def iwae_objective(model: LatentVariableModel, x: Tensor, noise: Noise | None, beta: float, config):
+def iwae_objective(model: LatentVariableModel, x: Tensor, noise: Noise | None, beta: float, config, dataset_size: int):
     """The negative IWAE bound with ``config.k`` samples; the ELBO's terms (one more sample, no
     gradient) for the logs."""
     iwae = iwae_loss(model, x, config.k, noise)
     with torch.no_grad():
         return iwae, elbo(model, x, noise)
+
+
+def tc_objective(model: LatentVariableModel, x: Tensor, noise: Noise | None, beta: float, config, dataset_size: int):
+    r"""beta-TCVAE (Chen et al. 2018): the KL's three parts, each with its own weight,
+
+    .. math:: \text{loss} = -\mathbb E[\log p(x|z)] + \beta_t\,(\alpha\,I + \beta\,TC + \gamma\,\text{DWKL})
+
+    with alpha, beta, gamma = ``config.mi_weight``, ``tc_weight``, ``dwkl_weight`` and beta_t the
+    warm-up schedule's factor; I, TC and DWKL are the minibatch estimates ``config.tc_estimator``
+    (``decomposition.py``) at the batch's own samples, over a data set of ``dataset_size``. With
+    every weight 1 the three add up to log q(z|x) - log p(z), and the loss is the negative ELBO
+    with a single-sample KL. Under torchrun each rank's rows are the minibatch.
+    """
+    layers = model.latents(x, rsample if noise is None else noise.sample)
+    (layer,) = layers  # one latent layer; Config checks that q and p factorise
+    (mu, log_var), prior = diag_normal_params(layer.q), diag_normal_params(layer.p)
+    prior = tuple(t.expand_as(layer.z) for t in prior)
+    parts = decompose_minibatch(layer.z, mu, log_var, dataset_size, config.tc_estimator, prior)
+    reconstruction = model.log_px_given_z(layers, x)
+    penalty = (
+        config.mi_weight * parts.mutual_information
+        + config.tc_weight * parts.total_correlation
+        + config.dwkl_weight * parts.dimension_wise_kl
+    )
+    terms = ElboTerms.of_layers(reconstruction, {layer.name: kl_q_p(layer.q, layer.p, layer.z)})
+    kl_parts = {
+        "mutual_information": parts.mutual_information.detach(),
+        "total_correlation": parts.total_correlation.detach(),
+        "dimension_wise_kl": parts.dimension_wise_kl.detach(),
+    }
+    return -(reconstruction - beta * penalty).mean(), replace(terms, kl_parts=kl_parts)
 
 
 # -- beta schedules -----------------------------------------------------------------------

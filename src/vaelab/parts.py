@@ -75,8 +75,8 @@ class Posterior(Part):
 @final
 @dataclass(frozen=True)
 class Objective(Part):
-    """``build(model, x, noise, beta, config) -> (loss, ElboTerms)``: the loss to minimise and the
-    ELBO's terms to log."""
+    """``build(model, x, noise, beta, config, dataset_size) -> (loss, ElboTerms)``: the loss to
+    minimise and the ELBO's terms to log."""
 
     uses_k: bool = False  # reads config.k, the number of importance samples
 
@@ -195,6 +195,9 @@ POSTERIORS.register(Posterior("diagonal", "N(mu, diag sigma^2)", "vaelab.distrib
 OBJECTIVES.register(Objective("elbo", "the ELBO, with beta and free bits", "vaelab.objectives:elbo_objective"))
 OBJECTIVES.register(
     Objective("iwae", "the IWAE bound with --k samples", "vaelab.objectives:iwae_objective", uses_k=True)
+)
+OBJECTIVES.register(
+    Objective("tc", "beta-TCVAE: the KL's three parts weighted apart", "vaelab.objectives:tc_objective")
 )
 
 ARCHITECTURES.register(

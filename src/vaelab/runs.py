@@ -44,6 +44,9 @@ CSV_BASE = [
     "bits_per_dim",
     "kl_method",
     "skipped",
+    "mutual_information",
+    "total_correlation",
+    "dimension_wise_kl",
 ]
 
 
@@ -111,8 +114,17 @@ class RunWriter:
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, self.columns).writerow(row)
         if self.tb is not None:
-            for name in ("elbo", "reconstruction", "kl", "beta"):
-                self.tb.add_scalar(f"{record.split}/{name}", getattr(record, name), record.step)
+            for name in (
+                "elbo",
+                "reconstruction",
+                "kl",
+                "beta",
+                "mutual_information",
+                "total_correlation",
+                "dimension_wise_kl",
+            ):
+                if getattr(record, name) is not None:
+                    self.tb.add_scalar(f"{record.split}/{name}", getattr(record, name), record.step)
             self.tb.flush()
         if record.split != "val":
             return

@@ -43,6 +43,10 @@ class EpochRecord:
     bits_per_dim: float | None = None
     step: int = 0
     skipped: int = 0  # batches dropped by --skip-nonfinite
+    # the KL's parts by --objective tc's minibatch estimator (training records only)
+    mutual_information: float | None = None
+    total_correlation: float | None = None
+    dimension_wise_kl: float | None = None
 
 
 @dataclass
@@ -83,7 +87,7 @@ def fit(
     ctx = distributed.current()
     check_batch_size(config.batch_size, len(train_x), ctx.world)
     batches = Batches(train_x, config.batch_size, config.seed, dynamic=config.binarize == "dynamic")
-    step = Step(model, optimizer, config)
+    step = Step(model, optimizer, config, dataset_size=len(train_x))
     show = (sys.stderr.isatty() if progress is None else progress) and ctx.is_main
     bar = ProgressBar(len(batches), config) if show else None
     for epoch in range(state.epoch, config.epochs):
@@ -125,9 +129,9 @@ class Step:
     (DistributedDataParallel), and every rank skips or stops together.
     """
 
-    def __init__(self, model, optimizer: torch.optim.Optimizer, config: Config):
+    def __init__(self, model, optimizer: torch.optim.Optimizer, config: Config, dataset_size: int):
         self.optimizer, self.config, self.ctx = optimizer, config, distributed.current()
-        self.objective = Objective(model, config)
+        self.objective = Objective(model, config, dataset_size)
         if self.ctx.active:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -156,13 +160,13 @@ class Objective(torch.nn.Module):
     """The loss of a batch and its ELBO terms, as a module: what DistributedDataParallel wraps.
     The loss is the objective registered as ``config.objective`` in ``parts.OBJECTIVES``."""
 
-    def __init__(self, model, config: Config):
+    def __init__(self, model, config: Config, dataset_size: int):
         super().__init__()
-        self.model, self.config = model, config
+        self.model, self.config, self.dataset_size = model, config, dataset_size
         self.objective = parts.OBJECTIVES[config.objective].constructor()
 
     def forward(self, x: Tensor, noise: objectives.Noise, beta: float) -> tuple[Tensor, objectives.ElboTerms]:
-        return self.objective(self.model, x, noise, beta, self.config)
+        return self.objective(self.model, x, noise, beta, self.config, self.dataset_size)
 
 
 class TermSums:
@@ -170,6 +174,7 @@ class TermSums:
 
     def __init__(self):
         self.n, self.rec, self.kl, self.kl_dims, self.method = 0, 0.0, 0.0, None, "analytic"
+        self.kl_parts: dict[str, Tensor] = {}
 
     def add(self, terms: objectives.ElboTerms) -> None:
         self.n += terms.kl.shape[0]
@@ -179,15 +184,19 @@ class TermSums:
             dims = terms.kl_per_dim.detach().sum(0)
             self.kl_dims = dims if self.kl_dims is None else self.kl_dims + dims
         self.method = terms.kl_method
+        for name, t in terms.kl_parts.items():
+            self.kl_parts[name] = self.kl_parts.get(name, 0.0) + t.detach().sum()
 
     def record(
         self, epoch: int, split: str, beta: float, seconds: float, pixels: int | None, step: int, skipped: int = 0
     ) -> EpochRecord:
         """Batch means over every example this process, and every other rank, has seen."""
         dims_t = self.kl_dims if self.kl_dims is not None else torch.zeros(0)
+        names = sorted(self.kl_parts)
         sums = torch.cat(
             [
                 torch.tensor([float(self.n), float(self.rec), float(self.kl)], dtype=torch.float64),
+                torch.tensor([float(self.kl_parts[k]) for k in names], dtype=torch.float64),
                 dims_t.detach().double().cpu(),
             ]
         )
@@ -195,13 +204,15 @@ class TermSums:
         examples = sums[0].item()
         n = max(examples, 1.0)
         rec, kl = sums[1].item() / n, sums[2].item() / n
+        kl_parts = {k: sums[3 + i].item() / n for i, k in enumerate(names)}
+        dims = sums[3 + len(names) :]
         return EpochRecord(
             epoch=epoch,
             split=split,
             elbo=rec - kl,
             reconstruction=rec,
             kl=kl,
-            kl_per_dim=[] if self.kl_dims is None else (sums[3:] / n).tolist(),
+            kl_per_dim=[] if self.kl_dims is None else (dims / n).tolist(),
             kl_method=self.method,
             beta=beta,
             examples_per_s=examples / max(seconds, 1e-9),
@@ -209,6 +220,7 @@ class TermSums:
             bits_per_dim=objectives.bits_per_dim(rec - kl, pixels) if pixels else None,
             step=step,
             skipped=skipped,
+            **kl_parts,
         )
 
 
