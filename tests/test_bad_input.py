@@ -193,6 +193,17 @@ CATALOGUE = [
         ["--dwkl-weight"],
     ),
     (
+        "free bits with a full covariance",
+        lambda t: ["train", "--posterior", "full", "--free-bits", "1"],
+        ["full posterior", "--posterior diagonal"],
+    ),
+    ("VampPrior with a full covariance", lambda t: ["train", "--posterior", "full", "--prior", "vamp"], ["VampPrior"]),
+    (
+        "total correlation with a full covariance",
+        lambda t: ["train", "--posterior", "full", "--objective", "tc"],
+        ["full posterior does not factorise"],
+    ),
+    (
         "auto-resume into a folder that is not a run",
         lambda t: ["train", *FAST, "--out", str(a_file(t).parent), "--auto-resume"],
         ["not empty"],

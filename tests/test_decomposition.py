@@ -196,7 +196,7 @@ def test_beta_tcvae_total_correlation_falls_as_its_weight_grows(tmp_path):
         record = state.history[-1]  # the objective's own minibatch estimates are logged
         parts = record.mutual_information + record.total_correlation + record.dimension_wise_kl
         assert record.total_correlation is not None and math.isfinite(parts)
-        mu, log_var = posterior_params(model.eval(), x[:2000])
+        mu, log_var, _ = posterior_params(model.eval(), x[:2000])
         torch.manual_seed(0)
         split, _ = kl_split(model, mu, log_var)
         tc[weight, estimator] = split["total_correlation"], split["total_correlation_std_error"]

@@ -105,7 +105,7 @@ def test_decoder_ignoring_dimensions_makes_them_inactive():
     model.eval()
     from vaelab.evaluation import posterior_params
 
-    mu, _ = posterior_params(model, (x > 0.5).float())
+    mu, _, _ = posterior_params(model, (x > 0.5).float())
     act = activity(mu)
     assert (act[2:] < 0.01).all(), act
     assert (act[:2] > 0.01).all(), act

@@ -147,6 +147,16 @@ class Config:
                 )
         if self.objective == "tc" and self.free_bits > 0:
             raise UserError("free bits apply to --objective elbo; with --objective tc use --dwkl-weight instead")
+        if self.free_bits > 0 and not parts.POSTERIORS[self.posterior].factorises:
+            raise UserError(
+                f"free bits need a KL per latent dimension, and the {self.posterior} posterior's KL does not split "
+                "into dimensions: use --posterior diagonal or --free-bits 0"
+            )
+        if self.prior == "vamp" and self.posterior != "diagonal":
+            raise UserError(
+                f"the VampPrior is a mixture of the encoder's diagonal posteriors; with --posterior {self.posterior} "
+                "use --prior normal or mixture"
+            )
         if self.free_bits > 0 and not parts.PRIORS[self.prior].factorises:
             raise UserError(
                 f"free bits need a KL per latent dimension, and the {self.prior} prior does not factorise: "

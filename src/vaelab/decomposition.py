@@ -39,6 +39,7 @@ The minibatch estimators' bias, measured against the exact linear-Gaussian oracl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,17 +84,22 @@ class KLParts:
         return self.log_q_z_given_x - self.log_p_zj.sum(-1)
 
 
-def mixture_log_densities(z: Tensor, mu: Tensor, log_var: Tensor, log_w: Tensor) -> tuple[Tensor, Tensor]:
+def mixture_log_densities(
+    z: Tensor, mu: Tensor, log_var: Tensor, log_w: Tensor, log_q_pairs: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """log q(z_i) = logsumexp_m [log q(z_i | x_m) + log w_im] and each marginal's
     log q(z_ij) = logsumexp_m [log q(z_ij | x_m) + log w_im].
 
-    z (B, D) the samples; mu, log_var (M, D) the components' diagonal Gaussians; log_w (B, M),
-    or a scalar for equal weights. Returns (B,) and (B, D). Memory O(B M D).
+    z (B, D) the samples; mu, log_var (M, D) the components' diagonal Gaussians (their marginals,
+    for components with a full covariance, whose joint log densities log q(z_i | x_m) are then
+    given as ``log_q_pairs`` (B, M)); log_w (B, M), or a scalar for equal weights. Returns (B,)
+    and (B, D). Memory O(B M D).
     """
     per_dim = gaussian_log_density(z[:, None, :], mu[None], log_var[None])  # (B, M, D)
+    joint = per_dim.sum(-1) if log_q_pairs is None else log_q_pairs
     log_w = torch.as_tensor(log_w, dtype=per_dim.dtype, device=per_dim.device)
     log_w = log_w.expand(z.shape[0], mu.shape[0])  # (B, M)
-    log_q_z = torch.logsumexp(per_dim.sum(-1) + log_w, dim=1)  # the weight once per component ...
+    log_q_z = torch.logsumexp(joint + log_w, dim=1)  # the weight once per component ...
     log_q_zj = torch.logsumexp(per_dim + log_w[:, :, None], dim=1)  # ... and once in each marginal
     return log_q_z, log_q_zj
 
@@ -101,23 +107,41 @@ def mixture_log_densities(z: Tensor, mu: Tensor, log_var: Tensor, log_w: Tensor)
 Prior = tuple[Tensor, Tensor] | None  # a diagonal Gaussian prior's (loc, log_var); None: N(0, I)
 
 
-def _parts(z, mu_own, log_var_own, log_q_z, log_q_zj, prior: Prior) -> KLParts:
+def _parts(z, mu_own, log_var_own, log_q_z, log_q_zj, prior: Prior, log_q_own: Tensor | None = None) -> KLParts:
     loc, log_var = (torch.zeros_like(z), torch.zeros_like(z)) if prior is None else prior
-    log_q_z_given_x = gaussian_log_density(z, mu_own, log_var_own).sum(-1)
+    log_q_z_given_x = gaussian_log_density(z, mu_own, log_var_own).sum(-1) if log_q_own is None else log_q_own
     return KLParts(log_q_z_given_x, log_q_z, log_q_zj, gaussian_log_density(z, loc, log_var))
 
 
-def decompose_full_data(z: Tensor, mu: Tensor, log_var: Tensor, chunk: int = 256, prior: Prior = None) -> KLParts:
+PairDensities = Callable[[slice], Tensor] | None  # rows -> log q(z_rows | x_m) for every m, (rows, M)
+
+
+def decompose_full_data(
+    z: Tensor, mu: Tensor, log_var: Tensor, chunk: int = 256, prior: Prior = None, log_q_pairs: PairDensities = None
+) -> KLParts:
     """The full-data estimator: z_n ~ q(z|x_n) (N, D), and q(z) the mixture of all N posteriors
-    with weights 1/N. O(N^2 D) time, in chunks of rows."""
-    log_q_z, log_q_zj = full_data_mixture(z, mu, log_var, chunk)
-    return _parts(z, mu, log_var, log_q_z, log_q_zj, prior)
+    with weights 1/N. O(N^2 D) time, in chunks of rows. ``log_q_pairs``: the joint densities of
+    full-covariance posteriors (mu, log_var then hold their marginals)."""
+    log_q_z, log_q_zj = full_data_mixture(z, mu, log_var, chunk, log_q_pairs)
+    log_q_own = (
+        None
+        if log_q_pairs is None
+        else torch.cat([log_q_pairs(slice(i, i + chunk)).diagonal(offset=i) for i in range(0, z.shape[0], chunk)])
+    )
+    return _parts(z, mu, log_var, log_q_z, log_q_zj, prior, log_q_own)
 
 
-def full_data_mixture(z: Tensor, mu: Tensor, log_var: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor]:
+def full_data_mixture(
+    z: Tensor, mu: Tensor, log_var: Tensor, chunk: int = 256, log_q_pairs: PairDensities = None
+) -> tuple[Tensor, Tensor]:
     """log q(z_n) and log q(z_nj) with q the mixture of all N posteriors, weights 1/N, in chunks of rows."""
     log_w = torch.tensor(-math.log(mu.shape[0]))
-    pieces = [mixture_log_densities(z[i : i + chunk], mu, log_var, log_w) for i in range(0, z.shape[0], chunk)]
+    pieces = [
+        mixture_log_densities(
+            z[i : i + chunk], mu, log_var, log_w, None if log_q_pairs is None else log_q_pairs(slice(i, i + chunk))
+        )
+        for i in range(0, z.shape[0], chunk)
+    ]
     return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
 
 

@@ -46,6 +46,29 @@ def diagonal_posterior(h: Tensor) -> Independent:
     return diag_normal(mu, log_var, clamp=True)
 
 
+def full_posterior(h: Tensor) -> MultivariateNormal:
+    """q(z|x) = N(mu, L L^T) from the encoder's output h (B, D + D (D + 1) / 2): mu, then the
+    lower triangle of L row by row; L's diagonal is exp(log_var / 2) with log_var clamped as for
+    the diagonal posterior, so a zero off-diagonal gives back exactly the diagonal family.
+    The ``full`` entry of ``parts.POSTERIORS``."""
+    B, width = h.shape
+    D = int((math.isqrt(9 + 8 * width) - 3) // 2)  # width = D + D (D + 1) / 2
+    mu, flat = h[:, :D], h[:, D:]
+    rows, cols = torch.tril_indices(D, D, device=h.device)
+    L = torch.zeros(B, D * D, dtype=h.dtype, device=h.device).index_copy(1, rows * D + cols, flat).view(B, D, D)
+    log_var = torch.diagonal(L, dim1=-2, dim2=-1).clamp(LOG_VAR_MIN, LOG_VAR_MAX)
+    L = L.tril(-1) + torch.diag_embed(torch.exp(0.5 * log_var))
+    return MultivariateNormal(mu, scale_tril=L, validate_args=False)
+
+
+def marginals(q: Distribution) -> tuple[Tensor, Tensor]:
+    """(mean, variance) of each q(z_j|x), (B, D): for a diagonal Gaussian its parameters, for a full
+    covariance the diagonal of Sigma."""
+    if isinstance(q, MultivariateNormal):
+        return q.loc, q.scale_tril.square().sum(-1)
+    return q.mean, q.variance
+
+
 def base_loc(q: Distribution) -> Tensor:
     """The location parameter of ``q``'s base Gaussian (through Independent and transforms)."""
     while isinstance(q, (Independent, TransformedDistribution)):

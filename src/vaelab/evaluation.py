@@ -22,16 +22,24 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.distributions import MultivariateNormal
 
 from vaelab import distributed
 from vaelab.checkpoint import load_run
 from vaelab.data import binarize_static, prepare_data
 from vaelab.data.batches import Batches, shard_rows
 from vaelab.decomposition import decompose_full_data, full_data_mixture
-from vaelab.distributions import diag_normal
+from vaelab.distributions import diag_normal, marginals
 from vaelab.errors import UserError
 from vaelab.fileio import atomic_write_text
-from vaelab.kl import KLResult, diag_normal_params, kl_closed_form, kl_monte_carlo
+from vaelab.kl import (
+    KLResult,
+    correlation_kl,
+    diag_normal_params,
+    kl_closed_form,
+    kl_monte_carlo,
+    kl_normal_normal,
+)
 from vaelab.objectives import bits_per_dim, elbo_batches, log_importance_weights
 
 ACTIVE_THRESHOLD = 0.01
@@ -83,14 +91,17 @@ def kl_per_example(model, x: Tensor, samples: int = 256, seed: int = 0, batch_si
 
 
 @torch.no_grad()
-def posterior_params(model, x: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
-    """(mu, log_var) of q(z|x) for every example, each (N, D)."""
-    mus, log_vars = [], []
+def posterior_params(model, x: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(mu, log_var) of each marginal q(z_j|x) for every example, each (N, D), and the Cholesky
+    factors (N, D, D) of a full-covariance q (None for a diagonal one)."""
+    mus, log_vars, trils = [], [], []
     for xb in Batches(x, batch_size, 0, drop_last=False).epoch(0, shuffle=False):
-        params = diag_normal_params(model.encode(xb))
-        mus.append(params[0])
-        log_vars.append(params[1])
-    return torch.cat(mus), torch.cat(log_vars)
+        q = model.encode(xb)
+        mu, var = marginals(q)
+        mus.append(mu)
+        log_vars.append(var.log())
+        trils.append(q.scale_tril if isinstance(q, MultivariateNormal) else None)
+    return torch.cat(mus), torch.cat(log_vars), None if trils[0] is None else torch.cat(trils)
 
 
 def activity(mu: Tensor) -> Tensor:
@@ -99,7 +110,9 @@ def activity(mu: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def kl_split(model, mu: Tensor, log_var: Tensor, chunk: int = 256) -> tuple[dict, Tensor]:
+def kl_split(
+    model, mu: Tensor, log_var: Tensor, chunk: int = 256, scale_tril: Tensor | None = None
+) -> tuple[dict, Tensor]:
     r"""Take the average KL apart, with one sample z_n ~ q(z|x_n) per example and the aggregate
     posterior q(z) = 1/N sum_m q(z|x_m) over all N evaluated examples (``decomposition.py``):
 
@@ -112,10 +125,15 @@ def kl_split(model, mu: Tensor, log_var: Tensor, chunk: int = 256) -> tuple[dict
     at most log N (it saturates when the encoder separates examples well), and log q(z_n)
     includes the example's own component; both fade as N grows. Cost O(N^2 D), in chunks.
 
+    ``scale_tril``: the Cholesky factors of full-covariance posteriors (mu, log_var then hold
+    their marginals): the joint densities come from them, the marginal mixtures from the marginals.
+
     Returns the summary and the per-example single-sample KL ``log q(z_n|x_n) - log p(z_n)``.
     """
     N, D = mu.shape
-    z = diag_normal(mu, log_var).sample()  # (N, D), one z_n per example
+    q_all = diag_normal(mu, log_var) if scale_tril is None else MultivariateNormal(mu, scale_tril=scale_tril)
+    z = q_all.sample()  # (N, D), one z_n per example
+    log_q_pairs = None if scale_tril is None else (lambda rows: q_all.log_prob(z[rows].unsqueeze(1)))
     p_z = model.prior()
     prior = diag_normal_params(p_z)
 
@@ -124,7 +142,7 @@ def kl_split(model, mu: Tensor, log_var: Tensor, chunk: int = 256) -> tuple[dict
 
     terms = {}
     if prior is not None:  # p(z) = prod_j p(z_j): MI + TC + dimension-wise KL
-        parts = decompose_full_data(z, mu, log_var, chunk, prior=tuple(t.expand_as(z) for t in prior))
+        parts = decompose_full_data(z, mu, log_var, chunk, tuple(t.expand_as(z) for t in prior), log_q_pairs)
         mi, total = parts.mutual_information, parts.kl
         tc, dwkl = parts.total_correlation, parts.dimension_wise_kl_per_dim
         terms = {
@@ -135,8 +153,8 @@ def kl_split(model, mu: Tensor, log_var: Tensor, chunk: int = 256) -> tuple[dict
             "dimension_wise_kl_per_dim": dwkl.mean(0).tolist(),
         }
     else:  # a prior that does not factorise: MI + marginal KL
-        log_q_own = diag_normal(mu, log_var).log_prob(z)
-        mi = log_q_own - full_data_mixture(z, mu, log_var, chunk)[0]
+        log_q_own = q_all.log_prob(z)
+        mi = log_q_own - full_data_mixture(z, mu, log_var, chunk, log_q_pairs)[0]
         total = log_q_own - p_z.log_prob(z)
     marginal = total - mi
     summary = {
@@ -171,6 +189,9 @@ class Evaluation:
     kl_split: dict  # the split's estimator, its checks and their standard errors
     kl_estimator: dict  # the analytic KL beside a single-sample Monte Carlo one
     active_threshold: float = ACTIVE_THRESHOLD
+    # a full-covariance q against a diagonal prior: KL = sum_j KL(q(z_j|x) || p(z_j)) + correlation_kl
+    kl_of_marginals_per_dim: list[float] | None = None
+    correlation_kl: float | None = None
     total_correlation: float | None = None  # KL(q(z) || prod_j q(z_j)), where the prior factorises
     dimension_wise_kl: float | None = None  # sum_j KL(q(z_j) || p(z_j))
     dimension_wise_kl_per_dim: list[float] | None = None
@@ -234,9 +255,16 @@ def evaluate(
             iwae_k=iwae_k,
             log_likelihood_bits_per_dim=bits_per_dim(ll.mean().item(), pixels) if pixels else None,
         )
-    mu, log_var = posterior_params(model, x)
+    mu, log_var, scale_tril = posterior_params(model, x)
     act = activity(mu)
-    split, single = kl_split(model, mu, log_var)  # single: one-sample Monte Carlo KL per example
+    full_split = {}
+    prior = diag_normal_params(model.prior())
+    if scale_tril is not None and prior is not None:  # eq. 7's KL = its marginals' KLs + the correlations' part
+        full_split = dict(
+            kl_of_marginals_per_dim=kl_normal_normal(mu, log_var, *prior).mean(0).tolist(),
+            correlation_kl=correlation_kl(scale_tril).mean().item(),
+        )
+    split, single = kl_split(model, mu, log_var, scale_tril=scale_tril)  # single: one-sample Monte Carlo KL per example
     parts = ("mutual_information", "total_correlation", "dimension_wise_kl")
     parts = parts if "total_correlation" in split else ("mutual_information", "marginal_kl")
     split["adds_up"] = abs(sum(split[k] for k in parts) - split["kl_monte_carlo"]) < 1e-3
@@ -271,6 +299,7 @@ def evaluate(
             "single_sample_std_error": single.std().item() / math.sqrt(N),
         },
         **likelihood,
+        **full_split,
     )
     return record, per
 

@@ -31,7 +31,8 @@ class Run:
     test_x: torch.Tensor  # (N, C, H, W), binarised as in training
     test_y: torch.Tensor | None
     mu: torch.Tensor  # (N, D) posterior means of the test set
-    log_var: torch.Tensor  # (N, D)
+    log_var: torch.Tensor  # (N, D), of each marginal q(z_j|x)
+    scale_tril: torch.Tensor | None  # (N, D, D), the Cholesky factors of a full-covariance q
     kl: KLResult  # the model's KL(q(z|x) || p(z)) per test image: per dimension where the prior factorises
 
     @property
@@ -60,8 +61,8 @@ def open_run(path: str | Path, max_examples: int = 2000) -> Run:
     splits, _, _, test_x, _ = prepare_data(config, "cpu")
     test_x = test_x[:max_examples]
     test_y = None if splits.test.y is None else splits.test.y[:max_examples]
-    mu, log_var = posterior_params(model, test_x)
-    return Run(path, model, config, test_x, test_y, mu, log_var, kl_per_example(model, test_x))
+    mu, log_var, scale_tril = posterior_params(model, test_x)
+    return Run(path, model, config, test_x, test_y, mu, log_var, scale_tril, kl_per_example(model, test_x))
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 from torch.nn.functional import softplus
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -98,6 +98,38 @@ def kl_mvn(mu_q: Tensor, cov_q: Tensor, mu_p: Tensor, cov_p: Tensor) -> Tensor:
     log_det_p = 2.0 * torch.diagonal(L_p, dim1=-2, dim2=-1).log().sum(-1)
     log_det_q = 2.0 * torch.diagonal(L_q, dim1=-2, dim2=-1).log().sum(-1)
     return 0.5 * (t1 + t2 - k + log_det_p - log_det_q)
+
+
+def kl_full_normal_diag_normal(mu_q: Tensor, scale_tril_q: Tensor, mu_p: Tensor, log_var_p: Tensor) -> Tensor:
+    r"""KL(N(mu_q, L L^T) || N(mu_p, diag exp(log_var_p))), q with a full covariance given by its
+    Cholesky factor L (lower-triangular, positive diagonal). For p = N(0, I) this is Doersch's eq. 7
+    (Kingma & Welling App. B), :math:`\tfrac12(\operatorname{tr}\Sigma + \mu^\top\mu - k - \log\det\Sigma)`;
+    with a diagonal p = diag(s^2):
+
+    .. math:: \tfrac12 \big[\textstyle\sum_{ij} L_{ij}^2 / s_i^2 + \sum_i (\mu_{p,i} - \mu_{q,i})^2 / s_i^2
+              - k + \sum_i \log s_i^2 - 2 \sum_i \log L_{ii}\big]
+
+    (tr(S^-1 Sigma) = sum_i Sigma_ii / s_i^2 and Sigma_ii = sum_j L_ij^2; log det Sigma = 2 sum_i log L_ii).
+    """
+    k = mu_q.shape[-1]
+    var_p = torch.exp(log_var_p)
+    t1 = (scale_tril_q.square() / var_p.unsqueeze(-1)).sum((-2, -1))  # tr(S_p^-1 Sigma_q)
+    t2 = ((mu_p - mu_q).square() / var_p).sum(-1)  # the Mahalanobis term
+    log_det_q = 2.0 * torch.diagonal(scale_tril_q, dim1=-2, dim2=-1).log().sum(-1)
+    return 0.5 * (t1 + t2 - k + log_var_p.sum(-1) - log_det_q)
+
+
+def correlation_kl(scale_tril: Tensor) -> Tensor:
+    r"""What a full covariance's correlations add to the KL beyond its marginals:
+
+    .. math:: \tfrac12 \big(\textstyle\sum_j \log\Sigma_{jj} - \log\det\Sigma\big)
+              = \mathrm{KL}(N(\mu, \Sigma) \,\|\, N(\mu, \operatorname{diag}\Sigma)) \ge 0
+
+    so KL(N(mu, Sigma) || N(0, I)) = sum_j KL(N(mu_j, Sigma_jj) || N(0, 1)) + this (Hadamard's
+    inequality makes it non-negative; it is 0 exactly when Sigma is diagonal).
+    """
+    var = scale_tril.square().sum(-1)  # Sigma_jj = sum_k L_jk^2
+    return 0.5 * (var.log().sum(-1) - 2.0 * torch.diagonal(scale_tril, dim1=-2, dim2=-1).log().sum(-1))
 
 
 def _cholesky(cov: Tensor, name: str) -> Tensor:
@@ -212,12 +244,16 @@ def kl_closed_form(q: Distribution, p: Distribution) -> KLResult | None:
     """KL(q || p) per example in closed form, or None when the pair has none.
 
     - Both diagonal Gaussians: :func:`kl_normal_normal` per dimension.
+    - q with a full covariance, p a diagonal Gaussian: :func:`kl_full_normal_diag_normal` (eq. 7).
     - Otherwise a pair registered in ``torch.distributions.kl_divergence``: the total.
     """
     q_params, p_params = diag_normal_params(q), diag_normal_params(p)
     if q_params is not None and p_params is not None:
         per_dim = kl_normal_normal(*q_params, *torch.broadcast_tensors(*p_params))
         return KLResult(per_dim.sum(-1), "analytic", per_dim=per_dim)
+    if isinstance(q, MultivariateNormal) and p_params is not None:  # full covariance against a diagonal p
+        mu_p, log_var_p = (t.expand_as(q.loc) for t in p_params)
+        return KLResult(kl_full_normal_diag_normal(q.loc, q.scale_tril, mu_p, log_var_p), "analytic")
     try:
         return KLResult(torch.distributions.kl_divergence(q, p), "analytic")
     except NotImplementedError:

@@ -63,6 +63,10 @@ def _two_per_dimension(latent_dim: int) -> int:
     return 2 * latent_dim
 
 
+def _full_covariance_width(latent_dim: int) -> int:
+    return latent_dim + latent_dim * (latent_dim + 1) // 2
+
+
 @final
 @dataclass(frozen=True)
 class Posterior(Part):
@@ -191,6 +195,15 @@ PRIORS.register(
 )
 
 POSTERIORS.register(Posterior("diagonal", "N(mu, diag sigma^2)", "vaelab.distributions:diagonal_posterior"))
+POSTERIORS.register(
+    Posterior(
+        "full",
+        "N(mu, L L^T), full covariance: the KL of eq. 7",
+        "vaelab.distributions:full_posterior",
+        outputs=_full_covariance_width,
+        factorises=False,
+    )
+)
 
 OBJECTIVES.register(Objective("elbo", "the ELBO, with beta and free bits", "vaelab.objectives:elbo_objective"))
 OBJECTIVES.register(

@@ -16,6 +16,8 @@ from vaelab.evaluation import ACTIVE_THRESHOLD, Evaluation
 from vaelab.explain import Explanation
 from vaelab.fileio import atomic_write_text
 from vaelab.inspection import decode_mean, open_run, project_2d, traversals
+from vaelab.kl import correlation_kl
+from vaelab.parts import PRIORS
 
 CSS = """
 body { font-family: system-ui, sans-serif; max-width: 980px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -201,9 +203,12 @@ def _kl_per_dimension(run) -> Section:
             f"of its posterior mean over the test set exceeds {ACTIVE_THRESHOLD} (Burda et al. 2015).",
             plots.kl_per_dimension(kl_avg, activity > ACTIVE_THRESHOLD),
         )
+    whole = (
+        f"{run.config.prior} prior" if not PRIORS[run.config.prior].factorises else f"{run.config.posterior} posterior"
+    )
     return Section(
         "Activity per latent dimension",
-        f"The {run.config.prior} prior does not factorise over dimensions, so its KL has no split into "
+        f"The {whole} does not factorise over dimensions, so the KL has no split into "
         "dimensions; the bars show each dimension's activity, the variance of its posterior mean over "
         f"the test set (active above {ACTIVE_THRESHOLD}, Burda et al. 2015).",
         plots.kl_per_dimension(activity, activity > ACTIVE_THRESHOLD, ylabel="activity Cov_x(E[z_j|x])"),
@@ -269,7 +274,7 @@ def _manifold(run) -> Section | None:
 
 
 def _posteriors(run) -> Section:
-    if run.kl.per_dim is None:  # the prior's marginals from samples; the KL of each image by Monte Carlo
+    if not PRIORS[run.config.prior].factorises:  # the prior's marginals from samples; the KL by Monte Carlo
         prior_samples = run.model.prior().sample((20_000,)).numpy()
         kl, se = run.kl.value[:4].tolist(), run.kl.std_error[:4].tolist()
         row_titles = [f"KL {v:.2f} ± {e:.2f}" for v, e in zip(kl, se, strict=True)]
@@ -284,6 +289,13 @@ def _posteriors(run) -> Section:
             "For four test images, each dimension's posterior against N(0, 1) and its KL: "
             "μ²/2 for moving the mean, (σ² − 1 − log σ²)/2 for a width other than 1."
         )
+        if run.scale_tril is not None:  # a full covariance: its marginals, and what its correlations add
+            extra = correlation_kl(run.scale_tril[:4]).tolist()
+            row_titles = [f"+ {c:.2f} nats of correlation" for c in extra]
+            caption += (
+                " q(z|x) has a full covariance: the panels show its marginals, and the row title what its "
+                "correlations add, ½(Σ_j log Σ_jj − log det Σ)."
+            )
     figure = plots.posterior_against_prior(
         run.test_x[:4].numpy(),
         run.mu[:4].numpy(),

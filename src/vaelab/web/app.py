@@ -20,6 +20,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, Response
 from PIL import Image, UnidentifiedImageError
 
+from vaelab.distributions import marginals
 from vaelab.evaluation import kl_per_example
 from vaelab.inspection import Run, decode_mean, open_run
 from vaelab.kl import KLResult, kl_normal_std_normal
@@ -74,8 +75,8 @@ def inspect_image(model, x: torch.Tensor, kl: KLResult) -> dict:
     model's KL (a KLResult of one example: closed form per dimension where the prior factorises,
     else a Monte Carlo estimate with its standard error)."""
     with torch.no_grad():
-        q = model.encode(x[None])
-        mu, sigma = q.base_dist.loc[0], q.base_dist.scale[0]
+        mu, var = marginals(model.encode(x[None]))  # q(z_j|x): for a full covariance, Sigma's diagonal
+        mu, sigma = mu[0], var[0].sqrt()
     return {
         "image": png_data_url(x.numpy()),
         "reconstruction": png_data_url(decode_mean(model, mu[None])[0]),
@@ -92,6 +93,9 @@ def describe_run(run: Run) -> dict:
     """The run as the page's header, lists and sliders need it."""
     order = torch.argsort(run.kl.value)  # the model's own KL term per test image
     listed = [{"index": int(i), "kl": run.kl.value[i].item()} for i in order]
+    if run.kl.std_error is not None:  # Monte Carlo estimates: a KL near 0 can come out below it
+        for entry in listed:
+            entry["std_error"] = run.kl.std_error[entry["index"]].item()
     return {
         "run": run.path.name,
         "data": run.config.data,

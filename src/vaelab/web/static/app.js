@@ -77,8 +77,12 @@ function showInspection(r) {
   $("img").src = r.image; $("recon").src = r.reconstruction; $("kl-total").textContent = fmt(r.kl_total);
   $("kl-how").textContent = r.kl_std_error === null ? "(closed form)"
     : `± ${fmt(r.kl_std_error)} (Monte Carlo standard error; this prior has no closed-form KL)`;
-  const c = $("bars");
-  if (r.kl) bars(r.kl); else c.getContext("2d").clearRect(0, 0, c.width, c.height);
+  const c = $("bars"), g = c.getContext("2d");
+  if (r.kl) bars(r.kl);
+  else {
+    g.clearRect(0, 0, c.width, c.height); g.fillStyle = "#555";
+    g.fillText("no KL per dimension: this prior does not factorise over the dimensions of z", 10, c.height / 2);
+  }
   const kl = (j) => (r.kl ? `<td>${r.kl[j].toFixed(3)}</td>` : "");
   $("dims").innerHTML = `<tr><th>dim</th><th>μ</th><th>σ</th>${r.kl ? "<th>KL (nats)</th>" : ""}</tr>` +
     r.mu.map((m, j) => `<tr><td>z${j}</td><td>${m.toFixed(3)}</td><td>${r.sigma[j].toFixed(3)}</td>${kl(j)}</tr>`).join("");
@@ -117,7 +121,8 @@ async function start() {
   $("run").textContent = `${m.run}: ${m.data}, ${m.latent_dim} latent dimensions, ${m.test_count} test images`;
   $("index").max = m.test_count - 1;
   for (const [id, list] of [["highest", m.highest_kl], ["lowest", m.lowest_kl]]) {
-    $(id).innerHTML = list.map((e) => `<li><a data-index="${e.index}">#${e.index}</a> ${e.kl.toFixed(2)} nats</li>`).join("");
+    const se = (e) => (e.std_error === undefined ? "" : ` ± ${e.std_error.toFixed(2)}`);
+    $(id).innerHTML = list.map((e) => `<li><a data-index="${e.index}">#${e.index}</a> ${e.kl.toFixed(2)}${se(e)} nats</li>`).join("");
   }
   document.querySelectorAll("ol a").forEach((a) => a.addEventListener("click", () => inspectIndex(+a.dataset.index)));
   $("show").addEventListener("click", () => inspectIndex(+$("index").value));
