@@ -9,6 +9,7 @@ from vaelab.cli import main
 SECTIONS = [
     "Training",
     "KL per latent dimension",
+    "The KL taken apart",
     "Reconstructions",
     "Samples from the prior",
     "Latent traversals",

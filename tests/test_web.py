@@ -57,6 +57,12 @@ def test_model_and_test_images(client):
     assert m["latent_dim"] == 2 and m["x_shape"] == [1, 8, 8]
     assert sorted(m["dims_by_kl"]) == [0, 1]
     assert m["highest_kl"][0]["kl"] >= m["lowest_kl"][0]["kl"]
+    assert set(m["kl_parts"]) == {"mutual_information", "total_correlation", "dimension_wise_kl"}
+
+
+def test_the_kl_parts_are_the_same_every_time_the_page_is_served(trained_run, client):
+    again = TestClient(create_app(trained_run)).get("/api/model").json()["kl_parts"]
+    assert again == client.get("/api/model").json()["kl_parts"]
     r = client.get("/api/test/0").json()
     assert r["image"].startswith("data:image/png;base64,") and len(r["kl"]) == 2
     assert r["kl_total"] == pytest.approx(sum(r["kl"]))

@@ -19,6 +19,7 @@ from vaelab.config import Config
 from vaelab.data import prepare_data
 from vaelab.evaluation import Evaluation, kl_per_example, posterior_params
 from vaelab.kl import KLResult
+from vaelab.objectives import elbo_batches
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Run:
     log_var: torch.Tensor  # (N, D), of each marginal q(z_j|x)
     scale_tril: torch.Tensor | None  # (N, D, D), the Cholesky factors of a full-covariance q
     kl: KLResult  # the model's KL(q(z|x) || p(z)) per test image: per dimension where the prior factorises
+    reconstruction: float  # E_q[log p(x|z)] averaged over the test images, one z each (seed 0)
 
     @property
     def dims_by_kl(self) -> list[int]:
@@ -62,7 +64,10 @@ def open_run(path: str | Path, max_examples: int = 2000) -> Run:
     test_x = test_x[:max_examples]
     test_y = None if splits.test.y is None else splits.test.y[:max_examples]
     mu, log_var, scale_tril = posterior_params(model, test_x)
-    return Run(path, model, config, test_x, test_y, mu, log_var, scale_tril, kl_per_example(model, test_x))
+    reconstruction = torch.cat([t.reconstruction for t in elbo_batches(model, test_x, 1024, seed=0)]).mean().item()
+    return Run(
+        path, model, config, test_x, test_y, mu, log_var, scale_tril, kl_per_example(model, test_x), reconstruction
+    )
 
 
 @torch.no_grad()

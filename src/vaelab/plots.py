@@ -237,3 +237,56 @@ def posterior_against_prior(
     fig.suptitle(f"q(z_j|x) (orange) against {prior_name} (purple), dimensions with the most KL", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def kl_decomposition(parts: dict[str, float], reconstruction: float, per_dim: np.ndarray | None) -> Figure:
+    """Left: the negative ELBO as a stacked bar, -E_q[log p(x|z)] + KL, and below it, on its own scale,
+    the KL as a stacked bar of its parts (``parts``: name -> nats, in order). Right, where given: the
+    dimension-wise KL of each dimension, largest first."""
+    fig = plt.figure(figsize=(11 if per_dim is not None else 6, 3.4))
+    grid = fig.add_gridspec(2, 2 if per_dim is not None else 1, width_ratios=[1, 1] if per_dim is not None else [1])
+    kl = sum(parts.values())
+    colors = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a"]
+    for row, (title, pieces, palette) in enumerate(
+        (
+            (
+                f"−ELBO = {kl - reconstruction:.2f} nats",
+                {"−reconstruction": -reconstruction, "KL": kl},
+                ["#bbbbbb", "#444444"],
+            ),
+            (f"KL = {kl:.2f} nats, taken apart", parts, colors),
+        )
+    ):
+        ax = fig.add_subplot(grid[row, 0])
+        left = 0.0
+        for (name, value), color in zip(pieces.items(), palette, strict=False):
+            ax.barh([0], [value], left=left, color=color, label=f"{name} {value:.2f}")
+            left += value
+        ax.set_yticks([])
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    ax.set_xlabel("nats per example")
+    if per_dim is not None:
+        ax = fig.add_subplot(grid[:, 1])
+        order = np.argsort(-per_dim)
+        ax.bar(range(len(per_dim)), per_dim[order], color=colors[2])
+        ax.set_xticks(range(len(per_dim)), [f"z{j}" for j in order], rotation=90, fontsize=7)
+        ax.set_ylabel("KL(q(z_j) ‖ p(z_j)) (nats)")
+        ax.set_title("dimension-wise KL of the aggregate posterior, sorted", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def correlation_matrices(images: np.ndarray, correlations: np.ndarray) -> Figure:
+    """For each image (column): the image, and the correlation matrix of its q(z|x), (n, D, D) in [-1, 1]."""
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
+    for i in range(n):
+        _show(axes[0, i], images[i])
+        im = axes[1, i].imshow(correlations[i], cmap="RdBu_r", vmin=-1, vmax=1)
+        axes[1, i].set_xticks([])
+        axes[1, i].set_yticks([])
+    fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.8, label="corr(z_i, z_j)")
+    fig.suptitle("q(z|x) with a full covariance: the correlations a diagonal q cannot have", fontsize=10)
+    return fig

@@ -118,7 +118,11 @@ async function start() {
   ["mu1", "s1", "mu2", "s2"].forEach((id) => $(id).addEventListener("input", updateKL2));
   updateKL(); updateKL2();
   const m = await api("/api/model");
+  const names = { mutual_information: "MI", total_correlation: "TC", dimension_wise_kl: "dimension-wise KL", marginal_kl: "marginal KL" };
+  const parts = Object.entries(m.kl_parts).map(([k, v]) => `${names[k]} ${v.toFixed(2)}`).join(" + ");
   $("run").textContent = `${m.run}: ${m.data}, ${m.latent_dim} latent dimensions, ${m.test_count} test images`;
+  $("kl-parts").textContent = `Over the test set, the average KL = ${parts} nats (one z per image, the aggregate ` +
+    "posterior of all of them; see vaelab evaluate).";
   $("index").max = m.test_count - 1;
   for (const [id, list] of [["highest", m.highest_kl], ["lowest", m.lowest_kl]]) {
     const se = (e) => (e.std_error === undefined ? "" : ` ± ${e.std_error.toFixed(2)}`);
