@@ -71,3 +71,28 @@ def test_image_inspector(page, server):
     page.wait_for_function(
         "document.getElementById('inspect-error').textContent.includes('does not exist')", timeout=10_000
     )
+
+
+def test_the_kl_as_an_expectation_converges_inside_its_band(page, server):
+    """Ten batches of 200 draws (batch b seeded with b): the running mean of log q(z) - log p(z) ends
+    within its band of 2 standard errors around the closed form (for these seeds; with a random seed
+    it would miss 1 time in 20)."""
+    page.goto(server + "/#kl")
+    set_slider(page, "#mu", 1.0)
+    set_slider(page, "#sigma", 0.5)
+    for i in range(10):
+        page.click("#draw")
+        page.wait_for_function(f"document.getElementById('mc-count').textContent === '{200 * (i + 1)}'", timeout=10_000)
+    mean, band, closed = (float(page.text_content(s)) for s in ("#mc-mean", "#mc-band", "#mc-closed"))
+    assert closed == pytest.approx(0.5 * (1 + 0.25 - 1 - math.log(0.25)), abs=1e-4)
+    assert abs(mean - closed) <= band and band < 0.05
+    assert "inside the band" in page.text_content("#mc-verdict")
+
+
+def test_a_correlation_adds_its_term_to_the_kl(page, server):
+    page.goto(server + "/#kl")
+    set_slider(page, "#rho", 0.7)
+    expected = -0.5 * math.log(1 - 0.49)
+    page.wait_for_function(f"document.getElementById('klrho').textContent === '{expected:.4f}'", timeout=10_000)
+    parts = [float(page.text_content(s)) for s in ("#kl1", "#kl2", "#klrho")]
+    assert float(page.text_content("#kl12")) == pytest.approx(sum(parts), abs=2e-4)

@@ -9,7 +9,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from tests.pngs import bad_checksum_png, grey_png, truncated_png
-from torch.distributions import Normal, kl_divergence
+from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 from vaelab.web.app import MAX_UPLOAD_BYTES, create_app
 
@@ -210,3 +210,28 @@ def test_report_of_a_vampprior_run(vamp_run):
     page = (vamp_run / "report.html").read_text()
     assert "<h2>Activity per latent dimension</h2>" in page and "does not factorise" in page
     assert "monte carlo" in page and "prior&#x27;s marginal" in page
+
+
+def test_the_sampled_kl_and_its_running_mean(client):
+    r = client.get("/api/kl/samples", params={"mu": 0.5, "sigma": 2.0, "batch_size": 100, "batches": 3}).json()
+    assert r["count"] == [100, 200, 300] and len(r["newest"]) == 100
+    q, p = Normal(torch.tensor(0.5, dtype=torch.float64), 2.0), Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+    assert r["closed_form"] == pytest.approx(kl_divergence(q, p).item(), abs=1e-12)
+    # the newest batch is batch 2, drawn from a generator seeded with 2; its terms are log q(z) - log p(z)
+    again = client.get("/api/kl/samples", params={"mu": 0.5, "sigma": 2.0, "batch_size": 100, "batches": 3}).json()
+    assert again == r
+    assert (r["mean"][-1] - r["closed_form"]) ** 2 <= (4 * r["std_error"][-1]) ** 2  # 6e-5 false alarms
+    for bad in ({"mu": 0, "sigma": 1, "batches": 0}, {"mu": 0, "sigma": 1, "batch_size": 1}, {"mu": 0, "sigma": 0}):
+        assert client.get("/api/kl/samples", params=bad).status_code == 422
+
+
+def test_the_correlated_kl_against_torch(client):
+    params = {"mu1": 0.8, "s1": 0.6, "mu2": -0.5, "s2": 1.4, "rho": -0.6}
+    r = client.get("/api/kl2", params=params).json()
+    cov = torch.tensor([[0.36, -0.6 * 0.6 * 1.4], [-0.6 * 0.6 * 1.4, 1.96]], dtype=torch.float64)
+    q = MultivariateNormal(torch.tensor([0.8, -0.5], dtype=torch.float64), covariance_matrix=cov)
+    p = MultivariateNormal(torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64))
+    assert r["kl"] == pytest.approx(kl_divergence(q, p).item(), abs=1e-9)
+    assert r["kl"] == pytest.approx(r["kl1"] + r["kl2"] + r["correlation"], abs=1e-9)
+    assert r["correlation"] == pytest.approx(-0.5 * math.log(1 - 0.36), abs=1e-12)
+    assert client.get("/api/kl2", params={**params, "rho": 1.0}).status_code == 422

@@ -42,6 +42,8 @@ async def hammer(base: str, method: str, path: str, n: int, **kwargs) -> list[in
 
 ENDPOINTS = [
     ("GET", "/api/kl?mu=0.7&sigma=0.4", {}),
+    ("GET", "/api/kl/samples?mu=0.7&sigma=0.4&batches=3", {}),
+    ("GET", "/api/kl2?mu1=0.5&s1=0.8&mu2=-1&s2=1.2&rho=0.5", {}),
     ("GET", "/api/model", {}),
     ("GET", "/api/test/3", {}),
     ("GET", "/api/decode?z=0.5,-1", {}),

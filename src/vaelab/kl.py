@@ -179,12 +179,20 @@ def kl_monte_carlo(
     """
     if n_samples < 2:
         raise ValueError("kl_monte_carlo needs n_samples >= 2 to report a standard error")
-    with _rng_from(generator):
-        z = q.rsample((n_samples,)) if q.has_rsample else q.sample((n_samples,))
-    log_ratio = q.log_prob(z) - p.log_prob(z)  # (n_samples, *batch)
+    log_ratio = log_ratio_samples(q, p, n_samples, generator)  # (n_samples, *batch)
     estimate = log_ratio.mean(0)
     std_error = log_ratio.std(0) / math.sqrt(n_samples)
     return estimate, std_error
+
+
+def log_ratio_samples(
+    q: Distribution, p: Distribution, n_samples: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """log q(z) - log p(z) at ``n_samples`` draws z ~ q, (n_samples, *batch): the terms whose mean is
+    the Monte Carlo KL (reparametrised when q allows it; with ``generator``, a pure function of it)."""
+    with _rng_from(generator):
+        z = q.rsample((n_samples,)) if q.has_rsample else q.sample((n_samples,))
+    return q.log_prob(z) - p.log_prob(z)
 
 
 class _rng_from:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from importlib import resources
 from pathlib import Path
 
@@ -19,11 +20,12 @@ from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, Response
 from PIL import Image, UnidentifiedImageError
+from torch.distributions import Normal
 
 from vaelab.distributions import marginals
 from vaelab.evaluation import kl_per_example, kl_split
 from vaelab.inspection import Run, decode_mean, open_run
-from vaelab.kl import KLResult, kl_normal_std_normal
+from vaelab.kl import KLResult, correlation_kl, kl_full_normal_diag_normal, kl_normal_std_normal, log_ratio_samples
 
 MAX_UPLOAD_BYTES = 1_000_000
 Z_RANGE = 5.0
@@ -68,6 +70,39 @@ def kl_terms(mu: float, sigma: float) -> dict:
     kl = kl_normal_std_normal(mu_t, log_var).item()
     mean_term = kl_normal_std_normal(mu_t, torch.zeros((), dtype=torch.float64)).item()  # mu^2 / 2
     return {"kl": kl, "mean_term": mean_term, "width_term": kl - mean_term}
+
+
+def kl_sampled(mu: float, sigma: float, batch_size: int, batches: int) -> dict:
+    """The KL of N(mu, sigma^2) from N(0, 1) as the expectation it is: ``batches`` batches of draws
+    (batch b from a generator seeded with b), the newest batch's log q(z) - log p(z), and after each
+    batch the running Monte Carlo mean and its standard error over every draw so far, beside the
+    closed form (all from vaelab.kl)."""
+    q = Normal(torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64))
+    p = Normal(torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64))
+    draws = torch.cat([log_ratio_samples(q, p, batch_size, torch.Generator().manual_seed(b)) for b in range(batches)])
+    counts = torch.arange(1, batches + 1) * batch_size
+    running = [(draws[:n].mean().item(), (draws[:n].std() / math.sqrt(n)).item()) for n in counts.tolist()]
+    return {
+        "closed_form": kl_terms(mu, sigma)["kl"],
+        "newest": draws[-batch_size:].tolist(),
+        "count": counts.tolist(),
+        "mean": [m for m, _ in running],
+        "std_error": [e for _, e in running],
+    }
+
+
+def kl_correlated(mu1: float, s1: float, mu2: float, s2: float, rho: float) -> dict:
+    """KL(N(mu, Sigma) || N(0, I)) in two dimensions with correlation rho (eq. 7), split into the two
+    marginals' KLs and what the correlation adds, -1/2 log(1 - rho^2) (vaelab.kl)."""
+    mu = torch.tensor([mu1, mu2], dtype=torch.float64)
+    L = torch.tensor([[s1, 0.0], [rho * s2, s2 * math.sqrt(1 - rho * rho)]], dtype=torch.float64)
+    zeros = torch.zeros(2, dtype=torch.float64)
+    return {
+        "kl": kl_full_normal_diag_normal(mu, L, zeros, zeros).item(),
+        "kl1": kl_terms(mu1, s1)["kl"],
+        "kl2": kl_terms(mu2, s2)["kl"],
+        "correlation": correlation_kl(L).item(),
+    }
 
 
 def inspect_image(model, x: torch.Tensor, kl: KLResult) -> dict:
@@ -156,6 +191,25 @@ def create_app(run_dir: str | Path) -> FastAPI:
     @app.get("/api/kl")
     def kl(mu: float = Query(ge=-10, le=10), sigma: float = Query(ge=0.01, le=10)) -> dict:
         return kl_terms(mu, sigma)
+
+    @app.get("/api/kl/samples")
+    def kl_samples(
+        mu: float = Query(ge=-10, le=10),
+        sigma: float = Query(ge=0.01, le=10),
+        batch_size: int = Query(200, ge=2, le=2000),
+        batches: int = Query(1, ge=1, le=100),
+    ) -> dict:
+        return kl_sampled(mu, sigma, batch_size, batches)
+
+    @app.get("/api/kl2")
+    def kl2(
+        mu1: float = Query(ge=-10, le=10),
+        s1: float = Query(ge=0.01, le=10),
+        mu2: float = Query(ge=-10, le=10),
+        s2: float = Query(ge=0.01, le=10),
+        rho: float = Query(0.0, ge=-0.99, le=0.99),
+    ) -> dict:
+        return kl_correlated(mu1, s1, mu2, s2, rho)
 
     @app.get("/api/model")
     def describe() -> dict:

@@ -39,24 +39,65 @@ async function updateKL() {
   if (+$("mu").value !== mu || +$("sigma").value !== sigma) return; // a newer request is on its way
   $("kl-value").textContent = fmt(r.kl); $("kl-mean").textContent = fmt(r.mean_term); $("kl-width").textContent = fmt(r.width_term);
 }
-function plot2d(m1, s1, m2, s2) {
+function plot2d(m1, s1, m2, s2, rho) {
   const c = $("plot2d"), g = c.getContext("2d"), W = c.width, H = c.height;
   g.clearRect(0, 0, W, H);
   const x = (t) => ((t + 4) / 8) * W, y = (t) => H - ((t + 4) / 8) * H;
   g.strokeStyle = "#eee"; g.beginPath(); g.moveTo(x(0), 0); g.lineTo(x(0), H); g.moveTo(0, y(0)); g.lineTo(W, y(0)); g.stroke();
-  for (const [a, sa, b, sb, color] of [[0, 1, 0, 1, "#7570b3"], [m1, s1, m2, s2, "#d95f02"]]) {
+  for (const [a, sa, b, sb, r, color] of [[0, 1, 0, 1, 0, "#7570b3"], [m1, s1, m2, s2, rho, "#d95f02"]]) {
+    // the covariance's axes: eigenvalues and the angle of the first eigenvector (drawing only)
+    const c12 = r * sa * sb, tr = sa * sa + sb * sb, det = sa * sa * sb * sb - c12 * c12;
+    const l1 = tr / 2 + Math.sqrt(tr * tr / 4 - det), l2 = tr / 2 - Math.sqrt(tr * tr / 4 - det);
+    const angle = Math.abs(c12) < 1e-12 ? (sa >= sb ? 0 : Math.PI / 2) : Math.atan2(l1 - sa * sa, c12);
     for (const k of [1, 2]) {
       g.strokeStyle = color; g.setLineDash(k === 2 ? [3, 3] : []); g.beginPath();
-      g.ellipse(x(a), y(b), (k * sa * W) / 8, (k * sb * H) / 8, 0, 0, 2 * Math.PI); g.stroke();
+      g.ellipse(x(a), y(b), (k * Math.sqrt(l1) * W) / 8, (k * Math.sqrt(Math.max(l2, 0)) * H) / 8, -angle, 0, 2 * Math.PI); g.stroke();
     }
   }
   g.setLineDash([]); g.fillStyle = "#555"; g.fillText("z₁", W - 14, y(0) - 4); g.fillText("z₂", x(0) + 4, 12);
 }
 async function updateKL2() {
-  const [m1, s1, m2, s2] = ["mu1", "s1", "mu2", "s2"].map((id) => +$(id).value);
-  plot2d(m1, s1, m2, s2);
-  const [a, b] = await Promise.all([api(`/api/kl?mu=${m1}&sigma=${s1}`), api(`/api/kl?mu=${m2}&sigma=${s2}`)]);
-  $("kl1").textContent = fmt(a.kl); $("kl2").textContent = fmt(b.kl); $("kl12").textContent = fmt(a.kl + b.kl);
+  const [m1, s1, m2, s2, rho] = ["mu1", "s1", "mu2", "s2", "rho"].map((id) => +$(id).value);
+  $("rho-out").textContent = rho.toFixed(2);
+  plot2d(m1, s1, m2, s2, rho);
+  const r = await api(`/api/kl2?mu1=${m1}&s1=${s1}&mu2=${m2}&s2=${s2}&rho=${rho}`);
+  $("kl1").textContent = fmt(r.kl1); $("kl2").textContent = fmt(r.kl2); $("klrho").textContent = fmt(r.correlation);
+  $("kl12").textContent = fmt(r.kl);
+}
+
+// -- the KL as an expectation: sampling ------------------------------------------------------------
+let batches = 0;
+function plotMC(r) {
+  const c = $("plotmc"), g = c.getContext("2d"), W = c.width, H = c.height;
+  g.clearRect(0, 0, W, H);
+  const lo = Math.min(...r.newest, r.closed_form - 1), hi = Math.max(...r.newest, r.closed_form + 1);
+  const n = r.count[r.count.length - 1];
+  const x = (i) => 30 + ((W - 40) * i) / n, y = (v) => H - 20 - ((v - lo) / (hi - lo)) * (H - 30);
+  g.fillStyle = "rgba(217, 95, 2, 0.25)";  // the newest batch's samples, at their place in the sequence
+  r.newest.forEach((v, i) => g.fillRect(x(n - r.newest.length + i) - 1, y(v) - 1, 2, 2));
+  g.fillStyle = "rgba(117, 112, 179, 0.25)"; g.beginPath();  // the band of +- 2 standard errors
+  r.count.forEach((k, i) => (i ? g.lineTo(x(k), y(r.mean[i] + 2 * r.std_error[i])) : g.moveTo(x(k), y(r.mean[i] + 2 * r.std_error[i]))));
+  for (let i = r.count.length - 1; i >= 0; i--) g.lineTo(x(r.count[i]), y(r.mean[i] - 2 * r.std_error[i]));
+  g.closePath(); g.fill();
+  g.strokeStyle = "#7570b3"; g.lineWidth = 2; g.beginPath();
+  r.count.forEach((k, i) => (i ? g.lineTo(x(k), y(r.mean[i])) : g.moveTo(x(k), y(r.mean[i])))); g.stroke();
+  g.strokeStyle = "#333"; g.lineWidth = 1; g.setLineDash([4, 4]); g.beginPath();
+  g.moveTo(x(0), y(r.closed_form)); g.lineTo(W - 10, y(r.closed_form)); g.stroke(); g.setLineDash([]);
+  g.fillStyle = "#555"; g.fillText(`${n} samples`, W - 80, H - 5); g.fillText(hi.toFixed(1), 2, 12); g.fillText(lo.toFixed(1), 2, H - 20);
+}
+async function drawSamples() {
+  batches += 1;
+  const r = await api(`/api/kl/samples?mu=${+$("mu").value}&sigma=${+$("sigma").value}&batch_size=200&batches=${batches}`);
+  const last = r.mean.length - 1, mean = r.mean[last], band = 2 * r.std_error[last];
+  $("mc-count").textContent = String(r.count[last]); $("mc-mean").textContent = fmt(mean);
+  $("mc-band").textContent = fmt(band); $("mc-closed").textContent = fmt(r.closed_form);
+  $("mc-verdict").textContent = Math.abs(mean - r.closed_form) <= band
+    ? "the closed form lies inside the band" : "the closed form lies outside the band (it happens 1 time in 20)";
+  plotMC(r);
+}
+function resetSamples() {
+  batches = 0; ["mc-mean", "mc-band", "mc-closed", "mc-verdict"].forEach((id) => ($(id).textContent = ""));
+  $("mc-count").textContent = "0"; const c = $("plotmc"); c.getContext("2d").clearRect(0, 0, c.width, c.height);
 }
 
 // -- image inspector ----------------------------------------------------------------------------------
@@ -115,7 +156,9 @@ async function decodeSliders() {
 async function start() {
   showView();
   ["mu", "sigma"].forEach((id) => $(id).addEventListener("input", updateKL));
-  ["mu1", "s1", "mu2", "s2"].forEach((id) => $(id).addEventListener("input", updateKL2));
+  ["mu1", "s1", "mu2", "s2", "rho"].forEach((id) => $(id).addEventListener("input", updateKL2));
+  ["mu", "sigma"].forEach((id) => $(id).addEventListener("input", resetSamples));
+  $("draw").addEventListener("click", drawSamples); $("reset").addEventListener("click", resetSamples);
   updateKL(); updateKL2();
   const m = await api("/api/model");
   const names = { mutual_information: "MI", total_correlation: "TC", dimension_wise_kl: "dimension-wise KL", marginal_kl: "marginal KL" };
