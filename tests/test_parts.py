@@ -74,7 +74,7 @@ def test_every_registered_constructor_imports():
         assert callable(source.constructor())
 
 
-def full_covariance(h):
+def full_covariance(h, latent_dim):
     """A toy posterior family: q(z|x) = N(mu, L L^T) with L lower-triangular, positive diagonal."""
     D = int((-3 + (9 + 8 * h.shape[-1]) ** 0.5) / 2)  # h holds D + D (D + 1) / 2 numbers
     mu, flat = h[:, :D], h[:, D:]
@@ -88,7 +88,7 @@ def full_covariance(h):
 def test_a_posterior_that_is_not_diagonal_trains_through_the_same_loop():
     """Before the contract, explicit noise needed a diagonal Gaussian, so fit failed for any other q."""
     part = parts.POSTERIORS.register(
-        parts.Posterior("toy-full", "", full_covariance, outputs=lambda D: D + D * (D + 1) // 2, factorises=False)
+        parts.Posterior("toy-full", "", full_covariance, outputs=lambda D, R: D + D * (D + 1) // 2, factorises=False)
     )
     try:
         model = vaelab.build_model(Config(posterior="toy-full", hidden=(16,), latent_dim=3), (1, 8, 8))

@@ -193,6 +193,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     opt("--activation", "activation function", choices=parts.ACTIVATIONS.names())
     opt("--latent-dim", "dimension of z", type=positive_int, metavar="D")
     opt("--posterior", _described("q(z|x)", parts.POSTERIORS), choices=parts.POSTERIORS.names())
+    opt("--posterior-rank", "the rank R of --posterior lowrank", type=positive_int, metavar="R")
     opt("--likelihood", _described("p(x|z)", parts.LIKELIHOODS), choices=parts.LIKELIHOODS.names())
     opt("--prior", _described("p(z)", parts.PRIORS), choices=parts.PRIORS.names())
     opt("--prior-components", "components of the mixture / VampPrior", type=positive_int, metavar="K")

@@ -71,6 +71,7 @@ class Config:
     activation: str = "relu"
     latent_dim: int = 20
     posterior: str = "diagonal"
+    posterior_rank: int = 1  # the rank of W in --posterior lowrank
     likelihood: str = "bernoulli"
     prior: str = "normal"
     prior_components: int = 10  # mixture components / VampPrior pseudo-inputs
@@ -122,6 +123,7 @@ class Config:
             "batch_size": 1,
             "k": 1,
             "prior_components": 1,
+            "posterior_rank": 1,
             "warmup_steps": 0,
             "skip_nonfinite": 0,
         }

@@ -39,14 +39,14 @@ def diag_normal(mu: Tensor, log_var: Tensor, clamp: bool = False) -> Independent
     return Independent(Normal(mu, torch.exp(0.5 * log_var), validate_args=False), 1, validate_args=False)
 
 
-def diagonal_posterior(h: Tensor) -> Independent:
+def diagonal_posterior(h: Tensor, latent_dim: int | None = None) -> Independent:
     """q(z|x) = N(mu, diag exp(log_var)) from the encoder's output h = (mu, log_var), (B, 2 D);
     log_var clamped (module docstring). The ``diagonal`` entry of ``parts.POSTERIORS``."""
     mu, log_var = h.chunk(2, dim=-1)
     return diag_normal(mu, log_var, clamp=True)
 
 
-def full_posterior(h: Tensor) -> MultivariateNormal:
+def full_posterior(h: Tensor, latent_dim: int | None = None) -> MultivariateNormal:
     """q(z|x) = N(mu, L L^T) from the encoder's output h (B, D + D (D + 1) / 2): mu, then the
     lower triangle of L row by row; L's diagonal is exp(log_var / 2) with log_var clamped as for
     the diagonal posterior, so a zero off-diagonal gives back exactly the diagonal family.
@@ -59,6 +59,19 @@ def full_posterior(h: Tensor) -> MultivariateNormal:
     log_var = torch.diagonal(L, dim1=-2, dim2=-1).clamp(LOG_VAR_MIN, LOG_VAR_MAX)
     L = L.tril(-1) + torch.diag_embed(torch.exp(0.5 * log_var))
     return MultivariateNormal(mu, scale_tril=L, validate_args=False)
+
+
+def lowrank_posterior(h: Tensor, latent_dim: int) -> MultivariateNormal:
+    """q(z|x) = N(mu, diag exp(log_var) + W W^T), W (D, R), from the encoder's output h (B, D (2 + R)):
+    mu, log_var (clamped as for the diagonal family), then W row by row. Returned through the
+    Cholesky factor of its covariance, so it reparametrises and has the closed-form KL of a full
+    covariance. The ``lowrank`` entry of ``parts.POSTERIORS``."""
+    B, width = h.shape
+    D = latent_dim
+    R = width // D - 2
+    mu, log_var, W = h[:, :D], h[:, D : 2 * D].clamp(LOG_VAR_MIN, LOG_VAR_MAX), h[:, 2 * D :].view(B, D, R)
+    cov = torch.diag_embed(torch.exp(log_var)) + W @ W.transpose(-1, -2)
+    return MultivariateNormal(mu, scale_tril=torch.linalg.cholesky(cov), validate_args=False)
 
 
 def marginals(q: Distribution) -> tuple[Tensor, Tensor]:

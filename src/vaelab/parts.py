@@ -59,20 +59,24 @@ class Prior(Part):
     closed_form_kl: bool = True  # KL(diagonal Gaussian || p) has a closed form
 
 
-def _two_per_dimension(latent_dim: int) -> int:
+def _two_per_dimension(latent_dim: int, rank: int) -> int:
     return 2 * latent_dim
 
 
-def _full_covariance_width(latent_dim: int) -> int:
+def _full_covariance_width(latent_dim: int, rank: int) -> int:
     return latent_dim + latent_dim * (latent_dim + 1) // 2
+
+
+def _low_rank_width(latent_dim: int, rank: int) -> int:
+    return latent_dim * (2 + rank)
 
 
 @final
 @dataclass(frozen=True)
 class Posterior(Part):
-    """q(z|x); ``build(h)`` turns the encoder's output (B, outputs(D)) into q(z|x)."""
+    """q(z|x); ``build(h, latent_dim)`` turns the encoder's output (B, outputs(D, rank)) into q(z|x)."""
 
-    outputs: Callable[[int], int] = _two_per_dimension  # the encoder's width for D latent dimensions
+    outputs: Callable[[int, int], int] = _two_per_dimension  # the encoder's width for D dimensions (and a rank)
     factorises: bool = True  # q(z|x) = prod_j q(z_j|x)
 
 
@@ -201,6 +205,15 @@ POSTERIORS.register(
         "N(mu, L L^T), full covariance: the KL of eq. 7",
         "vaelab.distributions:full_posterior",
         outputs=_full_covariance_width,
+        factorises=False,
+    )
+)
+POSTERIORS.register(
+    Posterior(
+        "lowrank",
+        "N(mu, diag sigma^2 + W W^T), W of rank --posterior-rank",
+        "vaelab.distributions:lowrank_posterior",
+        outputs=_low_rank_width,
         factorises=False,
     )
 )

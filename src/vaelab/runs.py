@@ -159,7 +159,17 @@ def summary_line(r: EpochRecord) -> str:
     return f"{r.split:>5}  ELBO {r.elbo:9.3f}  reconstruction {r.reconstruction:9.3f}  {kl} {r.kl:7.3f} nats{bpd}"
 
 
-ARCHITECTURE_FIELDS = ("model", "hidden", "activation", "latent_dim", "likelihood", "prior", "prior_components")
+ARCHITECTURE_FIELDS = (
+    "model",
+    "hidden",
+    "activation",
+    "latent_dim",
+    "posterior",
+    "posterior_rank",
+    "likelihood",
+    "prior",
+    "prior_components",
+)
 
 
 def train_run(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from vaelab import parts
 from vaelab.models.base import VAE, Likelihood, make_likelihood, make_prior
 
@@ -20,14 +22,14 @@ def build(config, x_shape) -> VAE:
     posterior = parts.POSTERIORS[config.posterior]
     likelihood = make_likelihood(config.likelihood, x_shape)
     params_per_pixel = parts.LIKELIHOODS[config.likelihood].params_per_pixel
-    encoder = architecture.constructor()(
-        x_shape, config.hidden, posterior.outputs(config.latent_dim), config.activation
-    )
+    width = posterior.outputs(config.latent_dim, config.posterior_rank)
+    encoder = architecture.constructor()(x_shape, config.hidden, width, config.activation)
     decoder = architecture.decoder_constructor()(
         x_shape, config.hidden, config.latent_dim, params_per_pixel, config.activation
     )
     prior = make_prior(config.prior, config.latent_dim, x_shape, config.prior_components, config.seed)
-    return VAE(encoder, decoder, config.latent_dim, x_shape, likelihood, prior, posterior.constructor())
+    q = partial(posterior.constructor(), latent_dim=config.latent_dim)
+    return VAE(encoder, decoder, config.latent_dim, x_shape, likelihood, prior, q)
 
 
 __all__ = ["VAE", "Likelihood", "build", "architecture_for", "make_likelihood", "make_prior"]
