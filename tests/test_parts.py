@@ -114,3 +114,19 @@ def test_reparametrize_is_rsample_with_the_noise_made_explicit():
         expected = q.rsample()
         torch.manual_seed(1)
         torch.testing.assert_close(reparametrize(q, torch.randn(4, 3)), expected, rtol=0, atol=0)
+
+
+def test_the_config_lists_the_minibatch_estimators_that_exist():
+    """config.py cannot import torch (``vaelab --help`` stays light), so it names the estimators itself."""
+    from vaelab.config import TC_ESTIMATORS
+    from vaelab.decomposition import MINIBATCH_ESTIMATORS
+
+    assert set(TC_ESTIMATORS) == set(MINIBATCH_ESTIMATORS)
+
+
+def test_elbo_terms_carry_the_kl_of_each_layer():
+    model = vaelab.build_model(Config(hidden=(16,), latent_dim=3), (1, 8, 8))
+    terms = vaelab.elbo(model, (torch.rand(5, 1, 8, 8) > 0.5).float())
+    assert list(terms.kl_per_layer) == ["z"]
+    assert torch.equal(terms.kl_per_layer["z"], terms.kl)
+    torch.testing.assert_close(terms.kl_per_dim.sum(-1), terms.kl)
