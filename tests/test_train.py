@@ -2,6 +2,7 @@
 
 import csv
 import hashlib
+import math
 
 import pytest
 import torch
@@ -349,3 +350,41 @@ def test_nproc_runs_the_command_line_given_to_main(tmp_path):
     out = tmp_path / "run"
     assert main(["train", *FAST, "--epochs", "1", "--out", str(out), "--nproc", "2"]) == 0
     assert (out / "checkpoints" / "last.pt").exists()
+
+
+def test_cosine_schedule_values():
+    from vaelab.config import lr_at
+
+    config = Config(lr=2e-3, lr_schedule="cosine")
+    assert [lr_at(config, 0, p) for p in (0.0, 0.5, 1.0, 1.7)] == pytest.approx([2e-3, 1e-3, 0.0, 0.0])
+    assert lr_at(Config(lr=2e-3), 5, 0.9) == 2e-3  # constant ignores the progress
+
+
+def test_cosine_over_the_epochs_ends_near_zero():
+    model = vaelab.build_model(Config(hidden=(16,), latent_dim=2), (1, 8, 8))
+    x = (torch.rand(128, 1, 8, 8) > 0.5).float()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    vaelab.fit(model, x, epochs=3, batch_size=32, lr_schedule="cosine", optimizer=optimizer, progress=False)
+    total = 3 * (128 // 32)
+    # the last step's rate: progress (total - 1) / total
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (total - 1) / total)))
+
+
+def test_a_time_budget_ends_the_run_and_a_resume_keeps_to_it(tmp_path, capsys):
+    """--time-budget: the run stops after the step that reaches the budget, with its checkpoint and test
+    record; --resume with the same budget trains no further, with a larger one it continues."""
+    out = tmp_path / "run"
+    args = [*FAST, "--epochs", "100000", "--lr-schedule", "cosine", "--out", str(out)]
+    assert main(["train", *args, "--time-budget", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "time budget of 0.5 s reached" in printed and "test  ELBO" in printed
+    first = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert first["elapsed"] >= 0.5 and first["epoch"] < 100000
+    assert main(["train", *args, "--time-budget", "0.5", "--resume"]) == 0
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == first["step"]
+    assert main(["train", *args, "--time-budget", "1.0", "--resume"]) == 0
+    later = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert later["step"] > first["step"] and later["elapsed"] >= 1.0
+    rows = read_rows(out / "metrics.csv")
+    assert float(rows[-1]["elapsed"]) == pytest.approx(later["elapsed"])
+    assert all(int(r["epoch"]) == i // 2 for i, r in enumerate(rows))  # train and val once per epoch

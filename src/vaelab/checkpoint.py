@@ -65,6 +65,7 @@ def save_checkpoint(
     x_shape,
     fingerprint: str,
     best_elbo: float,
+    elapsed: float = 0.0,
 ) -> None:
     state = {
         "format": FORMAT,
@@ -77,6 +78,7 @@ def save_checkpoint(
         "x_shape": list(x_shape),
         "fingerprint": fingerprint,
         "best_elbo": best_elbo,
+        "elapsed": elapsed,  # seconds of training: what a resumed --time-budget has left
         "rng": rng_state(),
         "rng_streams": RNG_STREAMS,
     }

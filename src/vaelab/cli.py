@@ -219,7 +219,17 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     opt("--epochs", "passes over the training set", type=_non_negative(int))
     opt("--batch-size", "examples per step", type=positive_int)
     opt("--lr", "Adam learning rate", type=float)
-    opt("--lr-schedule", "constant, or burda2015 (3^i epochs at lr * 10^(-i/7))", choices=LR_SCHEDULES)
+    opt(
+        "--lr-schedule",
+        "constant; cosine (to 0 at the end of the epochs, or of --time-budget); burda2015 (3^i epochs at lr 10^(-i/7))",
+        choices=LR_SCHEDULES,
+    )
+    opt(
+        "--time-budget",
+        "train for this many seconds (then validate, checkpoint and test); --epochs becomes a cap; 0: no budget",
+        type=_non_negative(float),
+        metavar="SECONDS",
+    )
     opt("--adam-eps", "Adam's epsilon", type=float, metavar="EPS")
     opt("--grad-clip", "clip the gradient norm to this; 0: off", type=_non_negative(float))
     opt(

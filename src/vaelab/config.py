@@ -8,6 +8,7 @@ config is saved in each run directory as ``config.toml`` and is what ``load_mode
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, fields
@@ -30,7 +31,7 @@ BINARIZE = ("none", "static", "dynamic")
 WARMUPS = ("constant", "linear", "cyclical")
 TC_ESTIMATORS = ("mss", "mws")  # decomposition.MINIBATCH_ESTIMATORS
 DEVICES = ("auto", "cpu", "cuda")
-LR_SCHEDULES = ("constant", "burda2015")
+LR_SCHEDULES = ("constant", "cosine", "burda2015")
 
 # Published protocols. Burda, Grosse & Salakhutdinov 2015, "Importance Weighted Autoencoders",
 # section 5: one stochastic layer, 784-200-200-50 tanh MLPs, dynamically binarised MNIST,
@@ -91,10 +92,11 @@ class Config:
     epochs: int = 30
     batch_size: int = 128
     lr: float = 1e-3
-    lr_schedule: str = "constant"  # burda2015: 3^i epochs at lr * 10^(-i/7), i = 0..7
+    lr_schedule: str = "constant"  # cosine: to 0 at the end of the run; burda2015: 3^i epochs at lr 10^(-i/7)
     adam_eps: float = 1e-8
     grad_clip: float = 0.0  # max gradient norm; 0 turns clipping off
     skip_nonfinite: int = 0  # batches with a NaN/Inf loss or gradient that may be skipped before stopping
+    time_budget: float = 0.0  # seconds of training; the run ends after the step that reaches it (0: none)
     seed: int = 0
     threads: int = 0  # 0: vaelab's default policy (see runs.set_threads)
     device: str = "auto"
@@ -134,7 +136,7 @@ class Config:
             raise UserError(f"hidden sizes must be positive, got {','.join(map(str, self.hidden))}; e.g. --hidden 400")
         if not self.lr > 0 or not self.adam_eps > 0:
             raise UserError(f"lr and adam-eps must be positive, got {self.lr} and {self.adam_eps}")
-        for name in ("beta", "free_bits", "grad_clip", "mi_weight", "tc_weight", "dwkl_weight"):
+        for name in ("beta", "free_bits", "grad_clip", "mi_weight", "tc_weight", "dwkl_weight", "time_budget"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.threads < 0:
@@ -252,8 +254,16 @@ def resolve(toml_path: str | Path | None, overrides: dict, preset: str | None = 
     return Config(**values)
 
 
-def lr_at(config: Config, epoch: int) -> float:
-    """The learning rate of an epoch: a pure function of (config, epoch), so resuming is exact."""
+def lr_at(config: Config, epoch: int, progress: float = 0.0) -> float:
+    """The learning rate of an epoch, or, for ``cosine``, of the point ``progress`` in [0, 1] of the
+    run (the share of its steps, or of its ``time_budget``, done): a pure function of its arguments.
+
+    - ``constant``: lr throughout.
+    - ``cosine``: lr (1 + cos(pi progress)) / 2, from lr to 0 at the end of the run (Loshchilov & Hutter 2017).
+    - ``burda2015``: 3^i epochs at lr 10^(-i/7), i = 0 .. 7 (Burda et al. 2015).
+    """
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
     if config.lr_schedule == "burda2015":
         start = 0
         for i in range(8):

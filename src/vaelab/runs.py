@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +45,7 @@ CSV_BASE = [
     "bits_per_dim",
     "kl_method",
     "skipped",
+    "elapsed",
     "mutual_information",
     "total_correlation",
     "dimension_wise_kl",
@@ -100,6 +102,7 @@ class RunWriter:
             writer = csv.DictWriter(f, self.columns)
             writer.writeheader()
             writer.writerows(kept)
+        self.checkpoint_seconds = 0.0  # spent writing checkpoints and weights by this process
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -137,16 +140,21 @@ class RunWriter:
                 epoch=state.epoch,
                 step=state.step,
                 best_elbo=state.best_elbo,
+                elapsed=state.elapsed,
                 config=self.config,
                 x_shape=self.x_shape,
                 fingerprint=self.fingerprint,
             )
 
+        start = time.perf_counter()
         if record.elbo > state.best_elbo:
             state.best_elbo = record.elbo
             save("best.pt")
             checkpoint.save_weights(self.out / "model.safetensors", model, self.config, self.x_shape)
         save("last.pt")
+        self.checkpoint_seconds += time.perf_counter() - start
+        if self.tb is not None:
+            self.tb.add_scalar("time/checkpoint_seconds", time.perf_counter() - start, record.step)
 
     def close(self):
         if self.tb is not None:
@@ -223,7 +231,9 @@ def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, Epoc
         checkpoint.load_state(model, resume_ckpt["model"], out / "checkpoints" / "last.pt")
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         checkpoint.set_rng_state(resume_ckpt["rng"])
-        state = TrainState(resume_ckpt["epoch"], resume_ckpt["step"], resume_ckpt["best_elbo"])
+        state = TrainState(
+            resume_ckpt["epoch"], resume_ckpt["step"], resume_ckpt["best_elbo"], elapsed=resume_ckpt.get("elapsed", 0.0)
+        )
         log(f"resuming {out} at epoch {state.epoch + 1}")
     elif ctx.is_main:
         prepare_out(out, resume, overwrite)
@@ -252,6 +262,14 @@ def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, Epoc
     finally:
         for hook in hooks:
             hook.close()
+    if config.time_budget and state.elapsed >= config.time_budget:
+        log(f"time budget of {config.time_budget:g} s reached after {state.step} steps, in epoch {state.epoch}")
+    if hooks:  # how this process's time went (metrics.csv has it per epoch: `seconds` of each row)
+        validation = sum(r.seconds for r in state.history if r.split == "val")
+        log(
+            f"time: training {state.elapsed:.1f} s in all, validation {validation:.1f} s and checkpoints "
+            f"{writer.checkpoint_seconds:.1f} s in this process"
+        )
     distributed.barrier()  # rank 0's last checkpoint is on disk
     best = (
         checkpoint.load_checkpoint(out / "checkpoints" / "best.pt")

@@ -43,6 +43,7 @@ class EpochRecord:
     bits_per_dim: float | None = None
     step: int = 0
     skipped: int = 0  # batches dropped by --skip-nonfinite
+    elapsed: float = 0.0  # seconds of training since the run began, at the end of this epoch
     # the KL's parts by --objective tc's minibatch estimator (training records only)
     mutual_information: float | None = None
     total_correlation: float | None = None
@@ -57,6 +58,7 @@ class TrainState:
     step: int = 0
     best_elbo: float = -math.inf
     history: list[EpochRecord] = field(default_factory=list)
+    elapsed: float = 0.0  # seconds of training so far (the time budget counts these)
 
 
 Hook = Callable[[EpochRecord, object, TrainState], None]
@@ -90,12 +92,21 @@ def fit(
     step = Step(model, optimizer, config, dataset_size=len(train_x))
     show = (sys.stderr.isatty() if progress is None else progress) and ctx.is_main
     bar = ProgressBar(len(batches), config) if show else None
+    clock = Clock(config, state, total_steps=config.epochs * len(batches))
     for epoch in range(state.epoch, config.epochs):
+        if clock.out_of_time(state.elapsed):  # a resumed run whose budget is spent
+            break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config, epoch)
         model.train()
         sums, skipped, beta, start = TermSums(), 0, config.beta, time.perf_counter()
         for x in batches.epoch(epoch, shard=(ctx.rank, ctx.world)):
+            elapsed = clock.elapsed(start)
+            if clock.out_of_time(elapsed):
+                break
+            if config.lr_schedule == "cosine":  # per step: the share of the run done so far
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(config, epoch, clock.progress(elapsed))
             beta = objectives.beta_at(state.step, config.warmup, config.beta, config.warmup_steps)
             terms, problem = step(x, beta, state.step)
             if problem is None:
@@ -108,9 +119,12 @@ def fit(
             if bar is not None:
                 bar.update(epoch, terms, beta)
         seconds = time.perf_counter() - start
+        state.elapsed += seconds
         records = [sums.record(epoch, "train", beta, seconds, pixels, state.step, skipped)]
         if val_x is not None:
             records.append(evaluate_terms(model, val_x, 1024, epoch, "val", pixels, config.seed, beta, state.step))
+        for record in records:
+            record.elapsed = state.elapsed
         state.history += records
         state.epoch = epoch + 1
         for record in records:
@@ -119,6 +133,35 @@ def fit(
     if bar is not None:
         bar.close()
     return state
+
+
+class Clock:
+    """The run's progress, in steps or, with ``config.time_budget``, in seconds of training.
+
+    Under torchrun every rank stops together: the ranks' clocks differ, so a rank that is out of
+    time says so to the others (one small all-reduce per step, only when there is a budget).
+    """
+
+    def __init__(self, config: Config, state: TrainState, total_steps: int):
+        self.budget, self.state, self.total_steps = config.time_budget, state, max(total_steps, 1)
+        self.ctx = distributed.current()
+
+    def elapsed(self, epoch_start: float) -> float:
+        """Seconds of training so far, the epoch in progress (begun at ``epoch_start``) included."""
+        return self.state.elapsed + time.perf_counter() - epoch_start
+
+    def progress(self, elapsed: float) -> float:
+        """The share of the run done: of the time budget, or of the steps of every epoch."""
+        return elapsed / self.budget if self.budget else self.state.step / self.total_steps
+
+    def out_of_time(self, elapsed: float) -> bool:
+        """True once ``elapsed`` seconds of training reach the budget (never without one)."""
+        if not self.budget:
+            return False
+        out = elapsed >= self.budget
+        if self.ctx.active:
+            out = bool(distributed.all_reduce_sum(torch.tensor([float(out)])).item())
+        return out
 
 
 class Step:
