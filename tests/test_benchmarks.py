@@ -45,3 +45,16 @@ def test_textbook_loss_is_the_negative_elbo_summed_over_the_batch():
     torch.manual_seed(1)
     terms = elbo(model, x)
     torch.testing.assert_close(-terms.elbo.sum(), ref, rtol=1e-4, atol=1e-2)
+
+
+def test_the_textbook_model_is_scored_by_the_same_estimator():
+    """The time-to-quality row scores the textbook model through OneLayer and vaelab's IWAE estimator."""
+    from benchmarks.__main__ import TextbookAsLatentModel
+
+    from vaelab.objectives import OneLayer
+
+    torch.manual_seed(0)
+    textbook = TextbookVAE().eval()
+    x = (torch.rand(3, 1, 28, 28) > 0.7).float()
+    ll = iwae_log_likelihood(OneLayer(TextbookAsLatentModel(textbook)), x, 20, batch_size=3, chunk=10)
+    assert ll.shape == (3,) and torch.isfinite(ll).all()

@@ -155,7 +155,7 @@ def _described(what: str, table) -> str:
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     from vaelab import parts
-    from vaelab.config import BINARIZE, DEVICES, LR_SCHEDULES, PRESETS, TC_ESTIMATORS, WARMUPS, Config
+    from vaelab.config import BINARIZE, DEVICES, LR_SCHEDULES, PRECISIONS, PRESETS, TC_ESTIMATORS, WARMUPS, Config
 
     d = Config()
     groups = [p]
@@ -241,6 +241,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     opt("--seed", "seed of the split, the initialisation, the data order and every sample", type=int)
     opt("--threads", "CPU threads; 0: PyTorch's default", type=_non_negative(int))
     opt("--device", "where to train", choices=DEVICES)
+    opt(
+        "--precision",
+        "bf16: matrix products in bfloat16 (the likelihood, KL and optimiser stay float32); auto: bf16 where "
+        "the CPU (avx512_bf16, AMX) or GPU has it natively",
+        choices=PRECISIONS,
+    )
     g = group("run")
     g.add_argument("--config", metavar="FILE", help="a TOML file with any of the options above")
     g.add_argument("--preset", choices=PRESETS, help="a published protocol: " + ", ".join(PRESETS))

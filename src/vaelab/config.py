@@ -30,6 +30,7 @@ else:  # pragma: no cover
 BINARIZE = ("none", "static", "dynamic")
 WARMUPS = ("constant", "linear", "cyclical")
 TC_ESTIMATORS = ("mss", "mws")  # decomposition.MINIBATCH_ESTIMATORS
+PRECISIONS = ("fp32", "bf16", "auto")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine", "burda2015")
 
@@ -100,6 +101,10 @@ class Config:
     seed: int = 0
     threads: int = 0  # 0: vaelab's default policy (see runs.set_threads)
     device: str = "auto"
+    # bf16: the networks' matrix products under bfloat16 autocast (log-likelihoods, KL, sums and the
+    # optimiser in float32); auto: bf16 where the hardware has it natively (CUDA, or a CPU with
+    # avx512_bf16 / AMX), else fp32
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         choices = {
@@ -114,6 +119,7 @@ class Config:
             "device": DEVICES,
             "lr_schedule": LR_SCHEDULES,
             "tc_estimator": TC_ESTIMATORS,
+            "precision": PRECISIONS,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)

@@ -180,13 +180,15 @@ class Step:
 
             self.objective = DistributedDataParallel(self.objective, process_group=distributed.gradient_group())
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.autocast = autocast(config.precision, next(model.parameters()).device)
         self.rows = shard_rows(config.batch_size, self.ctx.rank, self.ctx.world)  # this rank's rows of a batch
 
     def __call__(self, x: Tensor, beta: float, step: int) -> tuple[objectives.ElboTerms, str | None]:
         c = self.config
         # the step's noise is a function of (seed, step), drawn for the global batch
         noise = objectives.Noise(seeded(c.seed, "noise", step, device=x.device), c.batch_size, self.rows.start)
-        loss, terms = self.objective(x, noise, beta)
+        with self.autocast:
+            loss, terms = self.objective(x, noise, beta)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # on every rank, whatever the loss: DDP's all-reduce needs all of them
         grad_norm = gradient_norm(self.params, c.grad_clip)
@@ -314,6 +316,28 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: a CUDA GPU, or a CPU whose flags list
+    avx512_bf16 or amx_bf16 (/proc/cpuinfo, else PyTorch's own CPU check). Never a guess."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+        return bool(check()) if check is not None else False
+
+
+def autocast(precision: str, device: torch.device):
+    """The context the networks run in: bfloat16 autocast for ``bf16`` (and ``auto`` where it is
+    native), else a no-op. What runs in bf16 is autocast's own list (linear, matmul, conv); the
+    models return float32 to the likelihood and the KL."""
+    enabled = precision == "bf16" or (precision == "auto" and native_bf16(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def check_batch_size(batch_size: int, examples: int, world: int) -> None:

@@ -152,10 +152,11 @@ class VAE(nn.Module):
         self.posterior = posterior
 
     def encode(self, x: Tensor) -> Distribution:
-        return self.posterior(self.encoder(x))  # the encoder's output (B, outputs(D)) -> q(z|x)
+        # the encoder's output (B, outputs(D)) -> q(z|x); float32 from here, whatever autocast ran the network in
+        return self.posterior(self.encoder(x).float())
 
     def decode(self, z: Tensor) -> Distribution:
-        out = self.decoder(z)  # (B, P C, H, W)
+        out = self.decoder(z).float()  # (B, P C, H, W); the likelihood in float32 under bf16 autocast too
         return self.likelihood(out)
 
     def prior(self) -> Distribution:
@@ -177,5 +178,5 @@ class VAE(nn.Module):
     def log_px_given_z_samples(self, z: Tensor, x: Tensor) -> Tensor:
         """log p(x | z_i) for n samples per example, z (n, B, D) and x (B, C, H, W); shape (n, B)."""
         n, B = z.shape[:2]
-        out = self.decoder(z.transpose(0, 1).reshape(B * n, -1))  # example-major: (B n, ...)
+        out = self.decoder(z.transpose(0, 1).reshape(B * n, -1)).float()  # example-major: (B n, ...)
         return self.likelihood.log_prob_samples(out.view(B, n, *out.shape[1:]), x).T
