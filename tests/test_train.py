@@ -388,3 +388,37 @@ def test_a_time_budget_ends_the_run_and_a_resume_keeps_to_it(tmp_path, capsys):
     rows = read_rows(out / "metrics.csv")
     assert float(rows[-1]["elapsed"]) == pytest.approx(later["elapsed"])
     assert all(int(r["epoch"]) == i // 2 for i, r in enumerate(rows))  # train and val once per epoch
+
+
+def _trained(precision):
+    torch.manual_seed(0)
+    model = vaelab.build_model(Config(hidden=(32,), latent_dim=3, precision=precision), (1, 8, 8))
+    x = (torch.rand(128, 1, 8, 8) > 0.5).float()
+    state = vaelab.fit(model, x, epochs=2, batch_size=32, precision=precision, progress=False)
+    return model, state
+
+
+def test_bf16_runs_the_networks_in_bfloat16_and_keeps_the_rest_in_float32():
+    fp32, _ = _trained("fp32")
+    bf16, state = _trained("bf16")
+    assert all(p.dtype == torch.float32 for p in bf16.parameters())  # weights and optimiser stay float32
+    assert all(math.isfinite(r.elbo) for r in state.history)
+    differs = any(not torch.equal(a, b) for a, b in zip(fp32.parameters(), bf16.parameters(), strict=True))
+    assert differs  # autocast really ran the products in bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = bf16.encode(torch.rand(2, 1, 8, 8))
+        p_x = bf16.decode(q.mean)
+    assert q.mean.dtype == torch.float32 and p_x.base_dist.logits.dtype == torch.float32
+
+
+def test_auto_precision_follows_the_cpu_flags():
+    from vaelab.training import native_bf16
+
+    with open("/proc/cpuinfo") as f:
+        flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert native_bf16(torch.device("cpu")) == native
+    auto, _ = _trained("auto")
+    same_as, _ = _trained("bf16" if native else "fp32")
+    for a, b in zip(auto.parameters(), same_as.parameters(), strict=True):
+        assert torch.equal(a, b)
