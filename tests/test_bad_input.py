@@ -197,7 +197,12 @@ CATALOGUE = [
         lambda t: ["train", "--posterior", "full", "--free-bits", "1"],
         ["full posterior", "--posterior diagonal"],
     ),
-    ("VampPrior with a full covariance", lambda t: ["train", "--posterior", "full", "--prior", "vamp"], ["VampPrior"]),
+    (
+        "VampPrior with a full covariance",
+        lambda t: ["train", "--posterior", "full", "--prior", "vamp"],
+        ["vamp prior is a mixture", "--prior normal"],
+    ),
+    ("free bits with the IWAE objective", lambda t: ["train", "--objective", "iwae", "--free-bits", "1"], ["not iwae"]),
     (
         "total correlation with a full covariance",
         lambda t: ["train", "--posterior", "full", "--objective", "tc"],

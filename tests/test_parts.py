@@ -130,3 +130,14 @@ def test_elbo_terms_carry_the_kl_of_each_layer():
     assert list(terms.kl_per_layer) == ["z"]
     assert torch.equal(terms.kl_per_layer["z"], terms.kl)
     torch.testing.assert_close(terms.kl_per_dim.sum(-1), terms.kl)
+
+
+def test_the_priors_facts_match_what_they_compute():
+    """Each prior's facts, against the KL dispatch and its per-dimension split on a built model."""
+    from vaelab.kl import kl_closed_form
+
+    for part in parts.PRIORS:
+        model = vaelab.build_model(Config(hidden=(16,), latent_dim=3, prior=part.name, prior_components=2), (1, 8, 8))
+        closed = kl_closed_form(model.encode(torch.rand(4, 1, 8, 8)), model.prior())
+        assert (closed is not None) == part.closed_form_kl, part.name
+        assert (closed is not None and closed.per_dim is not None) == part.factorises, part.name

@@ -147,30 +147,29 @@ class Config:
                 raise UserError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.threads < 0:
             raise UserError(f"threads must be >= 0, got {self.threads}")
-        if self.objective == "tc":
-            whole = [f"the {self.prior} prior"] * (not parts.PRIORS[self.prior].factorises)
-            whole += [f"the {self.posterior} posterior"] * (not parts.POSTERIORS[self.posterior].factorises)
-            if whole:
-                raise UserError(
-                    f"--objective tc splits the KL into dimensions, and {' and '.join(whole)} does not factorise "
-                    "over them; use --prior normal (and --posterior diagonal)"
-                )
-        if self.objective == "tc" and self.free_bits > 0:
-            raise UserError("free bits apply to --objective elbo; with --objective tc use --dwkl-weight instead")
-        if self.free_bits > 0 and not parts.POSTERIORS[self.posterior].factorises:
+        objective, prior = parts.OBJECTIVES[self.objective], parts.PRIORS[self.prior]
+        posterior = parts.POSTERIORS[self.posterior]
+        whole = [f"the {self.prior} prior"] * (not prior.factorises)
+        whole += [f"the {self.posterior} posterior"] * (not posterior.factorises)
+        if objective.splits_kl_by_dimension and whole:
             raise UserError(
-                f"free bits need a KL per latent dimension, and the {self.posterior} posterior's KL does not split "
-                "into dimensions: use --posterior diagonal or --free-bits 0"
+                f"--objective {self.objective} splits the KL into dimensions, and {' and '.join(whole)} does not "
+                "factorise over them; use --prior normal (and --posterior diagonal)"
             )
-        if self.prior == "vamp" and self.posterior != "diagonal":
+        if self.free_bits > 0 and not objective.uses_free_bits:
             raise UserError(
-                f"the VampPrior is a mixture of the encoder's diagonal posteriors; with --posterior {self.posterior} "
-                "use --prior normal or mixture"
+                f"free bits apply to --objective elbo, not {self.objective}; use --free-bits 0"
+                + (" (--dwkl-weight weighs the dimension-wise KL)" if objective.splits_kl_by_dimension else "")
             )
-        if self.free_bits > 0 and not parts.PRIORS[self.prior].factorises:
+        if self.free_bits > 0 and whole:
             raise UserError(
-                f"free bits need a KL per latent dimension, and the {self.prior} prior does not factorise: "
-                "use --prior normal or --free-bits 0"
+                f"free bits need a KL per latent dimension, and {' and '.join(whole)} does not factorise over them: "
+                "use --prior normal and --posterior diagonal, or --free-bits 0"
+            )
+        if prior.mixes_posteriors and not posterior.factorises:
+            raise UserError(
+                f"the {self.prior} prior is a mixture of the encoder's diagonal posteriors; with --posterior "
+                f"{self.posterior} use --prior normal or mixture"
             )
 
     def replace(self, **changes: Any) -> Config:

@@ -22,7 +22,7 @@ examples and which weights:
 
 - **full data** (evaluation): every one of the N evaluated examples, w = 1/N. Biases: MI is at
   most log N, and each log q(z_n) includes the example's own component; both fade as N grows.
-- **minibatch weighted sampling** (MWS, Chen et al. eq. 6): the M examples of a batch, each with
+- **minibatch weighted sampling** (MWS, Chen et al. 2018): the M examples of a batch, each with
   w = 1/(N M), for q(z) and, per dimension, for every q(z_j). The weights sum to 1/N, not 1.
 - **minibatch stratified sampling** (MSS): the mixture split into the example's own component,
   weight 1/N, and the N - 1 others, estimated by the batch's other M - 1 examples (drawn
@@ -33,7 +33,7 @@ The weights multiply each component once: log w is added to log q(z|x_m) after t
 dimensions for q(z), and inside each dimension's mixture for q(z_j) (adding it per dimension
 and then summing over dimensions counts it D times, a known bug of some implementations).
 The minibatch estimators' bias, measured against the exact linear-Gaussian oracle
-(``linear_gaussian.aggregate_posterior``), is stated in ``tests/test_decomposition.py``.
+(``linear_gaussian.LinearEncoderOracle``), is stated in ``tests/test_decomposition.py``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-LOG_2PI = math.log(2 * math.pi)
+from vaelab.kl import LOG_2PI
 
 
 def gaussian_log_density(z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
@@ -122,27 +122,25 @@ def decompose_full_data(
     """The full-data estimator: z_n ~ q(z|x_n) (N, D), and q(z) the mixture of all N posteriors
     with weights 1/N. O(N^2 D) time, in chunks of rows. ``log_q_pairs``: the joint densities of
     full-covariance posteriors (mu, log_var then hold their marginals)."""
-    log_q_z, log_q_zj = full_data_mixture(z, mu, log_var, chunk, log_q_pairs)
-    log_q_own = (
-        None
-        if log_q_pairs is None
-        else torch.cat([log_q_pairs(slice(i, i + chunk)).diagonal(offset=i) for i in range(0, z.shape[0], chunk)])
-    )
+    log_q_z, log_q_zj, log_q_own = full_data_mixture(z, mu, log_var, chunk, log_q_pairs)
     return _parts(z, mu, log_var, log_q_z, log_q_zj, prior, log_q_own)
 
 
 def full_data_mixture(
     z: Tensor, mu: Tensor, log_var: Tensor, chunk: int = 256, log_q_pairs: PairDensities = None
-) -> tuple[Tensor, Tensor]:
-    """log q(z_n) and log q(z_nj) with q the mixture of all N posteriors, weights 1/N, in chunks of rows."""
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """log q(z_n) and log q(z_nj) with q the mixture of all N posteriors, weights 1/N, in chunks of
+    rows; and, with ``log_q_pairs``, each sample's own log q(z_n | x_n) from the same pass."""
     log_w = torch.tensor(-math.log(mu.shape[0]))
-    pieces = [
-        mixture_log_densities(
-            z[i : i + chunk], mu, log_var, log_w, None if log_q_pairs is None else log_q_pairs(slice(i, i + chunk))
-        )
-        for i in range(0, z.shape[0], chunk)
-    ]
-    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+    log_q_z, log_q_zj, log_q_own = [], [], []
+    for i in range(0, z.shape[0], chunk):
+        pairs = None if log_q_pairs is None else log_q_pairs(slice(i, i + chunk))  # (rows, N)
+        joint, marginal = mixture_log_densities(z[i : i + chunk], mu, log_var, log_w, pairs)
+        log_q_z.append(joint)
+        log_q_zj.append(marginal)
+        if pairs is not None:
+            log_q_own.append(pairs.diagonal(offset=i))
+    return torch.cat(log_q_z), torch.cat(log_q_zj), torch.cat(log_q_own) if log_q_own else None
 
 
 def mws_log_weights(batch_size: int, dataset_size: int) -> Tensor:

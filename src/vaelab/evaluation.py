@@ -154,7 +154,8 @@ def kl_split(
         }
     else:  # a prior that does not factorise: MI + marginal KL
         log_q_own = q_all.log_prob(z)
-        mi = log_q_own - full_data_mixture(z, mu, log_var, chunk, log_q_pairs)[0]
+        log_q_z, _, _ = full_data_mixture(z, mu, log_var, chunk, log_q_pairs)
+        mi = log_q_own - log_q_z
         total = log_q_own - p_z.log_prob(z)
     marginal = total - mi
     summary = {

@@ -57,6 +57,7 @@ class Prior(Part):
 
     factorises: bool = True  # p(z) = prod_j p(z_j): the KL has a per-dimension split (and free bits apply)
     closed_form_kl: bool = True  # KL(diagonal Gaussian || p) has a closed form
+    mixes_posteriors: bool = False  # built from the encoder's (diagonal) posteriors, as the VampPrior
 
 
 def _two_per_dimension(latent_dim: int, rank: int) -> int:
@@ -86,7 +87,8 @@ class Objective(Part):
     """``build(model, x, noise, beta, config, dataset_size) -> (loss, ElboTerms)``: the loss to
     minimise and the ELBO's terms to log."""
 
-    uses_k: bool = False  # reads config.k, the number of importance samples
+    uses_free_bits: bool = False  # applies --free-bits (the KL of each dimension floored)
+    splits_kl_by_dimension: bool = False  # needs a prior and a posterior that factorise
 
 
 @final
@@ -195,6 +197,7 @@ PRIORS.register(
         f"{_M}:VampPrior",
         factorises=False,
         closed_form_kl=False,
+        mixes_posteriors=True,
     )
 )
 
@@ -218,12 +221,17 @@ POSTERIORS.register(
     )
 )
 
-OBJECTIVES.register(Objective("elbo", "the ELBO, with beta and free bits", "vaelab.objectives:elbo_objective"))
 OBJECTIVES.register(
-    Objective("iwae", "the IWAE bound with --k samples", "vaelab.objectives:iwae_objective", uses_k=True)
+    Objective("elbo", "the ELBO, with beta and free bits", "vaelab.objectives:elbo_objective", uses_free_bits=True)
 )
+OBJECTIVES.register(Objective("iwae", "the IWAE bound with --k samples", "vaelab.objectives:iwae_objective"))
 OBJECTIVES.register(
-    Objective("tc", "beta-TCVAE: the KL's three parts weighted apart", "vaelab.objectives:tc_objective")
+    Objective(
+        "tc",
+        "beta-TCVAE: the KL's three parts weighted apart",
+        "vaelab.objectives:tc_objective",
+        splits_kl_by_dimension=True,
+    )
 )
 
 ARCHITECTURES.register(

@@ -12,11 +12,12 @@ import numpy as np
 import torch
 
 from vaelab import plots
-from vaelab.evaluation import ACTIVE_THRESHOLD, Evaluation, kl_split
+from vaelab.evaluation import ACTIVE_THRESHOLD, Evaluation
 from vaelab.explain import Explanation
 from vaelab.fileio import atomic_write_text
-from vaelab.inspection import decode_mean, open_run, project_2d, traversals
+from vaelab.inspection import decode_mean, kl_parts, open_run, project_2d, traversals
 from vaelab.kl import correlation_kl
+from vaelab.objectives import elbo_batches
 from vaelab.parts import PRIORS
 
 CSS = """
@@ -219,17 +220,21 @@ def _kl_per_dimension(run) -> Section:
     )
 
 
+KL_PART_LABELS = {
+    "mutual_information": "mutual information",
+    "total_correlation": "total correlation",
+    "dimension_wise_kl": "dimension-wise KL",
+    "marginal_kl": "marginal KL",
+}
+
+
 def _kl_decomposition(run) -> Section:
-    """The KL over the test set taken apart (``evaluation.kl_split``: the full-data estimator)."""
-    split, _ = kl_split(run.model, run.mu, run.log_var, scale_tril=run.scale_tril)
-    reconstruction = run.reconstruction
-    if "total_correlation" in split:
-        parts = {
-            "mutual information": split["mutual_information"],
-            "total correlation": split["total_correlation"],
-            "dimension-wise KL": split["dimension_wise_kl"],
-        }
-        per_dim = np.array(split["dimension_wise_kl_per_dim"])
+    """The KL over the test set taken apart (``inspection.kl_parts``: the full-data estimator)."""
+    parts, per_dim = kl_parts(run)
+    parts = {KL_PART_LABELS[name]: value for name, value in parts.items()}
+    reconstruction = torch.cat([t.reconstruction for t in elbo_batches(run.model, run.test_x, 1024, 0)]).mean().item()
+    if per_dim is not None:
+        per_dim = np.array(per_dim)
         caption = (
             "The negative ELBO over the test set: the reconstruction term, then the KL taken apart into "
             "I_q(x; z) + KL(q(z) ‖ Π_j q(z_j)) + Σ_j KL(q(z_j) ‖ p(z_j)) (Chen et al. 2018), estimated with "
@@ -237,8 +242,6 @@ def _kl_decomposition(run) -> Section:
             "of the last term (estimates: a part near 0 can come out slightly below it)."
         )
     else:
-        parts = {"mutual information": split["mutual_information"], "marginal KL": split["marginal_kl"]}
-        per_dim = None
         caption = (
             f"The negative ELBO over the test set: the reconstruction term, then the KL taken apart into "
             f"I_q(x; z) + KL(q(z) ‖ p(z)) (Hoffman & Johnson 2016); the {run.config.prior} prior does not "

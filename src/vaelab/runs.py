@@ -296,7 +296,7 @@ def _check_resumable(ckpt: dict, config: Config, splits: data.Splits) -> None:
             f"--resume: the data differ from the run's ({splits.name} now has another fingerprint); "
             "resume with the same data, or start a new run"
         )
-    old = ckpt["config"]
+    old = {**Config().to_dict(), **ckpt["config"]}  # a field the run's vaelab did not have took its default
     new = config.to_dict()
     differs = [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"

@@ -120,11 +120,11 @@ def fit(
                 bar.update(epoch, terms, beta)
         seconds = time.perf_counter() - start
         state.elapsed += seconds
-        records = [sums.record(epoch, "train", beta, seconds, pixels, state.step, skipped)]
+        records = [sums.record(epoch, "train", beta, seconds, pixels, state.step, skipped, state.elapsed)]
         if val_x is not None:
-            records.append(evaluate_terms(model, val_x, 1024, epoch, "val", pixels, config.seed, beta, state.step))
-        for record in records:
-            record.elapsed = state.elapsed
+            records.append(
+                evaluate_terms(model, val_x, 1024, epoch, "val", pixels, config.seed, beta, state.step, state.elapsed)
+            )
         state.history += records
         state.epoch = epoch + 1
         for record in records:
@@ -233,7 +233,15 @@ class TermSums:
             self.kl_parts[name] = self.kl_parts.get(name, 0.0) + t.detach().sum()
 
     def record(
-        self, epoch: int, split: str, beta: float, seconds: float, pixels: int | None, step: int, skipped: int = 0
+        self,
+        epoch: int,
+        split: str,
+        beta: float,
+        seconds: float,
+        pixels: int | None,
+        step: int,
+        skipped: int = 0,
+        elapsed: float = 0.0,
     ) -> EpochRecord:
         """Batch means over every example this process, and every other rank, has seen."""
         dims_t = self.kl_dims if self.kl_dims is not None else torch.zeros(0)
@@ -265,6 +273,7 @@ class TermSums:
             bits_per_dim=objectives.bits_per_dim(rec - kl, pixels) if pixels else None,
             step=step,
             skipped=skipped,
+            elapsed=elapsed,
             **kl_parts,
         )
 
@@ -280,6 +289,7 @@ def evaluate_terms(
     seed: int = 0,
     beta: float = 1.0,
     step: int = 0,
+    elapsed: float = 0.0,
 ) -> EpochRecord:
     """The ELBO's terms averaged over ``x`` (already binarised where the likelihood needs it); the
     z ~ q draws are seeded by ``seed``, the same every epoch, so epochs compare."""
@@ -287,7 +297,7 @@ def evaluate_terms(
     start = time.perf_counter()
     for terms in objectives.elbo_batches(model, x, batch_size, seed):
         sums.add(terms)
-    return sums.record(epoch, split, beta, time.perf_counter() - start, pixels, step)
+    return sums.record(epoch, split, beta, time.perf_counter() - start, pixels, step, elapsed=elapsed)
 
 
 class ProgressBar:

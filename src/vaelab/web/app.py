@@ -23,8 +23,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.distributions import Normal
 
 from vaelab.distributions import marginals
-from vaelab.evaluation import kl_per_example, kl_split
-from vaelab.inspection import Run, decode_mean, open_run
+from vaelab.evaluation import kl_per_example
+from vaelab.inspection import Run, decode_mean, kl_parts, open_run
 from vaelab.kl import KLResult, correlation_kl, kl_full_normal_diag_normal, kl_normal_std_normal, log_ratio_samples
 
 MAX_UPLOAD_BYTES = 1_000_000
@@ -143,17 +143,8 @@ def describe_run(run: Run) -> dict:
         "kl_per_dim": None if run.kl.per_dim is None else run.kl.per_dim.mean(0).tolist(),
         "lowest_kl": listed[:8],
         "highest_kl": listed[::-1][:8],
-        "kl_parts": _kl_parts(run),
+        "kl_parts": kl_parts(run)[0],
     }
-
-
-def _kl_parts(run: Run) -> dict[str, float]:
-    """The test set's average KL taken apart (``evaluation.kl_split``, the full-data estimator)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # the same numbers every time the page is served, as in the report
-        split, _ = kl_split(run.model, run.mu, run.log_var, scale_tril=run.scale_tril)
-    names = ("mutual_information", "total_correlation", "dimension_wise_kl")
-    return {k: split[k] for k in (names if "total_correlation" in split else ("mutual_information", "marginal_kl"))}
 
 
 def parse_z(text: str, latent_dim: int) -> torch.Tensor:
