@@ -26,9 +26,9 @@ def snapshot(root):
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def make_run(tmp_path):
+def make_run(tmp_path, *options):
     out = tmp_path / "run"
-    assert main(["train", *FAST, "--out", str(out)]) == 0
+    assert main(["train", *FAST, *options, "--out", str(out)]) == 0
     return out
 
 
@@ -207,6 +207,66 @@ CATALOGUE = [
         "total correlation with a full covariance",
         lambda t: ["train", "--posterior", "full", "--objective", "tc"],
         ["full posterior does not factorise"],
+    ),
+    (
+        "a conditional model on data without labels",
+        lambda t: ["train", "--conditional", "--data", npy(t, np.random.default_rng(0).random((40, 8, 8)))],
+        ["--conditional needs labels", "has none", ".npz with key y"],
+    ),
+    (
+        "a conditional hierarchical model",
+        lambda t: ["train", "--conditional", "--family", "hierarchical"],
+        ["--conditional is a one-layer VAE"],
+    ),
+    (
+        "flow steps without a flow",
+        lambda t: ["train", "--flow-steps", "4"],
+        ["--flow-steps", "--posterior iaf"],
+    ),
+    (
+        "a top layer without the hierarchical family",
+        lambda t: ["train", "--top-latent-dim", "5"],
+        ["--top-latent-dim", "--family hierarchical"],
+    ),
+    (
+        "the hierarchical family with a VampPrior",
+        lambda t: ["train", "--family", "hierarchical", "--prior", "vamp"],
+        ["--family hierarchical is built with --prior normal", "--family vae"],
+    ),
+    (
+        "the hierarchical family with a full covariance",
+        lambda t: ["train", "--family", "hierarchical", "--posterior", "full"],
+        ["--posterior diagonal"],
+    ),
+    (
+        "the hierarchical family with the conv model",
+        lambda t: ["train", "--family", "hierarchical", "--model", "conv"],
+        ["--model mlp"],
+    ),
+    (
+        "the hierarchical family with the tc objective",
+        lambda t: ["train", "--family", "hierarchical", "--objective", "tc"],
+        ["one latent layer", "--objective elbo"],
+    ),
+    (
+        "free bits with a flow posterior",
+        lambda t: ["train", "--posterior", "iaf", "--free-bits", "1"],
+        ["iaf posterior", "--free-bits 0"],
+    ),
+    (
+        "resume with another top layer",
+        lambda t: [
+            "train",
+            "--out",
+            str(make_run(t, "--family", "hierarchical", "--top-latent-dim", "3")),
+            "--resume",
+            *FAST,
+            "--family",
+            "hierarchical",
+            "--top-latent-dim",
+            "4",
+        ],
+        ["top_latent_dim: 3 -> 4"],
     ),
     (
         "auto-resume into a folder that is not a run",

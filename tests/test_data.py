@@ -210,17 +210,24 @@ def test_download_offline_says_what_to_do(tmp_path, monkeypatch):
 # -- batches -------------------------------------------------------------------------------
 def test_data_order_is_a_function_of_seed_and_epoch():
     x = torch.arange(100.0).view(100, 1, 1, 1) / 100
-    b = Batches(x, 10, seed=3)
-    first = torch.cat(list(b.epoch(0)))
-    assert torch.equal(first, torch.cat(list(Batches(x, 10, seed=3).epoch(0))))
-    assert not torch.equal(first, torch.cat(list(b.epoch(1))))
+    y = torch.arange(100)
+    b = Batches(x, 10, seed=3, y=y)
+
+    def images(epoch, batches=b):
+        return torch.cat([xb for xb, _ in batches.epoch(epoch)])
+
+    first = images(0)
+    assert torch.equal(first, images(0, Batches(x, 10, seed=3)))
+    assert not torch.equal(first, images(1))
     assert sorted(first.flatten().tolist()) == sorted(x.flatten().tolist())  # a permutation
+    for xb, yb in b.epoch(2):  # the labels travel with their images
+        assert torch.equal((xb.flatten() * 100).round().long(), yb)
 
 
 def test_dynamic_binarization_resamples_each_epoch_reproducibly():
     x = torch.full((64, 1, 4, 4), 0.5)
     b = Batches(x, 64, seed=0, dynamic=True)
-    e0, e0_again, e1 = next(b.epoch(0)), next(b.epoch(0)), next(b.epoch(1))
+    (e0, _), (e0_again, _), (e1, _) = next(b.epoch(0)), next(b.epoch(0)), next(b.epoch(1))
     assert set(e0.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(e0, e0_again) and not torch.equal(e0, e1)
     assert abs(e0.mean().item() - 0.5) < 0.1  # 1024 Bernoulli(0.5) draws: sd 0.016, so 6 sd

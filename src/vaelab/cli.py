@@ -20,7 +20,10 @@ from vaelab.errors import UserError
 
 EXAMPLES = {
     "serve": "examples:\n  vaelab serve runs/digits\n  vaelab serve runs/mnist --port 8123",
-    "report": "examples:\n  vaelab report runs/digits\n  vaelab report runs/mnist --projection tsne --out mnist.html",
+    "report": (
+        "examples:\n  vaelab report runs/digits\n  vaelab report runs/mnist --projection tsne --out mnist.html\n"
+        "  vaelab report runs/flow --compare runs/diagonal     # the gap log p(x) - ELBO of both (evaluate both first)"
+    ),
     "evaluate": (
         "examples:\n  vaelab evaluate runs/digits\n"
         "  vaelab evaluate runs/mnist --iwae-k 5000 --json eval.json --per-example test.csv\n"
@@ -105,6 +108,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":
         return 0
     print(summary_line(test))
+    if len(test.kl_per_layer) > 1:
+        from vaelab.objectives import collapse_warning, collapsed_layers
+
+        for layer in collapsed_layers(test.kl_per_layer):
+            print(collapse_warning(layer, test.kl_per_layer[layer]))
     print(f"results in {out}/ (metrics.csv, config.toml, model.safetensors, checkpoints/, tensorboard/)")
     return 0
 
@@ -184,6 +192,14 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     )
     opt("--binarize", "binarise pixels: none, static (once) or dynamic (every batch)", choices=BINARIZE)
     g = group("model")
+    opt("--family", _described("the model family", parts.FAMILIES), choices=parts.FAMILIES.names())
+    g.add_argument(
+        "--conditional",
+        dest="conditional",
+        action="store_true",
+        default=S,
+        help="a conditional VAE, q(z|x, y) and p(x|z, y), given the data's labels y (one latent layer, MLPs)",
+    )
     opt(
         "--model",
         "architecture; auto: conv for colour images, mlp otherwise",
@@ -191,9 +207,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     )
     opt("--hidden", "hidden layer sizes, e.g. 400 or 200,200", type=_hidden, metavar="SIZES")
     opt("--activation", "activation function", choices=parts.ACTIVATIONS.names())
-    opt("--latent-dim", "dimension of z", type=positive_int, metavar="D")
+    opt("--latent-dim", "dimension of z (hierarchical: of z1, the layer next to x)", type=positive_int, metavar="D")
+    opt("--top-latent-dim", "--family hierarchical: dimension of z2, the top layer", type=positive_int, metavar="D")
+    opt("--top-hidden", "--family hierarchical: hidden sizes between z1 and z2", type=_hidden, metavar="SIZES")
     opt("--posterior", _described("q(z|x)", parts.POSTERIORS), choices=parts.POSTERIORS.names())
     opt("--posterior-rank", "the rank R of --posterior lowrank", type=positive_int, metavar="R")
+    opt("--flow-steps", "--posterior iaf: the number of flow steps K", type=positive_int, metavar="K")
     opt("--likelihood", _described("p(x|z)", parts.LIKELIHOODS), choices=parts.LIKELIHOODS.names())
     opt("--prior", _described("p(z)", parts.PRIORS), choices=parts.PRIORS.names())
     opt("--prior-components", "components of the mixture / VampPrior", type=positive_int, metavar="K")
@@ -301,7 +320,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from vaelab.report import run_report
 
-    out, figures = run_report(args.run, out=args.out, projection=args.projection)
+    out, figures = run_report(args.run, out=args.out, projection=args.projection, compare=args.compare)
     print(f"wrote {out} and {len(figures)} figures in {figures[0].parent}/")
     return 0
 
@@ -403,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("pca", "tsne"),
         default="pca",
         help="how to draw a latent space of more than 2 dimensions (default: pca)",
+    )
+    p.add_argument(
+        "--compare",
+        type=Path,
+        metavar="RUN",
+        help="another run on the same data: a table of both runs' ELBO, log p(x) and the gap between them",
     )
 
     p = add("serve", "a local web page: KL explorer, image inspector, latent explorer", cmd_serve)

@@ -53,10 +53,15 @@ _BURDA = {
     "lr_schedule": "burda2015",
     "epochs": 3280,
 }
+# The paper's two-stochastic-layer architecture, 784-[200-200]-100-[100-100]-50 tanh (here with
+# top-down inference, q(z2|x) q(z1|x, z2), see models/hierarchical.py).
+_BURDA_2 = {**_BURDA, "family": "hierarchical", "latent_dim": 100, "top_hidden": (100, 100), "top_latent_dim": 50}
 PRESETS = {
     "burda2015-vae": {**_BURDA, "objective": "elbo"},
     "burda2015-iwae-k5": {**_BURDA, "objective": "iwae", "k": 5},
     "burda2015-iwae-k50": {**_BURDA, "objective": "iwae", "k": 50},
+    "burda2015-vae-2layer": {**_BURDA_2, "objective": "elbo"},
+    "burda2015-iwae-2layer-k50": {**_BURDA_2, "objective": "iwae", "k": 50},
 }
 
 
@@ -68,12 +73,18 @@ class Config:
     download: bool = False
     binarize: str = "dynamic"
     # model
+    family: str = "vae"  # vae: one latent layer; hierarchical: two (parts.FAMILIES)
+    conditional: bool = False  # q(z|x, y) and p(x|z, y): the labels condition both networks
+    classes: int = 0  # the number of labels of a conditional model, set from the data when it trains
     model: str = "auto"  # auto: conv for colour images, mlp otherwise
     hidden: tuple[int, ...] = (400,)
     activation: str = "relu"
-    latent_dim: int = 20
+    latent_dim: int = 20  # of z (one layer), or of z1, the layer next to x (hierarchical)
+    top_latent_dim: int = 10  # hierarchical: the dimension of z2, the top layer
+    top_hidden: tuple[int, ...] = (100, 100)  # hierarchical: hidden sizes between z1 and z2, both ways
     posterior: str = "diagonal"
     posterior_rank: int = 1  # the rank of W in --posterior lowrank
+    flow_steps: int = 2  # --posterior iaf: the number of inverse autoregressive flow steps
     likelihood: str = "bernoulli"
     prior: str = "normal"
     prior_components: int = 10  # mixture components / VampPrior pseudo-inputs
@@ -109,6 +120,7 @@ class Config:
     def __post_init__(self) -> None:
         choices = {
             "binarize": BINARIZE,
+            "family": parts.FAMILIES.names(),
             "model": ("auto", *parts.ARCHITECTURES.names()),
             "activation": parts.ACTIVATIONS.names(),
             "posterior": parts.POSTERIORS.names(),
@@ -127,6 +139,8 @@ class Config:
                 raise UserError(f"{name} = {value!r} is not one of {', '.join(allowed)}")
         at_least = {
             "latent_dim": 1,
+            "top_latent_dim": 1,
+            "flow_steps": 1,
             "epochs": 0,
             "batch_size": 1,
             "k": 1,
@@ -138,8 +152,11 @@ class Config:
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise UserError(f"{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
-        if not self.hidden or any(h < 1 for h in self.hidden):
-            raise UserError(f"hidden sizes must be positive, got {','.join(map(str, self.hidden))}; e.g. --hidden 400")
+        for name in ("hidden", "top_hidden"):
+            sizes = getattr(self, name)
+            if not sizes or any(h < 1 for h in sizes):
+                flag = name.replace("_", "-")
+                raise UserError(f"{flag} sizes must be positive, got {','.join(map(str, sizes))}; e.g. --{flag} 400")
         if not self.lr > 0 or not self.adam_eps > 0:
             raise UserError(f"lr and adam-eps must be positive, got {self.lr} and {self.adam_eps}")
         for name in ("beta", "free_bits", "grad_clip", "mi_weight", "tc_weight", "dwkl_weight", "time_budget"):
@@ -166,10 +183,49 @@ class Config:
                 f"free bits need a KL per latent dimension, and {' and '.join(whole)} does not factorise over them: "
                 "use --prior normal and --posterior diagonal, or --free-bits 0"
             )
+        self._check_family(objective, posterior)
         if prior.mixes_posteriors and not posterior.factorises:
             raise UserError(
                 f"the {self.prior} prior is a mixture of the encoder's diagonal posteriors; with --posterior "
                 f"{self.posterior} use --prior normal or mixture"
+            )
+
+    def _check_family(self, objective: parts.Objective, posterior: parts.Posterior) -> None:
+        """The model family's rules, read from its entry in ``parts.FAMILIES``; and options that only
+        one family or posterior reads."""
+        family = parts.FAMILIES[self.family]
+        defaults = {f.name: f.default for f in fields(Config)}
+        if family.layers == 1:
+            given = [n for n in ("top_latent_dim", "top_hidden") if getattr(self, n) != defaults[n]]
+            if given:
+                flag = given[0].replace("_", "-")
+                raise UserError(f"--{flag} sets the top layer of --family hierarchical; add --family hierarchical")
+        for kind, value, allowed in (
+            ("prior", self.prior, family.priors),
+            ("posterior", self.posterior, family.posteriors),
+            ("model", self.model, family.architectures),
+        ):
+            if allowed and value not in allowed and not (kind == "model" and value == "auto"):
+                raise UserError(
+                    f"--family {self.family} is built with --{kind} {' or '.join(allowed)}, not {value}; "
+                    f"use --{kind} {allowed[0]} or --family vae"
+                )
+        if objective.splits_kl_by_dimension and family.layers > 1:
+            raise UserError(
+                f"--objective {self.objective} takes apart the KL of one latent layer; --family {self.family} has "
+                f"{family.layers}: use --objective elbo or iwae"
+            )
+        if self.conditional:
+            if self.family != "vae" or self.model not in ("auto", "mlp") or self.prior != "normal":
+                raise UserError(
+                    "--conditional is a one-layer VAE with MLPs and the normal prior; drop --family, --model and "
+                    "--prior, or --conditional"
+                )
+        elif self.classes:
+            raise UserError("classes is set by --conditional from the data's labels; remove it, or add --conditional")
+        if self.flow_steps != defaults["flow_steps"] and not posterior.has_parameters:
+            raise UserError(
+                f"--flow-steps sets the steps of --posterior iaf, not {self.posterior}; add --posterior iaf"
             )
 
     def replace(self, **changes: Any) -> Config:

@@ -74,11 +74,15 @@ def lowrank_posterior(h: Tensor, latent_dim: int) -> MultivariateNormal:
     return MultivariateNormal(mu, scale_tril=torch.linalg.cholesky(cov), validate_args=False)
 
 
-def marginals(q: Distribution) -> tuple[Tensor, Tensor]:
+def marginals(q: Distribution, samples: int = 256) -> tuple[Tensor, Tensor]:
     """(mean, variance) of each q(z_j|x), (B, D): for a diagonal Gaussian its parameters, for a full
-    covariance the diagonal of Sigma."""
+    covariance the diagonal of Sigma; for a flow, which has no closed-form moments, the moments of
+    ``samples`` draws (from the global RNG)."""
     if isinstance(q, MultivariateNormal):
         return q.loc, q.scale_tril.square().sum(-1)
+    if isinstance(q, TransformedDistribution):
+        z = q.sample((samples,))
+        return z.mean(0), z.var(0)
     return q.mean, q.variance
 
 

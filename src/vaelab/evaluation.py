@@ -26,7 +26,7 @@ from torch.distributions import MultivariateNormal
 
 from vaelab import distributed
 from vaelab.checkpoint import load_run
-from vaelab.data import binarize_static, prepare_data
+from vaelab.data import binarize_static, labels_for, prepare_data
 from vaelab.data.batches import Batches, shard_rows
 from vaelab.decomposition import decompose_full_data, full_data_mixture
 from vaelab.distributions import diag_normal, marginals
@@ -39,29 +39,42 @@ from vaelab.kl import (
     kl_closed_form,
     kl_monte_carlo,
     kl_normal_normal,
+    kl_q_p,
+    rng_from,
 )
-from vaelab.objectives import bits_per_dim, elbo_batches, log_importance_weights
+from vaelab.objectives import (
+    bits_per_dim,
+    collapse_warning,
+    collapsed_layers,
+    elbo_batches,
+    given,
+    log_importance_weights,
+)
+from vaelab.parts import POSTERIORS
 
 ACTIVE_THRESHOLD = 0.01
 
 
 @torch.no_grad()
-def iwae_log_likelihood(model, x: Tensor, k: int, batch_size: int = 100, chunk: int = 500) -> Tensor:
-    """IWAE-k estimate of log p(x) per example, shape (N,), float64.
+def iwae_log_likelihood(
+    model, x: Tensor, k: int, batch_size: int = 100, chunk: int = 500, y: Tensor | None = None
+) -> Tensor:
+    """IWAE-k estimate of log p(x) (of log p(x|y) for a conditional model, labels ``y``) per example,
+    shape (N,), float64.
 
     Draws the k samples ``chunk`` at a time (the joint weights over every latent layer,
     :func:`objectives.log_importance_weights`) and folds each chunk into a running
     logsumexp: memory is O(batch_size * chunk * pixels), whatever k.
     """
     out = []
-    for xb in Batches(x, batch_size, 0, drop_last=False).epoch(0, shuffle=False):
-        B = xb.shape[0]
+    for xb, yb in Batches(x, batch_size, 0, drop_last=False, y=y).epoch(0, shuffle=False):
+        B, model_b = xb.shape[0], given(model, yb)
         # float64 from here: log p(x) is hundreds of nats, where float32's spacing is 6e-5
         running = torch.full((B,), -math.inf, device=x.device, dtype=torch.float64)
         done = 0
         while done < k:
             n = min(chunk, k - done)
-            log_w = log_importance_weights(model, xb, lambda q, n=n: q.sample((n,)))  # (n, B)
+            log_w = log_importance_weights(model_b, xb, lambda q, n=n: q.sample((n,)))  # (n, B)
             running = torch.logaddexp(running, torch.logsumexp(log_w.double(), 0))
             done += n
         out.append(running - math.log(k))
@@ -69,15 +82,28 @@ def iwae_log_likelihood(model, x: Tensor, k: int, batch_size: int = 100, chunk: 
 
 
 @torch.no_grad()
-def kl_per_example(model, x: Tensor, samples: int = 256, seed: int = 0, batch_size: int = 100) -> KLResult:
-    """The model's own KL(q(z|x) || p(z)) for each example of ``x``: the closed form where the
-    pair has one (per dimension too where both factorise), else the mean of ``samples`` draws
-    of log q(z|x) - log p(z) with its standard error (sd / sqrt(samples)), drawn from a
-    generator seeded by ``seed``."""
+def kl_per_example(
+    model, x: Tensor, samples: int = 256, seed: int = 0, batch_size: int = 100, y: Tensor | None = None
+) -> KLResult:
+    """The model's own KL term for each example of ``x`` (with its labels ``y``, for a conditional
+    model), drawn from a generator seeded by ``seed``.
+
+    One latent layer, KL(q(z|x) || p(z)): the closed form where the pair has one (per dimension too
+    where both factorise), else the mean of ``samples`` draws of log q(z|x) - log p(z) with its
+    standard error (sd / sqrt(samples)).
+
+    Several layers, sum_l E_q KL(q(z_l | x, z_>l) || p(z_l | z_>l)): each layer's KL in closed form
+    (Monte Carlo where its pair has none) at each of ``samples`` draws of the layers above, averaged;
+    ``std_error`` is the standard error of that average, ``per_layer`` each layer's part.
+    """
     generator = torch.Generator().manual_seed(seed)
     parts = []
-    for xb in Batches(x, batch_size, 0, drop_last=False).epoch(0, shuffle=False):
-        q_z, p_z = model.encode(xb), model.prior()
+    for xb, yb in Batches(x, batch_size, 0, drop_last=False, y=y).epoch(0, shuffle=False):
+        model_b = given(model, yb)
+        if len(model.layer_dims) > 1:
+            parts.append(_kl_of_layers(model_b, xb, samples, generator))
+            continue
+        q_z, p_z = model_b.encode(xb), model_b.prior()
         part = kl_closed_form(q_z, p_z)
         if part is None:
             value, std_error = kl_monte_carlo(q_z, p_z, samples, generator)
@@ -87,16 +113,61 @@ def kl_per_example(model, x: Tensor, samples: int = 256, seed: int = 0, batch_si
     def cat(name: str) -> Tensor | None:
         return None if getattr(parts[0], name) is None else torch.cat([getattr(r, name) for r in parts])
 
-    return KLResult(cat("value"), parts[0].method, cat("per_dim"), cat("std_error"))
+    layers = (
+        None
+        if parts[0].per_layer is None
+        else {k: torch.cat([r.per_layer[k] for r in parts]) for k in parts[0].per_layer}
+    )
+    return KLResult(cat("value"), parts[0].method, cat("per_dim"), cat("std_error"), layers)
+
+
+def _kl_of_layers(model, x: Tensor, samples: int, generator: torch.Generator) -> KLResult:
+    """Each layer's KL at ``samples`` draws of the layers above it (:func:`kl_per_example`)."""
+    with rng_from(generator):
+        layers = model.latents(x, lambda q: q.sample((samples,)))
+    B = x.shape[0]
+    kls = {layer.name: kl_q_p(layer.q, layer.p, layer.z) for layer in layers}  # (B,) for the top, (samples, B) below
+    values = {name: k.value.expand(samples, B) for name, k in kls.items()}
+    total = torch.stack(list(values.values())).sum(0)
+    factorises = all(k.per_dim is not None for k in kls.values())
+    return KLResult(
+        total.mean(0),
+        "analytic" if all(k.method == "analytic" for k in kls.values()) else "monte_carlo",
+        torch.cat([k.per_dim.expand(samples, *k.per_dim.shape[-2:]).mean(0) for k in kls.values()], -1)
+        if factorises
+        else None,
+        total.std(0) / math.sqrt(samples),
+        {name: v.mean(0) for name, v in values.items()},
+    )
 
 
 @torch.no_grad()
-def posterior_params(model, x: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(mu, log_var) of each marginal q(z_j|x) for every example, each (N, D), and the Cholesky
-    factors (N, D, D) of a full-covariance q (None for a diagonal one)."""
+def layer_means(
+    model, x: Tensor, samples: int = 16, batch_size: int = 1000, y: Tensor | None = None
+) -> dict[str, Tensor]:
+    """E_q[z_l | x] of each latent layer for every example, (N, D_l) each, by name: for the top layer
+    the mean of q(z|x), for a layer below the mean of q(z_l | x, z_>l) averaged over ``samples``
+    draws of the layers above (from the global RNG)."""
+    if len(model.layer_dims) == 1:
+        return {next(iter(model.layer_dims)): posterior_params(model, x, batch_size, y)[0]}
+    means: dict[str, list[Tensor]] = {name: [] for name in model.layer_dims}
+    for xb, yb in Batches(x, batch_size, 0, drop_last=False, y=y).epoch(0, shuffle=False):
+        for layer in given(model, yb).latents(xb, lambda q: q.sample((samples,))):
+            mean = marginals(layer.q)[0]  # (B, D) for the top layer, (samples, B, D) below it
+            means[layer.name].append(mean if mean.dim() == 2 else mean.mean(0))
+    return {name: torch.cat(m) for name, m in means.items()}
+
+
+@torch.no_grad()
+def posterior_params(
+    model, x: Tensor, batch_size: int = 1000, y: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(mu, log_var) of each marginal q(z_j|x) (of the top latent layer; q(z_j|x, y) with labels ``y``)
+    for every example, each (N, D), and the Cholesky factors (N, D, D) of a full-covariance q (None
+    for a diagonal one)."""
     mus, log_vars, trils = [], [], []
-    for xb in Batches(x, batch_size, 0, drop_last=False).epoch(0, shuffle=False):
-        q = model.encode(xb)
+    for xb, yb in Batches(x, batch_size, 0, drop_last=False, y=y).epoch(0, shuffle=False):
+        q = given(model, yb).encode(xb)
         mu, var = marginals(q)
         mus.append(mu)
         log_vars.append(var.log())
@@ -183,13 +254,18 @@ class Evaluation:
     kl: float
     kl_method: str  # "analytic", or "monte_carlo" where the prior has no closed-form KL
     kl_per_dim: list[float] | None  # None where the prior does not factorise
-    activity: list[float]  # Cov_x(E_q[z_j | x]) per dimension
+    activity: list[float]  # Cov_x(E_q[z_j | x]) per dimension (of every layer, top first)
     active_units: int
-    mutual_information: float  # I_q(x; z) of the KL split
-    marginal_kl: float  # KL(q(z) || p(z)) of the KL split = total correlation + dimension-wise KL
-    kl_split: dict  # the split's estimator, its checks and their standard errors
-    kl_estimator: dict  # the analytic KL beside a single-sample Monte Carlo one
     active_threshold: float = ACTIVE_THRESHOLD
+    # several latent layers: each one's KL and active units, and the layers whose KL is ~0
+    kl_per_layer: dict[str, float] | None = None
+    active_units_per_layer: dict[str, int] | None = None
+    collapsed_layers: list[str] | None = None
+    # the KL split (of the top layer's KL), where the posterior is Gaussian
+    mutual_information: float | None = None  # I_q(x; z)
+    marginal_kl: float | None = None  # KL(q(z) || p(z)) = total correlation + dimension-wise KL
+    kl_split: dict | None = None  # the split's estimator, its checks and their standard errors
+    kl_estimator: dict | None = None  # the analytic KL beside a single-sample Monte Carlo one
     # a full-covariance q against a diagonal prior: KL = sum_j KL(q(z_j|x) || p(z_j)) + correlation_kl
     kl_of_marginals_per_dim: list[float] | None = None
     correlation_kl: float | None = None
@@ -209,8 +285,9 @@ class Evaluation:
     seed: int | None = None
     likelihood: str | None = None
     prior: str | None = None
+    conditional: bool | None = None  # given the labels: log p(x|y), KL(q(z|x, y) || p(z))
 
-    RUN_FIELDS = ("data", "split", "binarize", "seed", "likelihood", "prior")
+    RUN_FIELDS = ("data", "split", "binarize", "seed", "likelihood", "prior", "conditional")
 
     def to_dict(self) -> dict:
         """The record for JSON: what was evaluated first, then the metrics; absent values left out."""
@@ -226,9 +303,22 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(
-    model, x: Tensor, *, iwae_k: int = 5000, batch_size: int = 100, seed: int = 0, pixels: int | None = None
+    model,
+    x: Tensor,
+    *,
+    iwae_k: int = 5000,
+    batch_size: int = 100,
+    seed: int = 0,
+    pixels: int | None = None,
+    split_kl: bool = True,
+    y: Tensor | None = None,
 ) -> tuple[Evaluation, dict[str, Tensor]]:
-    """Every metric for data ``x`` (already binarised where the likelihood needs it).
+    """Every metric for data ``x`` (already binarised where the likelihood needs it), with its labels
+    ``y`` for a conditional model (then the likelihood is log p(x|y) and the KL is of q(z|x, y)).
+
+    ``split_kl``: take the KL apart (:func:`kl_split`); it needs Gaussian posteriors, whose
+    aggregate is a Gaussian mixture (not a flow's). With several latent layers it takes apart the
+    top layer's KL, KL(q(z_top|x) || p(z_top)).
 
     Returns the record and per-example tensors (elbo, reconstruction, kl, kl_std_error,
     log_likelihood, kl_per_dim, where the run has them) for ``--per-example``.
@@ -237,18 +327,21 @@ def evaluate(
     torch.manual_seed(seed)
     N = x.shape[0]
     # E_q[log p(x|z)] with one z per example; the KL in closed form, or from many samples where it has none
-    reconstruction = torch.cat([t.reconstruction for t in elbo_batches(model, x, 1024, seed)])
-    kl = kl_per_example(model, x, seed=seed)
+    reconstruction = torch.cat([t.reconstruction for t in elbo_batches(model, x, 1024, seed, y)])
+    kl = kl_per_example(model, x, seed=seed, y=y)
     per = {"elbo": reconstruction - kl.value, "reconstruction": reconstruction, "kl": kl.value}
     if kl.std_error is not None:
         per["kl_std_error"] = kl.std_error
     if kl.per_dim is not None:
         per["kl_per_dim"] = kl.per_dim
+    for name, value in (kl.per_layer or {}).items():
+        per[f"kl_{name}"] = value
     likelihood = {}
     if iwae_k > 0:
         ctx = distributed.current()  # under torchrun each rank estimates its share of the examples
         torch.manual_seed(seed + ctx.rank)
-        ll = iwae_log_likelihood(model, x[shard_rows(N, ctx.rank, ctx.world)], iwae_k, batch_size)
+        mine = shard_rows(N, ctx.rank, ctx.world)
+        ll = iwae_log_likelihood(model, x[mine], iwae_k, batch_size, y=None if y is None else y[mine])
         per["log_likelihood"] = ll = distributed.all_gather_cat(ll)
         likelihood = dict(
             log_likelihood=ll.mean().item(),
@@ -256,24 +349,19 @@ def evaluate(
             iwae_k=iwae_k,
             log_likelihood_bits_per_dim=bits_per_dim(ll.mean().item(), pixels) if pixels else None,
         )
-    mu, log_var, scale_tril = posterior_params(model, x)
-    act = activity(mu)
-    full_split = {}
-    prior = diag_normal_params(model.prior())
-    if scale_tril is not None and prior is not None:  # eq. 7's KL = its marginals' KLs + the correlations' part
-        full_split = dict(
-            kl_of_marginals_per_dim=kl_normal_normal(mu, log_var, *prior).mean(0).tolist(),
-            correlation_kl=correlation_kl(scale_tril).mean().item(),
+    means = layer_means(model, x, y=y)  # E_q[z_l | x] per layer
+    act = activity(torch.cat(list(means.values()), 1))
+    layered = {}
+    if len(means) > 1:  # each layer's KL and active units; a layer whose KL is ~0 has collapsed
+        kl_layers = {name: v.mean().item() for name, v in kl.per_layer.items()}
+        layered = dict(
+            kl_per_layer=kl_layers,
+            active_units_per_layer={name: int((activity(m) > ACTIVE_THRESHOLD).sum()) for name, m in means.items()},
+            collapsed_layers=collapsed_layers(kl_layers),
         )
-    split, single = kl_split(model, mu, log_var, scale_tril=scale_tril)  # single: one-sample Monte Carlo KL per example
-    parts = ("mutual_information", "total_correlation", "dimension_wise_kl")
-    parts = parts if "total_correlation" in split else ("mutual_information", "marginal_kl")
-    split["adds_up"] = abs(sum(split[k] for k in parts) - split["kl_monte_carlo"]) < 1e-3
-    # paired on the same examples: the single-sample KL minus the KL above; its mean is 0 in expectation
-    difference = single.double() - per["kl"].double()
-    split["difference_std_error"] = (difference.std() / math.sqrt(N)).item()
-    # |mean| <= 4 standard errors: a false alarm about 6e-5 of the time (normal approximation)
-    split["agrees_with_kl_within_4_std_errors"] = abs(difference.mean().item()) <= 4 * split["difference_std_error"]
+    split_parts = {}
+    if split_kl:
+        split_parts = _split_of_the_top_layer(model, x, kl, y)
     mean_kl = per["kl"].mean().item()
     record = Evaluation(
         examples=N,
@@ -287,6 +375,38 @@ def evaluate(
         bits_per_dim=bits_per_dim(per["elbo"].mean().item(), pixels) if pixels else None,
         activity=act.tolist(),
         active_units=int((act > ACTIVE_THRESHOLD).sum()),
+        **likelihood,
+        **layered,
+        **split_parts,
+    )
+    return record, per
+
+
+def _split_of_the_top_layer(model, x: Tensor, kl: KLResult, y: Tensor | None) -> dict:
+    """The KL split's fields of the evaluation record, for the top latent layer (the only one of a
+    one-layer model), checked against that layer's KL on the same examples."""
+    N = x.shape[0]
+    mu, log_var, scale_tril = posterior_params(model, x, y=y)  # the top layer's q
+    full_split = {}
+    prior = diag_normal_params(model.prior())
+    if scale_tril is not None and prior is not None:  # eq. 7's KL = its marginals' KLs + the correlations' part
+        full_split = dict(
+            kl_of_marginals_per_dim=kl_normal_normal(mu, log_var, *prior).mean(0).tolist(),
+            correlation_kl=correlation_kl(scale_tril).mean().item(),
+        )
+    split, single = kl_split(model, mu, log_var, scale_tril=scale_tril)  # single: one-sample Monte Carlo KL per example
+    parts = ("mutual_information", "total_correlation", "dimension_wise_kl")
+    parts = parts if "total_correlation" in split else ("mutual_information", "marginal_kl")
+    split["adds_up"] = abs(sum(split[k] for k in parts) - split["kl_monte_carlo"]) < 1e-3
+    top = kl.value if kl.per_layer is None else next(iter(kl.per_layer.values()))
+    if kl.per_layer is not None:
+        split["layer"] = next(iter(kl.per_layer))
+    # paired on the same examples: the single-sample KL minus the layer's KL; its mean is 0 in expectation
+    difference = single.double() - top.double()
+    split["difference_std_error"] = (difference.std() / math.sqrt(N)).item()
+    # |mean| <= 4 standard errors: a false alarm about 6e-5 of the time (normal approximation)
+    split["agrees_with_kl_within_4_std_errors"] = abs(difference.mean().item()) <= 4 * split["difference_std_error"]
+    return dict(
         mutual_information=split.pop("mutual_information"),
         marginal_kl=split.pop("marginal_kl"),
         total_correlation=split.pop("total_correlation", None),
@@ -294,26 +414,33 @@ def evaluate(
         dimension_wise_kl_per_dim=split.pop("dimension_wise_kl_per_dim", None),
         kl_split=split,
         kl_estimator={
-            "analytic": mean_kl if kl.method == "analytic" else None,
+            "analytic": kl.value.mean().item() if kl.method == "analytic" and kl.per_layer is None else None,
             "single_sample_monte_carlo": single.mean().item(),
             "single_sample_std_dev": single.std().item(),
             "single_sample_std_error": single.std().item() / math.sqrt(N),
         },
-        **likelihood,
         **full_split,
     )
-    return record, per
 
 
 def format_table(record: Evaluation) -> str:
     r = record
+    given = "x, y" if r.conditional else "x"
+    kl_name = f"KL(q(z|{given}) || p(z))" if r.kl_per_layer is None else "KL, every layer"
     rows = [
         ("ELBO", r.elbo, "nats"),
-        ("  reconstruction E_q[log p(x|z)]", r.reconstruction, "nats"),
-        (f"  KL(q(z|x) || p(z)) [{r.kl_method}]", r.kl, "nats"),
-        ("    mutual information I(x; z)", r.mutual_information, "nats"),
-        ("    marginal KL(q(z) || p(z))", r.marginal_kl, "nats"),
+        (f"  reconstruction E_q[log p(x|{'z, y' if r.conditional else 'z'})]", r.reconstruction, "nats"),
+        (f"  {kl_name} [{r.kl_method}]", r.kl, "nats" + (f"  ± {r.kl_std_error:.3f} (s.e.)" if r.kl_std_error else "")),
     ]
+    for name, value in (r.kl_per_layer or {}).items():
+        active = r.active_units_per_layer[name]
+        rows.append((f"    KL of layer {name}", value, f"nats  ({active} active units)"))
+    if r.mutual_information is not None:
+        of = "" if r.kl_split.get("layer") is None else f" of {r.kl_split['layer']}"
+        rows += [
+            (f"    mutual information I(x; z){of}", r.mutual_information, "nats"),
+            (f"    marginal KL(q(z) || p(z)){of}", r.marginal_kl, "nats"),
+        ]
     if r.total_correlation is not None:
         rows += [
             ("      total correlation", r.total_correlation, "nats  KL(q(z) || prod_j q(z_j))"),
@@ -321,34 +448,46 @@ def format_table(record: Evaluation) -> str:
         ]
     if r.log_likelihood is not None:
         rows.append(
-            (f"log p(x), IWAE k={r.iwae_k}", r.log_likelihood, f"nats  ± {r.log_likelihood_std_error:.3f} (s.e.)")
+            (
+                f"log p({'x|y' if r.conditional else 'x'}), IWAE k={r.iwae_k}",
+                r.log_likelihood,
+                f"nats  ± {r.log_likelihood_std_error:.3f} (s.e.)",
+            )
         )
     if r.bits_per_dim is not None:
         rows.append(("ELBO in bits/dim", r.bits_per_dim, "bits/dim"))
     if r.log_likelihood_bits_per_dim is not None:
         rows.append(("log p(x) in bits/dim", r.log_likelihood_bits_per_dim, "bits/dim"))
     est = r.kl_estimator
-    rows.append(
-        (
-            "KL, single-sample Monte Carlo",
-            est["single_sample_monte_carlo"],
-            f"nats  (sd {est['single_sample_std_dev']:.3f} per example)",
+    if est is not None:
+        rows.append(
+            (
+                "KL, single-sample Monte Carlo"
+                + ("" if r.kl_split.get("layer") is None else f" of {r.kl_split['layer']}"),
+                est["single_sample_monte_carlo"],
+                f"nats  (sd {est['single_sample_std_dev']:.3f} per example)",
+            )
         )
-    )
     lines = [f"{name:<40} {value:12.4f}  {unit}" for name, value, unit in rows]
     D = len(r.activity)
     lines.append(f"{f'active units (Cov_x E[z_j|x] > {r.active_threshold})':<40} {r.active_units:>12d}  of {D}")
-    if r.kl_per_dim is not None:
+    if r.kl_per_dim is not None and r.kl_per_layer is None:
         order = sorted(range(D), key=lambda j: -r.kl_per_dim[j])
         top = ", ".join(f"z{j}: {r.kl_per_dim[j]:.2f}" for j in order[:8])
         lines.append(f"{'KL per dimension (largest first)':<40} {top}")
+    if r.mutual_information is None:
+        lines.append("the KL split (MI + TC + dimension-wise KL) needs a Gaussian q(z|x); this run's has none")
+    for name in r.collapsed_layers or ():
+        lines.append(collapse_warning(name, r.kl_per_layer[name]))
     return "\n".join(lines)
 
 
 def per_example_csv(per: dict[str, Tensor]) -> str:
-    """One row per example: index, elbo, reconstruction, kl, then kl_std_error (Monte Carlo KL),
+    """One row per example: index, elbo, reconstruction, kl, each layer's KL (``kl_z2``, ``kl_z1``:
+    several layers), then kl_std_error (Monte Carlo KL),
     log_likelihood (when estimated) and kl_dim_j (a factorising prior) where the run has them."""
-    columns = [k for k in ("elbo", "reconstruction", "kl", "kl_std_error", "log_likelihood") if k in per]
+    layers = [k for k in per if k.startswith("kl_z")]  # several latent layers: each one's KL
+    columns = [k for k in ("elbo", "reconstruction", "kl", *layers, "kl_std_error", "log_likelihood") if k in per]
     D = per["kl_per_dim"].shape[1] if "kl_per_dim" in per else 0
     header = ["index", *columns] + [f"kl_dim_{j}" for j in range(D)]
     table = torch.stack([per[k].double() for k in columns], 1)
@@ -376,9 +515,13 @@ def evaluate_run(
                 f"{model.x_shape}; evaluate on data of the same shape"
             )
         x = {"train": train_x, "val": val_x, "test": test_x}[split]
+        y = labels_for(config, getattr(splits, split), splits.name)
         if split == "train" and config.binarize == "dynamic":
             x = binarize_static(x, config.seed, "train")  # the static draw a static run trains on
-        record, per = evaluate(model, x, iwae_k=iwae_k, batch_size=batch_size, seed=seed, pixels=pixels)
+        split_kl = POSTERIORS[config.posterior].gaussian
+        record, per = evaluate(
+            model, x, iwae_k=iwae_k, batch_size=batch_size, seed=seed, pixels=pixels, split_kl=split_kl, y=y
+        )
     record = replace(
         record,
         data=splits.name,
@@ -387,6 +530,7 @@ def evaluate_run(
         seed=seed,
         likelihood=config.likelihood,
         prior=config.prior,
+        conditional=config.conditional or None,
     )
     run = Path(run)
     if run.is_dir() and ctx.is_main:

@@ -16,9 +16,11 @@ import torch
 
 from vaelab.checkpoint import load_run
 from vaelab.config import Config
-from vaelab.data import prepare_data
-from vaelab.evaluation import Evaluation, kl_per_example, kl_split, posterior_params
+from vaelab.data import labels_for, prepare_data
+from vaelab.evaluation import Evaluation, kl_per_example, kl_split, layer_means, posterior_params
 from vaelab.kl import KLResult
+from vaelab.objectives import given
+from vaelab.parts import POSTERIORS
 
 
 @dataclass
@@ -30,17 +32,36 @@ class Run:
     config: Config
     test_x: torch.Tensor  # (N, C, H, W), binarised as in training
     test_y: torch.Tensor | None
+    model_y: torch.Tensor | None  # the labels a conditional model is given (test_y), else None
     mu: torch.Tensor  # (N, D) posterior means of the test set
     log_var: torch.Tensor  # (N, D), of each marginal q(z_j|x)
     scale_tril: torch.Tensor | None  # (N, D, D), the Cholesky factors of a full-covariance q
-    kl: KLResult  # the model's KL(q(z|x) || p(z)) per test image: per dimension where the prior factorises
+    kl: KLResult  # the model's KL term per test image (every layer): per dimension where the prior factorises
+    layer_means: dict[str, torch.Tensor]  # E_q[z_l | x] of each latent layer, (N, D_l), top first
+
+    # mu, log_var and scale_tril are the top latent layer's (the only one of a one-layer model): the
+    # layer that the traversals, the latent map and the page's sliders show
+    @property
+    def top_kl_per_dim(self) -> torch.Tensor | None:
+        """The top layer's KL per dimension and test image, (N, D), or None where it does not factorise."""
+        return None if self.kl.per_dim is None else self.kl.per_dim[:, : self.mu.shape[1]]
+
+    @property
+    def layered(self) -> bool:
+        return len(self.layer_means) > 1
 
     @property
     def dims_by_kl(self) -> list[int]:
-        """Latent dimensions, the largest average KL first; by activity (the variance of the posterior
-        means) where the prior does not factorise, so that the KL has no per-dimension split."""
-        score = self.mu.var(0) if self.kl.per_dim is None else self.kl.per_dim.mean(0)
+        """The top layer's dimensions, the largest average KL first; by activity (the variance of the
+        posterior means) where the prior does not factorise, so that the KL has no per-dimension split."""
+        per_dim = self.top_kl_per_dim
+        score = self.mu.var(0) if per_dim is None else per_dim.mean(0)
         return torch.argsort(score, descending=True).tolist()
+
+    def view(self, rows=slice(None)):
+        """The model as the pictures see it: a conditional model with the labels of test images ``rows``
+        bound (``objectives.given``), any other model itself."""
+        return given(self.model, None if self.model_y is None else self.model_y[rows])
 
     def metrics(self) -> list[dict]:
         path = self.path / "metrics.csv"
@@ -51,8 +72,13 @@ class Run:
 
     def evaluation(self) -> Evaluation | None:
         """The record ``vaelab evaluate`` wrote into the run directory, if it has run."""
-        path = self.path / "evaluation.json"
-        return Evaluation.from_dict(json.loads(path.read_text())) if path.exists() else None
+        return read_evaluation(self.path)
+
+
+def read_evaluation(run_dir: Path) -> Evaluation | None:
+    """The record ``vaelab evaluate`` wrote into ``run_dir``, or None if it has not run there."""
+    path = Path(run_dir) / "evaluation.json"
+    return Evaluation.from_dict(json.loads(path.read_text())) if path.exists() else None
 
 
 def open_run(path: str | Path, max_examples: int = 2000) -> Run:
@@ -61,28 +87,43 @@ def open_run(path: str | Path, max_examples: int = 2000) -> Run:
     splits, _, _, test_x, _ = prepare_data(config, "cpu")
     test_x = test_x[:max_examples]
     test_y = None if splits.test.y is None else splits.test.y[:max_examples]
-    mu, log_var, scale_tril = posterior_params(model, test_x)
-    return Run(path, model, config, test_x, test_y, mu, log_var, scale_tril, kl_per_example(model, test_x))
+    model_y = labels_for(config, splits.test, splits.name)
+    model_y = None if model_y is None else model_y[:max_examples]
+    mu, log_var, scale_tril = posterior_params(model, test_x, y=model_y)
+    with torch.random.fork_rng(devices=[]):  # the lower layers' means average seeded draws of the layers above
+        torch.manual_seed(0)
+        means = layer_means(model, test_x, y=model_y)
+    kl = kl_per_example(model, test_x, y=model_y)
+    return Run(path, model, config, test_x, test_y, model_y, mu, log_var, scale_tril, kl, means)
 
 
 KL_PARTS = ("mutual_information", "total_correlation", "dimension_wise_kl")
 
 
-def kl_parts(run: Run) -> tuple[dict[str, float], list[float] | None]:
+def kl_parts(run: Run) -> tuple[dict[str, float], list[float] | None] | None:
     """The test set's average KL taken apart (``evaluation.kl_split``, the full-data estimator):
     MI + TC + dimension-wise KL where the prior factorises, else MI + marginal KL; and the
-    dimension-wise KL of each dimension (or None). Its draws are seeded (0) in a forked RNG, so the
-    report and the page show the same numbers every time."""
+    dimension-wise KL of each dimension (or None). With several latent layers these are the top
+    layer's parts, and each lower layer's KL follows as one part (``kl_z1``), so the parts still add
+    up to the KL term. None for a posterior that is not Gaussian (a flow), whose aggregate has no
+    density to evaluate. Its draws are seeded (0) in a forked RNG, so the report and the page show
+    the same numbers every time."""
+    if not POSTERIORS[run.config.posterior].gaussian:
+        return None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         split, _ = kl_split(run.model, run.mu, run.log_var, scale_tril=run.scale_tril)
     names = KL_PARTS if "total_correlation" in split else ("mutual_information", "marginal_kl")
-    return {k: split[k] for k in names}, split.get("dimension_wise_kl_per_dim")
+    parts = {k: split[k] for k in names}
+    for name in list(run.layer_means)[1:]:  # the layers below the top, each one's KL
+        parts[f"kl_{name}"] = run.kl.per_layer[name].mean().item()
+    return parts, split.get("dimension_wise_kl_per_dim")
 
 
 @torch.no_grad()
 def decode_mean(model, z: torch.Tensor) -> np.ndarray:
-    """The mean of p(x|z) for each z (N, D), as images (N, C, H, W) clipped to [0, 1]."""
+    """The mean of p(x|z) for each z (N, D) of the top layer, as images (N, C, H, W) clipped to [0, 1]
+    (for a hierarchical model, through the mean of p(z1|z2): ``HierarchicalVAE.decode``)."""
     return model.decode(z).mean.clamp(0, 1).numpy()
 
 

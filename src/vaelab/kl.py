@@ -190,12 +190,12 @@ def log_ratio_samples(
 ) -> Tensor:
     """log q(z) - log p(z) at ``n_samples`` draws z ~ q, (n_samples, *batch): the terms whose mean is
     the Monte Carlo KL (reparametrised when q allows it; with ``generator``, a pure function of it)."""
-    with _rng_from(generator):
+    with rng_from(generator):
         z = q.rsample((n_samples,)) if q.has_rsample else q.sample((n_samples,))
     return q.log_prob(z) - p.log_prob(z)
 
 
-class _rng_from:
+class rng_from:
     """Context manager: draw from the global RNG seeded by ``generator`` (no-op for None)."""
 
     def __init__(self, generator: torch.Generator | None):
@@ -230,6 +230,7 @@ class KLResult:
     method: str  # "analytic" or "monte_carlo"
     per_dim: Tensor | None = None  # (B, D)
     std_error: Tensor | None = None  # (B,)
+    per_layer: dict[str, Tensor] | None = None  # (B,) each: a model with several latent layers
 
     def __getitem__(self, index) -> KLResult:
         """The same record for the examples ``index`` selects (an int keeps a batch of one)."""
@@ -238,7 +239,8 @@ class KLResult:
         def pick(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[index]
 
-        return KLResult(self.value[index], self.method, pick(self.per_dim), pick(self.std_error))
+        layers = None if self.per_layer is None else {k: v[index] for k, v in self.per_layer.items()}
+        return KLResult(self.value[index], self.method, pick(self.per_dim), pick(self.std_error), layers)
 
 
 def diag_normal_params(d: Distribution) -> tuple[Tensor, Tensor] | None:

@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 from torch.distributions import Independent, MultivariateNormal, Normal
 
-from vaelab.distributions import standard_normal
+from vaelab.distributions import diag_normal, reparametrize, standard_normal
+from vaelab.kl import kl_mvn
+from vaelab.objectives import Draw, LatentLayer
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,19 @@ class LinearGaussian:
         cov = torch.cholesky_inverse(torch.linalg.cholesky(precision))
         mean = (x - self.b) @ self.W @ cov / self.noise_var  # C symmetric: (C W^T (x-b))^T
         return MultivariateNormal(mean, covariance_matrix=cov)
+
+
+def mean_field_kl(posterior: MultivariateNormal) -> Tensor:
+    r"""min over diagonal Gaussians q of KL(q || p) for a Gaussian p = N(m, C): the mean-field gap, where
+    maximising the ELBO over a diagonal q stops. The minimiser has p's mean and the variances
+    1 / (C^-1)_jj, the inverse of the precision's diagonal (Bishop, PRML section 10.1.2), so
+
+    .. math:: \min_q \mathrm{KL} = \tfrac12 \big(\textstyle\sum_j \log (C^{-1})_{jj} - \log\det C^{-1}\big)
+
+    which is 0 exactly when C is diagonal."""
+    precision = torch.linalg.inv(posterior.covariance_matrix)
+    best = torch.diag_embed(1.0 / precision.diagonal(dim1=-2, dim2=-1))
+    return kl_mvn(posterior.mean, best, posterior.mean, posterior.covariance_matrix)
 
 
 def expected_log_likelihood(model: LinearGaussian, x: Tensor, mu_q: Tensor, cov_q: Tensor) -> Tensor:
@@ -157,3 +172,95 @@ class LinearEncoderOracle:
         log_var = -1.0 + 0.3 * torch.randn(latent_dim, generator=g, dtype=F64)
         m = torch.randn(data_dim, generator=g, dtype=F64)
         return cls(A, c, log_var, m, cov_x)
+
+
+@dataclass(frozen=True)
+class TwoLevelLinearGaussian:
+    r"""Two latent layers, all linear and Gaussian: the exact oracle of the hierarchical VAE.
+
+        z2 ~ N(0, I_k2),    z1 | z2 ~ N(A z2 + a, s1^2 I_k1),    x | z1 ~ N(W z1 + b, s^2 I_d)
+
+    z1 is a linear-Gaussian function of z2 and x of z1, so everything is Gaussian again:
+
+        p(x)         = N(W a + b,  W (A A^T + s1^2 I) W^T + s^2 I)
+        p(z2 | x)    : z2 -> x is linear-Gaussian with weights W A and noise N = s1^2 W W^T + s^2 I,
+                       C2 = (I + (W A)^T N^-1 W A)^-1,  m2 = C2 (W A)^T N^-1 (x - W a - b)
+        p(z1 | x, z2) ∝ p(z1 | z2) p(x | z1):
+                       C1 = (I / s1^2 + W^T W / s^2)^-1,  m1 = C1 ((A z2 + a) / s1^2 + W^T (x - b) / s^2)
+
+    (Bishop, PRML eqs. 2.113-2.117 for each step.) ``posterior_shift`` moves the means of the
+    model's own q away from these, for an imperfect q.
+    """
+
+    A: Tensor  # (k1, k2)
+    a: Tensor  # (k1,)
+    var1: float  # s1^2
+    W: Tensor  # (d, k1)
+    b: Tensor  # (d,)
+    var: float  # s^2
+    posterior_shift: float = 0.0
+
+    @classmethod
+    def random(cls, data_dim: int = 5, dims: tuple[int, int] = (3, 2), seed: int = 0, dtype=torch.float64):
+        g = torch.Generator().manual_seed(seed)
+        k1, k2 = dims
+        A = torch.randn(k1, k2, generator=g, dtype=dtype)
+        a = 0.5 * torch.randn(k1, generator=g, dtype=dtype)
+        W = torch.randn(data_dim, k1, generator=g, dtype=dtype)
+        b = 0.5 * torch.randn(data_dim, generator=g, dtype=dtype)
+        return cls(A, a, 0.4, W, b, 0.5)
+
+    def _eye(self, n: int) -> Tensor:
+        return torch.eye(n, dtype=self.W.dtype)
+
+    def marginal(self) -> MultivariateNormal:
+        cov_z1 = self.A @ self.A.T + self.var1 * self._eye(self.A.shape[0])
+        cov = self.W @ cov_z1 @ self.W.T + self.var * self._eye(self.W.shape[0])
+        return MultivariateNormal(self.W @ self.a + self.b, covariance_matrix=cov)
+
+    def log_px(self, x: Tensor) -> Tensor:
+        return self.marginal().log_prob(x)
+
+    def posterior_top(self, x: Tensor) -> MultivariateNormal:
+        """p(z2 | x), batch (B,)."""
+        WA = self.W @ self.A
+        N = self.var1 * self.W @ self.W.T + self.var * self._eye(self.W.shape[0])
+        N_inv_WA = torch.linalg.solve(N, WA)
+        C2 = torch.linalg.inv(self._eye(self.A.shape[1]) + WA.T @ N_inv_WA)
+        m2 = (x - self.W @ self.a - self.b) @ N_inv_WA @ C2  # C2 symmetric
+        return MultivariateNormal(m2 + self.posterior_shift, covariance_matrix=C2)
+
+    def posterior_bottom(self, x: Tensor, z2: Tensor) -> MultivariateNormal:
+        """p(z1 | x, z2), batch (*S, B) for z2 (*S, B, k2)."""
+        C1 = torch.linalg.inv(self._eye(self.A.shape[0]) / self.var1 + self.W.T @ self.W / self.var)
+        m1 = ((z2 @ self.A.T + self.a) / self.var1 + (x - self.b) @ self.W / self.var) @ C1
+        return MultivariateNormal(m1 - self.posterior_shift, covariance_matrix=C1)
+
+    def kl_q_posterior(self, x: Tensor) -> Tensor:
+        r"""KL(q(z1, z2|x) || p(z1, z2|x)) of the model's own q, exactly: with every mean shifted by delta,
+        1/2 delta^2 (1^T C2^-1 1 + 1^T C1^-1 1) (the two layers' shifts of equal-covariance Gaussians; the
+        second does not depend on z2). So E_q[ELBO] = log p(x) - this."""
+        z2 = x.new_zeros(self.A.shape[1])
+        quad = 0.0
+        for q in (self.posterior_top(x[:1]), self.posterior_bottom(x[:1], z2)):  # covariances do not depend on x
+            C = q.covariance_matrix[0]
+            delta = torch.full(C.shape[:1], self.posterior_shift, dtype=C.dtype)
+            quad = quad + delta @ torch.linalg.solve(C, delta)
+        return (0.5 * quad).expand(x.shape[:-1])
+
+    # -- the model contract (objectives.LatentVariableModel), q = the exact posterior (shifted) --------
+    def latents(self, x: Tensor, draw: Draw) -> list[LatentLayer]:
+        q2 = self.posterior_top(x)
+        z2 = draw(q2)
+        q1 = self.posterior_bottom(x, z2)
+        p1 = Independent(Normal(z2 @ self.A.T + self.a, self.var1**0.5), 1)
+        zeros = x.new_zeros(x.shape[0], self.A.shape[0])
+        z1 = reparametrize(q1, draw(diag_normal(zeros, zeros)))
+        return [
+            LatentLayer("z2", q2, standard_normal(self.A.shape[1], dtype=x.dtype), z2),
+            LatentLayer("z1", q1, p1, z1),
+        ]
+
+    def log_px_given_z(self, layers: list[LatentLayer], x: Tensor) -> Tensor:
+        mean = layers[-1].z @ self.W.T + self.b
+        return Independent(Normal(mean, self.var**0.5), 1).log_prob(x)

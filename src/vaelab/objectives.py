@@ -82,6 +82,40 @@ class OneLayer:
         return self.model.decode(layer.z.flatten(0, 1)).log_prob(x_rep).view(n, B)
 
 
+@final
+class Given:
+    """A conditional model (``latents(x, draw, y)``, ``encode(x, y)``, ``decode(z, y)``) with the labels
+    ``y`` of one batch bound: the plain contract and views, for the objectives and the pictures."""
+
+    def __init__(self, model, y: Tensor):
+        self.model, self.y = model, y
+        self.layer_dims, self.latent_dim, self.x_shape = model.layer_dims, model.latent_dim, model.x_shape
+
+    def latents(self, x: Tensor, draw: Draw) -> list[LatentLayer]:
+        return self.model.latents(x, draw, self.y)
+
+    def log_px_given_z(self, layers: list[LatentLayer], x: Tensor) -> Tensor:
+        return self.model.log_px_given_z(layers, x, self.y)
+
+    def encode(self, x: Tensor) -> Distribution:
+        return self.model.encode(x, self.y)
+
+    def decode(self, z: Tensor) -> Distribution:
+        return self.model.decode(z, self.y)
+
+    def prior(self) -> Distribution:
+        return self.model.prior()
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.model.reconstruct(x, self.y)
+
+
+def given(model, y: Tensor | None):
+    """``model`` with the labels ``y`` bound (:class:`Given`), or ``model`` itself when there are none
+    (every model that is not conditional)."""
+    return model if y is None else Given(model, y)
+
+
 @dataclass(frozen=True)
 class ElboTerms:
     """Per-example terms of the ELBO, in nats. Shapes: (B,), and (B, D) for ``kl_per_dim``.
@@ -162,17 +196,40 @@ def elbo(model: LatentVariableModel, x: Tensor, noise: Noise | None = None) -> E
 
 
 @torch.no_grad()
-def elbo_batches(model: LatentVariableModel, x: Tensor, batch_size: int, seed: int = 0) -> list[ElboTerms]:
-    """The ELBO's terms for a whole data set ``x``, batch by batch, in eval mode, one z per example
-    drawn from the global RNG seeded by ``seed`` (forked: the caller's RNG state and the model's
-    mode are restored)."""
+def elbo_batches(
+    model: LatentVariableModel, x: Tensor, batch_size: int, seed: int = 0, y: Tensor | None = None
+) -> list[ElboTerms]:
+    """The ELBO's terms for a whole data set ``x`` (with its labels ``y``, for a conditional model),
+    batch by batch, in eval mode, one z per example drawn from the global RNG seeded by ``seed``
+    (forked: the caller's RNG state and the model's mode are restored)."""
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        out = [elbo(model, x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+        out = [
+            elbo(given(model, None if y is None else y[i : i + batch_size]), x[i : i + batch_size])
+            for i in range(0, x.shape[0], batch_size)
+        ]
     model.train(was_training)
     return out
+
+
+# A latent layer whose average KL is below this many nats carries almost nothing about x: it has
+# collapsed onto its prior (the known failure of the top layers of hierarchical VAEs).
+COLLAPSED_KL = 0.01
+
+
+def collapsed_layers(kl_per_layer: dict[str, float]) -> list[str]:
+    """The names of the layers whose average KL (nats per example) is below ``COLLAPSED_KL``."""
+    return [name for name, kl in kl_per_layer.items() if kl < COLLAPSED_KL]
+
+
+def collapse_warning(layer: str, kl: float) -> str:
+    """What a user reads about a collapsed layer, and what to try."""
+    return (
+        f"layer {layer} has collapsed: its KL is {kl:.4f} nats, so q({layer}|x) is its prior and carries nothing "
+        "about x; try --warmup linear --warmup-steps N or --free-bits NATS"
+    )
 
 
 def bits_per_dim(nats: float | Tensor, pixels: int) -> float | Tensor:

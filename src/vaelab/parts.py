@@ -72,13 +72,38 @@ def _low_rank_width(latent_dim: int, rank: int) -> int:
     return latent_dim * (2 + rank)
 
 
+def _flow_width(latent_dim: int, rank: int) -> int:
+    return 3 * latent_dim  # mu, log_var, and a context vector of D numbers for the flow's steps
+
+
 @final
 @dataclass(frozen=True)
 class Posterior(Part):
-    """q(z|x); ``build(h, latent_dim)`` turns the encoder's output (B, outputs(D, rank)) into q(z|x)."""
+    """q(z|x); ``build(h, latent_dim)`` turns the encoder's output (B, outputs(D, rank)) into q(z|x).
+
+    A family with parameters of its own (a flow: ``has_parameters``) is built once instead, as
+    ``build(latent_dim, steps)``, an ``nn.Module`` that maps the encoder's output to q(z|x)."""
 
     outputs: Callable[[int, int], int] = _two_per_dimension  # the encoder's width for D dimensions (and a rank)
     factorises: bool = True  # q(z|x) = prod_j q(z_j|x)
+    has_parameters: bool = False  # a module of its own (a flow), built as build(latent_dim, steps)
+    # a Gaussian q: its KL against a Gaussian prior has a closed form, and the aggregate posterior
+    # is a Gaussian mixture (the KL split of `vaelab evaluate`); a flow is neither (Monte Carlo KL)
+    gaussian: bool = True
+
+
+@final
+@dataclass(frozen=True)
+class Family(Part):
+    """A model family; ``build(config, x_shape)`` returns the model (``objectives.LatentVariableModel``).
+
+    ``priors``, ``posteriors`` and ``architectures`` list the parts the family is built from
+    (empty: any registered one); ``layers`` is its number of latent layers."""
+
+    layers: int = 1
+    priors: tuple[str, ...] = ()
+    posteriors: tuple[str, ...] = ()
+    architectures: tuple[str, ...] = ()
 
 
 @final
@@ -157,6 +182,7 @@ LIKELIHOODS: Table[Likelihood] = Table("likelihood")
 PRIORS: Table[Prior] = Table("prior")
 POSTERIORS: Table[Posterior] = Table("posterior")
 OBJECTIVES: Table[Objective] = Table("objective")
+FAMILIES: Table[Family] = Table("family")
 ARCHITECTURES: Table[Architecture] = Table("model")
 ACTIVATIONS: Table[Activation] = Table("activation")
 DATASETS: Table[DataSet] = Table("data set")
@@ -218,6 +244,31 @@ POSTERIORS.register(
         "vaelab.distributions:lowrank_posterior",
         outputs=_low_rank_width,
         factorises=False,
+    )
+)
+
+POSTERIORS.register(
+    Posterior(
+        "iaf",
+        "a diagonal Gaussian through --flow-steps inverse autoregressive flows: Monte Carlo KL",
+        "vaelab.models.flows:IAFPosterior",
+        outputs=_flow_width,
+        factorises=False,
+        has_parameters=True,
+        gaussian=False,
+    )
+)
+
+FAMILIES.register(Family("vae", "one latent layer z", "vaelab.models:build_vae"))
+FAMILIES.register(
+    Family(
+        "hierarchical",
+        "two latent layers, top-down inference: q(z2|x) q(z1|x,z2), p(z2) p(z1|z2) p(x|z1)",
+        "vaelab.models.hierarchical:build_hierarchical",
+        layers=2,
+        priors=("normal",),
+        posteriors=("diagonal",),
+        architectures=("mlp",),
     )
 )
 

@@ -123,14 +123,17 @@ def training_curves(rows: list[dict]) -> Figure:
     return fig
 
 
-def kl_per_dimension(kl: np.ndarray, active: np.ndarray | None, ylabel: str = "average KL (nats)") -> Figure:
+def kl_per_dimension(
+    kl: np.ndarray, active: np.ndarray | None, ylabel: str = "average KL (nats)", names: list[str] | None = None
+) -> Figure:
     """Bars of the average KL of each latent dimension (or another per-dimension score, named by
-    ``ylabel``), largest first; active units coloured."""
+    ``ylabel``), largest first; active units coloured. ``names``: the dimensions' labels (z0, z1, ...)."""
+    names = names or [f"z{j}" for j in range(len(kl))]
     order = np.argsort(-kl)
     fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(kl) + 2), 3.2))
     colors = ["#d95f02" if active is None or active[j] else "#bbbbbb" for j in order]
     ax.bar(range(len(kl)), kl[order], color=colors)
-    ax.set_xticks(range(len(kl)), [f"z{j}" for j in order], rotation=90, fontsize=7)
+    ax.set_xticks(range(len(kl)), [names[j] for j in order], rotation=90, fontsize=7)
     ax.set_ylabel(ylabel)
     title = f"{ylabel.split(' (')[0]} per latent dimension, sorted"
     if active is not None:

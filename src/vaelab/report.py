@@ -15,10 +15,12 @@ from vaelab import plots
 from vaelab.evaluation import ACTIVE_THRESHOLD, Evaluation
 from vaelab.explain import Explanation
 from vaelab.fileio import atomic_write_text
-from vaelab.inspection import decode_mean, kl_parts, open_run, project_2d, traversals
+from vaelab.checkpoint import read_trained
+from vaelab.errors import UserError
+from vaelab.inspection import decode_mean, kl_parts, open_run, project_2d, read_evaluation, traversals
 from vaelab.kl import correlation_kl
-from vaelab.objectives import elbo_batches
-from vaelab.parts import PRIORS
+from vaelab.objectives import collapse_warning, collapsed_layers, elbo_batches, given
+from vaelab.parts import POSTERIORS, PRIORS
 
 CSS = """
 body { font-family: system-ui, sans-serif; max-width: 980px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -30,6 +32,7 @@ td, th { border-bottom: 1px solid #e4e4e4; padding: .3em .7em; text-align: right
 th { background: #fafafa; } td.l, th.l { text-align: left; }
 .ok { color: #1b7e3a; font-weight: 600; } .bad { color: #b00020; font-weight: 600; }
 .note { color: #555; font-size: .88em; margin: .2em 0 1em; }
+.warn { color: #a33; font-weight: 600; }
 .figs { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
 .figs svg { max-width: 100%; height: auto; }
 """
@@ -125,13 +128,17 @@ class Section:
     figure: plots.Figure
 
 
-def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8) -> tuple[Path, list[Path]]:
+def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8, compare=None) -> tuple[Path, list[Path]]:
     """Write RUN/report/*.png and a self-contained HTML page (default RUN/report.html).
+
+    ``compare``: another run directory on the same data; the page gains a table of both runs'
+    ELBO, IWAE log-likelihood and the gap between them (from their ``evaluation.json``).
 
     Draws from the prior (samples, marginals) use the global RNG seeded with 0 inside a fork,
     so a report is reproducible and the caller's RNG state is left as it was.
     """
     run = open_run(run_dir)
+    comparison = _comparison(run, Path(compare)) if compare is not None else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         sections = [
@@ -155,6 +162,8 @@ def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8) ->
         parts.append("<h2>Evaluation</h2>" + _evaluation_table(evaluation))
     else:
         parts.append("<p class='note'>Run <code>vaelab evaluate</code> on this run to add the evaluation table.</p>")
+    if comparison:
+        parts.append(comparison)
     written = []
     for i, section in enumerate(s for s in sections if s is not None):
         png = plots.to_png_bytes(section.figure)
@@ -175,17 +184,29 @@ def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8) ->
 
 def _summary(run) -> str:
     D = run.mu.shape[1]
+    kl = run.kl.value.mean().item()
+    if not run.layered:
+        latents = f"{D} latent dimensions, {html.escape(run.config.posterior)} posterior"
+        kl_text = f"average KL(q(z|x) ‖ p(z)) {kl:.3f} nats ({run.kl.method.replace('_', ' ')})"
+    else:
+        layers = {name: run.kl.per_layer[name].mean().item() for name in run.layer_means}
+        latents = "latent layers " + ", ".join(f"{n} ({m.shape[1]} dimensions)" for n, m in run.layer_means.items())
+        kl_text = f"average KL {kl:.3f} nats, by layer " + ", ".join(f"{n} {v:.3f}" for n, v in layers.items())
+        kl_text += ". The figures below show the top layer " + list(layers)[0]
+        warnings = [collapse_warning(name, layers[name]) for name in collapsed_layers(layers)]
+        kl_text += "".join(f"</p><p class='warn'>{html.escape(w)}" for w in warnings)
     return (
         f"<p>Run <code>{html.escape(str(run.path))}</code>: {html.escape(run.config.data)}, "
-        f"{D} latent dimensions, {html.escape(run.config.likelihood)} likelihood, "
-        f"{html.escape(run.config.prior)} prior; {len(run.test_x)} test images; "
-        f"average KL(q(z|x) ‖ p(z)) {run.kl.value.mean().item():.3f} nats ({run.kl.method.replace('_', ' ')}).</p>"
+        f"{latents}, {html.escape(run.config.likelihood)} likelihood, "
+        f"{html.escape(run.config.prior)} prior; {len(run.test_x)} test images; {kl_text}.</p>"
     )
 
 
 def _kl_avg(run) -> np.ndarray | None:
-    """The average KL of each latent dimension over the test set; None where the prior does not factorise."""
-    return None if run.kl.per_dim is None else run.kl.per_dim.mean(0).numpy()
+    """The average KL of each dimension of the top latent layer over the test set; None where the
+    KL does not factorise."""
+    per_dim = run.top_kl_per_dim
+    return None if per_dim is None else per_dim.mean(0).numpy()
 
 
 def _training(run) -> Section | None:
@@ -200,6 +221,19 @@ def _training(run) -> Section | None:
 
 
 def _kl_per_dimension(run) -> Section:
+    if run.layered and run.kl.per_dim is not None:  # every layer's dimensions, named z2_j, z1_j
+        activity = torch.cat([m.var(0) for m in run.layer_means.values()]).numpy()
+        names = [f"{layer}_{j}" for layer, m in run.layer_means.items() for j in range(m.shape[1])]
+        active = {layer: int((m.var(0) > ACTIVE_THRESHOLD).sum()) for layer, m in run.layer_means.items()}
+        return Section(
+            "KL per latent dimension, every layer",
+            "Average KL of each dimension over the test set, the top layer's KL(q(z2_j|x) ‖ p(z2_j)) and, at "
+            "draws of z2, the lower layer's KL(q(z1_j|x, z2) ‖ p(z1_j|z2)). Active units (the variance over the "
+            f"test set of E_q[z_j|x] above {ACTIVE_THRESHOLD}): "
+            + ", ".join(f"{n} {a} of {run.layer_means[n].shape[1]}" for n, a in active.items())
+            + ".",
+            plots.kl_per_dimension(run.kl.per_dim.mean(0).numpy(), activity > ACTIVE_THRESHOLD, names=names),
+        )
     activity, kl_avg = run.mu.var(0).numpy(), _kl_avg(run)
     if kl_avg is not None:
         return Section(
@@ -228,11 +262,15 @@ KL_PART_LABELS = {
 }
 
 
-def _kl_decomposition(run) -> Section:
+def _kl_decomposition(run) -> Section | None:
     """The KL over the test set taken apart (``inspection.kl_parts``: the full-data estimator)."""
-    parts, per_dim = kl_parts(run)
-    parts = {KL_PART_LABELS[name]: value for name, value in parts.items()}
-    reconstruction = torch.cat([t.reconstruction for t in elbo_batches(run.model, run.test_x, 1024, 0)]).mean().item()
+    taken_apart = kl_parts(run)
+    if taken_apart is None:  # a flow: no density of the aggregate posterior to evaluate
+        return None
+    parts, per_dim = taken_apart
+    parts = {KL_PART_LABELS.get(name, f"KL of {name.removeprefix('kl_')}"): value for name, value in parts.items()}
+    terms = elbo_batches(run.model, run.test_x, 1024, 0, run.model_y)
+    reconstruction = torch.cat([t.reconstruction for t in terms]).mean().item()
     if per_dim is not None:
         per_dim = np.array(per_dim)
         caption = (
@@ -246,6 +284,12 @@ def _kl_decomposition(run) -> Section:
             f"The negative ELBO over the test set: the reconstruction term, then the KL taken apart into "
             f"I_q(x; z) + KL(q(z) ‖ p(z)) (Hoffman & Johnson 2016); the {run.config.prior} prior does not "
             "factorise, so the marginal KL has no split into dimensions."
+        )
+    if run.layered:
+        top = next(iter(run.layer_means))
+        caption += (
+            f" With several latent layers the split is of the top layer {top}'s KL; each layer below adds its "
+            "own KL as one more part."
         )
     return Section("The KL taken apart", caption, plots.kl_decomposition(parts, reconstruction, per_dim))
 
@@ -267,27 +311,45 @@ def _correlations(run) -> Section | None:
 
 def _reconstructions(run, examples: int) -> Section:
     x = run.test_x[:examples].numpy()
-    recon = decode_mean(run.model, run.mu[:examples])
+    recon = run.view(slice(0, examples)).reconstruct(run.test_x[:examples]).clamp(0, 1).numpy()
     return Section(
         "Reconstructions",
-        "Test images and the mean of p(x|z) at z = the posterior mean.",
+        "Test images and the mean of p(x|z) at z = the posterior mean"
+        + (" (of q(z2|x), then of q(z1|x, z2))." if run.layered else "."),
         plots.image_rows([("test image", x), ("reconstruction", recon)], "reconstructions"),
     )
 
 
 def _prior_samples(run, examples: int) -> Section:
+    if run.config.conditional:
+        return _samples_per_class(run, examples)
     samples = decode_mean(run.model, run.model.prior().sample((2 * examples,)))
     return Section(
         "Samples from the prior",
-        "Means of p(x|z) for z ~ p(z).",
+        "Means of p(x|z1) for z2 ~ p(z2) and z1 the mean of p(z1|z2)."
+        if run.layered
+        else "Means of p(x|z) for z ~ p(z).",
         plots.image_rows([("", samples[:examples]), ("", samples[examples:])], "z ~ p(z)"),
+    )
+
+
+def _samples_per_class(run, examples: int) -> Section:
+    """A conditional model: the same draws z ~ p(z) decoded with each label y, one row per class."""
+    z = run.model.prior().sample((examples,))
+    classes = range(min(run.config.classes, 10))
+    rows = [(f"y = {c}", decode_mean(given(run.model, torch.full((examples,), c)), z)) for c in classes]
+    return Section(
+        "Samples from the prior, per class",
+        "Means of p(x|z, y) for the same draws z ~ p(z) (columns) and each label y (rows): y sets the class, "
+        "z what the label leaves open (style).",
+        plots.image_rows(rows, "z ~ p(z), one row per label"),
     )
 
 
 def _traversals(run) -> Section:
     kl_avg = _kl_avg(run)
     top = run.dims_by_kl[: min(6, run.mu.shape[1])]
-    rows = traversals(run.model, run.mu[:1], top, np.linspace(-3, 3, 9))
+    rows = traversals(run.view(slice(0, 1)), run.mu[:1], top, np.linspace(-3, 3, 9))
     labels = [f"z{j}" if kl_avg is None else f"z{j} ({kl_avg[j]:.2f} nats)" for j in top]
     return Section(
         "Latent traversals",
@@ -315,7 +377,7 @@ def _manifold(run) -> Section | None:
         return None
     grid = torch.distributions.Normal(0, 1).icdf(torch.linspace(0.05, 0.95, 10))
     zz = torch.stack(torch.meshgrid(grid, grid.flip(0), indexing="xy"), -1).reshape(-1, 2)
-    images = decode_mean(run.model, zz).reshape(10, 10, *run.test_x.shape[1:])
+    images = decode_mean(run.view(slice(0, 1)), zz).reshape(10, 10, *run.test_x.shape[1:])
     return Section(
         "The decoded manifold",
         "Decoded means over a grid of prior quantiles 5 % … 95 %.",
@@ -324,15 +386,21 @@ def _manifold(run) -> Section | None:
 
 
 def _posteriors(run) -> Section:
-    if not PRIORS[run.config.prior].factorises:  # the prior's marginals from samples; the KL by Monte Carlo
+    flow = not POSTERIORS[run.config.posterior].gaussian
+    if not PRIORS[run.config.prior].factorises or flow:  # the prior's marginals from samples; the KL by Monte Carlo
         prior_samples = run.model.prior().sample((20_000,)).numpy()
         kl, se = run.kl.value[:4].tolist(), run.kl.std_error[:4].tolist()
         row_titles = [f"KL {v:.2f} ± {e:.2f}" for v, e in zip(kl, se, strict=True)]
         caption = (
             "For four test images, each dimension's posterior against the prior's marginal (a histogram of "
             "20,000 prior samples), and each image's KL(q(z|x) ‖ p(z)): a Monte Carlo estimate ± its standard "
-            "error, since this prior has no closed-form KL."
+            "error, since this " + ("flow posterior" if flow else "prior") + " has no closed-form KL."
         )
+        if flow:
+            caption += (
+                " The flow's q(z_j|x) is not Gaussian: each curve is the Gaussian with its marginal's mean and "
+                "variance (from 256 draws)."
+            )
     else:
         prior_samples, row_titles = None, None
         caption = (
@@ -357,14 +425,59 @@ def _posteriors(run) -> Section:
     return Section("q(z|x) against the prior", caption, figure)
 
 
+def _comparison(run, other: Path) -> str:
+    """Both runs' ELBO, log p(x) (IWAE) and gap log p(x) - ELBO = KL(q || p(z|x)) (estimated), as HTML."""
+    records = {}
+    for path, evaluation in ((run.path, run.evaluation()), (other, read_evaluation(other))):
+        if evaluation is None or evaluation.log_likelihood is None:
+            raise UserError(f"--compare: {path} has no IWAE evaluation; run vaelab evaluate {path} first")
+        records[path] = evaluation
+    mine, theirs = records.values()
+    if (mine.data, mine.split, mine.examples) != (theirs.data, theirs.split, theirs.examples):
+        raise UserError(
+            f"--compare: {other} was evaluated on {theirs.data} ({theirs.split}, {theirs.examples} examples), this run "
+            f"on {mine.data} ({mine.split}, {mine.examples}); compare runs evaluated on the same data"
+        )
+    rows = []
+    for path, e in records.items():
+        config = read_trained(path)[0]
+        model = f"{config.family}, {config.posterior} posterior" + (", conditional" if config.conditional else "")
+        cells = (
+            path.name,
+            model,
+            f"{e.elbo:.3f}",
+            f"{e.log_likelihood:.3f} ± {e.log_likelihood_std_error:.3f} (k = {e.iwae_k})",
+            f"{e.log_likelihood - e.elbo:.3f}",
+        )
+        rows.append("<tr>" + "".join(f"<td class='l'>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th class='l'>{h}</th>" for h in ("run", "model", "ELBO", "log p(x), IWAE", "gap"))
+    return (
+        "<h2>Compared</h2><p class='note'>The gap log p(x) − ELBO is KL(q(z|x) ‖ p(z|x)), the price of the posterior "
+        "family, estimated with the IWAE log-likelihood (a lower bound itself, so the gap is under-estimated by "
+        "what k samples miss). A flow posterior is there to make it smaller.</p>"
+        f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    )
+
+
 def _evaluation_table(e: Evaluation) -> str:
+    of = "" if not e.kl_split or e.kl_split.get("layer") is None else f" of {e.kl_split['layer']}"
     rows = [
         ("data, split", f"{e.data}, {e.split} ({e.examples} examples)"),
         ("ELBO", f"{e.elbo:.3f} nats"),
         ("reconstruction", f"{e.reconstruction:.3f} nats"),
         (f"KL ({e.kl_method})", f"{e.kl:.3f} nats"),
-        ("mutual information I(x; z)", f"{e.mutual_information:.3f} nats"),
-        ("marginal KL(q(z) ‖ p(z))", f"{e.marginal_kl:.3f} nats"),
+        *[
+            (f"  KL of layer {name}", f"{value:.3f} nats, {e.active_units_per_layer[name]} active units")
+            for name, value in (e.kl_per_layer or {}).items()
+        ],
+        *(
+            [
+                (f"mutual information I(x; z){of}", f"{e.mutual_information:.3f} nats"),
+                (f"marginal KL(q(z) ‖ p(z)){of}", f"{e.marginal_kl:.3f} nats"),
+            ]
+            if e.mutual_information is not None
+            else []
+        ),
         *(
             [
                 ("  total correlation KL(q(z) ‖ ∏ q(z_j))", f"{e.total_correlation:.3f} nats"),
@@ -379,6 +492,7 @@ def _evaluation_table(e: Evaluation) -> str:
         rows.insert(
             1, (f"log p(x), IWAE k={e.iwae_k}", f"{e.log_likelihood:.3f} ± {e.log_likelihood_std_error:.3f} nats")
         )
+        rows.insert(2, ("gap log p(x) − ELBO", f"{e.log_likelihood - e.elbo:.3f} nats (KL(q ‖ p(z|x)), estimated)"))
     if e.bits_per_dim is not None:
         rows.append(("ELBO in bits/dim", f"{e.bits_per_dim:.4f}"))
     cells = "".join(f"<tr><td class='l'>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>" for a, b in rows)

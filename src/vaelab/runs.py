@@ -52,6 +52,16 @@ CSV_BASE = [
 ]
 
 
+def kl_columns(layer_dims: dict[str, int]) -> list[str]:
+    """metrics.csv's KL columns: ``kl_dim_j`` for one latent layer; for several, each layer's KL
+    (``kl_z2``, ``kl_z1``) and then its dimensions' (``kl_z2_dim_j``), top layer first."""
+    if len(layer_dims) == 1:
+        return [f"kl_dim_{j}" for j in range(next(iter(layer_dims.values())))]
+    return [f"kl_{name}" for name in layer_dims] + [
+        f"kl_{name}_dim_{j}" for name, dims in layer_dims.items() for j in range(dims)
+    ]
+
+
 def default_out(name: str) -> Path:
     """runs/NAME, or runs/NAME-2, -3, ... : a default run never lands on an existing one."""
     base = Path("runs") / Path(name).stem
@@ -88,11 +98,20 @@ class RunWriter:
     """Hook that writes metrics.csv, TensorBoard events and checkpoints (rank 0 only)."""
 
     def __init__(
-        self, out: Path, config: Config, optimizer, x_shape, fingerprint: str, latent_dim: int, resume_epoch: int = 0
+        self,
+        out: Path,
+        config: Config,
+        optimizer,
+        x_shape,
+        fingerprint: str,
+        layer_dims: dict[str, int],
+        resume_epoch: int = 0,
     ):
         self.out, self.config, self.optimizer = out, config, optimizer
         self.x_shape, self.fingerprint = x_shape, fingerprint
-        self.columns = CSV_BASE + [f"kl_dim_{j}" for j in range(latent_dim)]
+        self.columns = CSV_BASE + kl_columns(layer_dims)
+        self.dim_columns = [c for c in self.columns if c.startswith("kl_") and "_dim_" in c]
+        self.layered = len(layer_dims) > 1
         self.csv_path = out / "metrics.csv"
         kept = []
         if resume_epoch and self.csv_path.exists():  # drop rows of epochs that will be run again
@@ -113,7 +132,10 @@ class RunWriter:
 
     def __call__(self, record: EpochRecord, model, state: TrainState) -> None:
         row = {k: getattr(record, k) for k in CSV_BASE}
-        row.update({f"kl_dim_{j}": v for j, v in enumerate(record.kl_per_dim)})
+        if self.layered:
+            row.update({f"kl_{name}": v for name, v in record.kl_per_layer.items()})
+        if record.kl_per_dim:  # empty where a layer's KL does not factorise
+            row.update(zip(self.dim_columns, record.kl_per_dim, strict=True))
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, self.columns).writerow(row)
         if self.tb is not None:
@@ -128,6 +150,9 @@ class RunWriter:
             ):
                 if getattr(record, name) is not None:
                     self.tb.add_scalar(f"{record.split}/{name}", getattr(record, name), record.step)
+            if len(record.kl_per_layer) > 1:
+                for name, value in record.kl_per_layer.items():
+                    self.tb.add_scalar(f"{record.split}/kl_{name}", value, record.step)
             self.tb.flush()
         if record.split != "val":
             return
@@ -164,16 +189,27 @@ class RunWriter:
 def summary_line(r: EpochRecord) -> str:
     bpd = f"  {r.bits_per_dim:.3f} bits/dim" if r.bits_per_dim is not None else ""
     kl = "KL" if r.kl_method == "analytic" else "KL (Monte Carlo)"
-    return f"{r.split:>5}  ELBO {r.elbo:9.3f}  reconstruction {r.reconstruction:9.3f}  {kl} {r.kl:7.3f} nats{bpd}"
+    layers = ""
+    if len(r.kl_per_layer) > 1:  # each layer's part: a top layer whose KL is near 0 has collapsed
+        layers = " (" + ", ".join(f"{name} {v:.3f}" for name, v in r.kl_per_layer.items()) + ")"
+    return (
+        f"{r.split:>5}  ELBO {r.elbo:9.3f}  reconstruction {r.reconstruction:9.3f}  {kl} {r.kl:7.3f}{layers} nats{bpd}"
+    )
 
 
 ARCHITECTURE_FIELDS = (
+    "family",
+    "conditional",
+    "classes",
     "model",
     "hidden",
     "activation",
     "latent_dim",
+    "top_latent_dim",
+    "top_hidden",
     "posterior",
     "posterior_rank",
+    "flow_steps",
     "likelihood",
     "prior",
     "prior_components",
@@ -217,6 +253,11 @@ def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, Epoc
         log = _silent
     torch.manual_seed(config.seed)
     splits, train_x, val_x, test_x, pixels = prepare_data(config, device)
+    if config.conditional and not config.classes:  # the labels' count, from every split the data has
+        config = config.replace(classes=number_of_classes(splits))
+    train_y, val_y, test_y = (
+        data.labels_for(config, s, splits.name, device) for s in (splits.train, splits.val, splits.test)
+    )
     check_batch_size(config.batch_size, len(train_x), ctx.world)  # before anything is written
     out = Path(out) if out else default_out(splits.name)
     distributed.barrier()  # every rank has chosen ``out`` and read the directory before rank 0 changes it
@@ -240,12 +281,17 @@ def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, Epoc
     hooks: list = []
     if ctx.is_main:
         atomic_write_text(out / "config.toml", config.to_toml())
-        writer = RunWriter(out, config, optimizer, splits.x_shape, splits.fingerprint, config.latent_dim, state.epoch)
+        writer = RunWriter(out, config, optimizer, splits.x_shape, splits.fingerprint, model.layer_dims, state.epoch)
         hooks.append(writer)
     n_params = sum(p.numel() for p in model.parameters())
+    what = f"{models.architecture_for(config.model, splits.x_shape)} VAE"
+    if config.conditional:
+        what = f"conditional mlp VAE ({config.classes} classes)"
+    if len(model.layer_dims) > 1:
+        what = f"{config.family} VAE (" + ", ".join(f"{n} of {d}" for n, d in model.layer_dims.items()) + " dims)"
     log(
         f"{splits.name}: {len(train_x)} train / {len(val_x)} val / {len(test_x)} test images of shape "
-        f"{splits.x_shape}; {models.architecture_for(config.model, splits.x_shape)} VAE, {n_params:,} parameters, "
+        f"{splits.x_shape}; {what}, {config.posterior} posterior, {n_params:,} parameters, "
         f"{config.likelihood} likelihood, {config.prior} prior, on {device}"
     )
 
@@ -258,7 +304,18 @@ def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, Epoc
             )
 
     try:
-        fit(model, train_x, val_x, config, hooks=[*hooks, print_epoch], state=state, optimizer=optimizer, pixels=pixels)
+        fit(
+            model,
+            train_x,
+            val_x,
+            config,
+            hooks=[*hooks, print_epoch],
+            state=state,
+            optimizer=optimizer,
+            pixels=pixels,
+            train_y=train_y,
+            val_y=val_y,
+        )
     finally:
         for hook in hooks:
             hook.close()
@@ -278,7 +335,13 @@ def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, Epoc
     )
     if best is not None:
         model.load_state_dict(best["model"])
-    return out, evaluate_terms(model, test_x, 1024, state.epoch, "test", pixels, config.seed)
+    return out, evaluate_terms(model, test_x, 1024, state.epoch, "test", pixels, config.seed, y=test_y)
+
+
+def number_of_classes(splits: data.Splits) -> int:
+    """1 + the largest label of any split (labels are 0 .. C-1); 0 when the data have none."""
+    labels = [s.y for s in (splits.train, splits.val, splits.test) if s.y is not None]
+    return 1 + max(int(y.max()) for y in labels) if labels else 0
 
 
 def _silent(message: str) -> None:

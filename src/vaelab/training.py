@@ -35,7 +35,7 @@ class EpochRecord:
     elbo: float
     reconstruction: float
     kl: float
-    kl_per_dim: list[float]  # empty when the prior does not factorise
+    kl_per_dim: list[float]  # empty when the prior does not factorise; every layer's, top first
     kl_method: str
     beta: float
     examples_per_s: float
@@ -48,6 +48,7 @@ class EpochRecord:
     mutual_information: float | None = None
     total_correlation: float | None = None
     dimension_wise_kl: float | None = None
+    kl_per_layer: dict[str, float] = field(default_factory=dict)  # each latent layer's KL, by name
 
 
 @dataclass
@@ -75,11 +76,14 @@ def fit(
     optimizer: torch.optim.Optimizer | None = None,
     pixels: int | None = None,
     progress: bool | None = None,
+    train_y: Tensor | None = None,
+    val_y: Tensor | None = None,
     **options,
 ) -> TrainState:
     """Train ``model`` on ``train_x`` (N, C, H, W) in [0, 1]; return the state with the history.
 
     ``config`` (or keyword ``options`` such as ``epochs=5, lr=1e-3, beta=4``) sets every knob.
+    ``train_y`` and ``val_y``: the labels (N,) that a conditional model is given.
     ``hooks`` are called after each epoch's validation as ``hook(record, model, state)``;
     ``pixels`` per image turns on bits/dim (a discrete likelihood).
     """
@@ -88,7 +92,7 @@ def fit(
     optimizer = optimizer or make_optimizer(model, config)
     ctx = distributed.current()
     check_batch_size(config.batch_size, len(train_x), ctx.world)
-    batches = Batches(train_x, config.batch_size, config.seed, dynamic=config.binarize == "dynamic")
+    batches = Batches(train_x, config.batch_size, config.seed, dynamic=config.binarize == "dynamic", y=train_y)
     step = Step(model, optimizer, config, dataset_size=len(train_x))
     show = (sys.stderr.isatty() if progress is None else progress) and ctx.is_main
     bar = ProgressBar(len(batches), config) if show else None
@@ -100,7 +104,7 @@ def fit(
             group["lr"] = lr_at(config, epoch)
         model.train()
         sums, skipped, beta, start = TermSums(), 0, config.beta, time.perf_counter()
-        for x in batches.epoch(epoch, shard=(ctx.rank, ctx.world)):
+        for x, y in batches.epoch(epoch, shard=(ctx.rank, ctx.world)):
             elapsed = clock.elapsed(start)
             if clock.out_of_time(elapsed):
                 break
@@ -108,7 +112,7 @@ def fit(
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(config, epoch, clock.progress(elapsed))
             beta = objectives.beta_at(state.step, config.warmup, config.beta, config.warmup_steps)
-            terms, problem = step(x, beta, state.step)
+            terms, problem = step(x, beta, state.step, y)
             if problem is None:
                 sums.add(terms)
             elif skipped < config.skip_nonfinite:  # --skip-nonfinite: drop this batch, count it, go on
@@ -123,7 +127,9 @@ def fit(
         records = [sums.record(epoch, "train", beta, seconds, pixels, state.step, skipped, state.elapsed)]
         if val_x is not None:
             records.append(
-                evaluate_terms(model, val_x, 1024, epoch, "val", pixels, config.seed, beta, state.step, state.elapsed)
+                evaluate_terms(
+                    model, val_x, 1024, epoch, "val", pixels, config.seed, beta, state.step, state.elapsed, val_y
+                )
             )
         state.history += records
         state.epoch = epoch + 1
@@ -183,12 +189,14 @@ class Step:
         self.autocast = autocast(config.precision, next(model.parameters()).device)
         self.rows = shard_rows(config.batch_size, self.ctx.rank, self.ctx.world)  # this rank's rows of a batch
 
-    def __call__(self, x: Tensor, beta: float, step: int) -> tuple[objectives.ElboTerms, str | None]:
+    def __call__(
+        self, x: Tensor, beta: float, step: int, y: Tensor | None = None
+    ) -> tuple[objectives.ElboTerms, str | None]:
         c = self.config
         # the step's noise is a function of (seed, step), drawn for the global batch
         noise = objectives.Noise(seeded(c.seed, "noise", step, device=x.device), c.batch_size, self.rows.start)
         with self.autocast:
-            loss, terms = self.objective(x, noise, beta)
+            loss, terms = self.objective(x, noise, beta, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # on every rank, whatever the loss: DDP's all-reduce needs all of them
         grad_norm = gradient_norm(self.params, c.grad_clip)
@@ -210,8 +218,11 @@ class Objective(torch.nn.Module):
         self.model, self.config, self.dataset_size = model, config, dataset_size
         self.objective = parts.OBJECTIVES[config.objective].constructor()
 
-    def forward(self, x: Tensor, noise: objectives.Noise, beta: float) -> tuple[Tensor, objectives.ElboTerms]:
-        return self.objective(self.model, x, noise, beta, self.config, self.dataset_size)
+    def forward(
+        self, x: Tensor, noise: objectives.Noise, beta: float, y: Tensor | None = None
+    ) -> tuple[Tensor, objectives.ElboTerms]:
+        model = objectives.given(self.model, y)  # a conditional model gets the batch's labels
+        return self.objective(model, x, noise, beta, self.config, self.dataset_size)
 
 
 class TermSums:
@@ -220,6 +231,7 @@ class TermSums:
     def __init__(self):
         self.n, self.rec, self.kl, self.kl_dims, self.method = 0, 0.0, 0.0, None, "analytic"
         self.kl_parts: dict[str, Tensor] = {}
+        self.kl_layers: dict[str, Tensor] = {}
 
     def add(self, terms: objectives.ElboTerms) -> None:
         self.n += terms.kl.shape[0]
@@ -231,6 +243,8 @@ class TermSums:
         self.method = terms.kl_method
         for name, t in terms.kl_parts.items():
             self.kl_parts[name] = self.kl_parts.get(name, 0.0) + t.detach().sum()
+        for name, t in terms.kl_per_layer.items():
+            self.kl_layers[name] = self.kl_layers.get(name, 0.0) + t.detach().sum()
 
     def record(
         self,
@@ -245,11 +259,12 @@ class TermSums:
     ) -> EpochRecord:
         """Batch means over every example this process, and every other rank, has seen."""
         dims_t = self.kl_dims if self.kl_dims is not None else torch.zeros(0)
-        names = sorted(self.kl_parts)
+        names, layers = sorted(self.kl_parts), list(self.kl_layers)
         sums = torch.cat(
             [
                 torch.tensor([float(self.n), float(self.rec), float(self.kl)], dtype=torch.float64),
                 torch.tensor([float(self.kl_parts[k]) for k in names], dtype=torch.float64),
+                torch.tensor([float(self.kl_layers[k]) for k in layers], dtype=torch.float64),
                 dims_t.detach().double().cpu(),
             ]
         )
@@ -258,7 +273,8 @@ class TermSums:
         n = max(examples, 1.0)
         rec, kl = sums[1].item() / n, sums[2].item() / n
         kl_parts = {k: sums[3 + i].item() / n for i, k in enumerate(names)}
-        dims = sums[3 + len(names) :]
+        kl_layers = {k: sums[3 + len(names) + i].item() / n for i, k in enumerate(layers)}
+        dims = sums[3 + len(names) + len(layers) :]
         return EpochRecord(
             epoch=epoch,
             split=split,
@@ -274,6 +290,7 @@ class TermSums:
             step=step,
             skipped=skipped,
             elapsed=elapsed,
+            kl_per_layer=kl_layers,
             **kl_parts,
         )
 
@@ -290,12 +307,14 @@ def evaluate_terms(
     beta: float = 1.0,
     step: int = 0,
     elapsed: float = 0.0,
+    y: Tensor | None = None,
 ) -> EpochRecord:
-    """The ELBO's terms averaged over ``x`` (already binarised where the likelihood needs it); the
-    z ~ q draws are seeded by ``seed``, the same every epoch, so epochs compare."""
+    """The ELBO's terms averaged over ``x`` (already binarised where the likelihood needs it; with its
+    labels ``y`` for a conditional model); the z ~ q draws are seeded by ``seed``, the same every
+    epoch, so epochs compare."""
     sums = TermSums()
     start = time.perf_counter()
-    for terms in objectives.elbo_batches(model, x, batch_size, seed):
+    for terms in objectives.elbo_batches(model, x, batch_size, seed, y):
         sums.add(terms)
     return sums.record(epoch, split, beta, time.perf_counter() - start, pixels, step, elapsed=elapsed)
 

@@ -48,17 +48,30 @@ class Batches:
 
     ``dynamic=True`` binarises each batch by sampling x_bin ~ Bernoulli(x).
     ``drop_last`` keeps every optimiser step the same size (training); evaluation keeps all.
+    ``y``: labels (N,) that go with the images (a conditional model); :meth:`epoch` yields (x, y)
+    pairs, y None without labels.
     """
 
-    def __init__(self, x: Tensor, batch_size: int, seed: int, dynamic: bool = False, drop_last: bool = True):
+    def __init__(
+        self,
+        x: Tensor,
+        batch_size: int,
+        seed: int,
+        dynamic: bool = False,
+        drop_last: bool = True,
+        y: Tensor | None = None,
+    ):
         self.x, self.batch_size, self.seed, self.dynamic, self.drop_last = x, batch_size, seed, dynamic, drop_last
+        self.y = y
 
     def __len__(self) -> int:
         N = self.x.shape[0]
         return N // self.batch_size if self.drop_last else -(-N // self.batch_size)
 
-    def epoch(self, epoch: int, shuffle: bool = True, shard: tuple[int, int] = (0, 1)) -> Iterator[Tensor]:
-        """Batches of epoch ``epoch``, in the order of its permutation (or in storage order).
+    def epoch(
+        self, epoch: int, shuffle: bool = True, shard: tuple[int, int] = (0, 1)
+    ) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Batches (x, y) of epoch ``epoch``, in the order of its permutation (or in storage order).
 
         ``shard=(rank, world)``: this process's rows of each global batch (as DistributedSampler
         shards, but per batch); binarisation is drawn for the whole global batch first, so every
@@ -74,10 +87,15 @@ class Batches:
         for i in range(len(self)):
             start = i * self.batch_size
             stop = min(start + self.batch_size, N)
-            x = self.x[order[start:stop]] if order is not None else self.x[start:stop]
+            rows = order[start:stop] if order is not None else slice(start, stop)
+            x = self.x[rows]
+            y = None if self.y is None else self.y[rows]
             if self.dynamic:
                 x = torch.bernoulli(x, generator=g_bin)
-            yield x[shard_rows(x.shape[0], rank, world)] if world > 1 else x
+            if world > 1:
+                mine = shard_rows(x.shape[0], rank, world)
+                x, y = x[mine], None if y is None else y[mine]
+            yield x, y
 
 
 def shard_rows(total: int, rank: int, world: int) -> slice:

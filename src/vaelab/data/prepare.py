@@ -38,3 +38,21 @@ def prepare_data(config, device) -> tuple[Splits, Tensor, Tensor, Tensor, int | 
             train_x = binarize_static(train_x.cpu(), config.seed, "train").to(device)
     pixels = splits.train.x[0].numel() if likelihood.discrete else None
     return splits, train_x, val_x, test_x, pixels
+
+
+def labels_for(config, split, name: str, device="cpu") -> Tensor | None:
+    """The labels (N,) of one split (``ImageData``) that a conditional model is given; None for a model
+    that is not conditional."""
+    if not config.conditional:
+        return None
+    if split.y is None:
+        raise UserError(
+            f"--conditional needs labels, and {name} has none; use a data set with labels (mnist, fashion-mnist, "
+            "kmnist, cifar10, digits, an .npz with key y, or an image folder with one sub-folder per class)"
+        )
+    if config.classes and int(split.y.max()) >= config.classes:
+        raise UserError(
+            f"{name} has a label {int(split.y.max())}, and the conditional model knows {config.classes} classes "
+            f"(0 to {config.classes - 1}); use data with the run's labels"
+        )
+    return split.y.to(device)

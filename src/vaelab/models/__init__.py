@@ -15,9 +15,28 @@ def architecture_for(model: str, x_shape) -> str:
     return "conv" if x_shape[0] == 3 else "mlp"
 
 
-def build(config, x_shape) -> VAE:
-    """The VAE that ``config`` describes, for images of shape ``x_shape`` (C, H, W)."""
-    x_shape = tuple(x_shape)
+def build(config, x_shape):
+    """The model that ``config`` describes, for images of shape ``x_shape`` (C, H, W): built by its
+    family's entry in ``parts.FAMILIES`` (the one-layer VAE, or the hierarchical model)."""
+    return parts.FAMILIES[config.family].constructor()(config, tuple(x_shape))
+
+
+def make_posterior(config):
+    """The function (or, for a family with parameters such as a flow, the module) that turns the
+    encoder's output into q(z|x): the entry ``config.posterior`` of ``parts.POSTERIORS``."""
+    posterior = parts.POSTERIORS[config.posterior]
+    if posterior.has_parameters:
+        return posterior.constructor()(config.latent_dim, config.flow_steps)
+    return partial(posterior.constructor(), latent_dim=config.latent_dim)
+
+
+def build_vae(config, x_shape):
+    """The one-layer VAE (family ``vae``) that ``config`` describes; with ``config.conditional``, the
+    conditional VAE (``models.conditional``)."""
+    if config.conditional:
+        from vaelab.models.conditional import build_conditional
+
+        return build_conditional(config, x_shape, make_posterior(config))
     architecture = parts.ARCHITECTURES[architecture_for(config.model, x_shape)]
     posterior = parts.POSTERIORS[config.posterior]
     likelihood = make_likelihood(config.likelihood, x_shape)
@@ -28,8 +47,16 @@ def build(config, x_shape) -> VAE:
         x_shape, config.hidden, config.latent_dim, params_per_pixel, config.activation
     )
     prior = make_prior(config.prior, config.latent_dim, x_shape, config.prior_components, config.seed)
-    q = partial(posterior.constructor(), latent_dim=config.latent_dim)
-    return VAE(encoder, decoder, config.latent_dim, x_shape, likelihood, prior, q)
+    return VAE(encoder, decoder, config.latent_dim, x_shape, likelihood, prior, make_posterior(config))
 
 
-__all__ = ["VAE", "Likelihood", "build", "architecture_for", "make_likelihood", "make_prior"]
+__all__ = [
+    "VAE",
+    "Likelihood",
+    "build",
+    "build_vae",
+    "architecture_for",
+    "make_likelihood",
+    "make_posterior",
+    "make_prior",
+]

@@ -148,6 +148,7 @@ class VAE(nn.Module):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.latent_dim, self.x_shape = latent_dim, tuple(x_shape)
+        self.layer_dims = {"z": latent_dim}  # the latent layers of latents(), by name
         self.likelihood, self.prior_module = likelihood, prior
         self.posterior = posterior
 
@@ -162,6 +163,12 @@ class VAE(nn.Module):
     def prior(self) -> Distribution:
         return self.prior_module(self.encode)
 
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """The mean of p(x|z) at z = the mean of q(z|x), (B, C, H, W): what the report and the page show."""
+        mu, _ = dist.marginals(self.encode(x))
+        return self.decode(mu).mean
+
     # -- the contract with the objectives (objectives.LatentVariableModel) ----------------------
     def latents(self, x: Tensor, draw: Draw) -> list[LatentLayer]:
         """One latent layer: q(z|x), p(z) and z = draw(q(z|x))."""
@@ -171,12 +178,15 @@ class VAE(nn.Module):
     def log_px_given_z(self, layers: list[LatentLayer], x: Tensor) -> Tensor:
         """log p(x|z) at the layer's sample: (B,) for z (B, D); (n, B) for n samples per example."""
         (layer,) = layers
-        if layer.z.dim() == 2:
-            return self.decode(layer.z).log_prob(x)
-        return self.log_px_given_z_samples(layer.z, x)
+        return decoder_log_prob(self.decoder, self.likelihood, layer.z, x)
 
-    def log_px_given_z_samples(self, z: Tensor, x: Tensor) -> Tensor:
-        """log p(x | z_i) for n samples per example, z (n, B, D) and x (B, C, H, W); shape (n, B)."""
-        n, B = z.shape[:2]
-        out = self.decoder(z.transpose(0, 1).reshape(B * n, -1)).float()  # example-major: (B n, ...)
-        return self.likelihood.log_prob_samples(out.view(B, n, *out.shape[1:]), x).T
+
+def decoder_log_prob(decoder: nn.Module, likelihood: Likelihood, z: Tensor, x: Tensor) -> Tensor:
+    """log p(x | z) summed over pixels, p(x|z) = likelihood(decoder(z)): (B,) for z (B, D), and for n
+    samples per example, z (n, B, D), (n, B), the n decoded as one batch and scored by the
+    likelihood's ``log_prob_samples`` (x is not copied n times for the Bernoulli)."""
+    if z.dim() == 2:
+        return likelihood(decoder(z).float()).log_prob(x)  # the likelihood in float32 under bf16 autocast too
+    n, B = z.shape[:2]
+    out = decoder(z.transpose(0, 1).reshape(B * n, -1)).float()  # example-major: (B n, ...)
+    return likelihood.log_prob_samples(out.view(B, n, *out.shape[1:]), x).T

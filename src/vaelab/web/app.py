@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, Response
 from PIL import Image, UnidentifiedImageError
@@ -26,6 +26,7 @@ from vaelab.distributions import marginals
 from vaelab.evaluation import kl_per_example
 from vaelab.inspection import Run, decode_mean, kl_parts, open_run
 from vaelab.kl import KLResult, correlation_kl, kl_full_normal_diag_normal, kl_normal_std_normal, log_ratio_samples
+from vaelab.objectives import given
 
 MAX_UPLOAD_BYTES = 1_000_000
 Z_RANGE = 5.0
@@ -106,26 +107,42 @@ def kl_correlated(mu1: float, s1: float, mu2: float, s2: float, rho: float) -> d
 
 
 def inspect_image(model, x: torch.Tensor, kl: KLResult) -> dict:
-    """What the inspector shows of one image (C, H, W): the image, its reconstruction, q(z|x) and the
-    model's KL (a KLResult of one example: closed form per dimension where the prior factorises,
-    else a Monte Carlo estimate with its standard error)."""
+    """What the inspector shows of one image (C, H, W): the image, its reconstruction, q(z|x) of the top
+    latent layer and the model's KL (a KLResult of one example: closed form per dimension where the
+    prior factorises, else a Monte Carlo estimate with its standard error; every layer's part)."""
     with torch.no_grad():
         mu, var = marginals(model.encode(x[None]))  # q(z_j|x): for a full covariance, Sigma's diagonal
         mu, sigma = mu[0], var[0].sqrt()
+        reconstruction = model.reconstruct(x[None]).clamp(0, 1)[0].numpy()
+    D = mu.shape[0]
     return {
         "image": png_data_url(x.numpy()),
-        "reconstruction": png_data_url(decode_mean(model, mu[None])[0]),
+        "reconstruction": png_data_url(reconstruction),
         "mu": mu.tolist(),
         "sigma": sigma.tolist(),
-        "kl": None if kl.per_dim is None else kl.per_dim[0].tolist(),
+        "kl": None if kl.per_dim is None else kl.per_dim[0, :D].tolist(),  # the top layer's dimensions
         "kl_total": kl.value[0].item(),
         "kl_std_error": None if kl.std_error is None else kl.std_error[0].item(),
         "kl_method": kl.method,
+        "kl_per_layer": None if kl.per_layer is None else {k: v[0].item() for k, v in kl.per_layer.items()},
+        "kl_how": kl_how(kl),
     }
 
 
+def kl_how(kl: KLResult) -> str:
+    """How the page's KL was obtained, in words."""
+    if kl.per_layer is not None:
+        se = "" if kl.std_error is None else f" ± {kl.std_error[0].item():.3f} (standard error over the draws)"
+        layers = ", ".join(f"{name} {v[0].item():.3f}" for name, v in kl.per_layer.items())
+        return f"{se}: the sum over layers ({layers}), each in closed form at 256 draws of the layers above"
+    if kl.std_error is None:
+        return "(closed form)"
+    return f"± {kl.std_error[0].item():.3f} (Monte Carlo standard error; this model's KL has no closed form)"
+
+
 def describe_run(run: Run) -> dict:
-    """The run as the page's header, lists and sliders need it."""
+    """The run as the page's header, lists and sliders need it (the sliders move the top latent layer)."""
+    parts = kl_parts(run)
     order = torch.argsort(run.kl.value)  # the model's own KL term per test image
     listed = [{"index": int(i), "kl": run.kl.value[i].item()} for i in order]
     if run.kl.std_error is not None:  # Monte Carlo estimates: a KL near 0 can come out below it
@@ -135,15 +152,22 @@ def describe_run(run: Run) -> dict:
         "run": run.path.name,
         "data": run.config.data,
         "latent_dim": run.model.latent_dim,
+        "classes": run.config.classes if run.config.conditional else None,
         "x_shape": list(run.model.x_shape),
         "test_count": len(run.test_x),
         "dims_by_kl": run.dims_by_kl,
         "prior": run.config.prior,
         "kl_method": run.kl.method,
-        "kl_per_dim": None if run.kl.per_dim is None else run.kl.per_dim.mean(0).tolist(),
+        "kl_per_dim": None if run.top_kl_per_dim is None else run.top_kl_per_dim.mean(0).tolist(),
+        "layers": {
+            name: {"dims": m.shape[1], "kl": run.kl.per_layer[name].mean().item()}
+            for name, m in run.layer_means.items()
+        }
+        if run.layered
+        else None,
         "lowest_kl": listed[:8],
         "highest_kl": listed[::-1][:8],
-        "kl_parts": kl_parts(run)[0],
+        "kl_parts": None if parts is None else parts[0],
     }
 
 
@@ -210,20 +234,32 @@ def create_app(run_dir: str | Path) -> FastAPI:
     def test_image(index: int = PathParam(ge=0)) -> dict:
         if index >= len(run.test_x):
             raise HTTPException(404, f"test image {index} does not exist; there are {len(run.test_x)} (0-based)")
-        return {"index": index, **inspect_image(model, run.test_x[index], run.kl[index])}
+        return {"index": index, **inspect_image(run.view(slice(index, index + 1)), run.test_x[index], run.kl[index])}
 
     @app.post("/api/inspect")
-    async def upload(file: UploadFile = File(...)) -> dict:
+    async def upload(file: UploadFile = File(...), label: int | None = Form(None, ge=0)) -> dict:
+        y = labels(label)
         blob = await file.read(MAX_UPLOAD_BYTES + 1)
         if len(blob) > MAX_UPLOAD_BYTES:
             raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes; send a small PNG")
         arr = read_png(blob, (H, W), "L" if C == 1 else "RGB")
         x = torch.from_numpy(arr[None] if C == 1 else arr.transpose(2, 0, 1).copy())
-        return inspect_image(model, x, kl_per_example(model, x[None]))
+        return inspect_image(given(model, y), x, kl_per_example(model, x[None], y=y))
 
     @app.get("/api/decode")
-    def decode(z: str = Query(max_length=40 * 1024)) -> dict:
-        image = decode_mean(model, parse_z(z, model.latent_dim))[0]
+    def decode(z: str = Query(max_length=40 * 1024), label: int | None = Query(None, ge=0)) -> dict:
+        image = decode_mean(given(model, labels(label)), parse_z(z, model.latent_dim))[0]
         return {"image": png_data_url(image)}
+
+    def labels(label: int | None) -> torch.Tensor | None:
+        """The label a conditional model is given (HTTP 422 when it is missing or out of range); None for
+        any other model, which takes none."""
+        if not run.config.conditional:
+            if label is not None:
+                raise HTTPException(422, "this model is not conditional: it takes no label")
+            return None
+        if label is None or label >= run.config.classes:
+            raise HTTPException(422, f"this conditional model needs a label from 0 to {run.config.classes - 1}")
+        return torch.tensor([label])
 
     return app

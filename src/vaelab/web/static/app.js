@@ -116,8 +116,7 @@ function showInspection(r) {
   // and then r.kl_total is a Monte Carlo estimate with its standard error r.kl_std_error
   $("inspect-error").textContent = "";
   $("img").src = r.image; $("recon").src = r.reconstruction; $("kl-total").textContent = fmt(r.kl_total);
-  $("kl-how").textContent = r.kl_std_error === null ? "(closed form)"
-    : `± ${fmt(r.kl_std_error)} (Monte Carlo standard error; this prior has no closed-form KL)`;
+  $("kl-how").textContent = r.kl_how;
   const c = $("bars"), g = c.getContext("2d");
   if (r.kl) bars(r.kl);
   else {
@@ -136,19 +135,22 @@ async function inspectUpload() {
   const file = $("upload").files[0];
   if (!file) return;
   const form = new FormData(); form.append("file", file);
+  if (labelled) form.append("label", $("upload-label").value);
   try { showInspection(await api("/api/inspect", { method: "POST", body: form })); }
   catch (e) { $("inspect-error").textContent = e.message; }
 }
 
 // -- latent explorer ------------------------------------------------------------------------------------
 let pending = null;
+let labelled = false; // a conditional model: the decoder and the encoder are given a label y
 async function decodeSliders() {
   const sliders = [...document.querySelectorAll("#sliders input")];
   const z = new Array(sliders.length);
   sliders.forEach((s) => { z[+s.dataset.dim] = (+s.value).toFixed(3); s.nextElementSibling.textContent = (+s.value).toFixed(2); });
   const key = z.join(",");
   pending = key;
-  const r = await api(`/api/decode?z=${key}`);
+  const label = labelled ? `&label=${$("decode-label").value}` : "";
+  const r = await api(`/api/decode?z=${key}${label}`);
   if (pending === key) $("decoded").src = r.image;
 }
 
@@ -162,11 +164,28 @@ async function start() {
   updateKL(); updateKL2();
   const m = await api("/api/model");
   const names = { mutual_information: "MI", total_correlation: "TC", dimension_wise_kl: "dimension-wise KL", marginal_kl: "marginal KL" };
-  const parts = Object.entries(m.kl_parts).map(([k, v]) => `${names[k]} ${v.toFixed(2)}`).join(" + ");
-  $("run").textContent = `${m.run}: ${m.data}, ${m.latent_dim} latent dimensions, ${m.test_count} test images`;
-  $("kl-parts").textContent = `Over the test set, the average KL = ${parts} nats (one z per image, the aggregate ` +
-    "posterior of all of them; see vaelab evaluate).";
+  const layers = m.layers ? Object.entries(m.layers) : null;
+  const top = layers ? ` of the top layer ${layers[0][0]}` : "";
+  $("run").textContent = layers
+    ? `${m.run}: ${m.data}, latent layers ${layers.map(([n, l]) => `${n} (${l.dims} dims, KL ${l.kl.toFixed(2)} nats)`).join(", ")}; ${m.test_count} test images; the sliders move ${layers[0][0]}`
+    : `${m.run}: ${m.data}, ${m.latent_dim} latent dimensions, ${m.test_count} test images`;
+  if (m.kl_parts) {
+    const label = (k) => names[k] ?? `KL of ${k.replace("kl_", "")}`;
+    const parts = Object.entries(m.kl_parts).map(([k, v]) => `${label(k)} ${v.toFixed(2)}`).join(" + ");
+    $("kl-parts").textContent = `Over the test set, the average KL = ${parts} nats (the parts${top}: one z per image, ` +
+      "the aggregate posterior of all of them; see vaelab evaluate).";
+  } else {
+    $("kl-parts").textContent = "This posterior is not Gaussian (a flow), so its aggregate over the test set has no " +
+      "density to take the KL apart with.";
+  }
   $("index").max = m.test_count - 1;
+  if (m.classes) {
+    labelled = true;
+    const options = [...Array(m.classes).keys()].map((c) => `<option value="${c}">${c}</option>`).join("");
+    for (const id of ["upload-label", "decode-label"]) $(id).innerHTML = options;
+    document.querySelectorAll(".conditional").forEach((e) => { e.hidden = false; });
+    $("decode-label").addEventListener("change", decodeSliders);
+  }
   for (const [id, list] of [["highest", m.highest_kl], ["lowest", m.lowest_kl]]) {
     const se = (e) => (e.std_error === undefined ? "" : ` ± ${e.std_error.toFixed(2)}`);
     $(id).innerHTML = list.map((e) => `<li><a data-index="${e.index}">#${e.index}</a> ${e.kl.toFixed(2)}${se(e)} nats</li>`).join("");
