@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from vaelab import plots
+from vaelab.checkpoint import read_trained
+from vaelab.errors import UserError
 from vaelab.evaluation import ACTIVE_THRESHOLD, Evaluation
 from vaelab.explain import Explanation
 from vaelab.fileio import atomic_write_text
-from vaelab.checkpoint import read_trained
-from vaelab.errors import UserError
 from vaelab.inspection import decode_mean, kl_parts, open_run, project_2d, read_evaluation, traversals
 from vaelab.kl import correlation_kl
 from vaelab.objectives import collapse_warning, collapsed_layers, elbo_batches, given
