@@ -12,6 +12,7 @@ _LAZY = {
     "fit": ("vaelab.training", "fit"),
     "load_model": ("vaelab.checkpoint", "load_model"),
     "elbo": ("vaelab.objectives", "elbo"),
+    "given": ("vaelab.objectives", "given"),
     "ElboTerms": ("vaelab.objectives", "ElboTerms"),
 }
 __all__ = list(_LAZY)

@@ -168,7 +168,8 @@ async function start() {
   const top = layers ? ` of the top layer ${layers[0][0]}` : "";
   $("run").textContent = layers
     ? `${m.run}: ${m.data}, latent layers ${layers.map(([n, l]) => `${n} (${l.dims} dims, KL ${l.kl.toFixed(2)} nats)`).join(", ")}; ${m.test_count} test images; the sliders move ${layers[0][0]}`
-    : `${m.run}: ${m.data}, ${m.latent_dim} latent dimensions, ${m.test_count} test images`;
+    : `${m.run}: ${m.data}, ${m.latent_dim} latent dimensions, ${m.test_count} test images` +
+      (m.classes ? `; conditional on ${m.classes} labels` : "");
   if (m.kl_parts) {
     const label = (k) => names[k] ?? `KL of ${k.replace("kl_", "")}`;
     const parts = Object.entries(m.kl_parts).map(([k, v]) => `${label(k)} ${v.toFixed(2)}`).join(" + ");
@@ -194,7 +195,7 @@ async function start() {
   $("show").addEventListener("click", () => inspectIndex(+$("index").value));
   $("upload").addEventListener("change", inspectUpload);
   $("sliders").innerHTML = m.dims_by_kl.map((j) =>
-    `<label>z${j} <small>${m.kl_per_dim ? `(${m.kl_per_dim[j].toFixed(2)} nats)` : ""}</small> <input type="range" min="-3" max="3" step="0.05" value="0" data-dim="${j}"><output></output></label>`).join("");
+    `<label><span>z${j} <small>${m.kl_per_dim ? `(${m.kl_per_dim[j].toFixed(2)} nats)` : ""}</small></span> <input type="range" min="-3" max="3" step="0.05" value="0" data-dim="${j}"><output></output></label>`).join("");
   document.querySelectorAll("#sliders input").forEach((s) => s.addEventListener("input", decodeSliders));
   decodeSliders(); inspectIndex(0);
 }
