@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
+import pngs
 import vaelab
 from vaelab import objectives
 from vaelab.cli import main
@@ -307,6 +308,18 @@ def test_the_flow_trains_evaluates_and_reports(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert "gap log p(x) − ELBO" in page and "flow posterior has no closed-form KL" in page
+    # resume is exact: the flow's own parameters are in the checkpoint like the networks'
+    assert main(["train", *args[:-1], "3", "--out", str(out), "--resume"]) == 0
+    assert main(["train", *args[:-1], "3", "--out", str(tmp_path / "fresh")]) == 0
+    resumed, fresh = vaelab.load_model(out).state_dict(), vaelab.load_model(tmp_path / "fresh").state_dict()
+    assert all(torch.equal(resumed[k], fresh[k]) for k in fresh)
+    diagonal = tmp_path / "diagonal"  # the gap beside a diagonal-Gaussian run on the same data
+    assert main(["train", *args[4:], "--out", str(diagonal)]) == 0
+    assert main(["evaluate", str(diagonal), "--iwae-k", "50"]) == 0
+    assert main(["evaluate", str(out), "--iwae-k", "50"]) == 0
+    assert main(["report", str(out), "--compare", str(diagonal)]) == 0
+    page = (out / "report.html").read_text()
+    assert "<h2>Compared</h2>" in page and "vae, diagonal posterior" in page and "vae, iaf posterior" in page
 
 
 # -- the conditional VAE --------------------------------------------------------------------------------
@@ -377,3 +390,7 @@ def test_the_page_of_a_conditional_model_takes_a_label(tmp_path):
     a, b = (client.get(f"/api/decode?z={z}&label={c}").json()["image"] for c in (1, 7))
     assert a != b  # the label changes the picture
     assert client.get("/api/test/3").status_code == 200
+    png = pngs.grey_png(8, 8)
+    assert client.post("/api/inspect", files={"file": ("x.png", png)}).status_code == 422  # no label
+    answer = client.post("/api/inspect", files={"file": ("x.png", png)}, data={"label": "4"})
+    assert answer.status_code == 200 and answer.json()["kl_total"] > 0
