@@ -36,11 +36,14 @@ def textbook_loss(recon_x, x, mu, logvar):
     return bce + kld
 
 
-def textbook_epoch(model, optimizer, loader) -> float:
-    """One epoch of the textbook loop; returns the summed loss (``loss.item()`` every step)."""
+def textbook_epoch(model, optimizer, loader, binarize: bool = False) -> float:
+    """One epoch of the textbook loop; returns the summed loss (``loss.item()`` every step).
+    ``binarize``: each batch drawn as Bernoulli(pixels) (dynamic binarisation)."""
     model.train()
     total = 0.0
     for (x,) in loader:
+        if binarize:
+            x = torch.bernoulli(x)
         optimizer.zero_grad()
         recon, mu, logvar = model(x)
         loss = textbook_loss(recon, x, mu, logvar)

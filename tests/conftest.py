@@ -38,7 +38,10 @@ def trained_run(tmp_path_factory):
     from vaelab.cli import main
 
     out = tmp_path_factory.mktemp("runs") / "digits"
-    assert main(["train", "--hidden", "64", "--latent-dim", "2", "--epochs", "3", "--out", str(out)]) == 0
+    assert (
+        main(["train", "--data", "digits", "--hidden", "64", "--latent-dim", "2", "--epochs", "3", "--out", str(out)])
+        == 0
+    )
     return out
 
 

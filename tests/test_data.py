@@ -6,6 +6,7 @@ import io
 import pickle
 import tarfile
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,13 +21,39 @@ from vaelab.errors import UserError
 
 
 def test_digits_is_bundled_and_split():
-    s = load(Config())
+    s = load(Config(data="digits"))
     assert s.x_shape == (1, 8, 8)
     assert len(s.train) + len(s.val) + len(s.test) == 1797
     assert float(s.train.x.min()) >= 0.0 and float(s.train.x.max()) <= 1.0
     assert s.train.y is not None and not s.binary
-    assert load(Config()).fingerprint == s.fingerprint
-    assert not torch.equal(load(Config(seed=1)).test.x, s.test.x)  # the split depends on the seed
+    assert load(Config(data="digits")).fingerprint == s.fingerprint
+    assert not torch.equal(load(Config(data="digits", seed=1)).test.x, s.test.x)  # the split depends on the seed
+
+
+def test_the_default_is_5000_real_mnist_digits_bundled():
+    """mnist-5k: 500 of each digit at 28 x 28 and 256 levels, read from the package (no download), held
+    out 15 % for test, and checked against its SHA-256 (data/bundled/NOTICE.md says where it is from)."""
+    from vaelab.data import sources
+
+    s = load(Config())
+    assert s.name == "mnist-5k" and s.x_shape == (1, 28, 28) and s.levels == 256 and not s.binary
+    assert (len(s.train), len(s.val), len(s.test)) == (3896, 354, 750)
+    labels = torch.cat([s.train.y, s.val.y, s.test.y])
+    assert torch.equal(torch.bincount(labels), torch.full((10,), 500))
+    # real handwriting, not blobs: the average 1 is narrower than the average 0 (ink per column)
+    x = torch.cat([s.train.x, s.val.x, s.test.x])[:, 0]
+    width = {d: (x[labels == d].mean(0).sum(0) > 0.5).sum().item() for d in (0, 1)}
+    assert width[1] < width[0]
+    blob = (Path(sources.__file__).parent / sources.MNIST_5K).read_bytes()
+    assert hashlib.sha256(blob).hexdigest() == sources.MNIST_5K_SHA256
+
+
+def test_a_damaged_bundled_data_set_is_said_so(monkeypatch):
+    from vaelab.data import sources
+
+    monkeypatch.setattr(sources, "MNIST_5K_SHA256", "0" * 64)
+    with pytest.raises(UserError, match="bundled bundled/mnist-5k.npz is damaged"):
+        load(Config())
 
 
 def test_idx_round_trip_and_own_test_split(mnist_dir):

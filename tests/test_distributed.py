@@ -22,7 +22,10 @@ from vaelab.checkpoint import load_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
+# float32: the tolerance below is for the order of float32 sums, and bf16 products (the default where the CPU
+# has them) round differently for a half batch; a constant rate, as the resumes ask for more epochs
 COMMON = ["--hidden", "32", "--latent-dim", "3", "--batch-size", "64", "--binarize", "dynamic", "--seed", "3"]
+COMMON += ["--precision", "fp32", "--lr-schedule", "constant"]
 
 
 def vaelab_train(args, nproc=1, cwd=None):

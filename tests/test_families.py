@@ -25,7 +25,23 @@ from vaelab.linear_gaussian import LinearGaussian, TwoLevelLinearGaussian, mean_
 from vaelab.models import build
 from vaelab.models.flows import IAFPosterior
 
-TWO = ["--family", "hierarchical", "--hidden", "32", "--latent-dim", "4", "--top-hidden", "16", "--top-latent-dim", "2"]
+# a constant rate where a test resumes a run with more epochs (cosine would decay to the first run's end)
+TWO = [
+    "--data",
+    "digits",
+    "--lr-schedule",
+    "constant",
+    "--family",
+    "hierarchical",
+    "--hidden",
+    "32",
+    "--latent-dim",
+    "4",
+    "--top-hidden",
+    "16",
+    "--top-latent-dim",
+    "2",
+]
 
 
 def two_level(shift: float = 0.0, seed: int = 0):
@@ -294,7 +310,19 @@ def test_a_flow_closes_the_mean_field_gap():
 
 def test_the_flow_trains_evaluates_and_reports(tmp_path, capsys):
     out = tmp_path / "flow"
-    args = ["--posterior", "iaf", "--flow-steps", "2", "--hidden", "32", "--latent-dim", "3", "--epochs", "2"]
+    args = [
+        "--posterior",
+        "iaf",
+        "--flow-steps",
+        "2",
+        "--hidden",
+        "32",
+        "--latent-dim",
+        "3",
+        "--lr-schedule",
+        "constant",
+    ]
+    args += ["--epochs", "2"]
     assert main(["train", *args, "--out", str(out)]) == 0
     assert "KL (Monte Carlo)" in capsys.readouterr().out
     rows = (out / "metrics.csv").read_text().splitlines()
@@ -323,7 +351,7 @@ def test_the_flow_trains_evaluates_and_reports(tmp_path, capsys):
 
 
 # -- the conditional VAE --------------------------------------------------------------------------------
-COND = ["--conditional", "--hidden", "64", "--latent-dim", "4"]
+COND = ["--data", "digits", "--lr-schedule", "constant", "--conditional", "--hidden", "64", "--latent-dim", "4"]
 
 
 def test_conditional_kl_is_the_same_closed_form_given_y():

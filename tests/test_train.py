@@ -14,7 +14,7 @@ from vaelab.cli import main
 from vaelab.config import Config
 from vaelab.errors import UserError
 
-FAST = ["--hidden", "32", "--latent-dim", "3", "--batch-size", "64"]
+FAST = ["--data", "digits", "--hidden", "32", "--latent-dim", "3", "--batch-size", "64"]
 
 
 def read_rows(path):
@@ -62,7 +62,7 @@ def test_config_precedence(tmp_path):
     saved = (out / "config.toml").read_text()
     assert "latent_dim = 2\n" in saved  # command line beats the file
     assert "epochs = 1\n" in saved and "beta = 2.0\n" in saved  # the file beats the defaults
-    assert "batch_size = 64\n" in saved and "lr = 0.001\n" in saved
+    assert "batch_size = 64\n" in saved and f"lr = {Config().lr}\n" in saved
 
 
 @pytest.mark.parametrize(
@@ -129,13 +129,11 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
 
 
 def test_resume_continues_exactly(tmp_path):
-    """2 epochs, then --resume to 4, equals 4 epochs uninterrupted, bit for bit (CPU)."""
-    common = ["--epochs", "4", "--binarize", "dynamic", "--seed", "5"]
+    """2 epochs, then --resume to 4, equals 4 epochs uninterrupted, bit for bit (CPU). A constant rate: the
+    default cosine decays to 0 at the end of the epochs asked for, so 2 epochs then 4 is another schedule."""
+    common = ["--epochs", "4", "--binarize", "dynamic", "--seed", "5", "--lr-schedule", "constant"]
     assert main(["train", *FAST, *common, "--out", str(tmp_path / "full")]) == 0
-    assert (
-        main(["train", *FAST, "--epochs", "2", "--binarize", "dynamic", "--seed", "5", "--out", str(tmp_path / "half")])
-        == 0
-    )
+    assert main(["train", *FAST, *common[2:], "--epochs", "2", "--out", str(tmp_path / "half")]) == 0
     assert main(["train", *FAST, *common, "--out", str(tmp_path / "half"), "--resume"]) == 0
     full = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model"]
     resumed = load_checkpoint(tmp_path / "half" / "checkpoints" / "last.pt")["model"]
@@ -147,7 +145,9 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_resume_with_another_architecture_is_refused(tmp_path, capsys):
     code, out = run(tmp_path, "--epochs", "1")
-    assert main(["train", "--hidden", "48", "--latent-dim", "3", "--out", str(out), "--resume"]) == 2
+    assert (
+        main(["train", "--data", "digits", "--hidden", "48", "--latent-dim", "3", "--out", str(out), "--resume"]) == 2
+    )
     assert "hidden" in capsys.readouterr().err
 
 
@@ -357,7 +357,7 @@ def test_cosine_schedule_values():
 
     config = Config(lr=2e-3, lr_schedule="cosine")
     assert [lr_at(config, 0, p) for p in (0.0, 0.5, 1.0, 1.7)] == pytest.approx([2e-3, 1e-3, 0.0, 0.0])
-    assert lr_at(Config(lr=2e-3), 5, 0.9) == 2e-3  # constant ignores the progress
+    assert lr_at(Config(lr=2e-3, lr_schedule="constant"), 5, 0.9) == 2e-3  # constant ignores the progress
 
 
 def test_cosine_over_the_epochs_ends_near_zero():
@@ -367,7 +367,8 @@ def test_cosine_over_the_epochs_ends_near_zero():
     vaelab.fit(model, x, epochs=3, batch_size=32, lr_schedule="cosine", optimizer=optimizer, progress=False)
     total = 3 * (128 // 32)
     # the last step's rate: progress (total - 1) / total
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (total - 1) / total)))
+    expected = Config().lr * 0.5 * (1 + math.cos(math.pi * (total - 1) / total))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)
 
 
 def test_a_time_budget_ends_the_run_and_a_resume_keeps_to_it(tmp_path, capsys):
@@ -388,6 +389,15 @@ def test_a_time_budget_ends_the_run_and_a_resume_keeps_to_it(tmp_path, capsys):
     rows = read_rows(out / "metrics.csv")
     assert float(rows[-1]["elapsed"]) == pytest.approx(later["elapsed"])
     assert all(int(r["epoch"]) == i // 2 for i, r in enumerate(rows))  # train and val once per epoch
+
+
+def test_a_time_budget_without_epochs_runs_to_the_budget():
+    """--time-budget alone: the clock ends the run, not the default 30 epochs; --epochs still caps it."""
+    from vaelab.config import UNCAPPED_EPOCHS, resolve
+
+    assert resolve(None, {"time_budget": 60.0}).epochs == UNCAPPED_EPOCHS
+    assert resolve(None, {"time_budget": 60.0, "epochs": 5}).epochs == 5
+    assert resolve(None, {}).epochs == Config().epochs
 
 
 def _trained(precision):

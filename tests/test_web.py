@@ -164,7 +164,8 @@ def vamp_run(tmp_path_factory):
     from vaelab.cli import main
 
     out = tmp_path_factory.mktemp("vamp") / "run"
-    args = ["--hidden", "32", "--latent-dim", "3", "--prior", "vamp", "--prior-components", "5", "--epochs", "2"]
+    args = ["--data", "digits", "--hidden", "32", "--latent-dim", "3", "--prior", "vamp", "--prior-components", "5"]
+    args += ["--epochs", "2"]
     assert main(["train", *args, "--out", str(out)]) == 0
     return out
 

@@ -19,23 +19,26 @@ from pathlib import Path
 from vaelab.errors import UserError
 
 EXAMPLES = {
-    "serve": "examples:\n  vaelab serve runs/digits\n  vaelab serve runs/mnist --port 8123",
+    "serve": "examples:\n  vaelab serve runs/mnist-5k\n  vaelab serve runs/mnist --port 8123",
     "report": (
-        "examples:\n  vaelab report runs/digits\n  vaelab report runs/mnist --projection tsne --out mnist.html\n"
+        "examples:\n  vaelab report runs/mnist-5k\n  vaelab report runs/mnist --projection tsne --out mnist.html\n"
         "  vaelab report runs/flow --compare runs/diagonal     # the gap log p(x) - ELBO of both (evaluate both first)"
     ),
     "evaluate": (
-        "examples:\n  vaelab evaluate runs/digits\n"
+        "examples:\n  vaelab evaluate runs/mnist-5k\n"
         "  vaelab evaluate runs/mnist --iwae-k 5000 --json eval.json --per-example test.csv\n"
         "  vaelab evaluate runs/mnist/checkpoints/last.pt --split val --iwae-k 100"
     ),
     "train": (
-        "examples:\n  vaelab train                                  # digits, bundled, about 10 s on 2 CPU cores\n"
+        "examples:\n  vaelab train                                  # 5,000 MNIST digits, bundled, seconds on 2 cores\n"
+        "  vaelab train --time-budget 60 --lr-schedule cosine   # one minute of training\n"
+        "  vaelab train --family hierarchical --warmup linear --warmup-steps 500 --free-bits 0.1\n"
+        "  vaelab train --conditional --posterior iaf\n"
         "  vaelab train --data mnist --data-dir DIR --binarize dynamic --epochs 5\n"
         "  vaelab train --data mnist --download --likelihood continuous-bernoulli --binarize none\n"
         "  vaelab train --data images/ --model conv --latent-dim 32 --out runs/mine\n"
         "  vaelab train --config run.toml --beta 4 --warmup linear --warmup-steps 2000\n"
-        "  vaelab train --out runs/digits --resume\n"
+        "  vaelab train --out runs/mnist-5k --resume\n"
         "  torchrun --nproc-per-node 2 --max-restarts 3 -m vaelab train --out runs/big --auto-resume\n"
         "  vaelab train --preset burda2015-iwae-k5 --download      # Burda et al. 2015, full protocol\n\n"
         "Options given here override the --config file, which overrides the --preset, then the defaults.\n"
@@ -181,7 +184,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         groups[-1].add_argument(flag, dest=dest, default=S, help=f"{help} (default: {shown})", **kw)
 
     g = group("data")
-    opt("--data", "digits, mnist, fashion-mnist, kmnist, cifar10, a .npy/.npz file or an image folder", metavar="NAME")
+    opt(
+        "--data",
+        "mnist-5k (bundled), digits (bundled, 8x8), mnist, fashion-mnist, kmnist, cifar10, a .npy/.npz file or "
+        "an image folder",
+        metavar="NAME",
+    )
     opt("--data-dir", "folder holding the data set's files", metavar="DIR")
     g.add_argument(
         "--download",
@@ -245,7 +253,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     )
     opt(
         "--time-budget",
-        "train for this many seconds (then validate, checkpoint and test); --epochs becomes a cap; 0: no budget",
+        "train for this many seconds (then validate, checkpoint and test); --epochs, if given, caps it; 0: no budget",
         type=_non_negative(float),
         metavar="SECONDS",
     )
@@ -385,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=_output_path, metavar="FILE", help="write every number to this JSON file")
     p.add_argument("--html", type=_output_path, metavar="FILE", help="write a self-contained page")
 
-    p = add("train", "train a VAE and log the ELBO's terms (default: the bundled digits)", cmd_train)
+    p = add("train", "train a VAE and log the ELBO's terms (default: 5,000 bundled MNIST digits)", cmd_train)
     add_train_options(p)
 
     p = add("evaluate", "ELBO terms, IWAE log-likelihood, active units and the KL split of a trained run", cmd_evaluate)

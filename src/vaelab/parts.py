@@ -299,6 +299,7 @@ for _name, _cls in (("relu", "ReLU"), ("tanh", "Tanh"), ("elu", "ELU"), ("gelu",
 
 _S = "vaelab.data.sources"
 DATASETS.register(DataSet("digits", "scikit-learn's bundled 8x8 digits", f"{_S}:load_digits", levels=17))
+DATASETS.register(DataSet("mnist-5k", "5,000 MNIST digits, 28x28, bundled with vaelab", f"{_S}:load_mnist_5k"))
 for _name in ("mnist", "fashion-mnist", "kmnist"):
     DATASETS.register(DataSet(_name, "IDX files", f"{_S}:load_{_name.replace('-', '_')}"))
 DATASETS.register(DataSet("cifar10", "the python tarball", f"{_S}:load_cifar10"))
