@@ -78,7 +78,7 @@ def save_checkpoint(
         "x_shape": list(x_shape),
         "fingerprint": fingerprint,
         "best_elbo": best_elbo,
-        "elapsed": elapsed,  # seconds of training: what a resumed --time-budget has left
+        "elapsed": elapsed,  # wall seconds of the run: what a resumed --time-budget has left
         "rng": rng_state(),
         "rng_streams": RNG_STREAMS,
     }

@@ -253,7 +253,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     )
     opt(
         "--time-budget",
-        "train for this many seconds (then validate, checkpoint and test); --epochs, if given, caps it; 0: no budget",
+        "train until the run has taken this many seconds, validation and checkpoints included (then test); "
+        "--epochs, if given, caps it; 0: no budget",
         type=_non_negative(float),
         metavar="SECONDS",
     )

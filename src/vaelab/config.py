@@ -111,7 +111,7 @@ class Config:
     adam_eps: float = 1e-8
     grad_clip: float = 0.0  # max gradient norm; 0 turns clipping off
     skip_nonfinite: int = 0  # batches with a NaN/Inf loss or gradient that may be skipped before stopping
-    time_budget: float = 0.0  # seconds of training; the run ends after the step that reaches it (0: none)
+    time_budget: float = 0.0  # wall seconds (training, validation, checkpoints); ends after the step reaching it
     seed: int = 0
     threads: int = 0  # 0: vaelab's default policy (see runs.set_threads)
     device: str = "auto"

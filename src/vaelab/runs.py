@@ -322,10 +322,11 @@ def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, Epoc
     if config.time_budget and state.elapsed >= config.time_budget:
         log(f"time budget of {config.time_budget:g} s reached after {state.step} steps, in epoch {state.epoch}")
     if hooks:  # how this process's time went (metrics.csv has it per epoch: `seconds` of each row)
+        training = sum(r.seconds for r in state.history if r.split == "train")
         validation = sum(r.seconds for r in state.history if r.split == "val")
         log(
-            f"time: training {state.elapsed:.1f} s in all, validation {validation:.1f} s and checkpoints "
-            f"{writer.checkpoint_seconds:.1f} s in this process"
+            f"time: {state.elapsed:.1f} s in all: training {training:.1f} s, validation {validation:.1f} s and "
+            f"checkpoints {writer.checkpoint_seconds:.1f} s in this process"
         )
     distributed.barrier()  # rank 0's last checkpoint is on disk
     best = (

@@ -43,7 +43,7 @@ class EpochRecord:
     bits_per_dim: float | None = None
     step: int = 0
     skipped: int = 0  # batches dropped by --skip-nonfinite
-    elapsed: float = 0.0  # seconds of training since the run began, at the end of this epoch
+    elapsed: float = 0.0  # wall seconds since the run began (training, validation, checkpoints), at this record
     # the KL's parts by --objective tc's minibatch estimator (training records only)
     mutual_information: float | None = None
     total_correlation: float | None = None
@@ -59,7 +59,7 @@ class TrainState:
     step: int = 0
     best_elbo: float = -math.inf
     history: list[EpochRecord] = field(default_factory=list)
-    elapsed: float = 0.0  # seconds of training so far (the time budget counts these)
+    elapsed: float = 0.0  # wall seconds of the run so far: training, validation, checkpoints (the budget counts these)
 
 
 Hook = Callable[[EpochRecord, object, TrainState], None]
@@ -98,14 +98,14 @@ def fit(
     bar = ProgressBar(len(batches), config) if show else None
     clock = Clock(config, state, total_steps=config.epochs * len(batches))
     for epoch in range(state.epoch, config.epochs):
-        if clock.out_of_time(state.elapsed):  # a resumed run whose budget is spent
+        if clock.out_of_time(clock.elapsed()):  # a resumed run whose budget is spent
             break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config, epoch)
         model.train()
         sums, skipped, beta, start = TermSums(), 0, config.beta, time.perf_counter()
         for x, y in batches.epoch(epoch, shard=(ctx.rank, ctx.world)):
-            elapsed = clock.elapsed(start)
+            elapsed = clock.elapsed()
             if clock.out_of_time(elapsed):
                 break
             if config.lr_schedule == "cosine":  # per step: the share of the run done so far
@@ -123,26 +123,29 @@ def fit(
             if bar is not None:
                 bar.update(epoch, terms, beta)
         seconds = time.perf_counter() - start
-        state.elapsed += seconds
-        records = [sums.record(epoch, "train", beta, seconds, pixels, state.step, skipped, state.elapsed)]
+        records = [sums.record(epoch, "train", beta, seconds, pixels, state.step, skipped, clock.elapsed())]
         if val_x is not None:
             records.append(
                 evaluate_terms(
-                    model, val_x, 1024, epoch, "val", pixels, config.seed, beta, state.step, state.elapsed, val_y
+                    model, val_x, 1024, epoch, "val", pixels, config.seed, beta, state.step, clock.elapsed(), val_y
                 )
             )
+        state.elapsed = records[-1].elapsed  # what a checkpoint written by the hooks below keeps
         state.history += records
         state.epoch = epoch + 1
         for record in records:
             for hook in hooks:
                 hook(record, model, state)
+    state.elapsed = clock.elapsed()
     if bar is not None:
         bar.close()
     return state
 
 
 class Clock:
-    """The run's progress, in steps or, with ``config.time_budget``, in seconds of training.
+    """The run's progress, in steps or, with ``config.time_budget``, in wall seconds: of training,
+    validation and checkpoints alike, from the run's start (and the seconds a resumed run had
+    already spent), as Lightning's ``max_time`` counts them.
 
     Under torchrun every rank stops together: the ranks' clocks differ, so a rank that is out of
     time says so to the others (one small all-reduce per step, only when there is a budget).
@@ -151,17 +154,18 @@ class Clock:
     def __init__(self, config: Config, state: TrainState, total_steps: int):
         self.budget, self.state, self.total_steps = config.time_budget, state, max(total_steps, 1)
         self.ctx = distributed.current()
+        self.start, self.before = time.perf_counter(), state.elapsed  # a resumed run brings its seconds
 
-    def elapsed(self, epoch_start: float) -> float:
-        """Seconds of training so far, the epoch in progress (begun at ``epoch_start``) included."""
-        return self.state.elapsed + time.perf_counter() - epoch_start
+    def elapsed(self) -> float:
+        """Wall seconds of the run so far, this process's part since ``fit`` began included."""
+        return self.before + time.perf_counter() - self.start
 
     def progress(self, elapsed: float) -> float:
         """The share of the run done: of the time budget, or of the steps of every epoch."""
         return elapsed / self.budget if self.budget else self.state.step / self.total_steps
 
     def out_of_time(self, elapsed: float) -> bool:
-        """True once ``elapsed`` seconds of training reach the budget (never without one)."""
+        """True once ``elapsed`` seconds reach the budget (never without one)."""
         if not self.budget:
             return False
         out = elapsed >= self.budget
