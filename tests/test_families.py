@@ -336,6 +336,9 @@ def test_the_flow_trains_evaluates_and_reports(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert "gap log p(x) − ELBO" in page and "flow posterior has no closed-form KL" in page
+    from vaelab.inspection import open_run
+
+    assert torch.equal(open_run(out).mu, open_run(out).mu)  # a flow's moments are drawn, from a seeded RNG
     # resume is exact: the flow's own parameters are in the checkpoint like the networks'
     assert main(["train", *args[:-1], "3", "--out", str(out), "--resume"]) == 0
     assert main(["train", *args[:-1], "3", "--out", str(tmp_path / "fresh")]) == 0

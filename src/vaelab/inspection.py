@@ -89,9 +89,9 @@ def open_run(path: str | Path, max_examples: int = 2000) -> Run:
     test_y = None if splits.test.y is None else splits.test.y[:max_examples]
     model_y = labels_for(config, splits.test, splits.name)
     model_y = None if model_y is None else model_y[:max_examples]
-    mu, log_var, scale_tril = posterior_params(model, test_x, y=model_y)
-    with torch.random.fork_rng(devices=[]):  # the lower layers' means average seeded draws of the layers above
+    with torch.random.fork_rng(devices=[]):  # seeded draws: a flow's moments, the lower layers' means
         torch.manual_seed(0)
+        mu, log_var, scale_tril = posterior_params(model, test_x, y=model_y)
         means = layer_means(model, test_x, y=model_y)
     kl = kl_per_example(model, test_x, y=model_y)
     return Run(path, model, config, test_x, test_y, model_y, mu, log_var, scale_tril, kl, means)
