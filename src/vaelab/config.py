@@ -219,7 +219,7 @@ class Config:
                 f"{family.layers}: use --objective elbo or iwae"
             )
         if self.conditional:
-            if self.family != "vae" or self.model not in ("auto", "mlp") or self.prior != "normal":
+            if family.layers > 1 or self.model not in ("auto", "mlp") or self.prior != "normal":
                 raise UserError(
                     "--conditional is a one-layer VAE with MLPs and the normal prior; drop --family, --model and "
                     "--prior, or --conditional"

@@ -143,19 +143,18 @@ def _kl_of_layers(model, x: Tensor, samples: int, generator: torch.Generator) ->
 
 @torch.no_grad()
 def layer_means(
-    model, x: Tensor, samples: int = 16, batch_size: int = 1000, y: Tensor | None = None
+    model, x: Tensor, top: Tensor, samples: int = 16, batch_size: int = 1000, y: Tensor | None = None
 ) -> dict[str, Tensor]:
-    """E_q[z_l | x] of each latent layer for every example, (N, D_l) each, by name: for the top layer
-    the mean of q(z|x), for a layer below the mean of q(z_l | x, z_>l) averaged over ``samples``
-    draws of the layers above (from the global RNG)."""
-    if len(model.layer_dims) == 1:
-        return {next(iter(model.layer_dims)): posterior_params(model, x, batch_size, y)[0]}
-    means: dict[str, list[Tensor]] = {name: [] for name in model.layer_dims}
-    for xb, yb in Batches(x, batch_size, 0, drop_last=False, y=y).epoch(0, shuffle=False):
-        for layer in given(model, yb).latents(xb, lambda q: q.sample((samples,))):
-            mean = marginals(layer.q)[0]  # (B, D) for the top layer, (samples, B, D) below it
-            means[layer.name].append(mean if mean.dim() == 2 else mean.mean(0))
-    return {name: torch.cat(m) for name, m in means.items()}
+    """E_q[z_l | x] of each latent layer for every example, (N, D_l) each, by name, top first: ``top``
+    for the top layer (its posterior means, :func:`posterior_params`), and for each layer below the
+    mean of q(z_l | x, z_>l) averaged over ``samples`` draws of the layers above (global RNG)."""
+    top_name, *below = model.layer_dims
+    means: dict[str, list[Tensor]] = {name: [] for name in below}
+    if below:
+        for xb, yb in Batches(x, batch_size, 0, drop_last=False, y=y).epoch(0, shuffle=False):
+            for layer in given(model, yb).latents(xb, lambda q: q.sample((samples,)))[1:]:
+                means[layer.name].append(marginals(layer.q)[0].mean(0))  # (samples, B, D) -> (B, D)
+    return {top_name: top, **{name: torch.cat(m) for name, m in means.items()}}
 
 
 @torch.no_grad()
@@ -349,7 +348,8 @@ def evaluate(
             iwae_k=iwae_k,
             log_likelihood_bits_per_dim=bits_per_dim(ll.mean().item(), pixels) if pixels else None,
         )
-    means = layer_means(model, x, y=y)  # E_q[z_l | x] per layer
+    top = posterior_params(model, x, y=y)  # the top layer's q: its means, and the KL split's parameters
+    means = layer_means(model, x, top[0], y=y)  # E_q[z_l | x] per layer
     act = activity(torch.cat(list(means.values()), 1))
     layered = {}
     if len(means) > 1:  # each layer's KL and active units; a layer whose KL is ~0 has collapsed
@@ -361,7 +361,7 @@ def evaluate(
         )
     split_parts = {}
     if split_kl:
-        split_parts = _split_of_the_top_layer(model, x, kl, y)
+        split_parts = _split_of_the_top_layer(model, x, kl, top)
     mean_kl = per["kl"].mean().item()
     record = Evaluation(
         examples=N,
@@ -382,11 +382,12 @@ def evaluate(
     return record, per
 
 
-def _split_of_the_top_layer(model, x: Tensor, kl: KLResult, y: Tensor | None) -> dict:
+def _split_of_the_top_layer(model, x: Tensor, kl: KLResult, top: tuple[Tensor, Tensor, Tensor | None]) -> dict:
     """The KL split's fields of the evaluation record, for the top latent layer (the only one of a
-    one-layer model), checked against that layer's KL on the same examples."""
+    one-layer model; ``top``: its :func:`posterior_params`), checked against that layer's KL on the
+    same examples."""
     N = x.shape[0]
-    mu, log_var, scale_tril = posterior_params(model, x, y=y)  # the top layer's q
+    mu, log_var, scale_tril = top
     full_split = {}
     prior = diag_normal_params(model.prior())
     if scale_tril is not None and prior is not None:  # eq. 7's KL = its marginals' KLs + the correlations' part

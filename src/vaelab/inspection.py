@@ -32,7 +32,6 @@ class Run:
     config: Config
     test_x: torch.Tensor  # (N, C, H, W), binarised as in training
     test_y: torch.Tensor | None
-    model_y: torch.Tensor | None  # the labels a conditional model is given (test_y), else None
     mu: torch.Tensor  # (N, D) posterior means of the test set
     log_var: torch.Tensor  # (N, D), of each marginal q(z_j|x)
     scale_tril: torch.Tensor | None  # (N, D, D), the Cholesky factors of a full-covariance q
@@ -49,6 +48,11 @@ class Run:
     @property
     def layered(self) -> bool:
         return len(self.layer_means) > 1
+
+    @property
+    def model_y(self) -> torch.Tensor | None:
+        """The labels a conditional model is given (the test labels); None for any other model."""
+        return self.test_y if self.config.conditional else None
 
     @property
     def dims_by_kl(self) -> list[int]:
@@ -87,14 +91,14 @@ def open_run(path: str | Path, max_examples: int = 2000) -> Run:
     splits, _, _, test_x, _ = prepare_data(config, "cpu")
     test_x = test_x[:max_examples]
     test_y = None if splits.test.y is None else splits.test.y[:max_examples]
-    model_y = labels_for(config, splits.test, splits.name)
+    model_y = labels_for(config, splits.test, splits.name)  # checks a conditional model's labels
     model_y = None if model_y is None else model_y[:max_examples]
     with torch.random.fork_rng(devices=[]):  # seeded draws: a flow's moments, the lower layers' means
         torch.manual_seed(0)
         mu, log_var, scale_tril = posterior_params(model, test_x, y=model_y)
-        means = layer_means(model, test_x, y=model_y)
+        means = layer_means(model, test_x, mu, y=model_y)
     kl = kl_per_example(model, test_x, y=model_y)
-    return Run(path, model, config, test_x, test_y, model_y, mu, log_var, scale_tril, kl, means)
+    return Run(path, model, config, test_x, test_y, mu, log_var, scale_tril, kl, means)
 
 
 KL_PARTS = ("mutual_information", "total_correlation", "dimension_wise_kl")

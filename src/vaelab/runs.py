@@ -52,14 +52,13 @@ CSV_BASE = [
 ]
 
 
-def kl_columns(layer_dims: dict[str, int]) -> list[str]:
-    """metrics.csv's KL columns: ``kl_dim_j`` for one latent layer; for several, each layer's KL
-    (``kl_z2``, ``kl_z1``) and then its dimensions' (``kl_z2_dim_j``), top layer first."""
+def kl_columns(layer_dims: dict[str, int]) -> tuple[list[str], list[str]]:
+    """metrics.csv's KL columns, (each layer's KL, each dimension's KL): for one latent layer none and
+    ``kl_dim_j``; for several ``kl_z2``, ``kl_z1`` and ``kl_z2_dim_j``, ``kl_z1_dim_j``, top layer first."""
     if len(layer_dims) == 1:
-        return [f"kl_dim_{j}" for j in range(next(iter(layer_dims.values())))]
-    return [f"kl_{name}" for name in layer_dims] + [
-        f"kl_{name}_dim_{j}" for name, dims in layer_dims.items() for j in range(dims)
-    ]
+        return [], [f"kl_dim_{j}" for j in range(next(iter(layer_dims.values())))]
+    layers = [f"kl_{name}" for name in layer_dims]
+    return layers, [f"kl_{name}_dim_{j}" for name, dims in layer_dims.items() for j in range(dims)]
 
 
 def default_out(name: str) -> Path:
@@ -109,9 +108,8 @@ class RunWriter:
     ):
         self.out, self.config, self.optimizer = out, config, optimizer
         self.x_shape, self.fingerprint = x_shape, fingerprint
-        self.columns = CSV_BASE + kl_columns(layer_dims)
-        self.dim_columns = [c for c in self.columns if c.startswith("kl_") and "_dim_" in c]
-        self.layered = len(layer_dims) > 1
+        self.layer_columns, self.dim_columns = kl_columns(layer_dims)
+        self.columns = CSV_BASE + self.layer_columns + self.dim_columns
         self.csv_path = out / "metrics.csv"
         kept = []
         if resume_epoch and self.csv_path.exists():  # drop rows of epochs that will be run again
@@ -132,7 +130,7 @@ class RunWriter:
 
     def __call__(self, record: EpochRecord, model, state: TrainState) -> None:
         row = {k: getattr(record, k) for k in CSV_BASE}
-        if self.layered:
+        if self.layer_columns:
             row.update({f"kl_{name}": v for name, v in record.kl_per_layer.items()})
         if record.kl_per_dim:  # empty where a layer's KL does not factorise
             row.update(zip(self.dim_columns, record.kl_per_dim, strict=True))

@@ -48,7 +48,7 @@ class EpochRecord:
     mutual_information: float | None = None
     total_correlation: float | None = None
     dimension_wise_kl: float | None = None
-    kl_per_layer: dict[str, float] = field(default_factory=dict)  # each latent layer's KL, by name
+    kl_per_layer: dict[str, float] = field(default_factory=dict)  # each latent layer's KL (several layers)
 
 
 @dataclass
@@ -247,8 +247,9 @@ class TermSums:
         self.method = terms.kl_method
         for name, t in terms.kl_parts.items():
             self.kl_parts[name] = self.kl_parts.get(name, 0.0) + t.detach().sum()
-        for name, t in terms.kl_per_layer.items():
-            self.kl_layers[name] = self.kl_layers.get(name, 0.0) + t.detach().sum()
+        if len(terms.kl_per_layer) > 1:  # one layer's part is the KL itself
+            for name, t in terms.kl_per_layer.items():
+                self.kl_layers[name] = self.kl_layers.get(name, 0.0) + t.detach().sum()
 
     def record(
         self,

@@ -89,7 +89,7 @@ class ConditionalVAE(nn.Module):
         """log p(x | z, y): (B,) for z (B, D), (n, B) for n samples per example (decoded example-major)."""
         (layer,) = layers
         n = 1 if layer.z.dim() == 2 else layer.z.shape[0]
-        rows = y if n == 1 else y.repeat_interleave(n)  # decoder_log_prob decodes (B n, D), example-major
+        rows = y.repeat_interleave(n)  # decoder_log_prob decodes (B n, D), example-major
         return decoder_log_prob(lambda z: self._decoder_out(z, rows), self.likelihood, layer.z, x)
 
 

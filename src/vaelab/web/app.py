@@ -110,7 +110,8 @@ def inspect_image(model, x: torch.Tensor, kl: KLResult) -> dict:
     """What the inspector shows of one image (C, H, W): the image, its reconstruction, q(z|x) of the top
     latent layer and the model's KL (a KLResult of one example: closed form per dimension where the
     prior factorises, else a Monte Carlo estimate with its standard error; every layer's part)."""
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a flow's moments are drawn: seeded
+        torch.manual_seed(0)
         mu, var = marginals(model.encode(x[None]))  # q(z_j|x): for a full covariance, Sigma's diagonal
         mu, sigma = mu[0], var[0].sqrt()
         reconstruction = model.reconstruct(x[None]).clamp(0, 1)[0].numpy()
