@@ -391,6 +391,31 @@ def test_a_time_budget_ends_the_run_and_a_resume_keeps_to_it(tmp_path, capsys):
     assert all(int(r["epoch"]) == i // 2 for i, r in enumerate(rows))  # train and val once per epoch
 
 
+def test_a_budget_spent_during_validation_or_a_checkpoint_still_ends_checkpointed():
+    """The budget counts wall time, so it can run out in a hook (a checkpoint write) rather than in a step.
+    The run then still ends on a step, and what the last checkpoint would hold (the state a hook sees)
+    is past the budget: resuming from it trains no further."""
+    import time as _time
+
+    from vaelab.training import TrainState
+
+    x = (torch.rand(256, 1, 8, 8) > 0.5).float()
+    seen = []
+
+    def slow_checkpoint(record, model, state):
+        seen.append((state.epoch, state.step, state.elapsed))  # what a checkpoint written here keeps
+        if record.split == "train" and state.epoch == 1:
+            _time.sleep(0.4)  # the budget runs out here, after epoch 0's steps
+
+    model = vaelab.build_model(Config(hidden=(16,), latent_dim=2), (1, 8, 8))
+    options = dict(batch_size=64, epochs=50, time_budget=0.3, lr_schedule="constant", progress=False)
+    state = vaelab.fit(model, x, hooks=[slow_checkpoint], **options)
+    epoch, step, elapsed = seen[-1]
+    assert step > 256 // 64 and elapsed >= 0.3  # a step of epoch 1 ran after the hook, and was checkpointed
+    resumed = vaelab.fit(model, x, state=TrainState(epoch, step, elapsed=elapsed), **options)
+    assert resumed.step == step == state.step
+
+
 def test_a_time_budget_without_epochs_runs_to_the_budget():
     """--time-budget alone: the clock ends the run, not the default 30 epochs; --epochs still caps it."""
     from vaelab.config import UNCAPPED_EPOCHS, resolve

@@ -98,19 +98,18 @@ def fit(
     bar = ProgressBar(len(batches), config) if show else None
     clock = Clock(config, state, total_steps=config.epochs * len(batches))
     for epoch in range(state.epoch, config.epochs):
-        if clock.out_of_time(clock.elapsed()):  # a resumed run whose budget is spent
+        # the seconds the last checkpoint holds, not the live clock: a resume of a spent budget stops here,
+        # and a budget that ran out during validation or a checkpoint still ends on a step, checkpointed
+        if clock.out_of_time(state.elapsed):
             break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config, epoch)
         model.train()
         sums, skipped, beta, start = TermSums(), 0, config.beta, time.perf_counter()
         for x, y in batches.epoch(epoch, shard=(ctx.rank, ctx.world)):
-            elapsed = clock.elapsed()
-            if clock.out_of_time(elapsed):
-                break
             if config.lr_schedule == "cosine":  # per step: the share of the run done so far
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(config, epoch, clock.progress(elapsed))
+                    group["lr"] = lr_at(config, epoch, clock.progress(clock.elapsed()))
             beta = objectives.beta_at(state.step, config.warmup, config.beta, config.warmup_steps)
             terms, problem = step(x, beta, state.step, y)
             if problem is None:
@@ -122,6 +121,8 @@ def fit(
             state.step += 1
             if bar is not None:
                 bar.update(epoch, terms, beta)
+            if clock.out_of_time(clock.elapsed()):  # the run ends after the step that reaches the budget
+                break
         seconds = time.perf_counter() - start
         records = [sums.record(epoch, "train", beta, seconds, pixels, state.step, skipped, clock.elapsed())]
         if val_x is not None:
