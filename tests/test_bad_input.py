@@ -269,6 +269,31 @@ CATALOGUE = [
         ["top_latent_dim: 3 -> 4"],
     ),
     (
+        "a validation set as large as the data",
+        lambda t: ["train", *FAST, "--data", "digits", "--val-size", "1527"],
+        ["too few to split", "smaller --val-size"],
+    ),
+    (
+        "resume with another validation set",
+        lambda t: [
+            "train",
+            "--out",
+            str(make_run(t, "--data", "digits")),
+            "--resume",
+            *FAST,
+            "--data",
+            "digits",
+            "--val-size",
+            "50",
+        ],
+        ["held out 127 validation images", "--val-size 127"],
+    ),
+    (
+        "evaluate the validation split of a run without one",
+        lambda t: ["evaluate", str(make_run(t, "--data", "digits", "--val-size", "0")), "--split", "val"],
+        ["no val images", "--split test"],
+    ),
+    (
         "auto-resume into a folder that is not a run",
         lambda t: ["train", *FAST, "--out", str(a_file(t).parent), "--auto-resume"],
         ["not empty"],

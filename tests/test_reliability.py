@@ -6,6 +6,7 @@ compare the final parameters bit for bit with an uninterrupted run (CPU, determi
 
 import errno
 import hashlib
+import io
 import os
 import random
 import signal
@@ -30,6 +31,8 @@ ARGS = [
     "32",
     "--seed",
     "1",
+    "--checkpoint-every",  # every epoch: the kills below land between, or inside, epochs' writes
+    "0",
     "--epochs",
     "8",
     "--binarize",
@@ -176,3 +179,65 @@ def test_more_bad_batches_than_allowed_stop_the_run(tmp_path, monkeypatch, capsy
     out = tmp_path / "run"
     assert main(["train", *ARGS[:-4], "--epochs", "2", "--skip-nonfinite", "1", "--out", str(out)]) == 2
     assert "the KL term became NaN or infinite at epoch 1, step 8" in capsys.readouterr().err
+
+
+def _val_record(epoch: int, elbo: float, elapsed: float):
+    from vaelab.training import EpochRecord
+
+    return EpochRecord(epoch, "val", elbo, elbo, 0.0, [], "analytic", 1.0, 1.0, 0.1, elapsed=elapsed)
+
+
+def test_checkpoints_are_taken_every_epoch_and_written_every_n_seconds(tmp_path, monkeypatch):
+    """RunWriter serialises a checkpoint after every validation and writes what it holds when
+    checkpoint_every seconds of the run have passed since its last write, the best weights before
+    last.pt; close() (the run's end, a stop, an error) writes the rest."""
+    from vaelab import runs
+    from vaelab.config import Config
+    from vaelab.models import build
+    from vaelab.training import TrainState, make_optimizer
+
+    config = Config(hidden=(8,), latent_dim=2, checkpoint_every=2.0)
+    model = build(config, (1, 8, 8))
+    state = TrainState()
+    optimizer = make_optimizer(model, config)
+    writer = runs.RunWriter(tmp_path, config, optimizer, (1, 8, 8), "f", model.layer_dims, state, val_images=5)
+    writes = []
+
+    def write(path, blob):
+        name = os.path.relpath(path, tmp_path)
+        epoch = None if name.endswith(".safetensors") else torch.load(io.BytesIO(blob), weights_only=True)["epoch"]
+        writes.append((name, epoch))
+
+    monkeypatch.setattr(runs, "atomic_write_bytes", write)
+    # (val ELBO, elapsed seconds): the best epochs are 1, 2, 4 and 6
+    for epoch, (elbo, elapsed) in enumerate([(-100, 0.5), (-90, 1.0), (-95, 2.1), (-80, 2.5), (-85, 3.0), (-70, 4.2)]):
+        state.epoch, state.elapsed = epoch + 1, elapsed
+        writer(_val_record(epoch, elbo, elapsed), model, state)
+        if epoch == 2:  # 2.1 s: the first write, with the best of epoch 2
+            assert writes == [("checkpoints/best.pt", 2), ("model.safetensors", None), ("checkpoints/last.pt", 3)]
+    # 4.2 s: 2.1 s since the last write; epoch 4's best was overtaken by epoch 6's before it was written
+    assert writes[3:] == [("checkpoints/best.pt", 6), ("model.safetensors", None), ("checkpoints/last.pt", 6)]
+    state.epoch, state.elapsed = 7, 5.0
+    writer(_val_record(6, -75, 5.0), model, state)
+    assert len(writes) == 6  # 0.8 s since the last write: taken, not written
+    writer.close()
+    assert writes[6:] == [("checkpoints/last.pt", 7)]
+    assert state.best_elbo == -70
+
+
+def test_a_run_written_at_its_end_only_equals_one_written_every_epoch(tmp_path):
+    """The cadence changes when checkpoints reach the disk, not what they hold."""
+    from vaelab.checkpoint import read_trained
+
+    runs_ = {}
+    for every in ("0", "3600"):
+        out = tmp_path / every
+        args = ["--data", "digits", "--hidden", "32", "--latent-dim", "3", "--epochs", "4", "--checkpoint-every", every]
+        assert main(["train", *args, "--out", str(out)]) == 0
+        runs_[every] = [load_checkpoint(out / "checkpoints" / name) for name in ("last.pt", "best.pt")] + [
+            read_trained(out)[2]
+        ]
+    for a, b in zip(runs_["0"][:2], runs_["3600"][:2], strict=True):
+        assert (a["epoch"], a["step"], a["best_elbo"]) == (b["epoch"], b["step"], b["best_elbo"])
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(runs_["0"][2][k], runs_["3600"][2][k]) for k in runs_["0"][2])

@@ -457,3 +457,27 @@ def test_auto_precision_follows_the_cpu_flags():
     same_as, _ = _trained("bf16" if native else "fp32")
     for a, b in zip(auto.parameters(), same_as.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_validation_split_is_a_twelfth_of_the_training_images_at_most_a_thousand():
+    from vaelab.data import load
+    from vaelab.data.sources import validation_size
+
+    assert [validation_size(n, -1) for n in (5, 4250, 12_000, 60_000)] == [1, 354, 1000, 1000]
+    assert [validation_size(60_000, n) for n in (0, 250, 5000)] == [0, 250, 5000]
+    splits = load(Config(data="digits", val_size=100))
+    pool = len(load(Config(data="digits")).train.x) + 127
+    assert (len(splits.val.x), len(splits.train.x)) == (100, pool - 100)
+
+
+def test_val_size_0_trains_on_every_training_image_and_keeps_the_last_weights(tmp_path, capsys):
+    code, out = run(tmp_path, "--epochs", "3", "--val-size", "0")
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "1527 train / 0 val" in printed and "epoch   3/3  train  ELBO" in printed
+    rows = read_rows(out / "metrics.csv")
+    assert [r["split"] for r in rows] == ["train"] * 3
+    last, best = (load_checkpoint(out / "checkpoints" / n) for n in ("last.pt", "best.pt"))
+    assert last["epoch"] == best["epoch"] == 3 and last["val_images"] == 0
+    assert all(torch.equal(last["model"][k], best["model"][k]) for k in last["model"])
+    assert main(["report", str(out)]) == 0  # the curves without a validation line

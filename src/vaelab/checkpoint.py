@@ -23,7 +23,6 @@ from safetensors.torch import save as st_save
 import vaelab
 from vaelab.config import Config, coerce, parse_toml
 from vaelab.errors import UserError
-from vaelab.fileio import atomic_write_bytes
 
 FORMAT = 1
 # The version of the random streams (data/batches.py): a run resumes exactly only with the streams
@@ -54,8 +53,7 @@ def set_rng_state(state: dict) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), None))
 
 
-def save_checkpoint(
-    path: Path,
+def checkpoint_bytes(
     model,
     optimizer,
     *,
@@ -66,7 +64,10 @@ def save_checkpoint(
     fingerprint: str,
     best_elbo: float,
     elapsed: float = 0.0,
-) -> None:
+    val_images: int,
+) -> bytes:
+    """The training state as ``torch.save`` bytes, for ``fileio.atomic_write_bytes``: serialised when it
+    is taken (a few ms), written when the run's checkpoint cadence says so (``runs.RunWriter``)."""
     state = {
         "format": FORMAT,
         "vaelab_version": vaelab.__version__,
@@ -78,13 +79,14 @@ def save_checkpoint(
         "x_shape": list(x_shape),
         "fingerprint": fingerprint,
         "best_elbo": best_elbo,
+        "val_images": val_images,  # the validation split's size: a resume must hold out the same images
         "elapsed": elapsed,  # wall seconds of the run: what a resumed --time-budget has left
         "rng": rng_state(),
         "rng_streams": RNG_STREAMS,
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -111,14 +113,15 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def save_weights(path: Path, model, config: Config, x_shape) -> None:
+def weights_bytes(model, config: Config, x_shape) -> bytes:
+    """The weights as a safetensors file, with the resolved config and image shape in its metadata."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {
         "config": config.to_toml(),
         "x_shape": ",".join(map(str, x_shape)),
         "vaelab_version": vaelab.__version__,
     }
-    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+    return st_save(tensors, metadata=metadata)
 
 
 def config_from_dict(values: dict, where: str) -> Config:

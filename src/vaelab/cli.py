@@ -199,6 +199,13 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         help="download the data set into the cache (~/.cache/vaelab, or $VAELAB_CACHE)",
     )
     opt("--binarize", "binarise pixels: none, static (once) or dynamic (every batch)", choices=BINARIZE)
+    opt(
+        "--val-size",
+        "validation images held out of the training images; -1: 1/12 of them, at most 1,000; 0: none (train on "
+        "all, keep the last weights)",
+        type=int,
+        metavar="N",
+    )
     g = group("model")
     opt("--family", _described("the model family", parts.FAMILIES), choices=parts.FAMILIES.names())
     g.add_argument(
@@ -284,7 +291,15 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         "--auto-resume",
         action="store_true",
         help="continue from --out's checkpoints/last.pt if it exists, else start the run: the same command "
-        "restarted (torchrun --max-restarts, a scheduler) loses at most the epoch in progress",
+        "restarted (torchrun --max-restarts, a scheduler) loses at most --checkpoint-every seconds or the epoch in "
+        "progress",
+    )
+    opt(
+        "--checkpoint-every",
+        "write the checkpoints (taken after every epoch) at most this often, and at the run's end or stop; "
+        "0: every epoch",
+        type=_non_negative(float),
+        metavar="SECONDS",
     )
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     g.add_argument(

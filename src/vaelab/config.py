@@ -73,6 +73,9 @@ class Config:
     data_dir: str | None = None
     download: bool = False
     binarize: str = "dynamic"
+    # validation images held out of the training images: -1: 1/12 of them, at most 1,000 (data.VAL_AT_MOST);
+    # 0: none, train on all of them and keep the last weights
+    val_size: int = -1
     # model
     family: str = "vae"  # vae: one latent layer; hierarchical: two (parts.FAMILIES)
     conditional: bool = False  # q(z|x, y) and p(x|z, y): the labels condition both networks
@@ -112,6 +115,9 @@ class Config:
     grad_clip: float = 0.0  # max gradient norm; 0 turns clipping off
     skip_nonfinite: int = 0  # batches with a NaN/Inf loss or gradient that may be skipped before stopping
     time_budget: float = 0.0  # wall seconds (training, validation, checkpoints); ends after the step reaching it
+    # wall seconds between checkpoint writes (taken after every epoch, written at most this often and at the
+    # run's end or stop): what a killed process may lose, or its epoch; 0 writes every epoch
+    checkpoint_every: float = 10.0
     seed: int = 0
     threads: int = 0  # 0: vaelab's default policy (see runs.set_threads)
     device: str = "auto"
@@ -151,6 +157,7 @@ class Config:
             "posterior_rank": 1,
             "warmup_steps": 0,
             "skip_nonfinite": 0,
+            "val_size": -1,
         }
         for name, low in at_least.items():
             if getattr(self, name) < low:
@@ -162,7 +169,16 @@ class Config:
                 raise UserError(f"{flag} sizes must be positive, got {','.join(map(str, sizes))}; e.g. --{flag} 400")
         if not self.lr > 0 or not self.adam_eps > 0:
             raise UserError(f"lr and adam-eps must be positive, got {self.lr} and {self.adam_eps}")
-        for name in ("beta", "free_bits", "grad_clip", "mi_weight", "tc_weight", "dwkl_weight", "time_budget"):
+        for name in (
+            "beta",
+            "free_bits",
+            "grad_clip",
+            "mi_weight",
+            "tc_weight",
+            "dwkl_weight",
+            "time_budget",
+            "checkpoint_every",
+        ):
             if getattr(self, name) < 0:
                 raise UserError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.threads < 0:

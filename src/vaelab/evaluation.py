@@ -516,6 +516,8 @@ def evaluate_run(
                 f"{model.x_shape}; evaluate on data of the same shape"
             )
         x = {"train": train_x, "val": val_x, "test": test_x}[split]
+        if not len(x):
+            raise UserError(f"the run has no {split} images (it trained with --val-size 0); use --split test")
         y = labels_for(config, getattr(splits, split), splits.name)
         if split == "train" and config.binarize == "dynamic":
             x = binarize_static(x, config.seed, "train")  # the static draw a static run trains on

@@ -20,7 +20,7 @@ from vaelab import checkpoint, data, distributed, models
 from vaelab.config import Config
 from vaelab.data import prepare_data
 from vaelab.errors import UserError
-from vaelab.fileio import atomic_write_text, remove_stale_temporaries
+from vaelab.fileio import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from vaelab.training import EpochRecord, TrainState, check_batch_size, evaluate_terms, fit, make_optimizer
 
 
@@ -104,22 +104,30 @@ class RunWriter:
         x_shape,
         fingerprint: str,
         layer_dims: dict[str, int],
-        resume_epoch: int = 0,
+        state: TrainState,
+        val_images: int,
     ):
         self.out, self.config, self.optimizer = out, config, optimizer
+        # checkpoints follow the validation records; with --val-size 0 the training records, the last weights best
+        self.val_images, self.split = val_images, "val" if val_images else "train"
         self.x_shape, self.fingerprint = x_shape, fingerprint
         self.layer_columns, self.dim_columns = kl_columns(layer_dims)
         self.columns = CSV_BASE + self.layer_columns + self.dim_columns
         self.csv_path = out / "metrics.csv"
         kept = []
-        if resume_epoch and self.csv_path.exists():  # drop rows of epochs that will be run again
+        if state.epoch and self.csv_path.exists():  # a resumed run: drop rows of epochs that will be run again
             with open(self.csv_path, newline="") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["epoch"]) < resume_epoch]
+                kept = [row for row in csv.DictReader(f) if int(row["epoch"]) < state.epoch]
         with open(self.csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, self.columns)
             writer.writeheader()
             writer.writerows(kept)
-        self.checkpoint_seconds = 0.0  # spent writing checkpoints and weights by this process
+        self.checkpoint_seconds = 0.0  # spent taking and writing checkpoints and weights by this process
+        # Checkpoints are taken (serialised) after every validation, and written to disk when
+        # ``config.checkpoint_every`` wall seconds have passed since the last write, and at the run's
+        # end, a stop or an error (``save``): a killed process loses at most that long, or its epoch
+        self.pending: dict[str, bytes] = {}  # path in the run directory -> bytes
+        self.saved_at = state.elapsed  # the run's elapsed seconds at the last write
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -152,36 +160,52 @@ class RunWriter:
                 for name, value in record.kl_per_layer.items():
                     self.tb.add_scalar(f"{record.split}/kl_{name}", value, record.step)
             self.tb.flush()
-        if record.split != "val":
+        if record.split != self.split:
             return
-
-        def save(name: str) -> None:
-            checkpoint.save_checkpoint(
-                self.out / "checkpoints" / name,
-                model,
-                self.optimizer,
-                epoch=state.epoch,
-                step=state.step,
-                best_elbo=state.best_elbo,
-                elapsed=state.elapsed,
-                config=self.config,
-                x_shape=self.x_shape,
-                fingerprint=self.fingerprint,
-            )
-
         start = time.perf_counter()
-        if record.elbo > state.best_elbo:
+        improved = not self.val_images or record.elbo > state.best_elbo
+        if improved:
             state.best_elbo = record.elbo
-            save("best.pt")
-            checkpoint.save_weights(self.out / "model.safetensors", model, self.config, self.x_shape)
-        save("last.pt")
+        taken = self.checkpoint(model, state)
+        self.pending["checkpoints/last.pt"] = taken
+        if improved:
+            self.pending["checkpoints/best.pt"] = taken
+            self.pending["model.safetensors"] = checkpoint.weights_bytes(model, self.config, self.x_shape)
+        if state.elapsed - self.saved_at >= self.config.checkpoint_every:
+            self.save()
+            self.saved_at = state.elapsed
         self.checkpoint_seconds += time.perf_counter() - start
-        if self.tb is not None:
-            self.tb.add_scalar("time/checkpoint_seconds", time.perf_counter() - start, record.step)
+
+    def checkpoint(self, model, state: TrainState) -> bytes:
+        return checkpoint.checkpoint_bytes(
+            model,
+            self.optimizer,
+            epoch=state.epoch,
+            step=state.step,
+            best_elbo=state.best_elbo,
+            elapsed=state.elapsed,
+            config=self.config,
+            x_shape=self.x_shape,
+            fingerprint=self.fingerprint,
+            val_images=self.val_images,
+        )
+
+    def save(self) -> None:
+        """Write the checkpoints taken since the last write: the best weights first, then last.pt, so
+        that a kill between the writes leaves a last.pt no newer than the best weights it knows of."""
+        start = time.perf_counter()
+        for name in ("checkpoints/best.pt", "model.safetensors", "checkpoints/last.pt"):
+            if name in self.pending:
+                atomic_write_bytes(self.out / name, self.pending.pop(name))
+        self.checkpoint_seconds += time.perf_counter() - start
 
     def close(self):
-        if self.tb is not None:
-            self.tb.close()
+        """The run's end, or a stop: write the checkpoints not yet written."""
+        try:
+            self.save()
+        finally:
+            if self.tb is not None:
+                self.tb.close()
 
 
 def summary_line(r: EpochRecord) -> str:
@@ -279,7 +303,9 @@ def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, Epoc
     hooks: list = []
     if ctx.is_main:
         atomic_write_text(out / "config.toml", config.to_toml())
-        writer = RunWriter(out, config, optimizer, splits.x_shape, splits.fingerprint, model.layer_dims, state.epoch)
+        writer = RunWriter(
+            out, config, optimizer, splits.x_shape, splits.fingerprint, model.layer_dims, state, len(val_x)
+        )
         hooks.append(writer)
     n_params = sum(p.numel() for p in model.parameters())
     what = f"{models.architecture_for(config.model, splits.x_shape)} VAE"
@@ -294,7 +320,7 @@ def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, Epoc
     )
 
     def print_epoch(record: EpochRecord, model, state) -> None:
-        if record.split == "val":
+        if record.split == ("val" if len(val_x) else "train"):
             log(
                 f"epoch {record.epoch + 1:3d}/{config.epochs}  "
                 + summary_line(record).strip()
@@ -305,7 +331,7 @@ def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, Epoc
         fit(
             model,
             train_x,
-            val_x,
+            val_x if len(val_x) else None,  # --val-size 0: no validation
             config,
             hooks=[*hooks, print_epoch],
             state=state,
@@ -339,7 +365,7 @@ def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, Epoc
 
 def number_of_classes(splits: data.Splits) -> int:
     """1 + the largest label of any split (labels are 0 .. C-1); 0 when the data have none."""
-    labels = [s.y for s in (splits.train, splits.val, splits.test) if s.y is not None]
+    labels = [s.y for s in (splits.train, splits.val, splits.test) if s.y is not None and len(s.y)]
     return 1 + max(int(y.max()) for y in labels) if labels else 0
 
 
@@ -357,6 +383,13 @@ def _check_resumable(ckpt: dict, config: Config, splits: data.Splits) -> None:
         raise UserError(
             f"--resume: the data differ from the run's ({splits.name} now has another fingerprint); "
             "resume with the same data, or start a new run"
+        )
+    pool = len(splits.train.x) + len(splits.val.x)
+    held = ckpt.get("val_images", max(1, pool // 12))  # before --val-size: 1/12 of the training images
+    if held != len(splits.val.x):
+        raise UserError(
+            f"--resume: the run held out {held} validation images, this config {len(splits.val.x)}; "
+            f"add --val-size {held}"
         )
     old = {**Config().to_dict(), **ckpt["config"]}  # a field the run's vaelab did not have took its default
     new = config.to_dict()

@@ -50,7 +50,7 @@ def labels_for(config, split, name: str, device="cpu") -> Tensor | None:
             f"--conditional needs labels, and {name} has none; use a data set with labels (mnist, fashion-mnist, "
             "kmnist, cifar10, digits, an .npz with key y, or an image folder with one sub-folder per class)"
         )
-    if config.classes and int(split.y.max()) >= config.classes:
+    if config.classes and len(split.y) and int(split.y.max()) >= config.classes:
         raise UserError(
             f"{name} has a label {int(split.y.max())}, and the conditional model knows {config.classes} classes "
             f"(0 to {config.classes - 1}); use data with the run's labels"

@@ -286,12 +286,12 @@ def load_kmnist(data_dir: str | None, download_ok: bool):
 def load(config) -> Splits:
     """The data set that ``config.data`` names (an entry of ``parts.DATASETS``, a .npy/.npz file
     or a folder of images), split and validated."""
-    name, seed = config.data, config.seed
+    name, seed, val = config.data, config.seed, config.val_size
     if name in DATASETS:
         source = DATASETS[name]
         (x, y, where), test = source.constructor()(config.data_dir, config.download)
         x_test, y_test = (None, None) if test is None else (validate(test[0], test[1], test[2]), test[1])
-        return _split(name, validate(x, y, where), y, x_test, y_test, seed, levels=source.levels)
+        return _split(name, validate(x, y, where), y, x_test, y_test, seed, val, levels=source.levels)
     path = Path(name)
     if path.is_dir():
         x, y = load_folder(path)
@@ -304,10 +304,19 @@ def load(config) -> Splits:
             f"unknown data set {name!r}: use {', '.join(DATASETS.names())}, a .npy/.npz file or a folder of images"
         )
     levels = 256 if x.dtype == np.uint8 else 0
-    return _split(path.name, validate(x, y, str(path)), y, None, None, seed, levels=levels)
+    return _split(path.name, validate(x, y, str(path)), y, None, None, seed, val, levels=levels)
 
 
-def _split(name, x, y, x_test, y_test, seed, levels) -> Splits:
+VAL_AT_MOST = 1000  # validation images by default: enough to choose the best epoch (paired, same images and noise)
+
+
+def validation_size(pool: int, val_size: int) -> int:
+    """How many of ``pool`` training images are held out for validation: ``val_size``, or by default
+    (-1) 1/12 of them, at least 1 and at most ``VAL_AT_MOST``."""
+    return min(max(1, pool // 12), VAL_AT_MOST) if val_size < 0 else val_size
+
+
+def _split(name, x, y, x_test, y_test, seed, val_size, levels) -> Splits:
     fingerprint = hashlib.sha256(x.tobytes())
     if x_test is not None:
         fingerprint.update(x_test.tobytes())
@@ -318,10 +327,13 @@ def _split(name, x, y, x_test, y_test, seed, levels) -> Splits:
         n_test = max(1, int(round(0.15 * N)))
         test_idx, order = order[:n_test], order[n_test:]
         x_test, y_test = x[test_idx], None if y is None else y[test_idx]
-    n_val = max(1, len(order) // 12)
+    n_val = validation_size(len(order), val_size)
     val_idx, train_idx = order[:n_val], order[n_val:]
     if len(train_idx) == 0:
-        raise UserError(f"{name} has only {N} images: too few to split into train, validation and test")
+        raise UserError(
+            f"{name} has only {N} images: too few to split into train, validation ({n_val}) and test; "
+            + ("use a smaller --val-size" if val_size > 0 else "use more images")
+        )
     train, val = _part(x, y, train_idx), _part(x, y, val_idx)
     test = _part(x_test, y_test, np.arange(len(x_test)))
     binary = bool(((train.x == 0) | (train.x == 1)).all())
