@@ -275,3 +275,17 @@ def test_random_streams_never_share_a_generator():
     assert seeded(3, "noise", 7).initial_seed() == seeded(3, "noise", 7).initial_seed()  # a pure function
     with pytest.raises(ValueError, match="unknown random stream"):
         seeded(0, "nosie", 1)
+
+
+def test_dynamic_binarisation_draws_bernoulli_p():
+    """batches.bernoulli: each pixel is 1 with probability p. 200,000 draws per value of p; each
+    frequency within 5 standard errors (false alarm < 1e-5 for the 11), and p = 0 and 1 exact."""
+    from vaelab.data.batches import bernoulli, seeded
+
+    p = torch.linspace(0, 1, 11)
+    draws = bernoulli(p.expand(200_000, 11).contiguous(), seeded(0, "binarize", 0))
+    assert set(draws.unique().tolist()) <= {0.0, 1.0} and draws.dtype == p.dtype
+    freq = draws.mean(0)
+    se = (p * (1 - p) / 200_000).sqrt()
+    assert (freq - p).abs().le(5 * se).all(), (freq, p)
+    assert freq[0] == 0 and freq[-1] == 1

