@@ -289,3 +289,13 @@ def test_dynamic_binarisation_draws_bernoulli_p():
     se = (p * (1 - p) / 200_000).sqrt()
     assert (freq - p).abs().le(5 * se).all(), (freq, p)
     assert freq[0] == 0 and freq[-1] == 1
+
+
+def test_dynamic_binarisation_draws_what_torch_bernoulli_draws():
+    """The same pixels as torch.bernoulli from the same generator state: a run binarised by either
+    is the same run, and checkpoints written before keep resuming exactly."""
+    from vaelab.data.batches import bernoulli, seeded
+
+    p = torch.rand(128, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    expected = torch.bernoulli(p, generator=seeded(3, "binarize", 7))
+    assert torch.equal(bernoulli(p, seeded(3, "binarize", 7)), expected)

@@ -27,8 +27,8 @@ from vaelab.errors import UserError
 FORMAT = 1
 # The version of the random streams (data/batches.py): a run resumes exactly only with the streams
 # it started with. 2: named streams (1, before them, let the noise of step s and the binarisation
-# of epoch s coincide). 3: dynamic binarisation as U < p (batches.bernoulli), not torch.bernoulli.
-RNG_STREAMS = 3
+# of epoch s coincide).
+RNG_STREAMS = 2
 
 
 def rng_state() -> dict:

@@ -73,7 +73,7 @@ class Config:
     data_dir: str | None = None
     download: bool = False
     binarize: str = "dynamic"
-    # validation images held out of the training images: -1: 1/12 of them, at most 1,000 (data.VAL_AT_MOST);
+    # validation images held out of the training images: -1: 1/12 of them, at most 1,000 (data.sources.VAL_AT_MOST);
     # 0: none, train on all of them and keep the last weights
     val_size: int = -1
     # model

@@ -76,7 +76,7 @@ def iwae_log_likelihood(
     writes them, and the likelihood reads them, in the CPU's cache.
     """
     if chunk is None:
-        chunk = max(1, CHUNK_VALUES // (min(batch_size, len(x)) * x[0].numel()))
+        chunk = max(1, CHUNK_VALUES // (max(1, min(batch_size, len(x))) * x.shape[1:].numel()))
     out = []
     for xb, yb in Batches(x, batch_size, 0, drop_last=False, y=y).epoch(0, shuffle=False):
         B, model_b = xb.shape[0], given(model, yb)

@@ -171,10 +171,12 @@ class RunWriter:
         if improved:
             self.pending["checkpoints/best.pt"] = taken
             self.pending["model.safetensors"] = checkpoint.weights_bytes(model, self.config, self.x_shape)
+        self.checkpoint_seconds += time.perf_counter() - start  # the taking; save() counts the writing
         if state.elapsed - self.saved_at >= self.config.checkpoint_every:
             self.save()
             self.saved_at = state.elapsed
-        self.checkpoint_seconds += time.perf_counter() - start
+        if self.tb is not None:
+            self.tb.add_scalar("time/checkpoint_seconds", time.perf_counter() - start, record.step)
 
     def checkpoint(self, model, state: TrainState) -> bytes:
         return checkpoint.checkpoint_bytes(
