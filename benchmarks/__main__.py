@@ -27,7 +27,7 @@ from vaelab.distributions import bernoulli, diag_normal, standard_normal
 from vaelab.evaluation import iwae_log_likelihood
 from vaelab.models import build
 from vaelab.objectives import OneLayer
-from vaelab.training import TrainState, fit, make_optimizer, native_bf16
+from vaelab.training import TrainState, cpu_info, fit, make_optimizer, native_bf16
 
 MLP = Config(hidden=(400,), latent_dim=20, binarize="none", precision="fp32")  # the classic 784-400-20 model
 ROWS: list[tuple[str, str, str, str]] = []
@@ -35,15 +35,11 @@ ROWS: list[tuple[str, str, str, str]] = []
 
 def cpu_name() -> str:
     """The CPU's model name and the vector features that matter here, from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
+    info = cpu_info()
+    if info is None:
         return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    features = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in flags]
-    return f"{model} ({', '.join(features) or 'no AVX2'})"
+    features = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in info["flags"]]
+    return f"{info['model name']} ({', '.join(features) or 'no AVX2'})"
 
 
 def row(name: str, measured: str, ratio: str, target: str) -> None:

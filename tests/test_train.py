@@ -465,9 +465,11 @@ def test_the_validation_split_is_a_twelfth_of_the_training_images_at_most_a_thou
 
     assert [validation_size(n, -1) for n in (5, 4250, 12_000, 60_000)] == [1, 354, 1000, 1000]
     assert [validation_size(60_000, n) for n in (0, 250, 5000)] == [0, 250, 5000]
-    splits = load(Config(data="digits", val_size=100))
-    pool = len(load(Config(data="digits")).train.x) + 127
+    default, splits = load(Config(data="digits")), load(Config(data="digits", val_size=100))
+    pool = len(default.train.x) + len(default.val.x)
+    assert len(default.val.x) == pool // 12
     assert (len(splits.val.x), len(splits.train.x)) == (100, pool - 100)
+    assert torch.equal(splits.test.x, default.test.x)  # the test split does not move
 
 
 def test_val_size_0_trains_on_every_training_image_and_keeps_the_last_weights(tmp_path, capsys):

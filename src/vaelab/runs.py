@@ -108,8 +108,7 @@ class RunWriter:
         val_images: int,
     ):
         self.out, self.config, self.optimizer = out, config, optimizer
-        # checkpoints follow the validation records; with --val-size 0 the training records, the last weights best
-        self.val_images, self.split = val_images, "val" if val_images else "train"
+        self.val_images, self.split = val_images, epoch_split(val_images)
         self.x_shape, self.fingerprint = x_shape, fingerprint
         self.layer_columns, self.dim_columns = kl_columns(layer_dims)
         self.columns = CSV_BASE + self.layer_columns + self.dim_columns
@@ -208,6 +207,12 @@ class RunWriter:
         finally:
             if self.tb is not None:
                 self.tb.close()
+
+
+def epoch_split(val_images: int) -> str:
+    """The record that stands for an epoch, in the log and for its checkpoint: the validation
+    record, or with --val-size 0 the training record (and the last weights are the best)."""
+    return "val" if val_images else "train"
 
 
 def summary_line(r: EpochRecord) -> str:
@@ -322,7 +327,7 @@ def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, Epoc
     )
 
     def print_epoch(record: EpochRecord, model, state) -> None:
-        if record.split == ("val" if len(val_x) else "train"):
+        if record.split == epoch_split(len(val_x)):
             log(
                 f"epoch {record.epoch + 1:3d}/{config.epochs}  "
                 + summary_line(record).strip()

@@ -358,13 +358,22 @@ def native_bf16(device: torch.device) -> bool:
     avx512_bf16 or amx_bf16 (/proc/cpuinfo, else PyTorch's own CPU check). Never a guess."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
+    info = cpu_info()
+    if info is None:
         check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
         return bool(check()) if check is not None else False
+    return "avx512_bf16" in info["flags"] or "amx_bf16" in info["flags"]
+
+
+def cpu_info() -> dict | None:
+    """The first CPU's ``model name`` and ``flags`` from /proc/cpuinfo; None where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line.split(":", 1) for line in f if line.startswith(("model name", "flags"))]
+    except OSError:
+        return None
+    fields = {key.strip(): value.strip() for key, value in reversed(lines)}  # reversed: the first CPU's wins
+    return {"model name": fields.get("model name", "?"), "flags": fields.get("flags", "").split()}
 
 
 def autocast(precision: str, device: torch.device):
