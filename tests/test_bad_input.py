@@ -4,6 +4,9 @@ the problem and the fix, no traceback, and leaves every file the user had as it 
 
 import gzip
 import hashlib
+import io
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -103,6 +106,112 @@ def wrong_magic(path):
 
 def not_gzip(path):
     path.write_bytes(b"this is not gzip data at all")
+
+
+def not_a_run(tmp_path):
+    """A user's project folder that happens to hold a config.toml."""
+    d = tmp_path / "proj"
+    (d / ".git").mkdir(parents=True)
+    (d / "config.toml").write_text('name = "x"\n')
+    (d / "thesis.tex").write_text("precious")
+    return str(d)
+
+
+def run_without_last(tmp_path):
+    """A finished run whose checkpoints were removed to save space."""
+    run = make_run(tmp_path)
+    for name in ("last.pt", "best.pt"):
+        (run / "checkpoints" / name).unlink()
+    return str(run)
+
+
+def linked_run(tmp_path, name="metrics.csv"):
+    """A run received from someone else, whose ``name`` is a link to a file or folder of the user."""
+    run = make_run(tmp_path)
+    target = tmp_path / "notes.txt"
+    target.write_text("my notes")
+    if (run / name).is_dir():
+        shutil.rmtree(run / name)
+        target = tmp_path / "my-folder"
+        target.mkdir()
+        (target / "notes.txt").write_text("my notes")
+    else:
+        (run / name).unlink()
+    (run / name).symlink_to(target)
+    return str(run)
+
+
+def resumed(build, *options):
+    return lambda t: ["train", "--out", build(t), "--resume", *options]
+
+
+def labelled(tmp_path, y, name="xy.npz", **extra):
+    """An .npz of 40 binary 8x8 images with labels ``y`` (saved as given, pickle allowed for objects)."""
+    x = (np.random.default_rng(0).random((40, 8, 8)) > 0.5).astype(np.float32)
+    np.savez(tmp_path / name, x=x, y=y, **extra)
+    return str(tmp_path / name)
+
+
+def lying_npy(tmp_path):
+    """128 bytes whose header declares 931 GiB of float32."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (250_000_000_000,)})
+    (tmp_path / "lie.npy").write_bytes(buf.getvalue().ljust(128, b"\0"))
+    return str(tmp_path / "lie.npy")
+
+
+def torn_evaluation(tmp_path):
+    run = make_run(tmp_path)
+    assert main(["evaluate", str(run), "--iwae-k", "0"]) == 0
+    text = (run / "evaluation.json").read_text()
+    (run / "evaluation.json").write_text(text[: len(text) // 2])
+    return str(run)
+
+
+def huge_declared_layers(tmp_path):
+    """A model.safetensors whose metadata declares a 2e9-unit hidden layer that its weights do not have."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run = make_run(tmp_path)
+    with safe_open(str(run / "model.safetensors"), "pt") as f:
+        meta, weights = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta["config"] = meta["config"].replace("hidden = [\n    16,\n]", "hidden = [\n    2000000000,\n]")
+    assert "2000000000" in meta["config"]
+    save_file(weights, tmp_path / "crafted.safetensors", metadata=meta)
+    return str(tmp_path / "crafted.safetensors")
+
+
+def data_from_another_folder(tmp_path):
+    """A run trained on a relative path, then evaluated from a folder where that path names other images."""
+    (tmp_path / "a").mkdir()
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "a" / "x.npy", (rng.random((60, 8, 8)) > 0.5).astype(np.float32))
+    np.save(tmp_path / "x.npy", (rng.random((60, 8, 8)) > 0.5).astype(np.float32))
+    os.chdir(tmp_path / "a")
+    try:
+        assert main(["train", *FAST, "--data", "x.npy", "--batch-size", "8", "--out", str(tmp_path / "run")]) == 0
+    finally:
+        os.chdir(tmp_path)
+    return str(tmp_path / "run")
+
+
+def weights_of_another_run(tmp_path):
+    run = make_run(tmp_path)
+    other = tmp_path / "other"
+    assert main(["train", *FAST, "--seed", "1", "--out", str(other)]) == 0
+    shutil.copy(other / "model.safetensors", run / "model.safetensors")
+    return str(run)
+
+
+def conditional_then_permuted(tmp_path):
+    """A conditional run, then its data file's labels shuffled: the images are the same, the labels not."""
+    y = np.arange(40) % 4
+    data = labelled(tmp_path, y)
+    run = tmp_path / "cvae"
+    assert main(["train", *FAST, "--conditional", "--data", data, "--batch-size", "8", "--out", str(run)]) == 0
+    labelled(tmp_path, np.random.default_rng(0).permutation(y))
+    return ["train", "--out", str(run), "--resume", "--epochs", "2", "--data", data]
 
 
 # (id, argv builder, words the message must contain)
@@ -286,7 +395,7 @@ CATALOGUE = [
             "--val-size",
             "50",
         ],
-        ["held out 127 validation images", "--val-size 127"],
+        ["val_size: -1 -> 50", "start a new run"],
     ),
     (
         "evaluate the validation split of a run without one",
@@ -297,6 +406,86 @@ CATALOGUE = [
         "auto-resume into a folder that is not a run",
         lambda t: ["train", *FAST, "--out", str(a_file(t).parent), "--auto-resume"],
         ["not empty"],
+    ),
+    (
+        "auto-resume into a folder with a stray config.toml",
+        lambda t: ["train", *FAST, "--out", not_a_run(t), "--auto-resume"],
+        ["not a vaelab run", "another --out"],
+    ),
+    (
+        "overwrite a folder that is not a run",
+        lambda t: ["train", *FAST, "--out", not_a_run(t), "--overwrite"],
+        ["no .vaelab-run marker", "refusing to delete"],
+    ),
+    (
+        "auto-resume a finished run whose checkpoints were removed",
+        lambda t: ["train", *FAST, "--out", run_without_last(t), "--auto-resume"],
+        ["no checkpoints/last.pt", "--overwrite"],
+    ),
+    (
+        "per-example output over the run's weights",
+        lambda t: [
+            "evaluate",
+            str(run := make_run(t)),
+            "--iwae-k",
+            "0",
+            "--per-example",
+            str(run / "model.safetensors"),
+        ],
+        ["--per-example", "would overwrite a file of the run"],
+    ),
+    (
+        "JSON output over the run's config",
+        lambda t: ["evaluate", str(run := make_run(t)), "--iwae-k", "0", "--json", str(run / "config.toml")],
+        ["--json", "would overwrite a file of the run"],
+    ),
+    (
+        "report over the run's checkpoint",
+        lambda t: ["report", str(run := make_run(t)), "--out", str(run / "checkpoints" / "best.pt")],
+        ["inside the run", "checkpoints/"],
+    ),
+    (
+        "JSON output over the checkpoint being evaluated",
+        lambda t: ["evaluate", str(p := make_run(t) / "checkpoints" / "best.pt"), "--iwae-k", "0", "--json", str(p)],
+        ["the file this command reads"],
+    ),
+    ("resume through a linked metrics.csv", resumed(linked_run, "--epochs", "2"), ["symbolic link", "metrics.csv"]),
+    (
+        "resume through a linked tensorboard folder",
+        resumed(lambda t: linked_run(t, "tensorboard"), "--epochs", "2"),
+        ["symbolic link", "tensorboard"],
+    ),
+    (
+        "resume with another beta",
+        resumed(lambda t: str(make_run(t, "--beta", "4")), "--epochs", "2", "--beta", "1"),
+        ["beta: 4.0 -> 1.0", "start a new run"],
+    ),
+    (
+        "resume with another objective",
+        resumed(lambda t: str(make_run(t)), "--objective", "iwae"),
+        ["objective: 'elbo' -> 'iwae'"],
+    ),
+    (
+        "a run whose every batch is NaN",
+        lambda t: [
+            "train",
+            *FAST,
+            "--lr",
+            "1e30",
+            "--lr-schedule",
+            "constant",
+            "--skip-nonfinite",
+            "1000",
+            "--out",
+            str(t / "d"),
+        ],
+        ["diverged", "lower --lr"],
+    ),
+    ("a new run of zero epochs", lambda t: ["train", *FAST, "--epochs", "0"], ["--epochs 0 trains nothing"]),
+    (
+        "report compared with itself",
+        lambda t: ["report", str(run := make_run(t)), "--compare", str(run)],
+        ["another run"],
     ),
 ]
 

@@ -154,6 +154,21 @@ def test_image_folder_with_labels(tmp_path):
     assert sorted(labels.tolist()) == [0] * 12 + [1] * 12
 
 
+def test_16_bit_grey_images_keep_their_values(tmp_path):
+    """A 16-bit PNG's grey values are scaled to 8 bits (v / 257), not clipped to white: a folder of
+    darkish 16-bit images keeps its mean (convert("L") gave 1.0 for every value above 255)."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 40_000, (8, 8)).astype(np.uint16) for _ in range(20)]
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(tmp_path / f"{i:02d}.png")
+    assert Image.open(tmp_path / "00.png").mode.startswith("I")  # Pillow reads them as 16-bit
+    s = load(Config(data=str(tmp_path)))
+    x = torch.cat([s.train.x, s.val.x, s.test.x])
+    truth = np.stack(arrays) / 65535.0
+    assert abs(x.mean().item() - truth.mean()) < 1 / 255  # 8-bit rounding at most
+    assert x.max().item() < 0.65  # nothing was clipped to white
+
+
 def test_image_folder_mixed_sizes_and_non_images(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.zeros((9, 8), np.uint8)).save(tmp_path / "b.png")

@@ -413,7 +413,7 @@ def test_the_page_of_a_conditional_model_takes_a_label(tmp_path):
 
     out = tmp_path / "cvae"
     assert main(["train", *COND, "--epochs", "1", "--out", str(out)]) == 0
-    client = TestClient(create_app(out))
+    client = TestClient(create_app(out), base_url="http://127.0.0.1")
     assert client.get("/api/model").json()["classes"] == 10
     z = ",".join(["0"] * 4)
     assert client.get(f"/api/decode?z={z}").status_code == 422  # which class?

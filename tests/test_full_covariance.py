@@ -112,7 +112,7 @@ def test_train_evaluate_report_and_serve_a_full_covariance_run(tmp_path, capsys)
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert "q(z|x) has a full covariance" in page and "diagonal posterior" not in page
-    image = TestClient(create_app(out)).get("/api/test/0").json()
+    image = TestClient(create_app(out), base_url="http://127.0.0.1").get("/api/test/0").json()
     assert image["kl"] is None and image["kl_method"] == "analytic" and len(image["sigma"]) == 3
 
 

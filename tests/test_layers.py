@@ -12,8 +12,8 @@ import vaelab
 
 PACKAGE = Path(vaelab.__file__).parent
 LAYERS = {
-    0: {"kl", "distributions", "objectives", "linear_gaussian", "errors", "fileio", "parts", "decomposition"},
-    1: {"models", "data", "explain", "plots", "config"},
+    0: {"kl", "distributions", "objectives", "linear_gaussian", "errors", "fileio", "parts", "decomposition", "memory"},
+    1: {"models", "data", "explain", "plots", "config", "rundir"},
     2: {"training", "runs", "evaluation", "checkpoint", "distributed", "inspection"},
     3: {"report", "web"},
     4: {"cli", "__main__", "__init__"},

@@ -29,7 +29,7 @@ def test_report_has_every_section(trained_run, tmp_path, capsys):
     assert "<h2>Evaluation</h2>" in page and "IWAE k=10" in page
     assert page.count("data:image/png;base64,") == len(SECTIONS)
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
-    pngs = sorted((trained_run / "report").glob("*.png"))
+    pngs = sorted((tmp_path / "report-figures").glob("*.png"))  # beside the page given with --out
     assert len(pngs) == len(SECTIONS)
     for png in pngs:
         with Image.open(png) as im:

@@ -13,6 +13,7 @@ from vaelab.checkpoint import load_checkpoint, load_model
 from vaelab.cli import main
 from vaelab.config import Config
 from vaelab.errors import UserError
+from vaelab.training import NonFiniteError
 
 FAST = ["--data", "digits", "--hidden", "32", "--latent-dim", "3", "--batch-size", "64"]
 
@@ -268,9 +269,10 @@ def test_a_users_own_modules_train_through_the_same_loop():
 
 
 class _NaNGradient(torch.autograd.Function):
-    """The identity forward; a NaN gradient backward once ``armed``: a finite loss, a non-finite gradient."""
+    """The identity forward; a NaN gradient backward once ``armed``: a finite loss, a non-finite gradient.
+    ``armed`` True: every backward pass; a whole number n: the next n passes."""
 
-    armed = False
+    armed: bool | int = False
 
     @staticmethod
     def forward(ctx, h):
@@ -278,7 +280,13 @@ class _NaNGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * float("nan") if _NaNGradient.armed else grad
+        armed = _NaNGradient.armed
+        if armed is True:
+            return grad * float("nan")
+        if armed:
+            _NaNGradient.armed = armed - 1
+            return grad * float("nan")
+        return grad
 
 
 def _model_with_a_nan_gradient():
@@ -311,14 +319,38 @@ def test_a_nan_gradient_with_a_finite_loss_stops_the_run(monkeypatch, grad_clip)
 
 def test_skip_nonfinite_skips_a_nan_gradient(monkeypatch):
     model = _model_with_a_nan_gradient()
-    x = (torch.rand(80, 1, 8, 8) > 0.5).float()
+    x = (torch.rand(120, 1, 8, 8) > 0.5).float()
     vaelab.fit(model, x, epochs=1, batch_size=40, progress=False)  # unarmed: trains
+    monkeypatch.setattr(_NaNGradient, "armed", 2)  # two of the epoch's three batches
+    state = vaelab.fit(model, x, epochs=1, batch_size=40, skip_nonfinite=2, progress=False)
+    record = state.history[-1]
+    assert record.skipped == 2 and math.isfinite(record.elbo) and record.elbo < 0  # the mean of the third batch
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+def test_an_epoch_of_skipped_batches_is_a_divergence(monkeypatch):
+    """Every batch skipped: nothing was learnt, and the epoch's ELBO would be a mean over no examples (it
+    was logged as 0.0); the run stops as diverged, with the parameters as they were."""
+    model = _model_with_a_nan_gradient()
+    x = (torch.rand(80, 1, 8, 8) > 0.5).float()
     monkeypatch.setattr(_NaNGradient, "armed", True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    state = vaelab.fit(model, x, epochs=1, batch_size=40, skip_nonfinite=2, progress=False)
-    assert state.history[-1].skipped == 2
+    with pytest.raises(NonFiniteError, match="every batch of epoch 1 was NaN or infinite and skipped"):
+        vaelab.fit(model, x, epochs=1, batch_size=40, skip_nonfinite=5, progress=False)
     for name, value in model.state_dict().items():
-        assert torch.equal(value, before[name]) and torch.isfinite(value).all(), name
+        assert torch.equal(value, before[name]), name
+
+
+def test_the_skip_budget_is_the_runs_not_an_epochs(monkeypatch):
+    model = _model_with_a_nan_gradient()
+    x = (torch.rand(120, 1, 8, 8) > 0.5).float()
+    monkeypatch.setattr(_NaNGradient, "armed", 1)
+
+    def arm_again(record, model, state):  # one NaN batch in every epoch
+        _NaNGradient.armed = 1
+
+    with pytest.raises(NonFiniteError, match="epoch 2"):
+        vaelab.fit(model, x, epochs=3, batch_size=40, skip_nonfinite=1, hooks=[arm_again], progress=False)
 
 
 def test_resume_refuses_a_checkpoint_of_the_old_random_streams(tmp_path, capsys):

@@ -16,7 +16,7 @@ from vaelab.web.app import MAX_UPLOAD_BYTES, create_app
 
 @pytest.fixture(scope="module")
 def client(trained_run):
-    return TestClient(create_app(trained_run))
+    return TestClient(create_app(trained_run), base_url="http://127.0.0.1")
 
 
 def png(width, height, mode="L", fmt="PNG"):
@@ -70,7 +70,7 @@ def test_model_and_test_images(client):
 
 
 def test_the_kl_parts_are_the_same_every_time_the_page_is_served(trained_run, client):
-    again = TestClient(create_app(trained_run)).get("/api/model").json()["kl_parts"]
+    again = TestClient(create_app(trained_run), base_url="http://127.0.0.1").get("/api/model").json()["kl_parts"]
     assert again == client.get("/api/model").json()["kl_parts"]
 
 
@@ -183,7 +183,7 @@ def test_the_page_shows_the_models_own_kl_for_a_vampprior(vamp_run, tmp_path):
     assert main(["evaluate", str(vamp_run), "--iwae-k", "0", "--seed", "1", "--per-example", str(table)]) == 0
     with open(table, newline="") as f:
         rows = list(csv.DictReader(f))
-    client = TestClient(create_app(vamp_run))
+    client = TestClient(create_app(vamp_run), base_url="http://127.0.0.1")
     m = client.get("/api/model").json()
     assert m["kl_method"] == "monte_carlo" and m["kl_per_dim"] is None
     z_scores, against_standard_normal = [], []
@@ -236,3 +236,75 @@ def test_the_correlated_kl_against_torch(client):
     assert r["kl"] == pytest.approx(r["kl1"] + r["kl2"] + r["correlation"], abs=1e-9)
     assert r["correlation"] == pytest.approx(-0.5 * math.log(1 - 0.36), abs=1e-12)
     assert client.get("/api/kl2", params={**params, "rho": 1.0}).status_code == 422
+
+
+def test_a_request_for_another_host_is_refused(client):
+    """DNS rebinding: a page of evil.example whose name now points at 127.0.0.1 sends Host: evil.example."""
+    assert client.get("/api/model", headers={"Host": "evil.example"}).status_code == 400
+    assert client.get("/api/model", headers={"Host": "localhost:8000"}).status_code == 200
+
+
+def test_a_cross_site_upload_is_refused(client):
+    png_bytes = png(8, 8)
+    for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+        r = client.post("/api/inspect", files={"file": ("x.png", png_bytes, "image/png")}, headers=headers)
+        assert r.status_code == 403, headers
+    same = client.post("/api/inspect", files={"file": ("x.png", png_bytes)}, headers={"Origin": "http://127.0.0.1"})
+    assert same.status_code == 200
+
+
+def test_a_large_body_is_refused_before_it_is_read():
+    """The guard answers 413 from the Content-Length alone, and cuts off a body that says no length:
+    the app behind it never sees a byte more than the limit."""
+    import asyncio
+
+    from vaelab.web.app import Guard
+
+    seen = []
+
+    async def app(scope, receive, send):
+        while True:
+            message = await receive()
+            seen.append(len(message.get("body", b"")))
+            if not message.get("more_body"):
+                break
+
+    def call(headers, chunks):
+        sent = []
+
+        async def receive():
+            body = chunks.pop(0)
+            return {"type": "http.request", "body": body, "more_body": bool(chunks)}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "headers": headers, "path": "/api/inspect"}
+        try:
+            asyncio.run(Guard(app, limit=1000)(scope, receive, send))
+        except Exception as err:  # the HTTPException that Starlette turns into 413 inside the app
+            return getattr(err, "status_code", None)
+        return sent[0]["status"] if sent else None
+
+    assert call([(b"content-length", b"200000000")], [b"x" * 10]) == 413 and seen == []
+    assert call([], [b"x" * 600, b"x" * 600, b"x" * 600]) == 413 and sum(seen) <= 1000
+
+
+def test_concurrent_requests_get_one_answer(iaf_run):
+    """The page's draws (a flow's moments) are seeded per request; 20 at a time, they agree."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = TestClient(create_app(iaf_run), base_url="http://127.0.0.1")
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda _: tuple(client.get("/api/test/0").json()["mu"]), range(100)))
+    assert len(set(answers)) == 1
+
+
+@pytest.fixture(scope="module")
+def iaf_run(tmp_path_factory):
+    from vaelab.cli import main
+
+    out = tmp_path_factory.mktemp("iaf") / "run"
+    args = ["--data", "digits", "--hidden", "16", "--latent-dim", "2", "--posterior", "iaf", "--epochs", "1"]
+    assert main(["train", *args, "--threads", "1", "--out", str(out)]) == 0
+    return out

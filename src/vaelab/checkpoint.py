@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import random
 from pathlib import Path
@@ -62,6 +63,8 @@ def checkpoint_bytes(
     config: Config,
     x_shape,
     fingerprint: str,
+    label_fingerprint: str = "",
+    run_id: str | None = None,
     best_elbo: float,
     elapsed: float = 0.0,
     val_images: int,
@@ -78,6 +81,8 @@ def checkpoint_bytes(
         "config": config.to_dict(),
         "x_shape": list(x_shape),
         "fingerprint": fingerprint,
+        "label_fingerprint": label_fingerprint,
+        "run_id": run_id or "",  # the run directory's marker (rundir.py): whose state this is
         "best_elbo": best_elbo,
         "val_images": val_images,  # the validation split's size: a resume must hold out the same images
         "elapsed": elapsed,  # wall seconds of the run: what a resumed --time-budget has left
@@ -113,13 +118,15 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def weights_bytes(model, config: Config, x_shape) -> bytes:
-    """The weights as a safetensors file, with the resolved config and image shape in its metadata."""
+def weights_bytes(model, config: Config, x_shape, identity: dict[str, str] | None = None) -> bytes:
+    """The weights as a safetensors file, with the resolved config and image shape in its metadata, and
+    ``identity``: the run's id and its data's fingerprints (see :func:`identity_of`)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {
         "config": config.to_toml(),
         "x_shape": ",".join(map(str, x_shape)),
         "vaelab_version": vaelab.__version__,
+        **{k: v for k, v in (identity or {}).items() if v},
     }
     return st_save(tensors, metadata=metadata)
 
@@ -139,7 +146,7 @@ def read_trained(path: str | Path) -> tuple[Config, tuple[int, ...], dict]:
             raise UserError(f"{path.parent} has no model.safetensors: is it a vaelab run directory?")
     if path.suffix != ".safetensors":
         ckpt = load_checkpoint(path)
-        return config_from_dict(ckpt["config"], str(path)), tuple(ckpt["x_shape"]), ckpt["model"]
+        return config_from_dict(ckpt["config"], str(path)), _x_shape(ckpt["x_shape"], path), ckpt["model"]
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -149,14 +156,79 @@ def read_trained(path: str | Path) -> tuple[Config, tuple[int, ...], dict]:
     if "config" not in meta or "x_shape" not in meta:
         raise UserError(f"{path} has no vaelab metadata (config, x_shape): it was not written by vaelab")
     config = Config(**parse_toml(meta["config"], str(path)))
-    return config, tuple(int(v) for v in meta["x_shape"].split(",")), weights
+    return config, _x_shape(meta["x_shape"].split(","), path), weights
+
+
+def _x_shape(values, path) -> tuple[int, ...]:
+    """An image shape (C, H, W) of positive whole numbers, as a file records it."""
+    try:
+        shape = tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1 or math.prod(shape) > 2**26:
+        raise UserError(f"{path} records an image shape {values!r} that no vaelab run has; use the run's own files")
+    return shape
+
+
+IDENTITY = ("run_id", "fingerprint", "label_fingerprint")
+
+
+def identity_of(path: str | Path) -> dict[str, str]:
+    """What the weights at ``path`` (a run directory, model.safetensors or a .pt checkpoint) say of
+    themselves: the id of the run that wrote them and the fingerprints of the data they were trained
+    on; a key is missing where they do not say (files written before vaelab recorded it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if path.suffix != ".safetensors":
+        found = load_checkpoint(path)
+    else:
+        try:
+            with safe_open(str(path), "pt") as f:
+                found = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise UserError(f"{path} is not a readable safetensors file ({err})") from None
+    return {k: found[k] for k in IDENTITY if isinstance(found.get(k), str) and found[k]}
+
+
+def check_identity(path: str | Path, config: Config, splits, given_data: bool = False) -> bool:
+    """Refuse weights in a run directory that another run wrote, and data that are not the ones the
+    weights were trained on, unless ``given_data`` (``evaluate --data``: other data on purpose).
+    Returns whether the data are the run's own (only then is the run's evaluation.json rewritten)."""
+    from vaelab import rundir
+
+    path, found = Path(path), identity_of(path)
+    owner = rundir.run_id(path) if path.is_dir() else None
+    if owner and found.get("run_id", owner) != owner:
+        raise UserError(
+            f"{path / 'model.safetensors'} was written by another run than {path}'s (run ids {found['run_id'][:8]} and "
+            f"{owner[:8]}); put the run's own weights back, or give that file's own run directory"
+        )
+    own = found.get("fingerprint", splits.fingerprint) == splits.fingerprint
+    if config.conditional:
+        own = own and found.get("label_fingerprint", splits.label_fingerprint) == splits.label_fingerprint
+    if not own and not given_data:
+        raise UserError(
+            f"the data {splits.name!r} found from here are not the images and labels {path} was trained on (their "
+            "fingerprints differ; a relative path is read from the folder you run in): run from the folder it "
+            "trained in, or give --data and --data-dir"
+        )
+    return own
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu"):
-    """``(model, config)`` of a trained run; the model in eval mode."""
+    """``(model, config)`` of a trained run; the model in eval mode. The model is built on PyTorch's
+    meta device first and its shapes compared with the weights', so a file whose config declares
+    layers its weights do not have is refused before anything of that size is allocated."""
     from vaelab.models import build
 
     config, x_shape, weights = read_trained(path)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in build(config, x_shape).state_dict().items()}
+    if shapes != {k: tuple(v.shape) for k, v in weights.items()}:
+        raise UserError(
+            f"{path} holds weights of another architecture than its config describes; use the run's own files"
+        )
     model = build(config, x_shape)
     load_state(model, weights, path)
     return model.to(device).eval(), config

@@ -9,11 +9,14 @@ file > preset > defaults). torch is imported inside the subcommands, never at st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from vaelab.errors import UserError
@@ -97,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return launch_torchrun(args.nproc, args.argv)
     from dataclasses import fields
 
-    from vaelab.config import Config, resolve
+    from vaelab.config import PRESETS, Config, read_toml, resolve
     from vaelab.runs import summary_line, train_run
 
     if args.resume and args.auto_resume:
@@ -105,9 +108,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     names = {f.name for f in fields(Config)}  # options the user set: argparse leaves the others out
     options = {k: v for k, v in vars(args).items() if k in names}
     config = resolve(args.config, options, args.preset)
-    out, test = train_run(
-        config, out=args.out, resume=args.resume, overwrite=args.overwrite, auto_resume=args.auto_resume
-    )
+    given = {*options, *(read_toml(args.config) if args.config else ()), *(PRESETS[args.preset] if args.preset else ())}
+    with stop_on_sigterm():
+        out, test = train_run(
+            config,
+            out=args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            auto_resume=args.auto_resume,
+            given=given,
+        )
     if os.environ.get("RANK", "0") != "0":
         return 0
     print(summary_line(test))
@@ -118,6 +128,28 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(collapse_warning(layer, test.kl_per_layer[layer]))
     print(f"results in {out}/ (metrics.csv, config.toml, model.safetensors, checkpoints/, tensorboard/)")
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be: the run's ``finally`` writes the
+    pending checkpoint, and the command exits with 143 (128 + SIGTERM), as a process killed by it does."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM (kill, docker stop, Slurm preemption, torchrun) stops the block as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
@@ -316,6 +348,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return launch_torchrun(args.nproc, args.argv)
     from vaelab.evaluation import evaluate_run, format_table
     from vaelab.fileio import atomic_write_text
+    from vaelab.rundir import check_output
+
+    for option, path in (("--json", args.json), ("--per-example", args.per_example)):
+        if path is not None:
+            check_output(path, option, also=(args.run,))
 
     record, per_example_csv = evaluate_run(
         args.run,
@@ -361,7 +398,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise UserError(
                 f"cannot listen on {args.host}:{args.port} ({err.strerror}); choose another --port"
             ) from None
-    app = create_app(args.run)
+    app = create_app(args.run, host=args.host)
     print(f"vaelab: serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -476,6 +513,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # output piped into head and the like
         return 0
-    except KeyboardInterrupt:
-        print("vaelab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        print("vaelab: stopped by SIGTERM" if isinstance(stop, Terminated) else "vaelab: interrupted", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130

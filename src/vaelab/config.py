@@ -183,6 +183,11 @@ class Config:
                 raise UserError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.threads < 0:
             raise UserError(f"threads must be >= 0, got {self.threads}")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"seed must be a whole number from 0 to 2^63 - 1, got {self.seed}")
+        for name in ("lr", "adam_eps", "beta", "free_bits", "grad_clip", "time_budget", "checkpoint_every"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         objective, prior = parts.OBJECTIVES[self.objective], parts.PRIORS[self.prior]
         posterior = parts.POSTERIORS[self.posterior]
         whole = [f"the {self.prior} prior"] * (not prior.factorises)
@@ -242,6 +247,26 @@ class Config:
                 )
         elif self.classes:
             raise UserError("classes is set by --conditional from the data's labels; remove it, or add --conditional")
+        # an option of a part that was not chosen would be ignored: refuse it, as a typo in a part's name would be
+        for name, wanted, chosen in (
+            ("k", "--objective iwae", self.objective == "iwae"),
+            ("mi_weight", "--objective tc", self.objective == "tc"),
+            ("tc_weight", "--objective tc", self.objective == "tc"),
+            ("dwkl_weight", "--objective tc", self.objective == "tc"),
+            ("tc_estimator", "--objective tc", self.objective == "tc"),
+            ("posterior_rank", "--posterior lowrank", self.posterior == "lowrank"),
+            ("prior_components", "--prior mixture or vamp", self.prior in ("mixture", "vamp")),
+        ):
+            if getattr(self, name) != defaults[name] and not chosen:
+                flag = name.replace("_", "-")
+                raise UserError(
+                    f"--{flag} is read only with {wanted}, which this run does not use; add it, or drop --{flag}"
+                )
+        if objective.splits_kl_by_dimension and self.batch_size < 2:
+            raise UserError(
+                f"--objective {self.objective} estimates q(z) from the other examples of a batch; "
+                "use --batch-size 2 or more"
+            )
         if self.flow_steps != defaults["flow_steps"] and not posterior.has_parameters:
             raise UserError(
                 f"--flow-steps sets the steps of --posterior iaf, not {self.posterior}; add --posterior iaf"
@@ -283,7 +308,7 @@ def coerce(name: str, value: Any, source: str) -> Any:
             raise bad
         return value
     if kind is float:
-        if not whole and not isinstance(value, float):
+        if not whole and not isinstance(value, float) or not math.isfinite(value):  # TOML has nan and inf
             raise bad
         return float(value)
     if typing.get_origin(kind) is tuple:  # tuple[int, ...]
@@ -309,7 +334,8 @@ def parse_toml(text: str, where: str) -> dict:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{where} is not valid TOML: {err}") from None
-    return {name: coerce(name, value, where) for name, value in raw.items()}
+    # a run's config.toml ends with its history of resumes ([[resumed]] tables, runs.config_toml): not options
+    return {name: coerce(name, value, where) for name, value in raw.items() if name != "resumed"}
 
 
 def read_toml(path: str | Path) -> dict:

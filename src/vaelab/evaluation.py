@@ -15,8 +15,11 @@ All values are nats per example unless named otherwise. Each metric is a functio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import types
+import typing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -24,8 +27,8 @@ import torch
 from torch import Tensor
 from torch.distributions import MultivariateNormal
 
-from vaelab import distributed
-from vaelab.checkpoint import load_run
+from vaelab import distributed, rundir
+from vaelab.checkpoint import check_identity, load_run
 from vaelab.data import binarize_static, labels_for, prepare_data
 from vaelab.data.batches import Batches, shard_rows
 from vaelab.decomposition import decompose_full_data, full_data_mixture
@@ -308,8 +311,33 @@ class Evaluation:
 
     @classmethod
     def from_dict(cls, values: dict) -> Evaluation:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        """The record from its JSON, each field checked against its type (a hand-edited or torn file
+        raises TypeError naming the field)."""
+        hints = typing.get_type_hints(cls)
+        kept = {f.name: values[f.name] for f in fields(cls) if f.name in values}
+        for name, value in kept.items():
+            if not _is(value, hints[name]):
+                raise TypeError(f"{name} is {value!r}")
+        return cls(**kept)
+
+
+def _is(value, kind) -> bool:
+    """Whether a JSON value fits a field's type (float takes an int; bool is not a number)."""
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return True
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return True
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if origin in (str, bool, dict) and isinstance(value, origin):
+            return True
+        if origin is list and isinstance(value, list):
+            (item,) = typing.get_args(option) or (object,)
+            return item is object or all(_is(v, item) for v in value)
+    return False
 
 
 @torch.no_grad()
@@ -517,7 +545,8 @@ def evaluate_run(
     """``vaelab evaluate``: load the run's model and data the way it was trained; evaluate one split."""
     if iwae_k < 0:
         raise UserError(f"--iwae-k must be >= 0, got {iwae_k}")
-    with distributed.session("cpu") as ctx:
+    run = Path(run)
+    with distributed.session("cpu") as ctx, contextlib.ExitStack() as held:
         model, config = load_run(run)
         changes = {k: v for k, v in (("data", data), ("data_dir", data_dir)) if v is not None}
         config = config.replace(**changes)
@@ -527,6 +556,7 @@ def evaluate_run(
                 f"{splits.name} has images of shape {splits.x_shape}, the model was trained on "
                 f"{model.x_shape}; evaluate on data of the same shape"
             )
+        own_data = check_identity(run, config, splits, given_data=bool(changes))
         x = {"train": train_x, "val": val_x, "test": test_x}[split]
         if not len(x):
             raise UserError(f"the run has no {split} images (it trained with --val-size 0); use --split test")
@@ -534,20 +564,22 @@ def evaluate_run(
         if split == "train" and config.binarize == "dynamic":
             x = binarize_static(x, config.seed, "train")  # the static draw a static run trains on
         split_kl = POSTERIORS[config.posterior].gaussian
+        writes = run.is_dir() and ctx.is_main and own_data  # the run's record is of the run's own data
+        if writes:  # held from here: a run being trained (or evaluated) elsewhere is refused before the work
+            held.enter_context(rundir.lock(run, "evaluating"))
         record, per = evaluate(
             model, x, iwae_k=iwae_k, batch_size=batch_size, seed=seed, pixels=pixels, split_kl=split_kl, y=y
         )
-    record = replace(
-        record,
-        data=splits.name,
-        split=split,
-        binarize=config.binarize,
-        seed=seed,
-        likelihood=config.likelihood,
-        prior=config.prior,
-        conditional=config.conditional or None,
-    )
-    run = Path(run)
-    if run.is_dir() and ctx.is_main:
-        atomic_write_text(run / "evaluation.json", json.dumps(record.to_dict(), indent=1))
+        record = replace(
+            record,
+            data=splits.name,
+            split=split,
+            binarize=config.binarize,
+            seed=seed,
+            likelihood=config.likelihood,
+            prior=config.prior,
+            conditional=config.conditional or None,
+        )
+        if writes:
+            atomic_write_text(run / "evaluation.json", json.dumps(record.to_dict(), indent=1))
     return record, per_example_csv(per) if per_example else None

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.distributions import MultivariateNormal
 
+from vaelab import memory
 from vaelab.decomposition import decompose_full_data
 from vaelab.distributions import diag_normal
 from vaelab.errors import UserError
@@ -155,6 +156,12 @@ def explain(seed: int = 0, latent_dim: int = 2, data_dim: int = 5, samples: int 
         raise UserError("--latent-dim and --data-dim must be at least 1")
     if samples < 2:
         raise UserError("--samples must be at least 2: Monte Carlo steps report a standard error")
+    width = latent_dim + data_dim  # float64 draws of z and x, a few arrays of each, and the d x d covariances
+    memory.require(
+        8 * (16 * samples * width + 8 * width * width),
+        f"{samples:,} samples of {latent_dim} + {data_dim} dimensions",
+        "use fewer --samples or dimensions",
+    )
     p = _problem(seed, latent_dim, data_dim, samples)
     gap_steps, trace, mean_field_gap = _gap_steps(p)
     per_dimension, table = _per_dimension_step()

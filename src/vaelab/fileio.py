@@ -26,6 +26,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from the user's group
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -41,6 +42,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         _remove(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; it is set back at once
+    os.umask(mask)
+    return mask
 
 
 def _remove(tmp: str | None) -> None:

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vaelab.checkpoint import load_run
+from vaelab.checkpoint import check_identity, load_run
 from vaelab.config import Config
 from vaelab.data import labels_for, prepare_data
+from vaelab.errors import UserError
 from vaelab.evaluation import Evaluation, kl_per_example, kl_split, layer_means, posterior_params
 from vaelab.kl import KLResult
 from vaelab.objectives import given
@@ -71,24 +73,44 @@ class Run:
         path = self.path / "metrics.csv"
         if not path.exists():
             return []
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
+        with open(path, newline="", errors="replace") as f:
+            return [row for row in csv.DictReader(f) if _readable(row)]
 
     def evaluation(self) -> Evaluation | None:
         """The record ``vaelab evaluate`` wrote into the run directory, if it has run."""
         return read_evaluation(self.path)
 
 
+def _readable(row: dict) -> bool:
+    """A metrics.csv row the curves can draw: a whole epoch, a split, numbers (or blanks) for the terms.
+    A row torn by a kill, or edited into something else, is left out of the figures."""
+    try:
+        int(row["epoch"])
+        return row["split"] in ("train", "val") and all(
+            row[k] == "" or math.isfinite(float(row[k])) for k in ("elbo", "reconstruction", "kl", "beta")
+        )
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def read_evaluation(run_dir: Path) -> Evaluation | None:
     """The record ``vaelab evaluate`` wrote into ``run_dir``, or None if it has not run there."""
     path = Path(run_dir) / "evaluation.json"
-    return Evaluation.from_dict(json.loads(path.read_text())) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return Evaluation.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as err:
+        raise UserError(
+            f"{path} is torn or was edited ({type(err).__name__}); run vaelab evaluate {run_dir} to write it again"
+        ) from None
 
 
 def open_run(path: str | Path, max_examples: int = 2000) -> Run:
     path = Path(path)
     model, config = load_run(path)
     splits, _, _, test_x, _ = prepare_data(config, "cpu")
+    check_identity(path, config, splits)
     test_x = test_x[:max_examples]
     test_y = None if splits.test.y is None else splits.test.y[:max_examples]
     model_y = labels_for(config, splits.test, splits.name)  # checks a conditional model's labels

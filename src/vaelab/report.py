@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import re
 from dataclasses import dataclass
@@ -11,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vaelab import plots
+from vaelab import plots, rundir
 from vaelab.checkpoint import read_trained
 from vaelab.errors import UserError
 from vaelab.evaluation import ACTIVE_THRESHOLD, Evaluation
 from vaelab.explain import Explanation
-from vaelab.fileio import atomic_write_text
+from vaelab.fileio import atomic_write_bytes, atomic_write_text
 from vaelab.inspection import decode_mean, kl_parts, open_run, project_2d, read_evaluation, traversals
 from vaelab.kl import correlation_kl
 from vaelab.objectives import collapse_warning, collapsed_layers, elbo_batches, given
@@ -138,7 +139,17 @@ def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8, co
     so a report is reproducible and the caller's RNG state is left as it was.
     """
     run = open_run(run_dir)
+    out = Path(out) if out else run.path / "report.html"
+    rundir.check_output(out, "--out", also=(run.path / "checkpoints" / "last.pt",))
+    figures_dir = figures_folder(out, run.path)  # checked before any figure is drawn
     comparison = _comparison(run, Path(compare)) if compare is not None else None
+    evaluation = run.evaluation()  # read (and a torn one refused) before any figure is drawn
+    inside = {out.parent.resolve(), figures_dir.parent.resolve()} & {run.path.resolve()}
+    with rundir.lock(run.path, "reporting") if inside else contextlib.nullcontext():  # one writer of a run
+        return _write_report(run, out, figures_dir, evaluation, comparison, projection, examples)
+
+
+def _write_report(run, out: Path, figures_dir: Path, evaluation, comparison, projection: str, examples: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         sections = [
@@ -153,22 +164,23 @@ def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8, co
             _manifold(run),
             _posteriors(run),
         ]
-    figures_dir = run.path / "report"
-    figures_dir.mkdir(exist_ok=True)
-    out = Path(out) if out else run.path / "report.html"
     parts = [_summary(run)]
-    evaluation = run.evaluation()
     if evaluation:
         parts.append("<h2>Evaluation</h2>" + _evaluation_table(evaluation))
     else:
         parts.append("<p class='note'>Run <code>vaelab evaluate</code> on this run to add the evaluation table.</p>")
     if comparison:
         parts.append(comparison)
+    try:
+        figures_dir.mkdir(exist_ok=True)
+        (figures_dir / FIGURES_MARKER).touch()
+    except OSError as err:
+        raise UserError(f"cannot write the figures into {figures_dir} ({err.strerror}); give another --out") from None
     written = []
     for i, section in enumerate(s for s in sections if s is not None):
         png = plots.to_png_bytes(section.figure)
         name = f"{i + 1:02d}-{re.sub(r'[^a-z0-9]+', '-', section.title.lower()).strip('-')}.png"
-        (figures_dir / name).write_bytes(png)
+        atomic_write_bytes(figures_dir / name, png)  # replaces a path, never writes through a link
         written.append(figures_dir / name)
         data = base64.b64encode(png).decode()
         title = html.escape(section.title)
@@ -180,6 +192,24 @@ def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8, co
         stale.unlink()
     atomic_write_text(out, page(f"vaelab report: {run.path.name}", "".join(parts)))
     return out, written
+
+
+def figures_folder(out: Path, run_path: Path) -> Path:
+    """Where the report's PNG figures go: RUN/report/ beside the default RUN/report.html, else
+    OUT's name without .html plus ``-figures`` beside it (a read-only run can be reported elsewhere).
+    A folder that exists must be one a report made (it holds :data:`FIGURES_MARKER`): its old
+    figures are replaced, and nothing else in it is touched."""
+    folder = run_path / "report" if out.resolve() == (run_path / "report.html").resolve() else None
+    folder = folder or out.with_name(out.stem + "-figures")
+    if folder.is_symlink():
+        raise UserError(f"{folder} is a symbolic link; vaelab writes its figures only into a folder of its own")
+    made_by_report = (folder / FIGURES_MARKER).exists() or folder.parent.resolve() == run_path.resolve()
+    if folder.exists() and any(folder.iterdir()) and not made_by_report:  # RUN/report/ is vaelab's, marked or not
+        raise UserError(f"{folder} exists and was not made by vaelab report; move it, or give another --out")
+    return folder
+
+
+FIGURES_MARKER = ".vaelab-report"
 
 
 def _summary(run) -> str:
@@ -427,6 +457,8 @@ def _posteriors(run) -> Section:
 
 def _comparison(run, other: Path) -> str:
     """Both runs' ELBO, log p(x) (IWAE) and gap log p(x) - ELBO = KL(q || p(z|x)) (estimated), as HTML."""
+    if other.resolve() == run.path.resolve():
+        raise UserError(f"--compare {other} is the run being reported; compare it with another run")
     records = {}
     for path, evaluation in ((run.path, run.evaluation()), (other, read_evaluation(other))):
         if evaluation is None or evaluation.log_likelihood is None:
@@ -450,7 +482,9 @@ def _comparison(run, other: Path) -> str:
             f"{e.log_likelihood - e.elbo:.3f}",
         )
         rows.append("<tr>" + "".join(f"<td class='l'>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    head = "".join(f"<th class='l'>{h}</th>" for h in ("run", "model", "ELBO", "log p(x), IWAE", "gap"))
+    given_y = any(e.conditional for e in records.values())  # a conditional model's bound is on log p(x|y)
+    log_p = "log p(x|y), IWAE" if given_y else "log p(x), IWAE"
+    head = "".join(f"<th class='l'>{h}</th>" for h in ("run", "model", "ELBO", log_p, "gap"))
     return (
         "<h2>Compared</h2><p class='note'>The gap log p(x) − ELBO is KL(q(z|x) ‖ p(z|x)), the price of the posterior "
         "family, estimated with the IWAE log-likelihood (a lower bound itself, so the gap is under-estimated by "

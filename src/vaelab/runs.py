@@ -8,16 +8,22 @@ run directory (``config.toml``, ``metrics.csv``, TensorBoard events, atomic chec
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import shutil
+import io
+import math
+import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
+import tomli_w
 import torch
 
-from vaelab import checkpoint, data, distributed, models
-from vaelab.config import Config
+from vaelab import checkpoint, data, distributed, memory, models, parts, rundir
+from vaelab.config import Config, tomllib
 from vaelab.data import prepare_data
 from vaelab.errors import UserError
 from vaelab.fileio import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
@@ -72,25 +78,76 @@ def default_out(name: str) -> Path:
 
 
 def prepare_out(out: Path, resume: bool, overwrite: bool, remove_temporaries: bool = True) -> None:
+    """Make ``out`` ready to be written, under its lock (rank 0): a resume needs checkpoints/last.pt;
+    a new run needs an empty or absent folder, or ``overwrite`` and a folder that is a vaelab run, of
+    which only vaelab's own files are removed (:func:`rundir.remove_owned`)."""
+    check_out(out, resume, overwrite)
     if resume:
-        if not (out / "checkpoints" / "last.pt").exists():
-            raise UserError(f"--resume: {out} has no checkpoints/last.pt to resume from")
         if remove_temporaries:  # rank 0 only: the files of a write that a kill interrupted
             remove_stale_temporaries(out / "checkpoints")
             remove_stale_temporaries(out)
         return
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(
-                f"{out} already exists and is not empty; choose another --out, add --resume, or --overwrite"
-            )
-        if not (out / "config.toml").exists():
-            raise UserError(f"{out} is not a vaelab run directory (no config.toml); refusing to delete it")
-        shutil.rmtree(out)
+    if _holds_anything(out):
+        rundir.remove_owned(out)
     try:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create run directory {out}: {err.strerror}; choose another --out") from None
+    rundir.mark(out, new=True)
+
+
+def check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse what :func:`prepare_out` would refuse, changing nothing (checked before the lock is
+    taken, so that a refused folder gains no lock file, and again under it)."""
+    if out.is_dir():
+        rundir.refuse_links(out)
+    if resume:
+        if not (out / "checkpoints" / "last.pt").exists():
+            raise UserError(f"--resume: {out} has no checkpoints/last.pt to resume from")
+    elif _holds_anything(out):
+        if not overwrite:
+            raise UserError(
+                f"{out} already exists and is not empty; choose another --out, add --resume, or --overwrite"
+            )
+        if not rundir.is_run(out):
+            raise UserError(
+                f"{out} is not a vaelab run directory (it has no {rundir.MARKER} marker); refusing to delete "
+                "anything in it. Choose another --out, or remove the folder yourself"
+            )
+
+
+def _holds_anything(out: Path) -> bool:
+    """Whether ``out`` holds anything but a lock file (left by this command, or by one that ended)."""
+    return out.is_dir() and any(p.name != rundir.LOCK for p in out.iterdir())
+
+
+def _make_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create run directory {out}: {err.strerror}; choose another --out") from None
+    if not out.is_dir():
+        raise UserError(f"cannot create run directory {out}: a file of that name exists; choose another --out")
+
+
+def auto_resume_mode(out: Path, overwrite: bool) -> tuple[bool, bool]:
+    """``--auto-resume``: (resume, overwrite) for ``out``. Continue where checkpoints/last.pt is; start
+    where there is nothing; restart a vaelab run that never wrote a checkpoint (killed before its first
+    write); refuse everything else: a folder that is not a run, or a run whose last.pt is gone."""
+    if (out / "checkpoints" / "last.pt").exists():
+        return True, overwrite
+    if not _holds_anything(out) or overwrite:
+        return False, overwrite
+    if not rundir.is_run(out):
+        raise UserError(
+            f"--auto-resume: {out} is not empty and is not a vaelab run; choose another --out (nothing was changed)"
+        )
+    if (out / "model.safetensors").exists() or (out / "checkpoints" / "best.pt").exists():
+        raise UserError(
+            f"--auto-resume: the run in {out} has weights but no checkpoints/last.pt to resume from; add --overwrite "
+            "to replace it, or choose another --out"
+        )
+    return False, True  # a run killed before its first checkpoint: start it again in place
 
 
 class RunWriter:
@@ -102,25 +159,26 @@ class RunWriter:
         config: Config,
         optimizer,
         x_shape,
-        fingerprint: str,
+        identity: dict[str, str],
         layer_dims: dict[str, int],
         state: TrainState,
         val_images: int,
     ):
         self.out, self.config, self.optimizer = out, config, optimizer
         self.val_images, self.split = val_images, epoch_split(val_images)
-        self.x_shape, self.fingerprint = x_shape, fingerprint
+        self.x_shape, self.identity = x_shape, identity  # the run's id and its data's fingerprints
         self.layer_columns, self.dim_columns = kl_columns(layer_dims)
         self.columns = CSV_BASE + self.layer_columns + self.dim_columns
         self.csv_path = out / "metrics.csv"
         kept = []
         if state.epoch and self.csv_path.exists():  # a resumed run: drop rows of epochs that will be run again
             with open(self.csv_path, newline="") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["epoch"]) < state.epoch]
-        with open(self.csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns)
-            writer.writeheader()
-            writer.writerows(kept)
+                kept = [row for row in csv.DictReader(f) if _epoch_of(row) < state.epoch]
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, self.columns)
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic_write_text(self.csv_path, text.getvalue())  # replaces the path: a link there is never followed
         self.checkpoint_seconds = 0.0  # spent taking and writing checkpoints and weights by this process
         # Checkpoints are taken (serialised) after every validation, and written to disk when
         # ``config.checkpoint_every`` wall seconds have passed since the last write, and at the run's
@@ -141,7 +199,8 @@ class RunWriter:
             row.update({f"kl_{name}": v for name, v in record.kl_per_layer.items()})
         if record.kl_per_dim:  # empty where a layer's KL does not factorise
             row.update(zip(self.dim_columns, record.kl_per_dim, strict=True))
-        with open(self.csv_path, "a", newline="") as f:
+        fd = os.open(self.csv_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        with open(fd, "a", newline="") as f:
             csv.DictWriter(f, self.columns).writerow(row)
         if self.tb is not None:
             for name in (
@@ -169,7 +228,9 @@ class RunWriter:
         self.pending["checkpoints/last.pt"] = taken
         if improved:
             self.pending["checkpoints/best.pt"] = taken
-            self.pending["model.safetensors"] = checkpoint.weights_bytes(model, self.config, self.x_shape)
+            self.pending["model.safetensors"] = checkpoint.weights_bytes(
+                model, self.config, self.x_shape, self.identity
+            )
         self.checkpoint_seconds += time.perf_counter() - start  # the taking; save() counts the writing
         if state.elapsed - self.saved_at >= self.config.checkpoint_every:
             self.save()
@@ -187,7 +248,7 @@ class RunWriter:
             elapsed=state.elapsed,
             config=self.config,
             x_shape=self.x_shape,
-            fingerprint=self.fingerprint,
+            **self.identity,
             val_images=self.val_images,
         )
 
@@ -195,9 +256,11 @@ class RunWriter:
         """Write the checkpoints taken since the last write: the best weights first, then last.pt, so
         that a kill between the writes leaves a last.pt no newer than the best weights it knows of."""
         start = time.perf_counter()
-        for name in ("checkpoints/best.pt", "model.safetensors", "checkpoints/last.pt"):
-            if name in self.pending:
-                atomic_write_bytes(self.out / name, self.pending.pop(name))
+        with signals_held():  # a Ctrl-C or SIGTERM now is acted on after the write, not in it
+            for name in ("checkpoints/best.pt", "model.safetensors", "checkpoints/last.pt"):
+                if name in self.pending:
+                    atomic_write_bytes(self.out / name, self.pending[name])
+                    del self.pending[name]
         self.checkpoint_seconds += time.perf_counter() - start
 
     def close(self):
@@ -207,6 +270,41 @@ class RunWriter:
         finally:
             if self.tb is not None:
                 self.tb.close()
+
+
+def _epoch_of(row: dict) -> float:
+    """A metrics.csv row's epoch; a row torn by a kill, or edited into something else, counts as
+    one to run again (so it is dropped)."""
+    try:
+        return int(row.get("epoch") or "")
+    except (TypeError, ValueError):
+        return float("inf")
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM back for the ``with`` block: one that arrives is noted, and acted on
+    (by the handler that was in place) when the block ends, so a second Ctrl-C during the last
+    checkpoint write waits for the write instead of losing it. Handlers, not thread signal masks:
+    PyTorch's threads would take a process signal that the main thread masks."""
+    if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's
+        yield
+        return
+    caught: list[int] = []
+    previous = {
+        s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(caught[0])
 
 
 def epoch_split(val_images: int) -> str:
@@ -226,25 +324,6 @@ def summary_line(r: EpochRecord) -> str:
     )
 
 
-ARCHITECTURE_FIELDS = (
-    "family",
-    "conditional",
-    "classes",
-    "model",
-    "hidden",
-    "activation",
-    "latent_dim",
-    "top_latent_dim",
-    "top_hidden",
-    "posterior",
-    "posterior_rank",
-    "flow_steps",
-    "likelihood",
-    "prior",
-    "prior_components",
-)
-
-
 def train_run(
     config: Config,
     out: Path | None = None,
@@ -252,34 +331,49 @@ def train_run(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
     auto_resume: bool = False,
+    given: Collection[str] | None = None,
 ) -> tuple[Path, EpochRecord]:
     """``vaelab train``: data, model, loop, run directory; returns the run directory and the test record.
 
     ``auto_resume``: continue from ``out/checkpoints/last.pt`` when it exists, else start the
-    run in ``out`` (replacing a run directory that has no checkpoint yet). That is what a command
+    run in ``out`` (see :func:`auto_resume_mode` for what is refused). That is what a command
     restarted by ``torchrun --max-restarts`` or a cluster scheduler needs: the same command
     line, run again, continues where the last checkpoint left off.
 
-    Under torchrun every rank runs this; rank 0 alone prepares the run directory, logs and
-    writes, the others wait for it at barriers.
+    A resume continues the run as it was configured: ``given`` names the options the user set
+    (``None``: every field of ``config``); the others come from the run's checkpoint, and of the
+    given ones only :data:`RESUME_MAY_CHANGE` may differ, which are applied and recorded in
+    config.toml (see :func:`continued_config`).
+
+    Under torchrun every rank runs this; rank 0 alone prepares the run directory, holds its lock,
+    logs and writes, the others wait for it at barriers.
     """
     set_threads(config.threads)
     device = resolve_device(config.device)
-    if auto_resume and out is None:
-        raise UserError("--auto-resume needs --out: the run directory to continue in")
-    with distributed.session(device.type) as ctx:
+    if (auto_resume or resume) and out is None:
+        raise UserError(f"{'--auto-resume' if auto_resume else '--resume'} needs --out: the run directory to continue")
+    with distributed.session(device.type) as ctx, contextlib.ExitStack() as held:
         if auto_resume:  # decided by every rank before rank 0 writes anything (the barrier below)
-            resume = (Path(out) / "checkpoints" / "last.pt").exists()
-            overwrite = overwrite or (not resume and (Path(out) / "config.toml").exists())
-        return _train(config, device, ctx, out, resume, overwrite, log)
+            resume, overwrite = auto_resume_mode(Path(out), overwrite)
+        return _train(config, device, ctx, out, resume, overwrite, log, given, held)
 
 
-def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, EpochRecord]:
+def _train(config, device, ctx, out, resume, overwrite, log, given, held) -> tuple[Path, EpochRecord]:
     if ctx.active and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
     if not ctx.is_main:
         log = _silent
+    resume_ckpt, changes = None, {}
+    if resume:
+        out = Path(out)
+        if ctx.is_main:
+            check_out(out, resume, overwrite)
+            held.enter_context(rundir.lock(out, "training"))
+            prepare_out(out, resume, overwrite)
+        distributed.barrier()
+        resume_ckpt = checkpoint.load_checkpoint(out / "checkpoints" / "last.pt")
+        config, changes = continued_config(resume_ckpt["config"], config, given)
     torch.manual_seed(config.seed)
     splits, train_x, val_x, test_x, pixels = prepare_data(config, device)
     if config.conditional and not config.classes:  # the labels' count, from every split the data has
@@ -288,13 +382,19 @@ def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, Epoc
         data.labels_for(config, s, splits.name, device) for s in (splits.train, splits.val, splits.test)
     )
     check_batch_size(config.batch_size, len(train_x), ctx.world)  # before anything is written
+    check_memory(config, splits.x_shape, device)
+    if resume_ckpt is None and config.epochs == 0:
+        raise UserError("--epochs 0 trains nothing and a new run would have no model; give --epochs 1 or more")
     out = Path(out) if out else default_out(splits.name)
     distributed.barrier()  # every rank has chosen ``out`` and read the directory before rank 0 changes it
-    state, resume_ckpt = TrainState(), None
-    if resume:
-        prepare_out(out, resume, overwrite, remove_temporaries=ctx.is_main)
-        resume_ckpt = checkpoint.load_checkpoint(out / "checkpoints" / "last.pt")
-        _check_resumable(resume_ckpt, config, splits)
+    state = TrainState()
+    if resume_ckpt is not None:
+        _check_resumable(resume_ckpt, splits)
+    elif ctx.is_main:
+        check_out(out, resume, overwrite)
+        _make_dir(out)
+        held.enter_context(rundir.lock(out, "training"))
+        prepare_out(out, resume, overwrite)
     model = models.build(config, splits.x_shape).to(device)
     optimizer = make_optimizer(model, config)
     if resume_ckpt is not None:
@@ -305,13 +405,15 @@ def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, Epoc
             resume_ckpt["epoch"], resume_ckpt["step"], resume_ckpt["best_elbo"], elapsed=resume_ckpt.get("elapsed", 0.0)
         )
         log(f"resuming {out} at epoch {state.epoch + 1}")
-    elif ctx.is_main:
-        prepare_out(out, resume, overwrite)
+        if changes:
+            said = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            log(f"resume changes {said} (recorded in {out / 'config.toml'})")
     hooks: list = []
     if ctx.is_main:
-        atomic_write_text(out / "config.toml", config.to_toml())
+        rundir.mark(out)
+        atomic_write_text(out / "config.toml", config_toml(out, config, changes, state.epoch))
         writer = RunWriter(
-            out, config, optimizer, splits.x_shape, splits.fingerprint, model.layer_dims, state, len(val_x)
+            out, config, optimizer, splits.x_shape, identity(out, splits), model.layer_dims, state, len(val_x)
         )
         hooks.append(writer)
     n_params = sum(p.numel() for p in model.parameters())
@@ -370,6 +472,31 @@ def _train(config, device, ctx, out, resume, overwrite, log) -> tuple[Path, Epoc
     return out, evaluate_terms(model, test_x, 1024, state.epoch, "test", pixels, config.seed, y=test_y)
 
 
+def memory_needed(config: Config, x_shape) -> int:
+    """Bytes a training step needs, roughly: the parameters four times (weights, gradients and Adam's
+    two moments), counted on PyTorch's meta device (nothing allocated), and the activations of a batch
+    (each of ``k`` importance samples; the total-correlation estimator's (B, B, D) densities)."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in models.build(config, x_shape).parameters())
+    pixels = math.prod(x_shape)
+    samples = config.batch_size * (config.k if config.objective == "iwae" else 1)
+    widths = 2 * sum(config.hidden) + 4 * config.latent_dim + 3 * pixels  # forward and backward, both networks
+    pairs = (
+        config.batch_size**2 * config.latent_dim * 3 if parts.OBJECTIVES[config.objective].splits_kl_by_dimension else 0
+    )
+    return 4 * (4 * params + 2 * samples * widths + pairs)
+
+
+def check_memory(config: Config, x_shape, device: torch.device) -> None:
+    """Refuse, before allocating, a model or batch that cannot fit."""
+    memory.require(
+        memory_needed(config, x_shape),
+        "this model and batch",
+        "use smaller --hidden, --latent-dim, --batch-size or --k",
+        device,
+    )
+
+
 def number_of_classes(splits: data.Splits) -> int:
     """1 + the largest label of any split (labels are 0 .. C-1); 0 when the data have none."""
     labels = [s.y for s in (splits.train, splits.val, splits.test) if s.y is not None and len(s.y)]
@@ -380,7 +507,16 @@ def _silent(message: str) -> None:
     """The log of ranks other than 0."""
 
 
-def _check_resumable(ckpt: dict, config: Config, splits: data.Splits) -> None:
+def identity(out: Path, splits: data.Splits) -> dict[str, str]:
+    """What the run's checkpoints and weights say of themselves (``checkpoint.IDENTITY``)."""
+    return {
+        "run_id": rundir.run_id(out) or "",
+        "fingerprint": splits.fingerprint,
+        "label_fingerprint": splits.label_fingerprint,
+    }
+
+
+def _check_resumable(ckpt: dict, splits: data.Splits) -> None:
     if ckpt.get("rng_streams") != checkpoint.RNG_STREAMS:
         raise UserError(
             "--resume: this checkpoint was written by an earlier vaelab whose random streams differ, so the run "
@@ -391,6 +527,11 @@ def _check_resumable(ckpt: dict, config: Config, splits: data.Splits) -> None:
             f"--resume: the data differ from the run's ({splits.name} now has another fingerprint); "
             "resume with the same data, or start a new run"
         )
+    if ckpt.get("label_fingerprint", splits.label_fingerprint) != splits.label_fingerprint:
+        raise UserError(
+            f"--resume: the labels differ from the run's ({splits.name}'s images are the same, their labels are not); "
+            "resume with the same labels, or start a new run"
+        )
     pool = len(splits.train.x) + len(splits.val.x)
     held = ckpt.get("val_images", max(1, pool // 12))  # before --val-size: 1/12 of the training images
     if held != len(splits.val.x):
@@ -398,15 +539,45 @@ def _check_resumable(ckpt: dict, config: Config, splits: data.Splits) -> None:
             f"--resume: the run held out {held} validation images, this config {len(splits.val.x)}; "
             f"add --val-size {held}"
         )
-    old = {**Config().to_dict(), **ckpt["config"]}  # a field the run's vaelab did not have took its default
+
+
+# The options a resume may change: how long, how often and where the run goes on, not what it
+# trains. Every other option of a resumed run is the run's own.
+RESUME_MAY_CHANGE = ("epochs", "time_budget", "checkpoint_every", "skip_nonfinite", "threads", "device", "data_dir")
+
+
+def continued_config(run_values: dict, config: Config, given: Collection[str] | None) -> tuple[Config, dict]:
+    """The config a resume continues with: the run's own, with the options in ``given`` (``None``:
+    every field but the derived ``classes``) taken from ``config``. A given option that differs from
+    the run's is refused unless it is one of :data:`RESUME_MAY_CHANGE`; returns the config and the
+    changes applied, {name: (old, new)}."""
+    old = {**Config().to_dict(), **run_values}  # a field the run's vaelab did not have took its default
     new = config.to_dict()
-    differs = [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-        for k in ARCHITECTURE_FIELDS + ("seed", "binarize")
-        if old.get(k) != new.get(k)
-    ]
-    if differs:
-        raise UserError(f"--resume with a different config ({'; '.join(differs)}); use the run's config.toml")
+    names = [f for f in new if f != "classes"] if given is None else [f for f in given if f != "download"]
+    differs = {k: (old.get(k), new.get(k)) for k in names if old.get(k) != new.get(k)}
+    refused = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in differs.items() if k not in RESUME_MAY_CHANGE]
+    if refused:
+        raise UserError(
+            f"--resume continues the run as it was configured, and options differ from it ({'; '.join(refused)}); "
+            f"drop them, or start a new run with another --out (a resume may change {', '.join(RESUME_MAY_CHANGE)})"
+        )
+    values = {**old, **{k: new[k] for k in differs}}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    if config.download:
+        values["download"] = True
+    return Config(**values), differs
+
+
+def config_toml(out: Path, config: Config, changes: dict, epoch: int) -> str:
+    """config.toml: the run's config, then its history of resumes that changed an option, as
+    ``[[resumed]]`` tables (the epoch it resumed at and each change as "old -> new")."""
+    history = []
+    with contextlib.suppress(OSError, ValueError, TypeError):  # no config.toml yet, or an unreadable one: a new history
+        history = list(tomllib.loads((out / "config.toml").read_text()).get("resumed", []))
+    if changes:
+        history.append({"at_epoch": epoch, **{k: f"{a!r} -> {b!r}" for k, (a, b) in changes.items()}})
+    text = config.to_toml()
+    return text + ("\n" + tomli_w.dumps({"resumed": history}) if history else "")
 
 
 def set_threads(threads: int) -> None:

@@ -60,6 +60,7 @@ class TrainState:
     best_elbo: float = -math.inf
     history: list[EpochRecord] = field(default_factory=list)
     elapsed: float = 0.0  # wall seconds of the run so far: training, validation, checkpoints (the budget counts these)
+    skipped: int = 0  # batches dropped by --skip-nonfinite in this process, against its budget
 
 
 Hook = Callable[[EpochRecord, object, TrainState], None]
@@ -114,8 +115,9 @@ def fit(
             terms, problem = step(x, beta, state.step, y)
             if problem is None:
                 sums.add(terms)
-            elif skipped < config.skip_nonfinite:  # --skip-nonfinite: drop this batch, count it, go on
+            elif state.skipped < config.skip_nonfinite:  # --skip-nonfinite: drop this batch, count it, go on
                 skipped += 1
+                state.skipped += 1  # the budget is the run's (this process's part of it), not an epoch's
             else:
                 raise NonFiniteError(_nonfinite_message(problem, epoch, state.step))
             state.step += 1
@@ -124,12 +126,22 @@ def fit(
             if clock.out_of_time(clock.elapsed()):  # the run ends after the step that reaches the budget
                 break
         seconds = time.perf_counter() - start
+        if skipped and not sums.n:  # nothing was learnt from this epoch: the run has diverged
+            raise NonFiniteError(
+                f"every batch of epoch {epoch + 1} was NaN or infinite and skipped ({skipped}); the run has diverged "
+                "and checkpoints of earlier epochs are kept. Try a lower --lr or --grad-clip 100"
+            )
         records = [sums.record(epoch, "train", beta, seconds, pixels, state.step, skipped, clock.elapsed())]
         if val_x is not None:
             records.append(
                 evaluate_terms(
                     model, val_x, 1024, epoch, "val", pixels, config.seed, beta, state.step, clock.elapsed(), val_y
                 )
+            )
+        if not math.isfinite(records[-1].elbo):  # weights that give NaN on held-out images are not checkpointed
+            raise NonFiniteError(
+                f"the validation ELBO of epoch {epoch + 1} is NaN or infinite: the run has diverged; checkpoints "
+                "of earlier epochs are kept. Try a lower --lr or --grad-clip 100"
             )
         state.elapsed = records[-1].elapsed  # what a checkpoint written by the hooks below keeps
         state.history += records

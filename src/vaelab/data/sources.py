@@ -52,6 +52,7 @@ class Splits:
     binary: bool  # every pixel is 0 or 1
     levels: int  # distinct grey levels the source stores (256 for 8-bit, 17 for digits)
     fingerprint: str  # SHA-256 of the source's arrays: identifies the data set in checkpoints
+    label_fingerprint: str = ""  # SHA-256 of its labels ("" where it has none): a conditional run's other half
 
     @property
     def x_shape(self) -> tuple[int, int, int]:
@@ -71,8 +72,8 @@ def validate(x: np.ndarray, y: np.ndarray | None, where: str) -> np.ndarray:
         raise UserError(
             f"{where} has images of shape {x.shape}; expected (N, H, W), (N, C, H, W) or (N, H, W, C) with C = 1 or 3"
         )
-    if y is not None and len(y) != len(x):
-        raise UserError(f"{where} has {len(x)} images but {len(y)} labels; they must match one to one")
+    if y is not None:
+        validate_labels(y, len(x), where)
     if x.dtype == np.uint8:
         return x.astype(np.float32) / 255.0
     if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
@@ -206,17 +207,31 @@ def _read_cifar_batch(blob: bytes, where: str):
 
 # -- arrays and folders ---------------------------------------------------------------------
 def load_array(path: Path):
-    try:
-        loaded = np.load(path, allow_pickle=False)
+    try:  # a .npy is mapped first: its header's shape is checked against the file before anything is read
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r" if path.suffix == ".npy" else None)
     except (ValueError, OSError, EOFError, zlib.error) as err:
         raise UserError(f"{path} is not a readable .npy/.npz file ({err})") from None
     if isinstance(loaded, np.ndarray):
-        return loaded, None
+        return np.array(loaded), None
     with loaded:
         key = next((k for k in ("x", "images", "arr_0") if k in loaded.files), None)
         if key is None:
             raise UserError(f"{path} has arrays {loaded.files}; name the images 'x' (and labels 'y')")
-        return loaded[key], loaded["y"] if "y" in loaded.files else None
+        try:
+            return loaded[key], loaded["y"] if "y" in loaded.files else None
+        except (ValueError, OSError, EOFError, zlib.error) as err:  # an object array, a torn member
+            raise UserError(f"{path} has an array that cannot be read without pickle, or is torn ({err})") from None
+
+
+def _grey_or_rgb(im, where: Path) -> np.ndarray:
+    """8-bit grey (H, W) or RGB (H, W, 3). 16-bit grey (PNG's I;16, read as I) is scaled to 8 bits
+    (v / 257), where ``convert("L")`` would clip every value above 255 to white."""
+    if im.mode.startswith("I"):
+        wide = np.asarray(im)
+        if wide.size and (wide.min() < 0 or wide.max() > 65535):
+            raise UserError(f"{where} has grey values outside 0 to 65535; save it as an 8- or 16-bit PNG")
+        return np.round(wide / 257.0).astype(np.uint8)
+    return np.asarray(im.convert("L" if im.mode in ("1", "L", "LA", "P") else "RGB"), dtype=np.uint8)
 
 
 def load_folder(path: Path):
@@ -230,8 +245,7 @@ def load_folder(path: Path):
     for p in files:
         try:
             with Image.open(p) as im:
-                im = im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16", "P") else "RGB")
-                arr = np.asarray(im, dtype=np.uint8)
+                arr = _grey_or_rgb(im, p)
         except (UnidentifiedImageError, OSError) as err:
             raise UserError(f"{p} is not a readable image ({err}); remove or replace it") from None
         first_size = first_size or (arr.shape, p)
@@ -307,6 +321,30 @@ def load(config) -> Splits:
     return _split(path.name, validate(x, y, str(path)), y, None, None, seed, val, levels=levels)
 
 
+MAX_CLASSES = 10_000  # a label beyond this is a mistake (an id, a value), not a class of a conditional model
+
+
+def validate_labels(y, n: int, where: str) -> np.ndarray:
+    """Labels as int64 (N,), one whole number from 0 to C - 1 per image, or one line saying what is wrong."""
+    y = np.asarray(y)
+    fix = "save one whole-number label per image, 0 to C - 1, as y of shape (N,)"
+    if y.ndim == 1 and len(y) != n:
+        raise UserError(f"{where} has {n} images but {len(y)} labels; they must match one to one")
+    if y.shape != (n,):
+        onehot = " (one-hot? save y.argmax(1))" if y.ndim == 2 and y.shape[0] == n and y.shape[1] > 1 else ""
+        raise UserError(f"the labels y of {where} have shape {y.shape}, the images {n}: {fix}{onehot}")
+    if y.dtype.kind not in "iub" and y.dtype.kind != "f":
+        raise UserError(f"the labels y of {where} are of type {y.dtype}, not numbers: {fix}")
+    if y.dtype.kind == "f" and (not np.isfinite(y).all() or (y != np.round(y)).any()):
+        raise UserError(f"the labels y of {where} include NaN, infinite or fractional values: {fix}")
+    if n and (y.min() < 0 or y.max() >= MAX_CLASSES):
+        raise UserError(
+            f"the labels y of {where} run from {y.min():g} to {y.max():g}; labels are 0 to C - 1 with C at most "
+            f"{MAX_CLASSES:,}: {fix}"
+        )
+    return y.astype(np.int64)
+
+
 VAL_AT_MOST = 1000  # validation images by default: enough to choose the best epoch (paired, same images and noise)
 
 
@@ -337,7 +375,12 @@ def _split(name, x, y, x_test, y_test, seed, val_size, levels) -> Splits:
     train, val = _part(x, y, train_idx), _part(x, y, val_idx)
     test = _part(x_test, y_test, np.arange(len(x_test)))
     binary = bool(((train.x == 0) | (train.x == 1)).all())
-    return Splits(name, train, val, test, binary, levels, fingerprint.hexdigest())
+    labels = hashlib.sha256()
+    for part in (y, y_test):
+        if part is not None:
+            labels.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
+    label_fingerprint = "" if y is None else labels.hexdigest()
+    return Splits(name, train, val, test, binary, levels, fingerprint.hexdigest(), label_fingerprint)
 
 
 def _part(x: np.ndarray, y: np.ndarray | None, idx: np.ndarray) -> ImageData:

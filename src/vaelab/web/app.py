@@ -11,15 +11,18 @@ from __future__ import annotations
 import base64
 import io
 import math
+import threading
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi import Path as PathParam
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from PIL import Image, UnidentifiedImageError
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from torch.distributions import Normal
 
 from vaelab.distributions import marginals
@@ -110,7 +113,7 @@ def inspect_image(model, x: torch.Tensor, kl: KLResult) -> dict:
     """What the inspector shows of one image (C, H, W): the image, its reconstruction, q(z|x) of the top
     latent layer and the model's KL (a KLResult of one example: closed form per dimension where the
     prior factorises, else a Monte Carlo estimate with its standard error; every layer's part)."""
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a flow's moments are drawn: seeded
+    with SEEDED, torch.no_grad(), torch.random.fork_rng(devices=[]):  # a flow's moments are drawn: seeded
         torch.manual_seed(0)
         mu, var = marginals(model.encode(x[None]))  # q(z_j|x): for a full covariance, Sigma's diagonal
         mu, sigma = mu[0], var[0].sqrt()
@@ -185,12 +188,70 @@ def parse_z(text: str, latent_dim: int) -> torch.Tensor:
     return torch.tensor([values], dtype=torch.float32)
 
 
-def create_app(run_dir: str | Path) -> FastAPI:
-    """The app over one run: the page, its static files, and the JSON API the page calls."""
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+# a request body may be this long: the largest upload and its multipart wrapping
+MAX_BODY_BYTES = MAX_UPLOAD_BYTES + 64 * 1024
+# The model's draws (a flow's moments, a Monte Carlo KL) use PyTorch's process-wide RNG, seeded per
+# request; FastAPI runs handlers on a thread pool, so the seeded sections take turns
+SEEDED = threading.Lock()
+
+
+class Guard:
+    """ASGI middleware in front of the app: the request body is bounded before anything is spooled
+    (a Content-Length over :data:`MAX_BODY_BYTES` is answered 413 unread, and a body that grows past
+    it while read is cut off with 413), and a write (any method but GET and HEAD) from another origin
+    is refused with 403: a page on another site may not post to the local server (CSRF).
+    Host names are checked by Starlette's ``TrustedHostMiddleware`` (DNS rebinding)."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["method"] not in ("GET", "HEAD") and not _same_origin(headers):
+            return await PlainTextResponse("cross-origin writes are refused", 403)(scope, receive, send)
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > self.limit:
+            return await PlainTextResponse(f"request body larger than {self.limit} bytes", 413)(scope, receive, send)
+        seen = 0
+
+        async def bounded():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # a chunked body that says no length
+                raise HTTPException(413, f"request body larger than {self.limit} bytes")
+            return message
+
+        return await self.app(scope, bounded, send)
+
+
+def _same_origin(headers: dict[str, str]) -> bool:
+    """A browser names where a request comes from (Origin, Sec-Fetch-Site); a tool like curl names
+    nothing and is let through, as it could reach the server without a browser anyway."""
+    if headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        return False
+    origin = headers.get("origin")
+    return origin is None or urlsplit(origin).netloc == headers.get("host")
+
+
+def allowed_hosts(host: str) -> list[str]:
+    """The Host headers the server answers: its loopback names, and the address it was bound to (any
+    for 0.0.0.0 / ::, where the user chose to serve the network)."""
+    return ["*"] if host in ("0.0.0.0", "::") else sorted({*LOCAL_HOSTS, host})
+
+
+def create_app(run_dir: str | Path, host: str = "127.0.0.1") -> FastAPI:
+    """The app over one run: the page, its static files, and the JSON API the page calls; answering
+    requests addressed to ``host`` (the address ``vaelab serve`` binds) or a loopback name."""
     run = open_run(run_dir)
     model, (C, H, W) = run.model, run.model.x_shape
     summary = describe_run(run)
     app = FastAPI(title="vaelab", docs_url=None, redoc_url=None)
+    app.add_middleware(Guard)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host))  # outermost: checked first
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
@@ -245,7 +306,9 @@ def create_app(run_dir: str | Path) -> FastAPI:
             raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES} bytes; send a small PNG")
         arr = read_png(blob, (H, W), "L" if C == 1 else "RGB")
         x = torch.from_numpy(arr[None] if C == 1 else arr.transpose(2, 0, 1).copy())
-        return inspect_image(given(model, y), x, kl_per_example(model, x[None], y=y))
+        with SEEDED:  # a Monte Carlo KL's draws
+            kl = kl_per_example(model, x[None], y=y)
+        return inspect_image(given(model, y), x, kl)
 
     @app.get("/api/decode")
     def decode(z: str = Query(max_length=40 * 1024), label: int | None = Query(None, ge=0)) -> dict:
