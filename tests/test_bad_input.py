@@ -535,6 +535,16 @@ CATALOGUE = [
     ("report of a run holding another run's weights", lambda t: ["report", weights_of_another_run(t)], ["another run"]),
     ("resume on permuted labels", conditional_then_permuted, ["the labels differ"]),
     (
+        "explain's page over a run's weights",
+        lambda t: ["explain", "--samples", "100", "--html", str(make_run(t) / "model.safetensors")],
+        ["--html", "would overwrite a file of the run"],
+    ),
+    (
+        "report over the run's config",
+        lambda t: ["report", str(run := make_run(t)), "--out", str(run / "config.toml")],
+        ["would overwrite a file of the run"],
+    ),
+    (
         "report compared with itself",
         lambda t: ["report", str(run := make_run(t)), "--compare", str(run)],
         ["another run"],

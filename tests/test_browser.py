@@ -96,3 +96,5 @@ def test_a_correlation_adds_its_term_to_the_kl(page, server):
     page.wait_for_function(f"document.getElementById('klrho').textContent === '{expected:.4f}'", timeout=10_000)
     parts = [float(page.text_content(s)) for s in ("#kl1", "#kl2", "#klrho")]
     assert float(page.text_content("#kl12")) == pytest.approx(sum(parts), abs=2e-4)
+    set_slider(page, "#rho", 0.0)  # no correlation: its term is 0, shown without a sign (was -0.0000)
+    page.wait_for_function("document.getElementById('klrho').textContent === '0.0000'", timeout=10_000)

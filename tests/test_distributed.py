@@ -109,6 +109,9 @@ def test_a_user_error_is_shown_once(tmp_path):
     r = vaelab_train([*COMMON[:-4], "--batch-size", "63", "--epochs", "1", "--out", str(tmp_path / "x")], nproc=2)
     assert r.returncode != 0
     assert r.stderr.count("does not split evenly across 2 processes") == 1
+    r = vaelab_train([*COMMON[:-4], "--objective", "tc", "--batch-size", "2", "--out", str(tmp_path / "y")], nproc=2)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.count("gives 2 processes 1 each; use --batch-size 4 or more") == 1
 
 
 def read_csv(path):

@@ -396,6 +396,13 @@ def test_conditional_trains_and_uses_its_labels(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     assert "Samples from the prior, per class" in (out / "report.html").read_text()
     assert main(["train", *COND, "--epochs", "13", "--out", str(out), "--resume"]) == 0
+    other = tmp_path / "cvae-lr"  # compared: a conditional model's bound is on log p(x|y)
+    assert main(["train", *COND, "--epochs", "1", "--lr", "1e-3", "--out", str(other)]) == 0
+    assert main(["evaluate", str(other), "--iwae-k", "10"]) == 0
+    assert main(["evaluate", str(out), "--iwae-k", "10"]) == 0
+    assert main(["report", str(out), "--compare", str(other)]) == 0
+    compared = (out / "report.html").read_text().split("<h2>Compared</h2>")[1]
+    assert "log p(x|y), IWAE" in compared and "log p(x), IWAE" not in compared
 
 
 def test_conditional_from_python():

@@ -200,7 +200,8 @@ def test_checkpoints_are_taken_every_epoch_and_written_every_n_seconds(tmp_path,
     model = build(config, (1, 8, 8))
     state = TrainState()
     optimizer = make_optimizer(model, config)
-    writer = runs.RunWriter(tmp_path, config, optimizer, (1, 8, 8), "f", model.layer_dims, state, val_images=5)
+    identity = {"fingerprint": "f"}
+    writer = runs.RunWriter(tmp_path, config, optimizer, (1, 8, 8), identity, model.layer_dims, state, val_images=5)
     writes = []
 
     def write(path, blob):

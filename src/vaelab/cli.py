@@ -76,6 +76,11 @@ def _output_path(text: str) -> Path:
 def cmd_explain(args: argparse.Namespace) -> int:
     from vaelab.explain import explain, format_text
     from vaelab.fileio import atomic_write_text
+    from vaelab.rundir import check_output
+
+    for option, path in (("--json", args.json), ("--html", args.html)):
+        if path is not None:
+            check_output(path, option)
 
     result = explain(seed=args.seed, latent_dim=args.latent_dim, data_dim=args.data_dim, samples=args.samples)
     print(format_text(result))

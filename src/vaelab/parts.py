@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar, final
 
 from vaelab.errors import UserError
@@ -31,6 +31,8 @@ class Part:
     name: str
     help: str
     build: Constructor
+    # the options (Config fields) only this part reads: setting one while another part is chosen is refused
+    reads: tuple[str, ...] = field(default=(), kw_only=True)
 
     def constructor(self) -> Callable:
         if callable(self.build):
@@ -214,6 +216,7 @@ PRIORS.register(
         f"{_M}:MixturePrior",
         factorises=False,
         closed_form_kl=False,
+        reads=("prior_components",),
     )
 )
 PRIORS.register(
@@ -224,6 +227,7 @@ PRIORS.register(
         factorises=False,
         closed_form_kl=False,
         mixes_posteriors=True,
+        reads=("prior_components",),
     )
 )
 
@@ -244,6 +248,7 @@ POSTERIORS.register(
         "vaelab.distributions:lowrank_posterior",
         outputs=_low_rank_width,
         factorises=False,
+        reads=("posterior_rank",),
     )
 )
 
@@ -256,6 +261,7 @@ POSTERIORS.register(
         factorises=False,
         has_parameters=True,
         gaussian=False,
+        reads=("flow_steps",),
     )
 )
 
@@ -275,13 +281,16 @@ FAMILIES.register(
 OBJECTIVES.register(
     Objective("elbo", "the ELBO, with beta and free bits", "vaelab.objectives:elbo_objective", uses_free_bits=True)
 )
-OBJECTIVES.register(Objective("iwae", "the IWAE bound with --k samples", "vaelab.objectives:iwae_objective"))
+OBJECTIVES.register(
+    Objective("iwae", "the IWAE bound with --k samples", "vaelab.objectives:iwae_objective", reads=("k",))
+)
 OBJECTIVES.register(
     Objective(
         "tc",
         "beta-TCVAE: the KL's three parts weighted apart",
         "vaelab.objectives:tc_objective",
         splits_kl_by_dimension=True,
+        reads=("mi_weight", "tc_weight", "dwkl_weight", "tc_estimator"),
     )
 )
 

@@ -382,6 +382,12 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held) -> tup
         data.labels_for(config, s, splits.name, device) for s in (splits.train, splits.val, splits.test)
     )
     check_batch_size(config.batch_size, len(train_x), ctx.world)  # before anything is written
+    if parts.OBJECTIVES[config.objective].splits_kl_by_dimension and config.batch_size // ctx.world < 2:
+        raise UserError(  # each rank's rows are the minibatch that estimates q(z)
+            f"--objective {config.objective} estimates q(z) from each process's rows of a batch, and --batch-size "
+            f"{config.batch_size} gives {ctx.world} processes {config.batch_size // ctx.world} each; use --batch-size "
+            f"{2 * ctx.world} or more"
+        )
     check_memory(config, splits.x_shape, device)
     if resume_ckpt is None and config.epochs == 0:
         raise UserError("--epochs 0 trains nothing and a new run would have no model; give --epochs 1 or more")

@@ -6,7 +6,7 @@ const api = async (url, options) => {
   if (!r.ok) throw new Error(typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail));
   return body;
 };
-const fmt = (v) => v.toFixed(4);
+const fmt = (v) => v.toFixed(4).replace(/^-(0\.0+)$/, "$1"); // a value that rounds to 0 shows no sign
 const gauss = (t, m, s) => Math.exp(-0.5 * ((t - m) / s) ** 2) / (s * Math.sqrt(2 * Math.PI));
 
 // -- views ----------------------------------------------------------------------------------------
