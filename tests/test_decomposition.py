@@ -202,3 +202,24 @@ def test_beta_tcvae_total_correlation_falls_as_its_weight_grows(tmp_path):
     (low, low_se), (high, high_se) = tc[6.0, "mss"], tc[1.0, "mss"]
     assert low < high - 8 * math.hypot(low_se, high_se), tc
     assert tc[6.0, "mws"][0] < high, tc  # the weighted estimator pushes the same way
+
+
+def test_the_full_data_mixture_is_exact_in_float64():
+    """log q(z_n) with q = 1/N sum_m q(z|x_m), against a direct float64 logsumexp: the weight 1/N is
+    taken in the inputs' precision (in float32 it was 1.9e-6 nats off over 20 dimensions)."""
+    from vaelab.decomposition import full_data_mixture
+
+    g = torch.Generator().manual_seed(0)
+    N, D = 300, 20
+    mu, log_var = (
+        torch.randn(N, D, generator=g, dtype=torch.float64),
+        0.3 * torch.randn(N, D, generator=g, dtype=torch.float64),
+    )
+    z = mu + (0.5 * log_var).exp() * torch.randn(N, D, generator=g, dtype=torch.float64)
+    log_q_z, log_q_zj, _ = full_data_mixture(z, mu, log_var, chunk=64)
+    per_dim = -0.5 * (math.log(2 * math.pi) + log_var[None] + (z[:, None] - mu[None]) ** 2 / log_var[None].exp())
+    direct = torch.logsumexp(per_dim.sum(-1), dim=1) - math.log(N)
+    direct_j = torch.logsumexp(per_dim, dim=1) - math.log(N)
+    assert torch.allclose(log_q_z, direct, rtol=0, atol=1e-11) and torch.allclose(
+        log_q_zj, direct_j, rtol=0, atol=1e-11
+    )

@@ -132,6 +132,8 @@ def test_evaluate_shares_the_iwae_estimate(single, tmp_path):
     one, two = json.loads(js1.read_text()), json.loads(js2.read_text())
     assert one["examples"] == two["examples"]
     assert one["elbo"] == pytest.approx(two["elbo"], rel=1e-6)  # same z draws for the ELBO terms
+    for name in ("mutual_information", "total_correlation", "dimension_wise_kl"):  # the split's own stream
+        assert one[name] == pytest.approx(two[name], rel=1e-6, abs=1e-9), name
     # rank 1 draws other importance samples: compare the two estimates example by example (paired), so the
     # spread between examples cancels; |mean difference| <= 4 standard errors of the mean difference fails
     # about 6e-5 of the time (normal approximation)

@@ -1,5 +1,6 @@
 """`vaelab report`: every section, its PNG files, and nothing loaded from the network."""
 
+import json
 import re
 
 from PIL import Image
@@ -56,3 +57,31 @@ def test_projections():
         assert points.shape == (60, 2) and xl.startswith(label)
     points, labels = project_2d(mu[:, :2], "tsne")  # a 2-D latent space is shown as it is
     assert np.array_equal(points, mu[:, :2]) and labels == ("z0", "z1")
+
+
+def test_the_command_line_the_report_and_the_page_show_one_record(tmp_path, capsys):
+    """The MI, TC and active units of one run, as `evaluate` prints them, the report's table and
+    figure captions, and the page's API: one record (evaluation.json), read, not measured again; a
+    record of weights the run no longer has is not read (the pictures measure it again)."""
+    from fastapi.testclient import TestClient
+
+    from vaelab.web.app import create_app
+
+    run = tmp_path / "run"
+    train = ["train", "--data", "digits", "--hidden", "32", "--latent-dim", "3", "--epochs", "2", "--out", str(run)]
+    assert main(train) == 0
+    assert main(["evaluate", str(run), "--iwae-k", "5"]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((run / "evaluation.json").read_text())
+    mi, tc, active = record["mutual_information"], record["total_correlation"], record["active_units"]
+    assert f"{mi:12.4f}" in printed and f"{tc:12.4f}" in printed and f"{active:12d}  of 3" in printed
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert f"{mi:.3f} nats" in page and f"{tc:.3f} nats" in page and f"{active} of 3." in page
+    model = TestClient(create_app(run), base_url="http://127.0.0.1").get("/api/model").json()
+    assert model["kl_parts"]["mutual_information"] == mi and model["kl_parts"]["total_correlation"] == tc
+    rows = {row["name"]: row["value"] for row in model["evaluation"]}
+    assert rows["mutual information I(x; z)"] == mi and not model["measured_here"]
+    assert main([*train[:-2], "--epochs", "3", "--out", str(run), "--resume"]) == 0  # new weights
+    model = TestClient(create_app(run), base_url="http://127.0.0.1").get("/api/model").json()
+    assert model["measured_here"] and model["kl_parts"]["mutual_information"] != mi

@@ -53,6 +53,11 @@ EXAMPLES = {
 }
 
 
+def is_rank_zero() -> bool:
+    """Whether this process prints: the only one, or rank 0 of those torchrun started."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -123,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             auto_resume=args.auto_resume,
             given=given,
         )
-    if os.environ.get("RANK", "0") != "0":
+    if not is_rank_zero():
         return 0
     print(summary_line(test))
     if len(test.kl_per_layer) > 1:
@@ -369,7 +374,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         per_example=args.per_example is not None,
     )
-    if os.environ.get("RANK", "0") != "0":
+    if not is_rank_zero():
         return 0
     print(f"{record.data} ({record.split}, {record.examples} examples, binarize {record.binarize}, seed {record.seed})")
     print(format_table(record))
@@ -513,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         if args.debug:
             raise
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
+        if is_rank_zero():  # under torchrun, say it once
             print(f"vaelab: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into head and the like

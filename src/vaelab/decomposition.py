@@ -131,7 +131,7 @@ def full_data_mixture(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """log q(z_n) and log q(z_nj) with q the mixture of all N posteriors, weights 1/N, in chunks of
     rows; and, with ``log_q_pairs``, each sample's own log q(z_n | x_n) from the same pass."""
-    log_w = torch.tensor(-math.log(mu.shape[0]))
+    log_w = torch.tensor(-math.log(mu.shape[0]), dtype=mu.dtype)  # 1/N in the inputs' precision (float64: exact)
     log_q_z, log_q_zj, log_q_own = [], [], []
     for i in range(0, z.shape[0], chunk):
         pairs = None if log_q_pairs is None else log_q_pairs(slice(i, i + chunk))  # (rows, N)

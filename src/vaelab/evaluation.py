@@ -16,6 +16,7 @@ All values are nats per example unless named otherwise. Each metric is a functio
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import types
@@ -30,7 +31,7 @@ from torch.distributions import MultivariateNormal
 from vaelab import distributed, rundir
 from vaelab.checkpoint import check_identity, load_run
 from vaelab.data import binarize_static, labels_for, prepare_data
-from vaelab.data.batches import Batches, shard_rows
+from vaelab.data.batches import Batches, seeded, shard_rows
 from vaelab.decomposition import decompose_full_data, full_data_mixture
 from vaelab.distributions import diag_normal, marginals
 from vaelab.errors import UserError
@@ -300,8 +301,10 @@ class Evaluation:
     likelihood: str | None = None
     prior: str | None = None
     conditional: bool | None = None  # given the labels: log p(x|y), KL(q(z|x, y) || p(z))
+    weights_sha256: str | None = None  # of the model.safetensors evaluated: a record of other weights is stale
+    kl_per_image_quantiles: dict[str, float] | None = None  # the per-image KL's 10%, 50% and 90% quantiles
 
-    RUN_FIELDS = ("data", "split", "binarize", "seed", "likelihood", "prior", "conditional")
+    RUN_FIELDS = ("data", "split", "binarize", "seed", "likelihood", "prior", "conditional", "weights_sha256")
 
     def to_dict(self) -> dict:
         """The record for JSON: what was evaluated first, then the metrics; absent values left out."""
@@ -362,7 +365,20 @@ def evaluate(
     Returns the record and per-example tensors (elbo, reconstruction, kl, kl_std_error,
     log_likelihood, kl_per_dim, where the run has them) for ``--per-example``.
     """
+    was_training = model.training
     model.eval()
+    try:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            return _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y)
+    finally:  # the caller's RNG state (forked above) and the model's mode are as they were
+        model.train(was_training)
+
+
+def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[Evaluation, dict[str, Tensor]]:
+    """:func:`evaluate`'s measures, each drawing from its own stream: the ELBO's terms and the KL from
+    ``seed``; the IWAE estimate from ``seed`` + rank; the posteriors' parameters and the KL split from
+    the named streams ``posterior`` and ``kl-split``, so that neither depends on ``--iwae-k`` or on
+    the number of processes."""
     torch.manual_seed(seed)
     N = x.shape[0]
     # E_q[log p(x|z)] with one z per example; the KL in closed form, or from many samples where it has none
@@ -388,8 +404,9 @@ def evaluate(
             iwae_k=iwae_k,
             log_likelihood_bits_per_dim=bits_per_dim(ll.mean().item(), pixels) if pixels else None,
         )
-    top = posterior_params(model, x, y=y)  # the top layer's q: its means, and the KL split's parameters
-    means = layer_means(model, x, top[0], y=y)  # E_q[z_l | x] per layer
+    with rng_from(seeded(seed, "posterior")):
+        top = posterior_params(model, x, y=y)  # the top layer's q: its means, and the KL split's parameters
+        means = layer_means(model, x, top[0], y=y)  # E_q[z_l | x] per layer
     act = activity(torch.cat(list(means.values()), 1))
     layered = {}
     if len(means) > 1:  # each layer's KL and active units; a layer whose KL is ~0 has collapsed
@@ -401,8 +418,10 @@ def evaluate(
         )
     split_parts = {}
     if split_kl:
-        split_parts = _split_of_the_top_layer(model, x, kl, top)
+        with rng_from(seeded(seed, "kl-split")):
+            split_parts = _split_of_the_top_layer(model, x, kl, top)
     mean_kl = per["kl"].mean().item()
+    quantiles = torch.quantile(per["kl"].double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
     record = Evaluation(
         examples=N,
         elbo=per["elbo"].mean().item(),
@@ -415,6 +434,7 @@ def evaluate(
         bits_per_dim=bits_per_dim(per["elbo"].mean().item(), pixels) if pixels else None,
         activity=act.tolist(),
         active_units=int((act > ACTIVE_THRESHOLD).sum()),
+        kl_per_image_quantiles=dict(zip(("10%", "50%", "90%"), quantiles, strict=True)),
         **likelihood,
         **layered,
         **split_parts,
@@ -464,62 +484,108 @@ def _split_of_the_top_layer(model, x: Tensor, kl: KLResult, top: tuple[Tensor, T
     )
 
 
-def format_table(record: Evaluation) -> str:
-    r = record
+@dataclass(frozen=True)
+class Row:
+    """One line of an evaluation's table: a name, its value (a number, or None for a remark), the unit,
+    its depth in the tree of terms (the KL under the ELBO, the KL's parts under the KL) and a note."""
+
+    name: str
+    value: float | int | None
+    unit: str = "nats"
+    depth: int = 0
+    note: str = ""
+
+
+def evaluation_rows(r: Evaluation) -> list[Row]:
+    """The rows that the command line, the report and the page show of one evaluation, in one order.
+    A new metric is a field of :class:`Evaluation`, its measure in :func:`evaluate` and one row here."""
     given = "x, y" if r.conditional else "x"
+    of = "" if not r.kl_split or r.kl_split.get("layer") is None else f" of {r.kl_split['layer']}"
     kl_name = f"KL(q(z|{given}) || p(z))" if r.kl_per_layer is None else "KL, every layer"
     rows = [
-        ("ELBO", r.elbo, "nats"),
-        (f"  reconstruction E_q[log p(x|{'z, y' if r.conditional else 'z'})]", r.reconstruction, "nats"),
-        (f"  {kl_name} [{r.kl_method}]", r.kl, "nats" + (f"  ± {r.kl_std_error:.3f} (s.e.)" if r.kl_std_error else "")),
+        Row("ELBO", r.elbo),
+        Row(f"reconstruction E_q[log p(x|{'z, y' if r.conditional else 'z'})]", r.reconstruction, depth=1),
+        Row(
+            f"{kl_name} [{r.kl_method}]",
+            r.kl,
+            depth=1,
+            note=f"± {r.kl_std_error:.3f} (s.e.)" if r.kl_std_error else "",
+        ),
     ]
+    if r.kl_per_image_quantiles is not None:  # how unequally the images pay for z
+        q = r.kl_per_image_quantiles
+        rows.append(Row("KL per image, median", q["50%"], depth=2, note=f"10% {q['10%']:.3f}, 90% {q['90%']:.3f}"))
     for name, value in (r.kl_per_layer or {}).items():
-        active = r.active_units_per_layer[name]
-        rows.append((f"    KL of layer {name}", value, f"nats  ({active} active units)"))
+        rows.append(Row(f"KL of layer {name}", value, depth=2, note=f"{r.active_units_per_layer[name]} active units"))
     if r.mutual_information is not None:
-        of = "" if r.kl_split.get("layer") is None else f" of {r.kl_split['layer']}"
         rows += [
-            (f"    mutual information I(x; z){of}", r.mutual_information, "nats"),
-            (f"    marginal KL(q(z) || p(z)){of}", r.marginal_kl, "nats"),
+            Row(f"mutual information I(x; z){of}", r.mutual_information, depth=2, note=mi_ceiling(r)),
+            Row(f"marginal KL(q(z) || p(z)){of}", r.marginal_kl, depth=2),
         ]
     if r.total_correlation is not None:
         rows += [
-            ("      total correlation", r.total_correlation, "nats  KL(q(z) || prod_j q(z_j))"),
-            ("      dimension-wise KL", r.dimension_wise_kl, "nats  sum_j KL(q(z_j) || p(z_j))"),
+            Row("total correlation", r.total_correlation, depth=3, note="KL(q(z) || prod_j q(z_j))"),
+            Row("dimension-wise KL", r.dimension_wise_kl, depth=3, note="sum_j KL(q(z_j) || p(z_j))"),
         ]
     if r.log_likelihood is not None:
-        rows.append(
-            (
+        rows += [
+            Row(
                 f"log p({'x|y' if r.conditional else 'x'}), IWAE k={r.iwae_k}",
                 r.log_likelihood,
-                f"nats  ± {r.log_likelihood_std_error:.3f} (s.e.)",
-            )
-        )
+                note=f"± {r.log_likelihood_std_error:.3f} (s.e.)",
+            ),
+            Row("gap log p(x) − ELBO", r.log_likelihood - r.elbo, depth=1, note="KL(q || p(z|x)), estimated"),
+        ]
     if r.bits_per_dim is not None:
-        rows.append(("ELBO in bits/dim", r.bits_per_dim, "bits/dim"))
+        rows.append(Row("ELBO in bits/dim", r.bits_per_dim, "bits/dim"))
     if r.log_likelihood_bits_per_dim is not None:
-        rows.append(("log p(x) in bits/dim", r.log_likelihood_bits_per_dim, "bits/dim"))
-    est = r.kl_estimator
-    if est is not None:
+        rows.append(Row("log p(x) in bits/dim", r.log_likelihood_bits_per_dim, "bits/dim"))
+    if r.kl_estimator is not None:
+        est = r.kl_estimator
         rows.append(
-            (
-                "KL, single-sample Monte Carlo"
-                + ("" if r.kl_split.get("layer") is None else f" of {r.kl_split['layer']}"),
+            Row(
+                f"KL, single-sample Monte Carlo{of}",
                 est["single_sample_monte_carlo"],
-                f"nats  (sd {est['single_sample_std_dev']:.3f} per example)",
+                note=f"sd {est['single_sample_std_dev']:.3f} per example",
             )
         )
-    lines = [f"{name:<40} {value:12.4f}  {unit}" for name, value, unit in rows]
     D = len(r.activity)
-    lines.append(f"{f'active units (Cov_x E[z_j|x] > {r.active_threshold})':<40} {r.active_units:>12d}  of {D}")
+    rows.append(Row(f"active units (Cov_x E[z_j|x] > {r.active_threshold})", r.active_units, f"of {D}"))
     if r.kl_per_dim is not None and r.kl_per_layer is None:
         order = sorted(range(D), key=lambda j: -r.kl_per_dim[j])
         top = ", ".join(f"z{j}: {r.kl_per_dim[j]:.2f}" for j in order[:8])
-        lines.append(f"{'KL per dimension (largest first)':<40} {top}")
+        rows.append(Row("KL per dimension (largest first)", None, "", note=top))
     if r.mutual_information is None:
-        lines.append("the KL split (MI + TC + dimension-wise KL) needs a Gaussian q(z|x); this run's has none")
+        rows.append(
+            Row("the KL split (MI + TC + dimension-wise KL) needs a Gaussian q(z|x); this run's has none", None)
+        )
     for name in r.collapsed_layers or ():
-        lines.append(collapse_warning(name, r.kl_per_layer[name]))
+        rows.append(Row(collapse_warning(name, r.kl_per_layer[name]), None))
+    return rows
+
+
+MI_CEILING_MARGIN = 0.1  # nats: an MI estimate this close to log N has reached what N examples can show
+
+
+def mi_ceiling(r: Evaluation) -> str:
+    """The full-data MI estimate on N examples is at most log N, the entropy of the empirical data
+    distribution: say so, and say when the estimate has reached it (it then measures N, not the model)."""
+    ceiling = math.log(r.examples)
+    if r.mutual_information >= ceiling - MI_CEILING_MARGIN:
+        return f"at its ceiling log N = {ceiling:.2f} (N = {r.examples}): the encoder tells the examples apart"
+    return f"at most log N = {ceiling:.2f} on N = {r.examples} examples"
+
+
+def format_table(record: Evaluation) -> str:
+    """The evaluation's rows as text, one per line."""
+    lines = []
+    for row in evaluation_rows(record):
+        name = "  " * row.depth + row.name
+        if row.value is None:
+            lines.append(f"{name:<40} {row.note}".rstrip())
+            continue
+        value = f"{row.value:12d}" if isinstance(row.value, int) else f"{row.value:12.4f}"
+        lines.append(f"{name:<40} {value}  {row.unit}" + (f"  ({row.note})" if row.note else ""))
     return "\n".join(lines)
 
 
@@ -537,6 +603,11 @@ def per_example_csv(per: dict[str, Tensor]) -> str:
     lines = [",".join(header)]
     lines += [",".join([str(i)] + [f"{v:.6g}" for v in row]) for i, row in enumerate(table.tolist())]
     return "\n".join(lines) + "\n"
+
+
+def weights_sha256(run_dir: Path) -> str:
+    """The SHA-256 of a run's model.safetensors: which weights an evaluation record is of."""
+    return hashlib.sha256((Path(run_dir) / "model.safetensors").read_bytes()).hexdigest()
 
 
 def evaluate_run(
@@ -579,6 +650,7 @@ def evaluate_run(
             likelihood=config.likelihood,
             prior=config.prior,
             conditional=config.conditional or None,
+            weights_sha256=weights_sha256(run) if run.is_dir() else None,
         )
         if writes:
             atomic_write_text(run / "evaluation.json", json.dumps(record.to_dict(), indent=1))

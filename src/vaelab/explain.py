@@ -151,7 +151,13 @@ class Problem:
 
 
 def explain(seed: int = 0, latent_dim: int = 2, data_dim: int = 5, samples: int = 20_000) -> Explanation:
-    """Run the derivation on a random linear-Gaussian model and a deliberately imperfect q."""
+    """Run the derivation on a random linear-Gaussian model and a deliberately imperfect q. Its draws
+    come from the global RNG seeded by ``seed`` inside a fork: the caller's RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        return _explain(seed, latent_dim, data_dim, samples)
+
+
+def _explain(seed: int, latent_dim: int, data_dim: int, samples: int) -> Explanation:
     if latent_dim < 1 or data_dim < 1:
         raise UserError("--latent-dim and --data-dim must be at least 1")
     if samples < 2:

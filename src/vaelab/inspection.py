@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from vaelab.checkpoint import check_identity, load_run
 from vaelab.config import Config
 from vaelab.data import labels_for, prepare_data
 from vaelab.errors import UserError
-from vaelab.evaluation import Evaluation, kl_per_example, kl_split, layer_means, posterior_params
+from vaelab.evaluation import Evaluation, evaluate, kl_per_example, layer_means, posterior_params, weights_sha256
 from vaelab.kl import KLResult
 from vaelab.objectives import given
 from vaelab.parts import POSTERIORS
@@ -39,6 +39,10 @@ class Run:
     scale_tril: torch.Tensor | None  # (N, D, D), the Cholesky factors of a full-covariance q
     kl: KLResult  # the model's KL term per test image (every layer): per dimension where the prior factorises
     layer_means: dict[str, torch.Tensor]  # E_q[z_l | x] of each latent layer, (N, D_l), top first
+    # the record of the test split that every number of the report and the page is read from: the run's
+    # evaluation.json when it is of these weights, else measured here by the same function (no IWAE)
+    measured: Evaluation
+    measured_here: bool  # True: not from evaluation.json (run vaelab evaluate for log p(x))
 
     # mu, log_var and scale_tril are the top latent layer's (the only one of a one-layer model): the
     # layer that the traversals, the latent map and the page's sliders show
@@ -76,10 +80,6 @@ class Run:
         with open(path, newline="", errors="replace") as f:
             return [row for row in csv.DictReader(f) if _readable(row)]
 
-    def evaluation(self) -> Evaluation | None:
-        """The record ``vaelab evaluate`` wrote into the run directory, if it has run."""
-        return read_evaluation(self.path)
-
 
 def _readable(row: dict) -> bool:
     """A metrics.csv row the curves can draw: a whole epoch, a split, numbers (or blanks) for the terms.
@@ -107,9 +107,10 @@ def read_evaluation(run_dir: Path) -> Evaluation | None:
 
 
 def open_run(path: str | Path, max_examples: int = 2000) -> Run:
+    """A trained run, its test split (at most ``max_examples`` images) and the record of it (:attr:`Run.measured`)."""
     path = Path(path)
     model, config = load_run(path)
-    splits, _, _, test_x, _ = prepare_data(config, "cpu")
+    splits, _, _, test_x, pixels = prepare_data(config, "cpu")
     check_identity(path, config, splits)
     test_x = test_x[:max_examples]
     test_y = None if splits.test.y is None else splits.test.y[:max_examples]
@@ -120,30 +121,34 @@ def open_run(path: str | Path, max_examples: int = 2000) -> Run:
         mu, log_var, scale_tril = posterior_params(model, test_x, y=model_y)
         means = layer_means(model, test_x, mu, y=model_y)
     kl = kl_per_example(model, test_x, y=model_y)
-    return Run(path, model, config, test_x, test_y, mu, log_var, scale_tril, kl, means)
+    measured = read_evaluation(path) if path.is_dir() else None
+    here = measured is None or measured.split != "test" or measured.weights_sha256 not in (None, weights_sha256(path))
+    if here:
+        measured, _ = evaluate(
+            model, test_x, iwae_k=0, pixels=pixels, split_kl=POSTERIORS[config.posterior].gaussian, y=model_y
+        )
+        measured = replace(measured, data=splits.name, split="test", binarize=config.binarize, seed=0)
+    return Run(path, model, config, test_x, test_y, mu, log_var, scale_tril, kl, means, measured, here)
 
 
 KL_PARTS = ("mutual_information", "total_correlation", "dimension_wise_kl")
 
 
 def kl_parts(run: Run) -> tuple[dict[str, float], list[float] | None] | None:
-    """The test set's average KL taken apart (``evaluation.kl_split``, the full-data estimator):
-    MI + TC + dimension-wise KL where the prior factorises, else MI + marginal KL; and the
-    dimension-wise KL of each dimension (or None). With several latent layers these are the top
-    layer's parts, and each lower layer's KL follows as one part (``kl_z1``), so the parts still add
-    up to the KL term. None for a posterior that is not Gaussian (a flow), whose aggregate has no
-    density to evaluate. Its draws are seeded (0) in a forked RNG, so the report and the page show
-    the same numbers every time."""
-    if not POSTERIORS[run.config.posterior].gaussian:
+    """The test set's average KL taken apart, as the run's record has it (``evaluation.kl_split``,
+    the full-data estimator): MI + TC + dimension-wise KL where the prior factorises, else MI +
+    marginal KL; and the dimension-wise KL of each dimension (or None). With several latent layers
+    these are the top layer's parts, and each lower layer's KL follows as one part (``kl_z1``), so
+    the parts still add up to the KL term. None for a posterior that is not Gaussian (a flow), whose
+    aggregate has no density to evaluate."""
+    e = run.measured
+    if e.mutual_information is None:
         return None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        split, _ = kl_split(run.model, run.mu, run.log_var, scale_tril=run.scale_tril)
-    names = KL_PARTS if "total_correlation" in split else ("mutual_information", "marginal_kl")
-    parts = {k: split[k] for k in names}
-    for name in list(run.layer_means)[1:]:  # the layers below the top, each one's KL
-        parts[f"kl_{name}"] = run.kl.per_layer[name].mean().item()
-    return parts, split.get("dimension_wise_kl_per_dim")
+    names = KL_PARTS if e.total_correlation is not None else ("mutual_information", "marginal_kl")
+    parts = {k: getattr(e, k) for k in names}
+    for name in list(e.kl_per_layer or {})[1:]:  # the layers below the top, each one's KL
+        parts[f"kl_{name}"] = e.kl_per_layer[name]
+    return parts, e.dimension_wise_kl_per_dim
 
 
 @torch.no_grad()

@@ -15,12 +15,12 @@ import torch
 from vaelab import plots, rundir
 from vaelab.checkpoint import read_trained
 from vaelab.errors import UserError
-from vaelab.evaluation import ACTIVE_THRESHOLD, Evaluation
+from vaelab.evaluation import Evaluation, evaluation_rows
 from vaelab.explain import Explanation
 from vaelab.fileio import atomic_write_bytes, atomic_write_text
 from vaelab.inspection import decode_mean, kl_parts, open_run, project_2d, read_evaluation, traversals
 from vaelab.kl import correlation_kl
-from vaelab.objectives import collapse_warning, collapsed_layers, elbo_batches, given
+from vaelab.objectives import collapse_warning, collapsed_layers, given
 from vaelab.parts import POSTERIORS, PRIORS
 
 CSS = """
@@ -143,13 +143,12 @@ def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8, co
     rundir.check_output(out, "--out", also=(run.path / "checkpoints" / "last.pt",))
     figures_dir = figures_folder(out, run.path)  # checked before any figure is drawn
     comparison = _comparison(run, Path(compare)) if compare is not None else None
-    evaluation = run.evaluation()  # read (and a torn one refused) before any figure is drawn
     inside = {out.parent.resolve(), figures_dir.parent.resolve()} & {run.path.resolve()}
     with rundir.lock(run.path, "reporting") if inside else contextlib.nullcontext():  # one writer of a run
-        return _write_report(run, out, figures_dir, evaluation, comparison, projection, examples)
+        return _write_report(run, out, figures_dir, comparison, projection, examples)
 
 
-def _write_report(run, out: Path, figures_dir: Path, evaluation, comparison, projection: str, examples: int):
+def _write_report(run, out: Path, figures_dir: Path, comparison, projection: str, examples: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         sections = [
@@ -165,10 +164,12 @@ def _write_report(run, out: Path, figures_dir: Path, evaluation, comparison, pro
             _posteriors(run),
         ]
     parts = [_summary(run)]
-    if evaluation:
-        parts.append("<h2>Evaluation</h2>" + _evaluation_table(evaluation))
-    else:
-        parts.append("<p class='note'>Run <code>vaelab evaluate</code> on this run to add the evaluation table.</p>")
+    parts.append("<h2>Evaluation</h2>" + _evaluation_table(run.measured))
+    if run.measured_here:
+        parts.append(
+            f"<p class='note'>Measured for this page on {run.measured.examples} test images, without log p(x): run "
+            "<code>vaelab evaluate</code> on this run for the IWAE bound (and this table reads its record).</p>"
+        )
     if comparison:
         parts.append(comparison)
     try:
@@ -251,26 +252,28 @@ def _training(run) -> Section | None:
 
 
 def _kl_per_dimension(run) -> Section:
-    if run.layered and run.kl.per_dim is not None:  # every layer's dimensions, named z2_j, z1_j
-        activity = torch.cat([m.var(0) for m in run.layer_means.values()]).numpy()
+    """Each dimension's average KL (and which are active), as the run's record has them."""
+    e = run.measured
+    activity = np.array(e.activity)
+    active = activity > e.active_threshold
+    if run.layered and e.kl_per_dim is not None:  # every layer's dimensions, named z2_j, z1_j
         names = [f"{layer}_{j}" for layer, m in run.layer_means.items() for j in range(m.shape[1])]
-        active = {layer: int((m.var(0) > ACTIVE_THRESHOLD).sum()) for layer, m in run.layer_means.items()}
         return Section(
             "KL per latent dimension, every layer",
             "Average KL of each dimension over the test set, the top layer's KL(q(z2_j|x) ‖ p(z2_j)) and, at "
             "draws of z2, the lower layer's KL(q(z1_j|x, z2) ‖ p(z1_j|z2)). Active units (the variance over the "
-            f"test set of E_q[z_j|x] above {ACTIVE_THRESHOLD}): "
-            + ", ".join(f"{n} {a} of {run.layer_means[n].shape[1]}" for n, a in active.items())
+            f"test set of E_q[z_j|x] above {e.active_threshold}): "
+            + ", ".join(f"{n} {a} of {run.layer_means[n].shape[1]}" for n, a in e.active_units_per_layer.items())
             + ".",
-            plots.kl_per_dimension(run.kl.per_dim.mean(0).numpy(), activity > ACTIVE_THRESHOLD, names=names),
+            plots.kl_per_dimension(np.array(e.kl_per_dim), active, names=names),
         )
-    activity, kl_avg = run.mu.var(0).numpy(), _kl_avg(run)
-    if kl_avg is not None:
+    if e.kl_per_dim is not None:
         return Section(
             "KL per latent dimension",
             "Average KL(q(z_j|x) ‖ p(z_j)) over the test set. A dimension is active when the variance "
-            f"of its posterior mean over the test set exceeds {ACTIVE_THRESHOLD} (Burda et al. 2015).",
-            plots.kl_per_dimension(kl_avg, activity > ACTIVE_THRESHOLD),
+            f"of its posterior mean over the test set exceeds {e.active_threshold} (Burda et al. 2015): "
+            f"{e.active_units} of {len(activity)}.",
+            plots.kl_per_dimension(np.array(e.kl_per_dim), active),
         )
     whole = (
         f"{run.config.prior} prior" if not PRIORS[run.config.prior].factorises else f"{run.config.posterior} posterior"
@@ -279,8 +282,8 @@ def _kl_per_dimension(run) -> Section:
         "Activity per latent dimension",
         f"The {whole} does not factorise over dimensions, so the KL has no split into "
         "dimensions; the bars show each dimension's activity, the variance of its posterior mean over "
-        f"the test set (active above {ACTIVE_THRESHOLD}, Burda et al. 2015).",
-        plots.kl_per_dimension(activity, activity > ACTIVE_THRESHOLD, ylabel="activity Cov_x(E[z_j|x])"),
+        f"the test set (active above {e.active_threshold}, Burda et al. 2015): {e.active_units} of {len(activity)}.",
+        plots.kl_per_dimension(activity, active, ylabel="activity Cov_x(E[z_j|x])"),
     )
 
 
@@ -299,8 +302,7 @@ def _kl_decomposition(run) -> Section | None:
         return None
     parts, per_dim = taken_apart
     parts = {KL_PART_LABELS.get(name, f"KL of {name.removeprefix('kl_')}"): value for name, value in parts.items()}
-    terms = elbo_batches(run.model, run.test_x, 1024, 0, run.model_y)
-    reconstruction = torch.cat([t.reconstruction for t in terms]).mean().item()
+    reconstruction = run.measured.reconstruction
     if per_dim is not None:
         per_dim = np.array(per_dim)
         caption = (
@@ -460,7 +462,7 @@ def _comparison(run, other: Path) -> str:
     if other.resolve() == run.path.resolve():
         raise UserError(f"--compare {other} is the run being reported; compare it with another run")
     records = {}
-    for path, evaluation in ((run.path, run.evaluation()), (other, read_evaluation(other))):
+    for path, evaluation in ((run.path, read_evaluation(run.path)), (other, read_evaluation(other))):
         if evaluation is None or evaluation.log_likelihood is None:
             raise UserError(f"--compare: {path} has no IWAE evaluation; run vaelab evaluate {path} first")
         records[path] = evaluation
@@ -494,40 +496,14 @@ def _comparison(run, other: Path) -> str:
 
 
 def _evaluation_table(e: Evaluation) -> str:
-    of = "" if not e.kl_split or e.kl_split.get("layer") is None else f" of {e.kl_split['layer']}"
-    rows = [
-        ("data, split", f"{e.data}, {e.split} ({e.examples} examples)"),
-        ("ELBO", f"{e.elbo:.3f} nats"),
-        ("reconstruction", f"{e.reconstruction:.3f} nats"),
-        (f"KL ({e.kl_method})", f"{e.kl:.3f} nats"),
-        *[
-            (f"  KL of layer {name}", f"{value:.3f} nats, {e.active_units_per_layer[name]} active units")
-            for name, value in (e.kl_per_layer or {}).items()
-        ],
-        *(
-            [
-                (f"mutual information I(x; z){of}", f"{e.mutual_information:.3f} nats"),
-                (f"marginal KL(q(z) ‖ p(z)){of}", f"{e.marginal_kl:.3f} nats"),
-            ]
-            if e.mutual_information is not None
-            else []
-        ),
-        *(
-            [
-                ("  total correlation KL(q(z) ‖ ∏ q(z_j))", f"{e.total_correlation:.3f} nats"),
-                ("  dimension-wise KL Σ_j KL(q(z_j) ‖ p(z_j))", f"{e.dimension_wise_kl:.3f} nats"),
-            ]
-            if e.total_correlation is not None
-            else []
-        ),
-        ("active units", f"{e.active_units} of {len(e.activity)}"),
-    ]
-    if e.log_likelihood is not None:
-        rows.insert(
-            1, (f"log p(x), IWAE k={e.iwae_k}", f"{e.log_likelihood:.3f} ± {e.log_likelihood_std_error:.3f} nats")
-        )
-        rows.insert(2, ("gap log p(x) − ELBO", f"{e.log_likelihood - e.elbo:.3f} nats (KL(q ‖ p(z|x)), estimated)"))
-    if e.bits_per_dim is not None:
-        rows.append(("ELBO in bits/dim", f"{e.bits_per_dim:.4f}"))
-    cells = "".join(f"<tr><td class='l'>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>" for a, b in rows)
-    return f"<table>{cells}</table>"
+    """The evaluation's rows (``evaluation.evaluation_rows``, as the command line prints them) as HTML."""
+    cells = [f"<tr><td class='l'>{html.escape(f'{e.data}, {e.split}')}</td><td>{e.examples} examples</td></tr>"]
+    for row in evaluation_rows(e):
+        name = "&nbsp;" * 4 * row.depth + html.escape(row.name)
+        if row.value is None:
+            value = html.escape(row.note)
+        else:
+            number = str(row.value) if isinstance(row.value, int) else f"{row.value:.3f}"
+            value = html.escape(f"{number} {row.unit}" + (f" ({row.note})" if row.note else ""))
+        cells.append(f"<tr><td class='l'>{name}</td><td>{value}</td></tr>")
+    return f"<table>{''.join(cells)}</table>"

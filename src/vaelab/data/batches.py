@@ -22,6 +22,8 @@ STREAMS = (
     "binarize",  # dynamic binarisation of an epoch's batches: (epoch,)
     "noise",  # the reparametrisation noise eps of an optimiser step: (step,)
     "binarize-static",  # a split binarised once: (split index,)
+    "posterior",  # an evaluation's draws of the posteriors' parameters (a flow's moments, lower layers): ()
+    "kl-split",  # an evaluation's z_n ~ q(z|x_n) of the KL split (MI + TC + dimension-wise KL): ()
 )
 
 

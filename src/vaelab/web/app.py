@@ -9,6 +9,7 @@ request reaches the file system (the run directory is fixed when the app starts)
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import math
 import threading
@@ -26,7 +27,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from torch.distributions import Normal
 
 from vaelab.distributions import marginals
-from vaelab.evaluation import kl_per_example
+from vaelab.evaluation import evaluation_rows, kl_per_example
 from vaelab.inspection import Run, decode_mean, kl_parts, open_run
 from vaelab.kl import KLResult, correlation_kl, kl_full_normal_diag_normal, kl_normal_std_normal, log_ratio_samples
 from vaelab.objectives import given
@@ -172,6 +173,8 @@ def describe_run(run: Run) -> dict:
         "lowest_kl": listed[:8],
         "highest_kl": listed[::-1][:8],
         "kl_parts": None if parts is None else parts[0],
+        "evaluation": [dataclasses.asdict(row) for row in evaluation_rows(run.measured)],  # the rows evaluate prints
+        "measured_here": run.measured_here,
     }
 
 

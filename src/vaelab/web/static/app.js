@@ -6,6 +6,7 @@ const api = async (url, options) => {
   if (!r.ok) throw new Error(typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail));
   return body;
 };
+const escapeHtml = (t) => t.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 const fmt = (v) => v.toFixed(4).replace(/^-(0\.0+)$/, "$1"); // a value that rounds to 0 shows no sign
 const gauss = (t, m, s) => Math.exp(-0.5 * ((t - m) / s) ** 2) / (s * Math.sqrt(2 * Math.PI));
 
@@ -179,6 +180,15 @@ async function start() {
     $("kl-parts").textContent = "This posterior is not Gaussian (a flow), so its aggregate over the test set has no " +
       "density to take the KL apart with.";
   }
+  $("evaluation-title").textContent = m.measured_here
+    ? `the run's evaluation (measured for this page on ${m.test_count} test images; vaelab evaluate adds log p(x))`
+    : "the run's evaluation (its evaluation.json, as vaelab evaluate printed it)";
+  $("evaluation").innerHTML = m.evaluation.map((r) => {
+    const name = "&nbsp;".repeat(4 * r.depth) + escapeHtml(r.name);
+    const value = r.value === null ? "" : Number.isInteger(r.value) ? String(r.value) : r.value.toFixed(3);
+    return `<tr><td class="l">${name}</td><td>${value}</td><td>${escapeHtml(r.value === null ? r.note : r.unit)}</td>` +
+      `<td class="l"><small>${r.value === null ? "" : escapeHtml(r.note)}</small></td></tr>`;
+  }).join("");
   $("index").max = m.test_count - 1;
   if (m.classes) {
     labelled = true;
