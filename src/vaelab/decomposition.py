@@ -144,8 +144,9 @@ def full_data_mixture(
 
 
 def mws_log_weights(batch_size: int, dataset_size: int) -> Tensor:
-    """Minibatch weighted sampling: every entry log(1 / (N M)), (M, M)."""
-    return torch.full((batch_size, batch_size), -math.log(dataset_size * batch_size))
+    """Minibatch weighted sampling: every entry log(1 / (N M)), (M, M), in float64 (the caller rounds
+    it once to its own precision)."""
+    return torch.full((batch_size, batch_size), -math.log(dataset_size * batch_size), dtype=torch.float64)
 
 
 def mss_log_weights(batch_size: int, dataset_size: int) -> Tensor:
@@ -154,7 +155,7 @@ def mss_log_weights(batch_size: int, dataset_size: int) -> Tensor:
     M, N = batch_size, dataset_size
     if M < 2 or N < M:
         raise ValueError(f"stratified sampling needs 2 <= batch size <= data set size, got M={M}, N={N}")
-    weights = torch.full((M, M), (N - 1) / (N * (M - 1)))
+    weights = torch.full((M, M), (N - 1) / (N * (M - 1)), dtype=torch.float64)  # rounded once by the caller
     weights.fill_diagonal_(1.0 / N)
     return weights.log()
 
