@@ -30,7 +30,8 @@ from torch.distributions import MultivariateNormal
 
 from vaelab import distributed, rundir
 from vaelab.checkpoint import check_identity, load_run
-from vaelab.data import binarize_static, labels_for, prepare_data
+from vaelab.config import Config
+from vaelab.data import Splits, binarize_static, labels_for, prepare_data
 from vaelab.data.batches import Batches, seeded, shard_rows
 from vaelab.decomposition import decompose_full_data, full_data_mixture
 from vaelab.distributions import diag_normal, marginals
@@ -610,6 +611,45 @@ def weights_sha256(run_dir: Path) -> str:
     return hashlib.sha256((Path(run_dir) / "model.safetensors").read_bytes()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Trained:
+    """A trained run, opened once: its model (in eval mode), its config, its data split as it trained
+    on them (images as the model sees them: binarised where it was) and whether these are its own data."""
+
+    path: Path
+    model: torch.nn.Module
+    config: Config
+    splits: Splits
+    images: dict[str, Tensor]  # "train", "val", "test"
+    pixels: int | None  # per image, for bits/dim (a discrete likelihood), else None
+    own_data: bool  # False: other data given on purpose (evaluate --data)
+
+    def split(self, name: str) -> tuple[Tensor, Tensor | None]:
+        """The images of split ``name`` and the labels the model is given (None unless it is conditional)."""
+        x = self.images[name]
+        if not len(x):
+            raise UserError(f"the run has no {name} images (it trained with --val-size 0); use --split test")
+        return x, labels_for(self.config, getattr(self.splits, name), self.splits.name)
+
+
+def open_trained(path: str | Path, data: str | None = None, data_dir: str | None = None) -> Trained:
+    """The one opener of a trained run (a run directory, model.safetensors or a checkpoint): its model,
+    and its data prepared as it trained on them, or ``data`` / ``data_dir`` given instead; the data's
+    identity and shape are checked against the weights' (``checkpoint.check_identity``)."""
+    path = Path(path)
+    model, config = load_run(path)
+    changes = {k: v for k, v in (("data", data), ("data_dir", data_dir)) if v is not None}
+    config = config.replace(**changes)
+    splits, train_x, val_x, test_x, pixels = prepare_data(config, "cpu")
+    if splits.x_shape != model.x_shape:
+        raise UserError(
+            f"{splits.name} has images of shape {splits.x_shape}, the model was trained on "
+            f"{model.x_shape}; evaluate on data of the same shape"
+        )
+    own = check_identity(path, config, splits, given_data=bool(changes))
+    return Trained(path, model, config, splits, {"train": train_x, "val": val_x, "test": test_x}, pixels, own)
+
+
 def evaluate_run(
     run, *, data=None, data_dir=None, split="test", iwae_k=5000, batch_size=100, seed=0, per_example=False
 ) -> tuple[Evaluation, str | None]:
@@ -618,20 +658,15 @@ def evaluate_run(
         raise UserError(f"--iwae-k must be >= 0, got {iwae_k}")
     run = Path(run)
     with distributed.session("cpu") as ctx, contextlib.ExitStack() as held:
-        model, config = load_run(run)
-        changes = {k: v for k, v in (("data", data), ("data_dir", data_dir)) if v is not None}
-        config = config.replace(**changes)
-        splits, train_x, val_x, test_x, pixels = prepare_data(config, "cpu")
-        if splits.x_shape != model.x_shape:
-            raise UserError(
-                f"{splits.name} has images of shape {splits.x_shape}, the model was trained on "
-                f"{model.x_shape}; evaluate on data of the same shape"
-            )
-        own_data = check_identity(run, config, splits, given_data=bool(changes))
-        x = {"train": train_x, "val": val_x, "test": test_x}[split]
-        if not len(x):
-            raise UserError(f"the run has no {split} images (it trained with --val-size 0); use --split test")
-        y = labels_for(config, getattr(splits, split), splits.name)
+        trained = open_trained(run, data=data, data_dir=data_dir)
+        model, config, splits, pixels, own_data = (
+            trained.model,
+            trained.config,
+            trained.splits,
+            trained.pixels,
+            trained.own_data,
+        )
+        x, y = trained.split(split)
         if split == "train" and config.binarize == "dynamic":
             x = binarize_static(x, config.seed, "train")  # the static draw a static run trains on
         split_kl = POSTERIORS[config.posterior].gaussian

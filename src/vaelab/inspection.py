@@ -15,11 +15,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vaelab.checkpoint import check_identity, load_run
 from vaelab.config import Config
-from vaelab.data import labels_for, prepare_data
 from vaelab.errors import UserError
-from vaelab.evaluation import Evaluation, evaluate, kl_per_example, layer_means, posterior_params, weights_sha256
+from vaelab.evaluation import (
+    Evaluation,
+    evaluate,
+    kl_per_example,
+    layer_means,
+    open_trained,
+    posterior_params,
+    weights_sha256,
+)
 from vaelab.kl import KLResult
 from vaelab.objectives import given
 from vaelab.parts import POSTERIORS
@@ -109,12 +115,11 @@ def read_evaluation(run_dir: Path) -> Evaluation | None:
 def open_run(path: str | Path, max_examples: int = 2000) -> Run:
     """A trained run, its test split (at most ``max_examples`` images) and the record of it (:attr:`Run.measured`)."""
     path = Path(path)
-    model, config = load_run(path)
-    splits, _, _, test_x, pixels = prepare_data(config, "cpu")
-    check_identity(path, config, splits)
+    trained = open_trained(path)
+    model, config, splits, pixels = trained.model, trained.config, trained.splits, trained.pixels
+    test_x, model_y = trained.split("test")
     test_x = test_x[:max_examples]
     test_y = None if splits.test.y is None else splits.test.y[:max_examples]
-    model_y = labels_for(config, splits.test, splits.name)  # checks a conditional model's labels
     model_y = None if model_y is None else model_y[:max_examples]
     with torch.random.fork_rng(devices=[]):  # seeded draws: a flow's moments, the lower layers' means
         torch.manual_seed(0)
