@@ -206,3 +206,20 @@ def test_a_report_draws_the_readable_rows_of_an_edited_metrics_csv(tmp_path):
         f.write("3,val,oops,nan\ngarbage\n")  # a hand edit, and a row torn by a kill
     assert main(["report", str(run)]) == 0
     assert (run / "report.html").exists()
+
+
+def test_a_run_from_before_the_marker_can_be_overwritten_but_not_a_fake_one(tmp_path, capsys):
+    """`make demo` run again over a runs/demo written by an earlier vaelab: its checkpoints/last.pt loads as
+    a vaelab checkpoint, so it is a run (adopted, then replaced); a folder whose last.pt is not one is not."""
+    run = tmp_path / "run"
+    assert train(run) == 0
+    (run / rundir.MARKER).unlink()
+    (run / "notes.txt").write_text("mine")
+    assert train(run, "--overwrite") == 0
+    assert rundir.is_run(run) and (run / "notes.txt").read_text() == "mine"
+    fake = tmp_path / "fake"
+    (fake / "checkpoints").mkdir(parents=True)
+    (fake / "checkpoints" / "last.pt").write_bytes(b"PK not a checkpoint")
+    (fake / "config.toml").write_text("")
+    assert train(fake, "--overwrite") == 2
+    assert "no .vaelab-run marker" in capsys.readouterr().err and (fake / "checkpoints" / "last.pt").exists()

@@ -88,6 +88,7 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, remove_temporaries: bo
             remove_stale_temporaries(out)
         return
     if _holds_anything(out):
+        rundir.mark(out)  # a run written before the marker existed (see check_out) is adopted first
         rundir.remove_owned(out)
     try:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -109,11 +110,22 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> None:
             raise UserError(
                 f"{out} already exists and is not empty; choose another --out, add --resume, or --overwrite"
             )
-        if not rundir.is_run(out):
+        if not rundir.is_run(out) and not _written_before_the_marker(out):
             raise UserError(
                 f"{out} is not a vaelab run directory (it has no {rundir.MARKER} marker); refusing to delete "
                 "anything in it. Choose another --out, or remove the folder yourself"
             )
+
+
+def _written_before_the_marker(out: Path) -> bool:
+    """A run of a vaelab from before the marker: its checkpoints/last.pt loads as a vaelab checkpoint
+    (a stray config.toml does not make one)."""
+    try:
+        return (out / "checkpoints" / "last.pt").is_file() and bool(
+            checkpoint.load_checkpoint(out / "checkpoints" / "last.pt")
+        )
+    except UserError:
+        return False
 
 
 def _holds_anything(out: Path) -> bool:
@@ -175,7 +187,7 @@ class RunWriter:
             with open(self.csv_path, newline="") as f:
                 kept = [row for row in csv.DictReader(f) if _epoch_of(row) < state.epoch]
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, self.columns)
+        writer = csv.DictWriter(text, self.columns, extrasaction="ignore")  # a torn row's extra fields go
         writer.writeheader()
         writer.writerows(kept)
         atomic_write_text(self.csv_path, text.getvalue())  # replaces the path: a link there is never followed
