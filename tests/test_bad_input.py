@@ -545,6 +545,16 @@ CATALOGUE = [
         ["would overwrite a file of the run"],
     ),
     (
+        "per-example rows over the run's evaluation record",
+        lambda t: ["evaluate", str(run := make_run(t)), "--iwae-k", "0", "--per-example", str(run / "evaluation.json")],
+        ["--per-example", "would overwrite a file of the run"],
+    ),
+    (
+        "report over the run's evaluation record",
+        lambda t: ["report", str(run := make_run(t)), "--out", str(run / "evaluation.json")],
+        ["would overwrite a file of the run"],
+    ),
+    (
         "report compared with itself",
         lambda t: ["report", str(run := make_run(t)), "--compare", str(run)],
         ["another run"],

@@ -360,9 +360,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaelab.fileio import atomic_write_text
     from vaelab.rundir import check_output
 
-    for option, path in (("--json", args.json), ("--per-example", args.per_example)):
+    for option, path, may_be in (("--json", args.json, "evaluation.json"), ("--per-example", args.per_example, None)):
         if path is not None:
-            check_output(path, option, also=(args.run,))
+            check_output(path, option, also=(args.run,), may_be=may_be)
 
     record, per_example_csv = evaluate_run(
         args.run,

@@ -140,7 +140,7 @@ def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8, co
     """
     run = open_run(run_dir)
     out = Path(out) if out else run.path / "report.html"
-    rundir.check_output(out, "--out", also=(run.path / "checkpoints" / "last.pt",))
+    rundir.check_output(out, "--out", also=(run.path / "checkpoints" / "last.pt",), may_be="report.html")
     figures_dir = figures_folder(out, run.path)  # checked before any figure is drawn
     comparison = _comparison(run, Path(compare)) if compare is not None else None
     inside = {out.parent.resolve(), figures_dir.parent.resolve()} & {run.path.resolve()}

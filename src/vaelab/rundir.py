@@ -39,9 +39,6 @@ LOCK = ".vaelab-lock"
 # the event files, report/ the figures of ``vaelab report``.
 OWNED_FILES = ("config.toml", "metrics.csv", "model.safetensors", "evaluation.json", "report.html")
 OWNED_DIRS = ("checkpoints", "tensorboard", "report")
-# What an output option (``--json``, ``--per-example``, ``report --out``) may never replace: the
-# files a run is loaded from, and anything in its folders.
-LOADED_FROM = ("config.toml", "metrics.csv", "model.safetensors", MARKER, LOCK)
 
 
 def is_run(path: Path) -> bool:
@@ -152,16 +149,18 @@ def lock(out: Path, what: str = "writing") -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def check_output(path: Path, option: str, also: tuple[Path, ...] = ()) -> None:
-    """Refuse an output path that is a file a run is loaded from (its config, weights, metrics,
-    marker, lock, anything under checkpoints/ or tensorboard/), or one of ``also`` (the input the
-    command reads): writing there would leave a run that no longer loads."""
+def check_output(path: Path, option: str, also: tuple[Path, ...] = (), may_be: str | None = None) -> None:
+    """Refuse an output path that is a file of a run (its config, weights, metrics, records, marker,
+    lock, anything under checkpoints/ or tensorboard/) other than ``may_be``, the run file the
+    option writes anyway (``evaluate --json`` the record, ``report --out`` the page), or one of
+    ``also`` (the input the command reads): writing there would leave a run that no longer loads."""
     target = Path(path).resolve()
     for given in also:
         if Path(given).exists() and target == Path(given).resolve():
             raise UserError(f"{option} {path} is the file this command reads; write the output elsewhere")
     parent = target.parent
-    if _looks_like_run(parent) and (target.name in LOADED_FROM or target.name in OWNED_DIRS):
+    owned = {*OWNED_FILES, *OWNED_DIRS, MARKER, LOCK} - {may_be}
+    if _looks_like_run(parent) and target.name in owned:
         raise UserError(f"{option} {path} would overwrite a file of the run in {parent}; write the output elsewhere")
     if parent.name in ("checkpoints", "tensorboard") and _looks_like_run(parent.parent):
         raise UserError(
