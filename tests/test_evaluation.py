@@ -238,9 +238,8 @@ def test_evaluate_takes_the_kl_apart_on_28x28_images(tmp_path, mnist_dir, capsys
 
 
 def test_the_kl_split_has_its_own_draws_and_leaves_the_caller_alone(trained_run):
-    """The MI / TC / dimension-wise KL come from their own stream: the same for any --iwae-k (they
-    followed the IWAE draws, 0.111 against 0.077 nats on a 3-epoch run); evaluate leaves the caller's
-    RNG state and the model's mode as they were."""
+    """The MI / TC / dimension-wise KL come from their own stream: the same for any --iwae-k (they were
+    drawn after the IWAE samples); evaluate leaves the caller's RNG state and the model's mode as they were."""
     from vaelab.checkpoint import load_run
     from vaelab.data import prepare_data
 

@@ -223,3 +223,19 @@ def test_a_run_from_before_the_marker_can_be_overwritten_but_not_a_fake_one(tmp_
     (fake / "config.toml").write_text("")
     assert train(fake, "--overwrite") == 2
     assert "no .vaelab-run marker" in capsys.readouterr().err and (fake / "checkpoints" / "last.pt").exists()
+
+
+def test_overwrite_keeps_what_the_user_put_in_vaelabs_folders(tmp_path):
+    """A checkpoint copied aside into checkpoints/ to keep, a note among the figures: --overwrite removes
+    vaelab's own names there (last.pt, best.pt, the event files, the numbered figures) and nothing else."""
+    run = tmp_path / "run"
+    assert train(run) == 0
+    assert main(["report", str(run)]) == 0
+    (run / "checkpoints" / "epoch1-keep.pt").write_bytes((run / "checkpoints" / "last.pt").read_bytes())
+    (run / "report" / "notes.md").write_text("mine")
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and list((run / "report").glob("01-*.png"))
+    assert train(run, "--overwrite") == 0
+    assert (run / "checkpoints" / "epoch1-keep.pt").exists() and (run / "report" / "notes.md").read_text() == "mine"
+    assert not list((run / "report").glob("01-*.png")) and not any(p.exists() for p in events)
+    assert not (run / "report.html").exists()  # the old run's page went with it

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 import vaelab
+from vaelab import rundir
 from vaelab.config import Config, coerce, parse_toml
 from vaelab.errors import UserError
 
@@ -195,8 +196,6 @@ def check_identity(path: str | Path, config: Config, splits, given_data: bool = 
     """Refuse weights in a run directory that another run wrote, and data that are not the ones the
     weights were trained on, unless ``given_data`` (``evaluate --data``: other data on purpose).
     Returns whether the data are the run's own (only then is the run's evaluation.json rewritten)."""
-    from vaelab import rundir
-
     path, found = Path(path), identity_of(path)
     owner = rundir.run_id(path) if path.is_dir() else None
     if owner and found.get("run_id", owner) != owner:

@@ -253,19 +253,13 @@ class Config:
             (parts.POSTERIORS, self.posterior),
             (parts.PRIORS, self.prior),
         ):
-            for part in table:
-                for name in part.reads:
-                    if (
-                        part.name != chosen
-                        and name not in table[chosen].reads
-                        and getattr(self, name) != defaults[name]
-                    ):
-                        flag, kind = name.replace("_", "-"), table.kind
-                        readers = " or ".join(p.name for p in table if name in p.reads)
-                        raise UserError(
-                            f"--{flag} is read only with --{kind} {readers}, which this run does not use; "
-                            f"add --{kind} {readers.split(' or ')[0]}, or drop --{flag}"
-                        )
+            unread = {name for part in table for name in part.reads} - set(table[chosen].reads)
+            for name in sorted(n for n in unread if getattr(self, n) != defaults[n]):
+                flag, readers = name.replace("_", "-"), [p.name for p in table if name in p.reads]
+                raise UserError(
+                    f"--{flag} is read only with --{table.kind} {' or '.join(readers)}, which this run does not "
+                    f"use; add --{table.kind} {readers[0]}, or drop --{flag}"
+                )
         if objective.splits_kl_by_dimension and self.batch_size < 2:
             raise UserError(
                 f"--objective {self.objective} estimates q(z) from the other examples of a batch; "

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from vaelab.config import Config
+from vaelab.data.batches import seeded
 from vaelab.errors import UserError
 from vaelab.evaluation import (
     Evaluation,
@@ -26,7 +27,7 @@ from vaelab.evaluation import (
     posterior_params,
     weights_sha256,
 )
-from vaelab.kl import KLResult
+from vaelab.kl import KLResult, rng_from
 from vaelab.objectives import given
 from vaelab.parts import POSTERIORS
 
@@ -121,8 +122,7 @@ def open_run(path: str | Path, max_examples: int = 2000) -> Run:
     test_x = test_x[:max_examples]
     test_y = None if splits.test.y is None else splits.test.y[:max_examples]
     model_y = None if model_y is None else model_y[:max_examples]
-    with torch.random.fork_rng(devices=[]):  # seeded draws: a flow's moments, the lower layers' means
-        torch.manual_seed(0)
+    with rng_from(seeded(0, "posterior")):  # a flow's moments, the lower layers' means: evaluate's draws
         mu, log_var, scale_tril = posterior_params(model, test_x, y=model_y)
         means = layer_means(model, test_x, mu, y=model_y)
     kl = kl_per_example(model, test_x, y=model_y)

@@ -5,7 +5,7 @@ A run directory is one that holds ``.vaelab-run``, a marker vaelab writes when i
 about the user's files rest on three rules kept here:
 
 - **vaelab deletes only what it wrote.** ``--overwrite`` (and ``--auto-resume`` restarting a run that
-  never reached its first checkpoint) removes the names of :data:`OWNED` from a marked directory and
+  never reached its first checkpoint) removes vaelab's own names from a marked directory (:func:`remove_owned`) and
   leaves everything else in it where it was.
 - **One writer at a time.** :func:`lock` holds an exclusive ``flock`` on ``.vaelab-lock`` while a
   command writes a run; a second writer is refused with the holder's process id and host. The kernel
@@ -23,7 +23,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import socket
 import uuid
 from collections.abc import Iterator
@@ -39,6 +38,12 @@ LOCK = ".vaelab-lock"
 # the event files, report/ the figures of ``vaelab report``.
 OWNED_FILES = ("config.toml", "metrics.csv", "model.safetensors", "evaluation.json", "report.html")
 OWNED_DIRS = ("checkpoints", "tensorboard", "report")
+# the names vaelab gives inside its folders: what --overwrite may delete there
+OWNED_IN_DIRS = {
+    "checkpoints": ("last.pt", "best.pt", f".*{TMP_SUFFIX}"),
+    "tensorboard": ("events.out.tfevents.*",),
+    "report": ("[0-9][0-9]-*.png", ".vaelab-report"),
+}
 
 
 def is_run(path: Path) -> bool:
@@ -99,9 +104,10 @@ def refuse_links(out: Path) -> None:
                     )
 
 
-def remove_owned(out: Path) -> list[str]:
-    """Delete what vaelab writes in the marked run ``out`` (its files and folders, not the marker
-    or the lock); anything else in it stays. Returns the names of what was left in place."""
+def remove_owned(out: Path) -> None:
+    """Delete what vaelab writes in the marked run ``out``: its files (:data:`OWNED_FILES`), and in its
+    folders (:data:`OWNED_DIRS`) only the names vaelab gives there (:data:`OWNED_IN_DIRS`); a folder
+    left empty goes too. Anything else (a checkpoint the user copied into checkpoints/, say) stays."""
     if not is_run(out):
         raise UserError(
             f"{out} is not a vaelab run directory (it has no {MARKER} marker); refusing to delete anything in it. "
@@ -109,15 +115,18 @@ def remove_owned(out: Path) -> list[str]:
         )
     refuse_links(out)
     for name in OWNED_FILES:
-        with contextlib.suppress(FileNotFoundError):
-            (out / name).unlink()
-    for name in OWNED_DIRS:
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
+        (out / name).unlink(missing_ok=True)
     for leftover in out.glob(f".*{TMP_SUFFIX}"):
         leftover.unlink(missing_ok=True)
-    owned = {*OWNED_FILES, *OWNED_DIRS, MARKER, LOCK}
-    return sorted(p.name for p in out.iterdir() if p.name not in owned)
+    for folder, patterns in OWNED_IN_DIRS.items():
+        if not (out / folder).is_dir():
+            continue
+        for pattern in patterns:
+            for path in (out / folder).glob(pattern):
+                if path.is_file():
+                    path.unlink()
+        with contextlib.suppress(OSError):  # not empty: the user's files are in it
+            (out / folder).rmdir()
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Collection
+from dataclasses import fields
 from pathlib import Path
 
 import tomli_w
@@ -77,15 +78,15 @@ def default_out(name: str) -> Path:
     return candidate
 
 
-def prepare_out(out: Path, resume: bool, overwrite: bool, remove_temporaries: bool = True) -> None:
+def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     """Make ``out`` ready to be written, under its lock (rank 0): a resume needs checkpoints/last.pt;
     a new run needs an empty or absent folder, or ``overwrite`` and a folder that is a vaelab run, of
     which only vaelab's own files are removed (:func:`rundir.remove_owned`)."""
     check_out(out, resume, overwrite)
     if resume:
-        if remove_temporaries:  # rank 0 only: the files of a write that a kill interrupted
-            remove_stale_temporaries(out / "checkpoints")
-            remove_stale_temporaries(out)
+        remove_stale_temporaries(out / "checkpoints")  # the files of a write that a kill interrupted
+        remove_stale_temporaries(out)
+        rundir.mark(out)  # a run written before the marker existed gets one
         return
     if _holds_anything(out):
         rundir.mark(out)  # a run written before the marker existed (see check_out) is adopted first
@@ -428,7 +429,6 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held) -> tup
             log(f"resume changes {said} (recorded in {out / 'config.toml'})")
     hooks: list = []
     if ctx.is_main:
-        rundir.mark(out)
         atomic_write_text(out / "config.toml", config_toml(out, config, changes, state.epoch))
         writer = RunWriter(
             out, config, optimizer, splits.x_shape, identity(out, splits), model.layer_dims, state, len(val_x)
@@ -497,7 +497,7 @@ def memory_needed(config: Config, x_shape) -> int:
     with torch.device("meta"):
         params = sum(p.numel() for p in models.build(config, x_shape).parameters())
     pixels = math.prod(x_shape)
-    samples = config.batch_size * (config.k if config.objective == "iwae" else 1)
+    samples = config.batch_size * (config.k if "k" in parts.OBJECTIVES[config.objective].reads else 1)
     widths = 2 * sum(config.hidden) + 4 * config.latent_dim + 3 * pixels  # forward and backward, both networks
     pairs = (
         config.batch_size**2 * config.latent_dim * 3 if parts.OBJECTIVES[config.objective].splits_kl_by_dimension else 0
@@ -569,21 +569,17 @@ def continued_config(run_values: dict, config: Config, given: Collection[str] | 
     every field but the derived ``classes``) taken from ``config``. A given option that differs from
     the run's is refused unless it is one of :data:`RESUME_MAY_CHANGE`; returns the config and the
     changes applied, {name: (old, new)}."""
-    old = {**Config().to_dict(), **run_values}  # a field the run's vaelab did not have took its default
-    new = config.to_dict()
-    names = [f for f in new if f != "classes"] if given is None else [f for f in given if f != "download"]
-    differs = {k: (old.get(k), new.get(k)) for k in names if old.get(k) != new.get(k)}
+    old = checkpoint.config_from_dict(run_values, "the run's checkpoint")  # a field it lacks takes its default
+    names = [f.name for f in fields(Config)] if given is None else list(given)
+    names = [k for k in names if k not in ("classes", "download")]  # derived from the data; where to fetch it
+    differs = {k: (getattr(old, k), getattr(config, k)) for k in names if getattr(old, k) != getattr(config, k)}
     refused = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in differs.items() if k not in RESUME_MAY_CHANGE]
     if refused:
         raise UserError(
             f"--resume continues the run as it was configured, and options differ from it ({'; '.join(refused)}); "
             f"drop them, or start a new run with another --out (a resume may change {', '.join(RESUME_MAY_CHANGE)})"
         )
-    values = {**old, **{k: new[k] for k in differs}}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    if config.download:
-        values["download"] = True
-    return Config(**values), differs
+    return old.replace(**{k: new for k, (_, new) in differs.items()}, download=config.download), differs
 
 
 def config_toml(out: Path, config: Config, changes: dict, epoch: int) -> str:

@@ -324,8 +324,8 @@ def load(config) -> Splits:
 MAX_CLASSES = 10_000  # a label beyond this is a mistake (an id, a value), not a class of a conditional model
 
 
-def validate_labels(y, n: int, where: str) -> np.ndarray:
-    """Labels as int64 (N,), one whole number from 0 to C - 1 per image, or one line saying what is wrong."""
+def validate_labels(y, n: int, where: str) -> None:
+    """Check labels: one whole number from 0 to C - 1 per image, shape (N,); else one line saying what is wrong."""
     y = np.asarray(y)
     fix = "save one whole-number label per image, 0 to C - 1, as y of shape (N,)"
     if y.ndim == 1 and len(y) != n:
@@ -342,7 +342,6 @@ def validate_labels(y, n: int, where: str) -> np.ndarray:
             f"the labels y of {where} run from {y.min():g} to {y.max():g}; labels are 0 to C - 1 with C at most "
             f"{MAX_CLASSES:,}: {fix}"
         )
-    return y.astype(np.int64)
 
 
 VAL_AT_MOST = 1000  # validation images by default: enough to choose the best epoch (paired, same images and noise)
