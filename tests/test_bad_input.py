@@ -215,6 +215,53 @@ def conditional_then_permuted(tmp_path):
 
 
 # (id, argv builder, words the message must contain)
+def compressed(tmp_path, damage=None):
+    """A run and the file ``vaelab compress`` made of its test split, damaged by ``damage``."""
+    run = make_run(tmp_path)
+    file = tmp_path / "test.vbb"
+    assert main(["compress", str(run), "-o", str(file), "--iwae-k", "0"]) == 0
+    if damage:
+        damage(file)
+    return str(file)
+
+
+def cut(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def flip_a_byte(path):
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0x10
+    path.write_bytes(bytes(blob))
+
+
+def decompress_with_another_run(tmp_path):
+    file = compressed(tmp_path)
+    other = tmp_path / "other"
+    assert main(["train", *FAST, "--seed", "1", "--out", str(other)]) == 0
+    return ["decompress", file, "-o", str(tmp_path / "back.npy"), "--run", str(other)]
+
+
+def decompress_without_its_run(tmp_path):
+    file = compressed(tmp_path)
+    (tmp_path / "run").rename(tmp_path / "moved")
+    return ["decompress", file, "-o", str(tmp_path / "back.npy")]
+
+
+def compress_run(*options, images=None):
+    def build(tmp_path):
+        run = str(make_run(tmp_path, *options))
+        given = [images(tmp_path)] if images else []
+        return ["compress", run, *given, "-o", str(tmp_path / "f.vbb"), "--iwae-k", "0"]
+
+    return build
+
+
+def one_png(tmp_path):
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(tmp_path / "one.png")
+    return str(tmp_path / "one.png")
+
+
 CATALOGUE = [
     ("unknown data set", lambda t: ["train", "--data", "mnsit"], ["unknown data set 'mnsit'", "use digits"]),
     (
@@ -553,6 +600,67 @@ CATALOGUE = [
         "report over the run's evaluation record",
         lambda t: ["report", str(run := make_run(t)), "--out", str(run / "evaluation.json")],
         ["would overwrite a file of the run"],
+    ),
+    (
+        "compress with a density likelihood",
+        compress_run("--likelihood", "gaussian", "--binarize", "none"),
+        ["is a density", "--likelihood bernoulli"],
+    ),
+    ("compress a run of two latent layers", compress_run("--family", "hierarchical"), ["one latent layer", "--family"]),
+    ("compress a conditional run", compress_run("--conditional"), ["--conditional", "labels"]),
+    (
+        "compress grey images with a Bernoulli run",
+        compress_run(images=lambda t: npy(t, np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8))),
+        ["binary images", "logistic"],
+    ),
+    (
+        "compress images of another shape",
+        compress_run(images=lambda t: npy(t, np.zeros((4, 8, 8), dtype=np.uint8))),
+        ["shape (1, 8, 8)", "(1, 28, 28)"],
+    ),
+    (
+        "compress NaN pixels",
+        compress_run(images=lambda t: npy(t, np.full((4, 28, 28), np.nan, dtype=np.float32))),
+        ["NaN"],
+    ),
+    ("compress no images", compress_run(images=lambda t: npy(t, np.zeros((0, 28, 28), np.uint8))), ["no images"]),
+    ("compress one PNG file", compress_run(images=one_png), ["one image", "folder"]),
+    (
+        "compress over an existing file",
+        lambda t: ["compress", str(make_run(t)), "-o", str(a_file(t)), "--iwae-k", "0"],
+        ["exists", "--overwrite"],
+    ),
+    (
+        "compress over the run's weights",
+        lambda t: ["compress", str(run := make_run(t)), "-o", str(run / "model.safetensors")],
+        ["-o", "would overwrite a file of the run"],
+    ),
+    (
+        "compress on a grid of 2^17 buckets",
+        lambda t: ["compress", str(make_run(t)), "-o", str(t / "f.vbb"), "--latent-bits", "17"],
+        ["--latent-bits must be 1 to 16"],
+    ),
+    (
+        "decompress a truncated file",
+        lambda t: ["decompress", compressed(t, cut), "-o", str(t / "back.npy")],
+        ["damaged", "compress again"],
+    ),
+    (
+        "decompress a file with one byte changed",
+        lambda t: ["decompress", compressed(t, flip_a_byte), "-o", str(t / "back.npy")],
+        ["damaged"],
+    ),
+    (
+        "decompress a file vaelab did not write",
+        lambda t: ["decompress", str(a_file(t)), "-o", str(t / "back.npy")],
+        ["not a file vaelab compress wrote"],
+    ),
+    ("decompress with another run", decompress_with_another_run, ["not the model", "--run RUN"]),
+    ("decompress when its run has moved", decompress_without_its_run, ["not there", "--run RUN"]),
+    (
+        "decompress over an existing file",
+        lambda t: ["decompress", compressed(t), "-o", str(a_file(t))],
+        ["exists", "--overwrite"],
     ),
     (
         "report compared with itself",

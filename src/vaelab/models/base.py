@@ -35,6 +35,12 @@ class Likelihood(nn.Module):
     def forward(self, out: Tensor) -> Distribution:
         raise NotImplementedError
 
+    def pmf(self, out: Tensor) -> Tensor:
+        """The probability of every pixel value, (B, pixels, levels) in float64, for a discrete
+        likelihood (``parts.Likelihood.discrete``): what an entropy coder needs (``vaelab compress``).
+        Level i is the pixel value i / (levels - 1). A density has none."""
+        raise NotImplementedError(f"{type(self).__name__} is a density: it gives no probability to a pixel value")
+
     def log_prob_samples(self, out: Tensor, x: Tensor) -> Tensor:
         """log p(x | z_i) for decoder outputs ``out`` (B, n, P C, H, W) of n samples per example
         against ``x`` (B, C, H, W); shape (B, n)."""
@@ -56,6 +62,10 @@ class BernoulliLikelihood(Likelihood):
         # sums of hundreds of terms accumulate in float64, so the result does not depend on their order
         log_p = x_dot_l.double() - torch.nn.functional.softplus(logits).sum(-1, dtype=torch.float64)
         return log_p.to(logits.dtype)
+
+    def pmf(self, out: Tensor) -> Tensor:
+        logits = out.flatten(1).double()
+        return torch.stack([torch.sigmoid(-logits), torch.sigmoid(logits)], -1)  # P(0) without 1 - P(1)'s rounding
 
 
 class ContinuousBernoulliLikelihood(Likelihood):
@@ -80,6 +90,16 @@ class LogisticLikelihood(Likelihood):
     def forward(self, out):
         loc, log_scale = out.chunk(2, dim=1)
         return dist.discretized_logistic(torch.sigmoid(loc), log_scale, 3)
+
+    def pmf(self, out: Tensor) -> Tensor:
+        """P(x = i / 255) = sigmoid((x + h - loc) / s) - sigmoid((x - h - loc) / s), the end bins
+        reaching to -inf and +inf (``distributions.DiscretizedLogistic``), in float64."""
+        p = self(out).base_dist
+        loc, inv_s = p.loc.flatten(1).double(), torch.exp(-p.log_scale.flatten(1).double())
+        edges = (torch.arange(1, p.bins, dtype=torch.float64) - 0.5) / (p.bins - 1)  # between the levels
+        cdf = torch.sigmoid((edges - loc.unsqueeze(-1)) * inv_s.unsqueeze(-1))
+        zeros, ones = torch.zeros_like(cdf[..., :1]), torch.ones_like(cdf[..., :1])
+        return torch.cat([cdf, ones], -1) - torch.cat([zeros, cdf], -1)
 
 
 def make_likelihood(name: str, x_shape) -> Likelihood:

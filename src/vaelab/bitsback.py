@@ -1,0 +1,197 @@
+r"""Bits-back coding with asymmetric numeral systems (BB-ANS; Townsend, Bird & Barber 2019): a
+trained VAE as a lossless compressor whose code length is the negative ELBO, and whose net bits
+for the latent are the KL term.
+
+The message is a stack (``constriction``'s ANS coder). To put an image x on it:
+
+1. **pop** z with Q(z|x): decoding bits that are already on the stack *with the posterior* draws
+   z ~ Q(z|x) and takes -log2 Q(z|x) bits off the stack (the bits "got back");
+2. **push** x with p(x|z): -log2 p(x|z) bits;
+3. **push** z with P(z): -log2 P(z) bits.
+
+Net: -log2 p(x|z) + [-log2 P(z) + log2 Q(z|x)], whose mean over z ~ Q is E_Q[-log2 p(x|z)] +
+KL(Q || P) in bits: the negative ELBO. The bracket, the net bits for z, is the KL term.
+Decoding runs the three steps backwards, images in reverse order: pop z with P, pop x with
+p(x|z), push z with Q(z|x), which puts back exactly the bits step 1 took.
+
+Latents are coded on a grid: each dimension's real line cut into 2^b buckets of equal mass under
+the prior N(0, 1) (BB-ANS, section 2.5.1), so pushing z costs exactly b bits per dimension; the
+posterior's mass of bucket i is Phi((e_{i+1} - mu) / sigma) - Phi((e_i - mu) / sigma), and the
+decoder sees each bucket's centre, the prior's (i + 1/2) / 2^b quantile. The first image's pop
+needs bits on the stack before there are any: the *initial bits*, seeded random words, which
+decoding hands back exactly (and checks).
+
+Encoder and decoder must compute the same probabilities bit for bit: both evaluate the networks on
+one image at a time, in float32 on one thread, and turn them into float64 tables that
+``constriction`` quantises deterministically. What is decoded is checked against the image
+checksum stored with the message (``vaelab.compress``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+QUANTISATION_BITS = 24  # constriction's probability precision: no symbol costs more than 24 bits
+MAX_LATENT_BITS = 16
+
+
+@dataclass(frozen=True)
+class LatentGrid:
+    """2^bits buckets per latent dimension of equal mass under N(0, 1): their edges and centres."""
+
+    bits: int
+    edges: Tensor  # (2^bits + 1,), from -inf to inf
+    centres: Tensor  # (2^bits,)
+
+    @classmethod
+    def of(cls, bits: int) -> LatentGrid:
+        n = 2**bits
+        steps = torch.arange(n + 1, dtype=torch.float64)
+        return cls(bits, torch.special.ndtri(steps / n), torch.special.ndtri((steps[:-1] + 0.5) / n))
+
+    def masses(self, mu: Tensor, sigma: Tensor) -> Tensor:
+        """Q's mass of every bucket, (D, 2^bits) float64, for q(z_j|x) = N(mu_j, sigma_j^2); upper
+        tails from the survival function, so a bucket far right is not 1 - 1."""
+        a = (self.edges - mu.double().unsqueeze(-1)) / sigma.double().unsqueeze(-1)
+        lo, hi = a[:, :-1], a[:, 1:]
+        return torch.where(
+            lo > 0, torch.special.ndtr(-lo) - torch.special.ndtr(-hi), torch.special.ndtr(hi) - torch.special.ndtr(lo)
+        )
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What each image cost, in bits, (N,) each: the information content -log2 of each coded symbol's
+    probability under the tables the coder was given (the message's length is their sum, plus the
+    initial bits, plus what quantising the tables to 24 bits costs)."""
+
+    pixels: np.ndarray  # pushed for x with p(x|z)
+    z_pushed: np.ndarray  # pushed for z with P(z)
+    z_back: np.ndarray  # got back when z was popped with Q(z|x)
+
+    @property
+    def z_net(self) -> np.ndarray:
+        return self.z_pushed - self.z_back
+
+    @property
+    def net(self) -> np.ndarray:
+        return self.pixels + self.z_net
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Both sides evaluate the networks on one thread: a matrix product split among threads may sum
+    in another order, and the coder needs the same probabilities bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def initial_words(latent_dim: int, seed: int) -> np.ndarray:
+    """The initial bits: enough seeded random 32-bit words for the first pop of z, which takes at
+    most ``QUANTISATION_BITS`` bits per dimension; the last word's top bit set, so the stack holds
+    every one of them."""
+    n = math.ceil((QUANTISATION_BITS * latent_dim + 64) / 32)
+    words = np.random.default_rng(seed).integers(0, 2**32, size=n, dtype=np.uint32)
+    words[-1] |= np.uint32(1 << 31)
+    return words
+
+
+class BitsBack:
+    """BB-ANS for a model with one latent layer, a diagonal Gaussian q(z|x) and p(z) = N(0, I).
+
+    ``posterior(x)`` gives (mu, sigma) of q(z|x) for one image x (1, C, H, W); ``pmf(z)`` gives p(x|z)
+    as a table (pixels, levels) of float64 for one z (1, D). Pixel values are symbols 0 to levels - 1
+    (the value symbol / (levels - 1)).
+    """
+
+    def __init__(
+        self,
+        posterior: Callable[[Tensor], tuple[Tensor, Tensor]],
+        pmf: Callable[[Tensor], Tensor],
+        latent_dim: int,
+        x_shape: tuple[int, ...],
+        levels: int,
+        latent_bits: int,
+    ):
+        import constriction
+
+        self.posterior, self.pmf = posterior, pmf
+        self.latent_dim, self.x_shape, self.levels = latent_dim, tuple(x_shape), levels
+        self.grid = LatentGrid.of(latent_bits)
+        self._categorical = constriction.stream.model.Categorical(perfect=False)
+        self._uniform = constriction.stream.model.Uniform(2**latent_bits)
+        self._coder = constriction.stream.stack.AnsCoder
+
+    def _image(self, symbols: np.ndarray) -> Tensor:
+        return torch.from_numpy(symbols.astype(np.float32) / (self.levels - 1)).view(1, *self.x_shape)
+
+    def _q(self, symbols: np.ndarray) -> np.ndarray:
+        mu, sigma = self.posterior(self._image(symbols))
+        return self.grid.masses(mu.reshape(-1), sigma.reshape(-1)).numpy()
+
+    def _p_x(self, z_index: np.ndarray) -> np.ndarray:
+        z = self.grid.centres[torch.from_numpy(z_index.astype(np.int64))].float().view(1, -1)
+        return np.ascontiguousarray(self.pmf(z).reshape(-1, self.levels).numpy())
+
+    @torch.no_grad()
+    def encode(self, symbols: np.ndarray, seed: int = 0) -> tuple[np.ndarray, Costs]:
+        """Code the images ``symbols`` (N, pixels), int, onto a stack that starts from the initial
+        bits; return the message (uint32 words) and what each image cost."""
+        symbols = np.ascontiguousarray(symbols, dtype=np.int32)
+        coder = self._coder(initial_words(self.latent_dim, seed))
+        costs = np.zeros((3, len(symbols)))
+        with one_thread():
+            for i, x in enumerate(symbols):
+                q = self._q(x)
+                z = coder.decode(self._categorical, q)  # pop z with Q(z|x)
+                p_x = self._p_x(z)
+                coder.encode_reverse(x, self._categorical, p_x)  # push x with p(x|z)
+                coder.encode_reverse(z, self._uniform)  # push z with P(z)
+                costs[:, i] = (
+                    -np.log2(p_x[np.arange(len(x)), x]).sum(),
+                    self.grid.bits * self.latent_dim,
+                    -np.log2(q[np.arange(len(z)), z]).sum(),
+                )
+        return coder.get_compressed(), Costs(*costs)
+
+    @torch.no_grad()
+    def decode(self, message: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, bool]:
+        """The ``n`` images of ``message``, (n, pixels) int32, and whether what is left on the stack is
+        exactly the initial bits (False: the message, or this machine's arithmetic, is not the one it
+        was coded with)."""
+        coder = self._coder(np.ascontiguousarray(message, dtype=np.uint32))
+        pixels = math.prod(self.x_shape)
+        out = np.zeros((n, pixels), dtype=np.int32)
+        with one_thread():
+            for i in reversed(range(n)):
+                z = coder.decode(self._uniform, self.latent_dim)  # pop z with P(z)
+                out[i] = coder.decode(self._categorical, self._p_x(z))  # pop x with p(x|z)
+                coder.encode_reverse(z, self._categorical, self._q(out[i]))  # push z back with Q(z|x)
+        left = coder.get_compressed()
+        initial = initial_words(self.latent_dim, seed)
+        return out, len(left) == len(initial) and bool((left == initial).all())
+
+
+def model_coder(model, levels: int, latent_bits: int) -> BitsBack:
+    """BB-ANS for a trained one-layer model (``models.base.VAE``) with a diagonal Gaussian posterior,
+    a standard normal prior and a discrete likelihood of ``levels`` pixel values."""
+
+    def posterior(x: Tensor) -> tuple[Tensor, Tensor]:
+        q = model.encode(x).base_dist
+        return q.loc, q.scale
+
+    def pmf(z: Tensor) -> Tensor:
+        return model.likelihood.pmf(model.decoder(z).float())
+
+    return BitsBack(posterior, pmf, model.latent_dim, model.x_shape, levels, latent_bits)

@@ -1,0 +1,475 @@
+"""``vaelab compress`` and ``vaelab decompress``: a trained run as a lossless image compressor by
+bits-back coding (``vaelab.bitsback``), and the KL term as the bits the latent costs.
+
+The file holds a header (JSON: the model's identity, the images' count, shape, pixel levels and
+SHA-256, the latent grid, how to write the images back), the ANS message, and a SHA-256 of all of
+it. ``decompress`` decodes with the run the header names (or ``--run``), checks the model's
+identity first and the images' SHA-256 and the returned initial bits last, and writes nothing
+unless all three hold.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import math
+import platform
+import struct
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vaelab.bitsback import MAX_LATENT_BITS, BitsBack, initial_words, model_coder
+from vaelab.config import Config
+from vaelab.data.sources import IMAGE_SUFFIXES, load_array, load_folder, read_idx, validate
+from vaelab.errors import UserError
+from vaelab.evaluation import evaluate, open_trained
+from vaelab.fileio import atomic_write_bytes
+from vaelab.parts import FAMILIES, LIKELIHOODS, POSTERIORS, PRIORS
+
+MAGIC = b"vaelab bits-back\n"
+VERSION = 1
+DEFAULT_LATENT_BITS = 8  # README, "The KL term as bits": 6 to 12 bits code within 0.1 % of each other
+# the Config fields that make the model: with the weights, the identity a file is decoded against
+MODEL_FIELDS = (
+    "family",
+    "conditional",
+    "classes",
+    "model",
+    "hidden",
+    "activation",
+    "latent_dim",
+    "top_latent_dim",
+    "top_hidden",
+    "posterior",
+    "posterior_rank",
+    "flow_steps",
+    "likelihood",
+    "prior",
+    "prior_components",
+)
+LAYOUTS = ("NCHW", "NHW", "NHWC")
+
+
+def model_identity(model: torch.nn.Module, config: Config) -> str:
+    """SHA-256 of the model's weights (names, dtypes, shapes, bytes) and the config fields that build it."""
+    h = hashlib.sha256(json.dumps({k: config.to_dict().get(k) for k in MODEL_FIELDS}, sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def coding_levels(config: Config) -> int:
+    """The pixel values a run's likelihood gives probabilities to; a density is refused with why."""
+    likelihood = LIKELIHOODS[config.likelihood]
+    if not likelihood.discrete:
+        raise UserError(
+            f"the run's {likelihood.name} likelihood is a density: it gives no probability to a pixel value, so it "
+            "cannot code images; compress with a run trained with --likelihood bernoulli (binary images) or logistic "
+            "(8-bit images)"
+        )
+    return 2 if likelihood.binary_only else likelihood.levels
+
+
+def check_codable(config: Config) -> None:
+    """BB-ANS here codes one latent layer with a diagonal Gaussian posterior and a N(0, I) prior."""
+    problems = []
+    if FAMILIES[config.family].layers != 1:
+        problems.append(f"--family {config.family} (several latent layers)")
+    if config.conditional:
+        problems.append("--conditional (the labels would have to be coded too)")
+    if not POSTERIORS[config.posterior].factorises or not POSTERIORS[config.posterior].gaussian:
+        problems.append(f"--posterior {config.posterior}")
+    if not PRIORS[config.prior].factorises:
+        problems.append(f"--prior {config.prior}")
+    if problems:
+        raise UserError(
+            f"bits-back coding here needs one latent layer, a diagonal posterior and the normal prior; the run has "
+            f"{', '.join(problems)}. Train a run with --family vae --posterior diagonal --prior normal to compress"
+        )
+    coding_levels(config)
+
+
+# -- the images -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Images:
+    """Images as pixel levels, and how to write them back exactly as they were read."""
+
+    symbols: np.ndarray  # (N, C H W) int32, level i meaning the value i / (levels - 1)
+    x_shape: tuple[int, int, int]
+    levels: int
+    dtype: str  # uint8, float32 or float64
+    layout: str  # NCHW, NHW or NHWC
+    where: str
+
+    def x(self) -> torch.Tensor:
+        """As the model sees them: float32 (N, C, H, W) in [0, 1]."""
+        return torch.from_numpy(self.symbols.astype(np.float32) / (self.levels - 1)).view(-1, *self.x_shape)
+
+    def array(self) -> np.ndarray:
+        return restore(self.symbols, self.x_shape, self.levels, self.dtype, self.layout)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.array().tobytes()).hexdigest()
+
+
+def restore(symbols: np.ndarray, x_shape, levels: int, dtype: str, layout: str) -> np.ndarray:
+    """The array the images were read from: uint8 values 0 to 255 (binary: 0 and 255), or floats in [0, 1]."""
+    x = symbols.reshape(-1, *x_shape)
+    if dtype == "uint8":
+        x = (x * (255 // (levels - 1))).astype(np.uint8)
+    else:
+        x = (x / np.asarray(levels - 1, dtype=dtype)).astype(dtype)
+    if layout == "NHW":
+        return x[:, 0]
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if layout == "NHWC" else x
+
+
+def _layout(raw: np.ndarray) -> str:
+    """How ``sources.validate`` reads an array's axes."""
+    if raw.ndim == 3:
+        return "NHW"
+    return "NHWC" if raw.shape[-1] in (1, 3) and raw.shape[1] not in (1, 3) else "NCHW"
+
+
+def read_images(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Images from a .npy/.npz file, a folder of PNG/JPEG images or an IDX file: (the array as stored
+    or None for a folder, float32 (N, C, H, W) in [0, 1], the layout)."""
+    path = Path(path)
+    if path.is_dir():
+        raw, _ = load_folder(path)
+        return None, validate(raw, None, str(path)), _layout(raw)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; give a .npy/.npz file, a folder of images or an IDX file")
+    if path.suffix in (".npy", ".npz"):
+        raw, _ = load_array(path)
+    elif "idx3" in path.name or path.suffix == ".gz" and "idx" in path.name:
+        raw = read_idx(path)
+    elif path.suffix.lower() in IMAGE_SUFFIXES:
+        raise UserError(f"{path} is one image; put the images to compress in a folder and give the folder")
+    else:
+        raise UserError(f"{path} is not a .npy/.npz file, a folder of images or an IDX file (…-idx3-ubyte[.gz])")
+    raw = np.asarray(raw)
+    if raw.dtype not in (np.uint8, np.float32, np.float64):
+        raise UserError(f"{path} holds {raw.dtype} values; save uint8 images, or floats in [0, 1]")
+    return raw, validate(raw, None, str(path)), _layout(raw)
+
+
+def as_levels(x: np.ndarray, levels: int, where: str, likelihood: str) -> np.ndarray:
+    """The pixel levels (N, C H W) int32 of images in [0, 1]; images between the levels are refused."""
+    symbols = np.rint(x * (levels - 1)).astype(np.int32)
+    if not np.array_equal(symbols.astype(np.float32) / np.float32(levels - 1), x):
+        kind = "binary images (every pixel 0 or 1)" if levels == 2 else f"images of {levels} grey levels (8-bit)"
+        raise UserError(
+            f"{where} has pixel values that are not those of {kind}, which a {likelihood} model codes; give "
+            + ("binarised images, or compress with a run of --likelihood logistic" if levels == 2 else "8-bit images")
+        )
+    return symbols.reshape(len(x), -1)
+
+
+def images_of(trained, images: Path | None, split: str) -> Images:
+    """The images to code: the run's own ``split`` as the model sees them, or the file or folder ``images``."""
+    levels, model, config = coding_levels(trained.config), trained.model, trained.config
+    if images is None:
+        x, _ = trained.split(split)
+        x = x.numpy()
+        C = x.shape[1]
+        where, dtype, layout = f"{trained.splits.name} ({split} split)", "uint8", "NHW" if C == 1 else "NHWC"
+        raw = None
+    else:
+        raw, x, layout = read_images(images)
+        where, dtype = str(images), "uint8" if raw is None else raw.dtype.name
+    if tuple(x.shape[1:]) != tuple(model.x_shape):
+        raise UserError(
+            f"{where} has images of shape {tuple(x.shape[1:])}, the run's model codes {tuple(model.x_shape)}; give "
+            "images of the shape it was trained on"
+        )
+    symbols = as_levels(x, levels, where, config.likelihood)
+    out = Images(symbols, tuple(model.x_shape), levels, dtype, layout, where)
+    if raw is not None and not np.array_equal(out.array(), raw):
+        raise UserError(f"{where}'s values cannot be written back exactly from its pixel levels; save it as uint8")
+    return out
+
+
+# -- what other coders make of the same images -------------------------------------------------
+def general_purpose_bits(images: Images) -> dict[str, float]:
+    """Bits for all the images: gzip, bz2 and lzma (the standard library, strongest settings) on the
+    pixel levels, one byte each; PNG and lossless WebP (Pillow) one file per image, as they are stored."""
+    from PIL import Image
+
+    raw = images.symbols.astype(np.uint8).tobytes()
+    bits = {
+        "gzip -9": 8 * len(gzip.compress(raw, 9, mtime=0)),
+        "bz2 -9": 8 * len(bz2.compress(raw, 9)),
+        "lzma (xz -9e)": 8 * len(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)),
+    }
+    pictures = restore(images.symbols, images.x_shape, images.levels, "uint8", "NHWC")
+    binary = images.levels == 2 and images.x_shape[0] == 1
+    for name, kw in (
+        ("PNG", {"format": "PNG", "optimize": True}),
+        ("WebP lossless", {"format": "WEBP", "lossless": True, "quality": 100, "method": 6}),
+    ):
+        total = 0
+        for picture in pictures:
+            im = Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture)
+            if binary and name == "PNG":
+                im = im.convert("1", dither=Image.Dither.NONE)  # a 1-bit PNG
+            buf = io.BytesIO()
+            im.save(buf, **kw)
+            total += buf.tell()
+        bits[f"{name} (a file per image)"] = 8 * total
+    return bits
+
+
+# -- the file ---------------------------------------------------------------------------------
+def pack(header: dict, message: np.ndarray) -> bytes:
+    head = json.dumps(header, sort_keys=True).encode()
+    body = MAGIC + struct.pack("<I", len(head)) + head + message.astype("<u4").tobytes()
+    return body + hashlib.sha256(body).digest()
+
+
+def unpack(path: Path) -> tuple[dict, np.ndarray]:
+    """The header and the message of a file ``compress`` wrote; a damaged or foreign file is refused."""
+    try:
+        blob = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    if not blob.startswith(MAGIC):
+        raise UserError(f"{path} is not a file vaelab compress wrote (its first bytes differ)")
+    body, digest = blob[:-32], blob[-32:]
+    start = len(MAGIC) + 4
+    if len(blob) < start + 32 or hashlib.sha256(body).digest() != digest:
+        raise UserError(f"{path} is damaged (truncated or changed: its SHA-256 does not match); compress again")
+    (n,) = struct.unpack("<I", body[len(MAGIC) : start])
+    try:
+        header = json.loads(body[start : start + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{path} is damaged (its header is not JSON); compress again") from None
+    words = body[start + n :]
+    if header.get("version") != VERSION or len(words) % 4:
+        raise UserError(f"{path} is of format version {header.get('version')!r}; this vaelab reads version {VERSION}")
+    return header, np.frombuffer(words, dtype="<u4").astype(np.uint32)
+
+
+# -- the commands -------------------------------------------------------------------------------
+def _coder(trained, levels: int, latent_bits: int) -> BitsBack:
+    return model_coder(trained.model, levels, latent_bits)
+
+
+def compress(
+    run,
+    out,
+    *,
+    images=None,
+    split: str = "test",
+    latent_bits: int = DEFAULT_LATENT_BITS,
+    seed: int = 0,
+    iwae_k: int = 1000,
+    overwrite: bool = False,
+) -> dict:
+    """``vaelab compress``: code ``images`` (a file or folder; default the run's ``split``) with the run's
+    model into ``out``, check the file by decoding it, and return every number (bits per image, bits
+    per dimension) beside the model's -ELBO, its IWAE estimate of -log2 p(x) and general-purpose coders."""
+    out = Path(out)
+    if not 1 <= latent_bits <= MAX_LATENT_BITS:
+        raise UserError(f"--latent-bits must be 1 to {MAX_LATENT_BITS}, got {latent_bits}")
+    if iwae_k < 0:
+        raise UserError(f"--iwae-k must be >= 0, got {iwae_k}")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; choose another -o, or add --overwrite")
+    trained = open_trained(run)
+    check_codable(trained.config)
+    data = images_of(trained, images, split)
+    levels, N, P = data.levels, len(data.symbols), data.symbols.shape[1]
+    coder = _coder(trained, levels, latent_bits)
+    start = time.perf_counter()
+    message, costs = coder.encode(data.symbols, seed)
+    encode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    decoded, returned = coder.decode(message, N, seed)
+    decode_s = time.perf_counter() - start
+    if not returned or not np.array_equal(decoded, data.symbols):
+        raise UserError(
+            "the message does not decode to the images on this machine; nothing was written (a bug: report it)"
+        )
+    header = {
+        "version": VERSION,
+        "coder": "bb-ans",
+        "run": str(Path(run).resolve()),
+        "model": model_identity(trained.model, trained.config),
+        "likelihood": trained.config.likelihood,
+        "latent_bits": latent_bits,
+        "seed": seed,
+        "images": N,
+        "x_shape": list(data.x_shape),
+        "levels": levels,
+        "dtype": data.dtype,
+        "layout": data.layout,
+        "images_sha256": data.sha256(),
+        "coded_on": f"torch {torch.__version__}, constriction {version('constriction')}, {platform.machine()}",
+    }
+    blob = pack(header, message)
+    atomic_write_bytes(out, blob)
+
+    x = data.x()
+    record, per = evaluate(trained.model, x, iwae_k=iwae_k, pixels=P, split_kl=False, seed=seed)
+    to_bits = 1 / math.log(2)
+    q_grid = _expected_z_bits(coder, x)
+    per_image = {
+        "pixels": costs.pixels,
+        "z_pushed": costs.z_pushed,
+        "z_back": costs.z_back,
+        "z_net": costs.z_net,
+        "z_net_expected": q_grid,
+        "kl": per["kl"].double().numpy() * to_bits,
+        "net": costs.net,
+        "neg_elbo": -per["elbo"].double().numpy() * to_bits,
+    }
+    if "log_likelihood" in per:
+        per_image["neg_log2_px"] = -per["log_likelihood"].double().numpy() * to_bits
+    mean = {k: float(v.mean()) for k, v in per_image.items()}
+    return {
+        "file": str(out),
+        "images": N,
+        "where": data.where,
+        "x_shape": list(data.x_shape),
+        "dimensions": P,
+        "likelihood": trained.config.likelihood,
+        "latent_dim": coder.latent_dim,
+        "latent_bits": latent_bits,
+        "iwae_k": iwae_k if "log_likelihood" in per else None,
+        "bits_per_image": mean,
+        "initial_bits": 32 * len(initial_words(coder.latent_dim, seed)),
+        "message_bits": 32 * len(message),
+        "file_bits": 8 * len(blob),
+        "general_purpose_bits": general_purpose_bits(data),
+        "encode_seconds": encode_s,
+        "decode_seconds": decode_s,
+        "per_image": {k: [round(float(v), 4) for v in values] for k, values in per_image.items()},
+    }
+
+
+@torch.no_grad()
+def _expected_z_bits(coder: BitsBack, x: torch.Tensor) -> np.ndarray:
+    """E_Q[log2 Q(z|x) - log2 P(z)] on the coder's grid, summed exactly over the buckets: the net
+    bits for z that popping with fair coin flips would average (the KL of the discretised latent)."""
+    out = np.zeros(len(x))
+    for i in range(len(x)):
+        mu, sigma = coder.posterior(x[i : i + 1])
+        q = coder.grid.masses(mu.reshape(-1), sigma.reshape(-1))
+        out[i] = float((q * (torch.log2(q.clamp_min(1e-300)) + coder.grid.bits)).sum())
+    return out
+
+
+def decompress(path, out, *, run=None, overwrite: bool = False) -> dict:
+    """``vaelab decompress``: the images of ``path``, exactly as they were compressed, into ``out`` (a
+    .npy file, or a folder of PNG files); nothing is written unless the decoded images are the ones
+    coded (their SHA-256) and the initial bits come back."""
+    path, out = Path(path), Path(out)
+    header, message = unpack(path)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; choose another -o, or add --overwrite")
+    run = Path(run) if run is not None else Path(header["run"])
+    if not run.exists():
+        raise UserError(f"{path} was coded with the run {run}, which is not there; give the run with --run RUN")
+    trained = open_trained(run)
+    if model_identity(trained.model, trained.config) != header["model"]:
+        raise UserError(
+            f"{run} is not the model {path} was coded with (their weights or architecture differ); give that run "
+            "with --run RUN"
+        )
+    levels, x_shape = header["levels"], tuple(header["x_shape"])
+    if header["dtype"] not in ("uint8", "float32", "float64") or header["layout"] not in LAYOUTS:
+        raise UserError(f"{path} is damaged (its header names no known array type); compress again")
+    coder = _coder(trained, levels, header["latent_bits"])
+    start = time.perf_counter()
+    symbols, returned = coder.decode(message, header["images"], header["seed"])
+    seconds = time.perf_counter() - start
+    array = restore(symbols, x_shape, levels, header["dtype"], header["layout"])
+    if not returned or hashlib.sha256(array.tobytes()).hexdigest() != header["images_sha256"]:
+        raise UserError(
+            f"decoding {path} here gives other images than were coded (it was coded on {header['coded_on']}; this "
+            f"machine's arithmetic gives the model other probabilities); nothing was written. Decompress it on "
+            "a machine like the one that compressed it"
+        )
+    if out.suffix == ".npy":
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        atomic_write_bytes(out, buf.getvalue())
+    else:
+        write_pngs(restore(symbols, x_shape, levels, "uint8", "NHWC"), out)
+    return {"file": str(out), "images": len(array), "decode_seconds": seconds}
+
+
+def write_pngs(pictures: np.ndarray, out: Path) -> None:
+    """One PNG per image, 000000.png on, into the folder ``out``: a new folder appears whole (written
+    beside it, then renamed); an existing one (``--overwrite``) gets each file atomically."""
+    from PIL import Image
+
+    def save(folder: Path) -> None:
+        for i, picture in enumerate(pictures):
+            buf = io.BytesIO()
+            Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture).save(buf, format="PNG")
+            atomic_write_bytes(folder / f"{i:06d}.png", buf.getvalue())
+
+    if out.is_dir():
+        save(out)
+        return
+    if out.exists():
+        raise UserError(f"{out} is a file; give a folder for PNG images, or a .npy file")
+    if not out.parent.is_dir():
+        raise UserError(f"folder {out.parent} does not exist; create it first")
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        save(tmp)
+        tmp.rename(out)
+    except BaseException:
+        for f in tmp.glob("*"):
+            f.unlink()
+        tmp.rmdir()
+        raise
+
+
+# -- the table ----------------------------------------------------------------------------------
+def format_summary(s: dict) -> str:
+    b, P, N = s["bits_per_image"], s["dimensions"], s["images"]
+
+    def row(label: str, bits: float | None, per_image: bool = True) -> str:
+        if bits is None:
+            return f"  {label:<56} {'':>11} {'':>9}"
+        return f"  {label:<56} {bits if per_image else bits / N:>11.2f} {bits / P if per_image else bits / N / P:>9.4f}"
+
+    lines = [
+        f"{N} images {'x'.join(map(str, s['x_shape']))} from {s['where']}, {s['likelihood']} likelihood, z of "
+        f"{s['latent_dim']} dimensions on a grid of 2^{s['latent_bits']} buckets each",
+        f"  {'':<56} {'bits/image':>11} {'bits/dim':>9}",
+        row("x pushed with p(x|z)", b["pixels"]),
+        row("z pushed with p(z)", b["z_pushed"]),
+        row("z got back when popped with q(z|x)", -b["z_back"]),
+        row("z net: the KL term, as this coder paid it", b["z_net"]),
+        row("  its mean for fair coin flips on this grid", b["z_net_expected"]),
+        row("  analytic KL(q(z|x) || p(z))", b["kl"]),
+        row("net code length", b["net"]),
+        row("  the model's -ELBO (this coder's limit)", b["neg_elbo"]),
+    ]
+    if "neg_log2_px" in b:
+        lines.append(row(f"  -log2 p(x), IWAE k={s['iwae_k']} (any coder's limit)", b["neg_log2_px"]))
+    lines += [
+        row(f"initial bits (given back on decoding: {s['initial_bits']} in all)", s["initial_bits"], False),
+        row(f"the file, header and checksum included ({s['file_bits'] // 8:,} bytes)", s["file_bits"], False),
+    ]
+    lines += [row(name, bits, False) for name, bits in s["general_purpose_bits"].items()]
+    return "\n".join(lines)
