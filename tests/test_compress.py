@@ -220,3 +220,38 @@ def test_other_arithmetic_on_decoding_writes_nothing(runs, tmp_path, monkeypatch
     with pytest.raises(Exception, match="other images than were coded"):
         decompress(tmp_path / "f.vbb", tmp_path / "out.npy")
     assert not (tmp_path / "out.npy").exists()
+
+
+def test_importance_sampling_round_trips_and_pays_the_iwae_bound(runs):
+    """BB-IS with 10 particles: exact round trip and the initial bits back; coded onto fresh random bits,
+    its net length averages the IWAE-10 bound of the discretised model, -E log2 (1/K sum_k w_k),
+    estimated here independently from particles drawn with numpy. 40 images x 5 seeds against
+    40 x 20 draws; 4.5 standard errors of the difference (a false alarm about 1 in 150,000)."""
+    t = open_trained(runs["bernoulli"])
+    x, _ = t.split("test")
+    symbols = x.flatten(1).round().int().numpy()
+    K = 10
+    coder = model_coder(t.model, 2, 8, particles=K)
+    message, costs = coder.encode(symbols)
+    decoded, returned = coder.decode(message, len(symbols))
+    assert returned and np.array_equal(decoded, symbols)
+    initial = 32 * len(bitsback.initial_words(coder.latent_dim, 0, K))
+    assert abs(32 * len(message) - initial - costs.net.sum()) < 0.002 * costs.net.sum() + 64
+
+    paid = [coder.encode(symbols[i : i + 1], seed=100 * s + i)[1].net[0] for s in range(5) for i in range(len(x))]
+    rng, bound, D = np.random.default_rng(7), [], coder.latent_dim
+    with torch.no_grad():
+        for i in range(len(x)):
+            q = coder._q(symbols[i])
+            for _ in range(20):
+                zs = np.stack([rng.choice(q.shape[1], size=K, p=q[d] / q[d].sum()) for d in range(D)], 1)
+                tables = coder._tables(zs)
+                log_w = (
+                    np.log2(tables[:, np.arange(symbols.shape[1]), symbols[i]]).sum(1)
+                    - 8 * D
+                    - np.log2(np.take_along_axis(q, zs.T, 1)).sum(0)
+                )
+                bound.append(-(np.logaddexp2.reduce(log_w) - math.log2(K)))
+    paid, bound = np.array(paid), np.array(bound)
+    se = math.sqrt(paid.var() / len(paid) + bound.var() / len(bound))
+    assert abs(paid.mean() - bound.mean()) < 4.5 * se, (paid.mean(), bound.mean(), se)

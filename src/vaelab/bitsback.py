@@ -85,6 +85,12 @@ class Costs:
         return self.pixels + self.z_net
 
 
+def floored(table: np.ndarray) -> np.ndarray:
+    """A probability table with no entry below 2^-24, the least the coder gives a symbol: a symbol whose
+    float probability underflowed (a far bucket) can still be drawn, and costs what the coder charges."""
+    return np.ascontiguousarray(np.maximum(table, 2.0**-QUANTISATION_BITS))
+
+
 @contextlib.contextmanager
 def one_thread():
     """Both sides evaluate the networks on one thread: a matrix product split among threads may sum
@@ -97,22 +103,29 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def initial_words(latent_dim: int, seed: int) -> np.ndarray:
-    """The initial bits: enough seeded random 32-bit words for the first pop of z, which takes at
-    most ``QUANTISATION_BITS`` bits per dimension; the last word's top bit set, so the stack holds
-    every one of them."""
-    n = math.ceil((QUANTISATION_BITS * latent_dim + 64) / 32)
+def initial_words(latent_dim: int, seed: int, particles: int = 1) -> np.ndarray:
+    """The initial bits: enough seeded random 32-bit words for the first image's pops (of its
+    ``particles`` z, each at most ``QUANTISATION_BITS`` bits per dimension, and of the index); the last
+    word's top bit set, so the stack holds every one of them."""
+    n = math.ceil((QUANTISATION_BITS * (latent_dim * particles + 1) + 64) / 32)
     words = np.random.default_rng(seed).integers(0, 2**32, size=n, dtype=np.uint32)
     words[-1] |= np.uint32(1 << 31)
     return words
 
 
 class BitsBack:
-    """BB-ANS for a model with one latent layer, a diagonal Gaussian q(z|x) and p(z) = N(0, I).
+    """BB-ANS, and with ``particles`` K > 1 its importance-sampled form BB-IS (Ruan et al. 2021,
+    "Improving Lossless Compression Rates via Monte Carlo Bits-Back Coding"), for a model with one
+    latent layer, a diagonal Gaussian q(z|x) and p(z) = N(0, I).
+
+    BB-IS pops K particles z_1..z_K from Q(z|x) and an index j with the normalised importance weights
+    w_k = p(x, z_k) / Q(z_k|x), then pushes the other particles back with Q(z|x), x with p(x|z_j),
+    z_j with P(z) and j uniformly: the code of the extended target, whose expected net length is the
+    IWAE bound -E log2 (1/K sum_k w_k) instead of the ELBO's. K = 1 is BB-ANS.
 
     ``posterior(x)`` gives (mu, sigma) of q(z|x) for one image x (1, C, H, W); ``pmf(z)`` gives p(x|z)
-    as a table (pixels, levels) of float64 for one z (1, D). Pixel values are symbols 0 to levels - 1
-    (the value symbol / (levels - 1)).
+    as tables (n, pixels, levels) of float64 for n latents (n, D). Pixel values are symbols 0 to
+    levels - 1 (the value symbol / (levels - 1)).
     """
 
     def __init__(
@@ -123,14 +136,16 @@ class BitsBack:
         x_shape: tuple[int, ...],
         levels: int,
         latent_bits: int,
+        particles: int = 1,
     ):
         import constriction
 
         self.posterior, self.pmf = posterior, pmf
         self.latent_dim, self.x_shape, self.levels = latent_dim, tuple(x_shape), levels
-        self.grid = LatentGrid.of(latent_bits)
+        self.grid, self.particles = LatentGrid.of(latent_bits), particles
         self._categorical = constriction.stream.model.Categorical(perfect=False)
         self._uniform = constriction.stream.model.Uniform(2**latent_bits)
+        self._index = constriction.stream.model.Uniform(particles) if particles > 1 else None
         self._coder = constriction.stream.stack.AnsCoder
 
     def _image(self, symbols: np.ndarray) -> Tensor:
@@ -138,31 +153,54 @@ class BitsBack:
 
     def _q(self, symbols: np.ndarray) -> np.ndarray:
         mu, sigma = self.posterior(self._image(symbols))
-        return self.grid.masses(mu.reshape(-1), sigma.reshape(-1)).numpy()
+        return floored(self.grid.masses(mu.reshape(-1), sigma.reshape(-1)).numpy())
+
+    def _tables(self, z_index: np.ndarray) -> np.ndarray:
+        """p(x|z) for the bucket centres ``z_index`` (n, D): (n, pixels, levels); one network call for all n."""
+        z = self.grid.centres[torch.from_numpy(z_index.astype(np.int64))].float()
+        return floored(self.pmf(z).reshape(len(z_index), -1, self.levels).numpy())
 
     def _p_x(self, z_index: np.ndarray) -> np.ndarray:
-        z = self.grid.centres[torch.from_numpy(z_index.astype(np.int64))].float().view(1, -1)
-        return np.ascontiguousarray(self.pmf(z).reshape(-1, self.levels).numpy())
+        return self._tables(z_index.reshape(1, -1))[0]
+
+    def _weights(self, x: np.ndarray, particles: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """The normalised importance weights of the particles (K, D): p(x|z_k) P(z_k) / Q(z_k|x), (1, K)."""
+        tables = self._tables(particles)
+        log_px = np.log(tables[:, np.arange(len(x)), x]).sum(1)
+        log_q = np.log(np.take_along_axis(q, particles.T, 1)).sum(0)  # P(z_k) = 2^-bD is the same for all k
+        w = np.exp(log_px - log_q - (log_px - log_q).max())
+        return (w / w.sum())[None]
+
+    def _tiled(self, q: np.ndarray, times: int) -> np.ndarray:
+        return np.ascontiguousarray(np.tile(q, (times, 1)))
 
     @torch.no_grad()
     def encode(self, symbols: np.ndarray, seed: int = 0) -> tuple[np.ndarray, Costs]:
         """Code the images ``symbols`` (N, pixels), int, onto a stack that starts from the initial
         bits; return the message (uint32 words) and what each image cost."""
         symbols = np.ascontiguousarray(symbols, dtype=np.int32)
-        coder = self._coder(initial_words(self.latent_dim, seed))
+        K, D, rows = self.particles, self.latent_dim, np.arange(self.latent_dim)
+        coder = self._coder(initial_words(D, seed, K))
         costs = np.zeros((3, len(symbols)))
         with one_thread():
             for i, x in enumerate(symbols):
                 q = self._q(x)
-                z = coder.decode(self._categorical, q)  # pop z with Q(z|x)
-                p_x = self._p_x(z)
-                coder.encode_reverse(x, self._categorical, p_x)  # push x with p(x|z)
-                coder.encode_reverse(z, self._uniform)  # push z with P(z)
-                costs[:, i] = (
-                    -np.log2(p_x[np.arange(len(x)), x]).sum(),
-                    self.grid.bits * self.latent_dim,
-                    -np.log2(q[np.arange(len(z)), z]).sum(),
-                )
+                zs = coder.decode(self._categorical, self._tiled(q, K)).reshape(K, D)  # pop z_1..z_K with Q(z|x)
+                log2_q = np.log2(q[rows, zs]).sum(1)  # (K,)
+                j, back, pushed = 0, -log2_q.sum(), self.grid.bits * D
+                if K > 1:
+                    w = self._weights(x, zs, q)
+                    j = int(coder.decode(self._categorical, w)[0])  # pop the index with the weights
+                    others = np.delete(zs, j, 0)
+                    coder.encode_reverse(others.ravel(), self._categorical, self._tiled(q, K - 1))  # push z_-j
+                    back -= math.log2(w[0, j])
+                    pushed += math.log2(K) - (log2_q.sum() - log2_q[j])
+                p_x = self._p_x(zs[j])
+                coder.encode_reverse(x, self._categorical, p_x)  # push x with p(x|z_j)
+                coder.encode_reverse(zs[j], self._uniform)  # push z_j with P(z)
+                if K > 1:
+                    coder.encode_reverse(np.array([j], dtype=np.int32), self._index)  # push j uniformly
+                costs[:, i] = (-np.log2(p_x[np.arange(len(x)), x]).sum(), pushed, back)
         return coder.get_compressed(), Costs(*costs)
 
     @torch.no_grad()
@@ -171,19 +209,26 @@ class BitsBack:
         exactly the initial bits (False: the message, or this machine's arithmetic, is not the one it
         was coded with)."""
         coder = self._coder(np.ascontiguousarray(message, dtype=np.uint32))
-        pixels = math.prod(self.x_shape)
-        out = np.zeros((n, pixels), dtype=np.int32)
+        K, D = self.particles, self.latent_dim
+        out = np.zeros((n, math.prod(self.x_shape)), dtype=np.int32)
         with one_thread():
             for i in reversed(range(n)):
-                z = coder.decode(self._uniform, self.latent_dim)  # pop z with P(z)
-                out[i] = coder.decode(self._categorical, self._p_x(z))  # pop x with p(x|z)
-                coder.encode_reverse(z, self._categorical, self._q(out[i]))  # push z back with Q(z|x)
+                j = int(coder.decode(self._index, 1)[0]) if K > 1 else 0  # pop the index
+                z = coder.decode(self._uniform, D)  # pop z_j with P(z)
+                out[i] = x = coder.decode(self._categorical, self._p_x(z))  # pop x with p(x|z_j)
+                q = self._q(x)
+                zs = z[None]
+                if K > 1:
+                    others = coder.decode(self._categorical, self._tiled(q, K - 1)).reshape(K - 1, D)
+                    zs = np.insert(others, j, z, 0)
+                    coder.encode_reverse(np.array([j], dtype=np.int32), self._categorical, self._weights(x, zs, q))
+                coder.encode_reverse(zs.ravel(), self._categorical, self._tiled(q, K))  # push the particles back
         left = coder.get_compressed()
-        initial = initial_words(self.latent_dim, seed)
+        initial = initial_words(D, seed, K)
         return out, len(left) == len(initial) and bool((left == initial).all())
 
 
-def model_coder(model, levels: int, latent_bits: int) -> BitsBack:
+def model_coder(model, levels: int, latent_bits: int, particles: int = 1) -> BitsBack:
     """BB-ANS for a trained one-layer model (``models.base.VAE``) with a diagonal Gaussian posterior,
     a standard normal prior and a discrete likelihood of ``levels`` pixel values."""
 
@@ -194,4 +239,4 @@ def model_coder(model, levels: int, latent_bits: int) -> BitsBack:
     def pmf(z: Tensor) -> Tensor:
         return model.likelihood.pmf(model.decoder(z).float())
 
-    return BitsBack(posterior, pmf, model.latent_dim, model.x_shape, levels, latent_bits)
+    return BitsBack(posterior, pmf, model.latent_dim, model.x_shape, levels, latent_bits, particles)

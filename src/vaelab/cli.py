@@ -428,6 +428,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         images=args.images,
         split=args.split,
         latent_bits=args.latent_bits,
+        particles=args.particles,
         seed=args.seed,
         iwae_k=args.iwae_k,
         overwrite=args.overwrite,
@@ -557,6 +558,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         metavar="B",
         help="2^B buckets of equal prior mass per latent dimension, 1 to 16 (default: 8)",
+    )
+    p.add_argument(
+        "--particles",
+        type=positive_int,
+        default=1,
+        metavar="K",
+        help="1: BB-ANS, whose limit is -ELBO; K > 1: BB-IS with K importance samples, whose limit is the "
+        "IWAE-K bound, for more initial bits (default: 1)",
     )
     p.add_argument(
         "--iwae-k", type=int, default=1000, metavar="K", help="samples for -log2 p(x) beside the code; 0 skips it"

@@ -38,6 +38,7 @@ from vaelab.parts import FAMILIES, LIKELIHOODS, POSTERIORS, PRIORS
 
 MAGIC = b"vaelab bits-back\n"
 VERSION = 1
+MAX_PARTICLES = 1000
 DEFAULT_LATENT_BITS = 8  # README, "The KL term as bits": 6 to 12 bits code within 0.1 % of each other
 # the Config fields that make the model: with the weights, the identity a file is decoded against
 MODEL_FIELDS = (
@@ -265,8 +266,6 @@ def unpack(path: Path) -> tuple[dict, np.ndarray]:
 
 
 # -- the commands -------------------------------------------------------------------------------
-def _coder(trained, levels: int, latent_bits: int) -> BitsBack:
-    return model_coder(trained.model, levels, latent_bits)
 
 
 def compress(
@@ -276,25 +275,29 @@ def compress(
     images=None,
     split: str = "test",
     latent_bits: int = DEFAULT_LATENT_BITS,
+    particles: int = 1,
     seed: int = 0,
     iwae_k: int = 1000,
     overwrite: bool = False,
 ) -> dict:
     """``vaelab compress``: code ``images`` (a file or folder; default the run's ``split``) with the run's
-    model into ``out``, check the file by decoding it, and return every number (bits per image, bits
-    per dimension) beside the model's -ELBO, its IWAE estimate of -log2 p(x) and general-purpose coders."""
+    model into ``out`` by BB-ANS (``particles`` 1) or BB-IS (``particles`` K > 1), check the file by
+    decoding it, and return every number (bits per image, bits per dimension) beside the model's
+    -ELBO, its IWAE estimate of -log2 p(x) and general-purpose coders."""
     out = Path(out)
     if not 1 <= latent_bits <= MAX_LATENT_BITS:
         raise UserError(f"--latent-bits must be 1 to {MAX_LATENT_BITS}, got {latent_bits}")
     if iwae_k < 0:
         raise UserError(f"--iwae-k must be >= 0, got {iwae_k}")
+    if not 1 <= particles <= MAX_PARTICLES:
+        raise UserError(f"--particles must be 1 to {MAX_PARTICLES}, got {particles}")
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; choose another -o, or add --overwrite")
     trained = open_trained(run)
     check_codable(trained.config)
     data = images_of(trained, images, split)
     levels, N, P = data.levels, len(data.symbols), data.symbols.shape[1]
-    coder = _coder(trained, levels, latent_bits)
+    coder = model_coder(trained.model, levels, latent_bits, particles)
     start = time.perf_counter()
     message, costs = coder.encode(data.symbols, seed)
     encode_s = time.perf_counter() - start
@@ -307,7 +310,8 @@ def compress(
         )
     header = {
         "version": VERSION,
-        "coder": "bb-ans",
+        "coder": "bb-is" if particles > 1 else "bb-ans",
+        "particles": particles,
         "run": str(Path(run).resolve()),
         "model": model_identity(trained.model, trained.config),
         "likelihood": trained.config.likelihood,
@@ -350,9 +354,10 @@ def compress(
         "likelihood": trained.config.likelihood,
         "latent_dim": coder.latent_dim,
         "latent_bits": latent_bits,
+        "particles": particles,
         "iwae_k": iwae_k if "log_likelihood" in per else None,
         "bits_per_image": mean,
-        "initial_bits": 32 * len(initial_words(coder.latent_dim, seed)),
+        "initial_bits": 32 * len(initial_words(coder.latent_dim, seed, particles)),
         "message_bits": 32 * len(message),
         "file_bits": 8 * len(blob),
         "general_purpose_bits": general_purpose_bits(data),
@@ -394,7 +399,10 @@ def decompress(path, out, *, run=None, overwrite: bool = False) -> dict:
     levels, x_shape = header["levels"], tuple(header["x_shape"])
     if header["dtype"] not in ("uint8", "float32", "float64") or header["layout"] not in LAYOUTS:
         raise UserError(f"{path} is damaged (its header names no known array type); compress again")
-    coder = _coder(trained, levels, header["latent_bits"])
+    particles = header.get("particles")
+    if not isinstance(particles, int) or not 1 <= particles <= MAX_PARTICLES:
+        raise UserError(f"{path} is damaged (its header names no number of particles); compress again")
+    coder = model_coder(trained.model, levels, header["latent_bits"], particles)
     start = time.perf_counter()
     symbols, returned = coder.decode(message, header["images"], header["seed"])
     seconds = time.perf_counter() - start
@@ -445,25 +453,37 @@ def write_pngs(pictures: np.ndarray, out: Path) -> None:
 
 # -- the table ----------------------------------------------------------------------------------
 def format_summary(s: dict) -> str:
-    b, P, N = s["bits_per_image"], s["dimensions"], s["images"]
+    """The table ``vaelab compress`` prints: bits per image and per dimension, mean over the images."""
+    b, P, N, K = s["bits_per_image"], s["dimensions"], s["images"], s["particles"]
 
-    def row(label: str, bits: float | None, per_image: bool = True) -> str:
-        if bits is None:
-            return f"  {label:<56} {'':>11} {'':>9}"
-        return f"  {label:<56} {bits if per_image else bits / N:>11.2f} {bits / P if per_image else bits / N / P:>9.4f}"
+    def row(label: str, bits: float, per_image: bool = True) -> str:
+        per = bits if per_image else bits / N
+        return f"  {label:<60} {per:>11.2f} {per / P:>9.4f}"
 
+    coder = "BB-ANS" if K == 1 else f"BB-IS with {K} particles"
     lines = [
-        f"{N} images {'x'.join(map(str, s['x_shape']))} from {s['where']}, {s['likelihood']} likelihood, z of "
-        f"{s['latent_dim']} dimensions on a grid of 2^{s['latent_bits']} buckets each",
-        f"  {'':<56} {'bits/image':>11} {'bits/dim':>9}",
+        f"{coder}: {N} images {'x'.join(map(str, s['x_shape']))} from {s['where']}, {s['likelihood']} likelihood, "
+        f"z of {s['latent_dim']} dimensions on a grid of 2^{s['latent_bits']} buckets each",
+        f"  {'':<60} {'bits/image':>11} {'bits/dim':>9}",
         row("x pushed with p(x|z)", b["pixels"]),
-        row("z pushed with p(z)", b["z_pushed"]),
-        row("z got back when popped with q(z|x)", -b["z_back"]),
-        row("z net: the KL term, as this coder paid it", b["z_net"]),
-        row("  its mean for fair coin flips on this grid", b["z_net_expected"]),
+    ]
+    if K == 1:
+        lines += [
+            row("z pushed with p(z)", b["z_pushed"]),
+            row("z got back when popped with q(z|x)", -b["z_back"]),
+            row("z net: the KL term, as this coder paid it", b["z_net"]),
+        ]
+    else:
+        lines += [
+            row("z_j with p(z), the others back with q(z|x), j uniformly", b["z_pushed"]),
+            row(f"{K} particles popped with q(z|x), j with the weights", -b["z_back"]),
+            row("latent side net", b["z_net"]),
+        ]
+    lines += [
+        row("  BB-ANS's z net for fair coin flips on this grid", b["z_net_expected"]),
         row("  analytic KL(q(z|x) || p(z))", b["kl"]),
         row("net code length", b["net"]),
-        row("  the model's -ELBO (this coder's limit)", b["neg_elbo"]),
+        row("  the model's -ELBO (BB-ANS's limit)", b["neg_elbo"]),
     ]
     if "neg_log2_px" in b:
         lines.append(row(f"  -log2 p(x), IWAE k={s['iwae_k']} (any coder's limit)", b["neg_log2_px"]))
