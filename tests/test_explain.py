@@ -60,6 +60,21 @@ def test_json_numbers_agree_with_independent_computation(tmp_path):
         assert row["mean_term"] + row["width_term"] == pytest.approx(ref, abs=1e-12)
         assert row["mean_term"] == pytest.approx(row["mu"] ** 2 / 2)
     assert r["optimisation"]["mean_field_gap"] > 0
+    # step 9: the KL and -ELBO in bits; the grid sum again with scipy's normal distribution (and logs of
+    # its survival function), on the same grid: 2^16 equal buckets across mu +- 10 sigma, one beyond each end
+    from scipy.stats import norm
+
+    steps = {step["name"][:2]: step for step in r["steps"]}
+    assert steps["9a"]["lhs"] == pytest.approx(kl_prior / math.log(2), abs=1e-12)
+    assert steps["9b"]["lhs"] == pytest.approx(-r["elbo"] / math.log(2), abs=1e-12)
+    net = 0.0
+    for m, s in zip(r["q"]["mu"], np.exp(0.5 * np.array(r["q"]["log_var"])), strict=True):
+        edges = np.r_[-np.inf, m + s * np.linspace(-10, 10, 2**16 + 1), np.inf]
+        q = np.diff(norm.cdf(edges, m, s))
+        upper = edges[:-1] > 0
+        prior = np.where(upper, -np.diff(norm.sf(edges)), np.diff(norm.cdf(edges)))
+        net += float(np.sum(q[q > 0] * np.log2(q[q > 0] / prior[q > 0])))
+    assert steps["9a"]["rhs"] == pytest.approx(net, abs=1e-7)
 
 
 def test_a_wrong_formula_fails_a_step_and_exits_nonzero(monkeypatch, capsys):

@@ -341,6 +341,7 @@ def compress(
         "kl": per["kl"].double().numpy() * to_bits,
         "net": costs.net,
         "neg_elbo": -per["elbo"].double().numpy() * to_bits,
+        "capped_pixels": costs.capped,
     }
     if "log_likelihood" in per:
         per_image["neg_log2_px"] = -per["log_likelihood"].double().numpy() * to_bits
@@ -487,6 +488,11 @@ def format_summary(s: dict) -> str:
     ]
     if "neg_log2_px" in b:
         lines.append(row(f"  -log2 p(x), IWAE k={s['iwae_k']} (any coder's limit)", b["neg_log2_px"]))
+    if b["capped_pixels"] > 0:
+        lines.append(
+            f"  ({b['capped_pixels']:.2f} pixels per image have a probability under 2^-24 in the model; the coder "
+            "gives every value at least that, so they cost it 24 bits and the model more: net can be below -ELBO)"
+        )
     lines += [
         row(f"initial bits (given back on decoding: {s['initial_bits']} in all)", s["initial_bits"], False),
         row(f"the file, header and checksum included ({s['file_bits'] // 8:,} bytes)", s["file_bits"], False),

@@ -95,11 +95,13 @@ class LogisticLikelihood(Likelihood):
         """P(x = i / 255) = sigmoid((x + h - loc) / s) - sigmoid((x - h - loc) / s), the end bins
         reaching to -inf and +inf (``distributions.DiscretizedLogistic``), in float64."""
         p = self(out).base_dist
-        loc, inv_s = p.loc.flatten(1).double(), torch.exp(-p.log_scale.flatten(1).double())
+        loc, inv_s = p.loc.flatten(1).double().unsqueeze(-1), torch.exp(-p.log_scale.flatten(1).double()).unsqueeze(-1)
         edges = (torch.arange(1, p.bins, dtype=torch.float64) - 0.5) / (p.bins - 1)  # between the levels
-        cdf = torch.sigmoid((edges - loc.unsqueeze(-1)) * inv_s.unsqueeze(-1))
-        zeros, ones = torch.zeros_like(cdf[..., :1]), torch.ones_like(cdf[..., :1])
-        return torch.cat([cdf, ones], -1) - torch.cat([zeros, cdf], -1)
+        inf = torch.tensor([math.inf], dtype=torch.float64)
+        a = (torch.cat([-inf, edges, inf]) - loc) * inv_s  # (B, pixels, bins + 1)
+        lo, hi = a[..., :-1], a[..., 1:]
+        # above the location from the survival function, so a far bin is not 1 - 1 but its own small mass
+        return torch.where(lo > 0, torch.sigmoid(-lo) - torch.sigmoid(-hi), torch.sigmoid(hi) - torch.sigmoid(lo))
 
 
 def make_likelihood(name: str, x_shape) -> Likelihood:

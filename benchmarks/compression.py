@@ -1,0 +1,91 @@
+"""The KL term as bits: vaelab compress (BB-ANS and BB-IS) against its limits (-ELBO, the IWAE
+estimate of -log2 p(x)) and against general-purpose coders on the same images.
+
+    python -m benchmarks.compression                 # about 6 minutes on 2 cores
+    python -m benchmarks.compression --budget 20     # shorter training, about 2 minutes
+    python -m benchmarks.compression --mnist DIR     # also full MNIST (its IDX files in DIR)
+
+Models are trained here with ``vaelab train`` for a fixed wall time (binarised digits with a
+Bernoulli likelihood; 8-bit digits with the discretised logistic), then their test split coded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from vaelab.cli import main as vaelab
+from vaelab.compress import compress
+
+LATENT_BITS = (2, 4, 6, 8, 10, 12)
+PARTICLES = (10, 50)
+
+
+def train(out: Path, budget: float, *options: str) -> Path:
+    argv = ["train", "--out", str(out), "--time-budget", str(budget), "--epochs", "100000", *options]
+    assert vaelab(argv) == 0, argv
+    return out
+
+
+def line(name: str, s: dict, extra: str = "") -> None:
+    b, P, N = s["bits_per_image"], s["dimensions"], s["images"]
+    per_1000 = 1000 / N
+    print(
+        f"  {name:<28} net {b['net'] / P:.4f}  file {s['file_bits'] / N / P:.4f}  z net {b['z_net']:7.2f} bits "
+        f"(fair flips {b['z_net_expected']:6.2f}, KL {b['kl']:6.2f})  initial {s['initial_bits']:>6} bits  "
+        f"{s['encode_seconds'] * per_1000:5.2f} s / {s['decode_seconds'] * per_1000:5.2f} s per 1000 {extra}",
+        flush=True,
+    )
+
+
+def code_run(run: Path, work: Path, title: str, iwae_k: int) -> None:
+    print(f"\n{title}")
+    first = compress(run, work / "b8.vbb", iwae_k=iwae_k, overwrite=True)
+    b, P = first["bits_per_image"], first["dimensions"]
+    print(
+        f"  limits: -ELBO {b['neg_elbo'] / P:.4f} bits/dim, -log2 p(x) (IWAE k={iwae_k}) {b['neg_log2_px'] / P:.4f}; "
+        f"{first['images']} test images; z of {first['latent_dim']} dimensions"
+    )
+    print(
+        "  general-purpose: "
+        + ", ".join(f"{k} {v / first['images'] / P:.4f}" for k, v in first["general_purpose_bits"].items())
+    )
+    for bits in LATENT_BITS:
+        s = first if bits == 8 else compress(run, work / f"b{bits}.vbb", latent_bits=bits, iwae_k=0, overwrite=True)
+        gap = 100 * (s["bits_per_image"]["net"] / b["neg_elbo"] - 1)
+        line(f"BB-ANS, {bits:>2} latent bits", s, f" net - (-ELBO): {gap:+.2f} %")
+    for k in PARTICLES:
+        s = compress(run, work / f"is{k}.vbb", particles=k, iwae_k=0, overwrite=True)
+        line(f"BB-IS, {k} particles", s)
+
+
+def run(budget: float, mnist: str | None, iwae_k: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        binary = train(work / "binary", budget)
+        code_run(binary, work, f"binarised mnist-5k (Bernoulli, vaelab train defaults, {budget:.0f} s)", iwae_k)
+        grey = train(work / "grey", budget, "--likelihood", "logistic", "--binarize", "none")
+        code_run(grey, work, f"8-bit mnist-5k (discretised logistic, {budget:.0f} s)", iwae_k)
+        if mnist is None:
+            print("\nfull MNIST: skipped (give --mnist DIR, the folder of its IDX files)")
+            return
+        full = train(work / "mnist", 4 * budget, "--data", "mnist", "--data-dir", mnist)
+        code_run(full, work, f"binarised MNIST (60,000 training images, {4 * budget:.0f} s)", iwae_k)
+
+
+def main(argv=None) -> int:
+    from benchmarks.__main__ import cpu_name
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compression", description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds of training per model (default 60)")
+    parser.add_argument("--mnist", metavar="DIR", help="the folder of MNIST's IDX files")
+    parser.add_argument("--iwae-k", type=int, default=1000, help="samples of the -log2 p(x) estimate")
+    args = parser.parse_args(argv)
+    print(f"vaelab compress on {cpu_name()}; bits per dimension unless named")
+    run(args.budget, args.mnist, args.iwae_k)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
