@@ -97,6 +97,13 @@ def test_each_likelihood_table_is_its_log_prob():
         expected = p.log_prob(x).flatten(1).double()
         big = table[..., level] > 1e-4  # where log_prob is the exact difference of sigmoids (not its tail form)
         torch.testing.assert_close(table[..., level].log()[big], expected[big], rtol=1e-4, atol=1e-4)
+    # far above a sharp location the top bin keeps its own tiny mass (the survival function, not 1 - 1):
+    # log P(255) = logsigmoid(-(254.5 / 255 - loc) / s), which log_prob computes the same way
+    sharp = torch.cat([torch.full((1, 1, 2, 2), -4.0), torch.full((1, 1, 2, 2), -5.0)], 1)
+    top = likelihood.pmf(sharp)[..., 255]
+    assert (top > 0).all() and top.max() < 1e-50  # about e^-146
+    expected = likelihood(sharp).base_dist.log_prob(torch.ones(1, 1, 2, 2)).flatten(1).double()
+    torch.testing.assert_close(top.log(), expected, rtol=1e-5, atol=0)
 
 
 def test_fair_coin_flips_pay_the_discretised_kl_for_z(runs):
