@@ -1,8 +1,11 @@
 """Speed and memory of vaelab, as ratios against references run in the same process.
 
-    python -m benchmarks            # about 35 minutes on 2 cores (time to quality at 1 and 10 minutes)
-    python -m benchmarks --budgets 60   # about 9 minutes: time to quality at 1 minute only
-    python -m benchmarks --quick    # fewer repeats and smaller sizes, about 2 minutes
+    python -m benchmarks            # about 40 minutes on 2 cores (time to quality at 1 and 10 minutes)
+    python -m benchmarks --budgets 60   # about 15 minutes: time to quality at 1 minute only
+    python -m benchmarks --quick    # fewer repeats and smaller sizes, about 3 minutes
+    python -m benchmarks.compression    # only the compression table (section 7), about 6 minutes
+
+Set VAELAB_MNIST_DIR to a folder of MNIST's IDX files to add full MNIST to the compression table.
 
 Absolute times on a shared machine drift by 2x between runs; ratios taken within one
 round do not, so each reference is interleaved with vaelab, round by round.
@@ -310,6 +313,11 @@ def main(argv=None) -> int:
 
     print("\n6. processes: torchrun / DistributedDataParallel on this machine (gloo)")
     processes(n)
+
+    print("\n7. the KL term as bits: vaelab compress against its limits and general-purpose coders")
+    from benchmarks import compression
+
+    compression.run(budget=10.0 if args.quick else 60.0, mnist=os.environ.get("VAELAB_MNIST_DIR"), iwae_k=1000)
     return 0
 
 

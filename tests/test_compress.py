@@ -262,3 +262,21 @@ def test_importance_sampling_round_trips_and_pays_the_iwae_bound(runs):
     paid, bound = np.array(paid), np.array(bound)
     se = math.sqrt(paid.var() / len(paid) + bound.var() / len(bound))
     assert abs(paid.mean() - bound.mean()) < 4.5 * se, (paid.mean(), bound.mean(), se)
+
+
+def test_the_run_keeps_a_record_its_report_draws(runs, tmp_path):
+    """Coding the run's own split leaves RUN/compression.json (of these weights), which the report
+    draws; coding other images leaves the run as it was."""
+    from vaelab.report import run_report
+
+    run = runs["logistic"]
+    (run / "compression.json").unlink(missing_ok=True)
+    compress(run, tmp_path / "idx.vbb", images=runs["data"] / "t10k-images-idx3-ubyte.gz", iwae_k=0)
+    assert not (run / "compression.json").exists()
+    summary = compress(run, tmp_path / "own.vbb", iwae_k=20)
+    record = json.loads((run / "compression.json").read_text())
+    assert record["split"] == "test" and record["bits_per_image"] == summary["bits_per_image"]
+    page, figures = run_report(run, out=tmp_path / "page.html")
+    text = page.read_text()
+    assert "The KL term as bits" in text and f"{summary['bits_per_image']['kl']:.2f}" in text
+    assert any("kl-term-as-bits" in f.name for f in figures)

@@ -11,6 +11,7 @@ unless all three hold.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import hashlib
 import io
@@ -28,15 +29,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaelab import rundir
 from vaelab.bitsback import MAX_LATENT_BITS, BitsBack, initial_words, model_coder
 from vaelab.config import Config
 from vaelab.data.sources import IMAGE_SUFFIXES, load_array, load_folder, read_idx, validate
 from vaelab.errors import UserError
-from vaelab.evaluation import evaluate, open_trained
-from vaelab.fileio import atomic_write_bytes
+from vaelab.evaluation import evaluate, open_trained, weights_sha256
+from vaelab.fileio import atomic_write_bytes, atomic_write_text
 from vaelab.parts import FAMILIES, LIKELIHOODS, POSTERIORS, PRIORS
 
 MAGIC = b"vaelab bits-back\n"
+RECORD = "compression.json"  # in the run directory: the last compression of the run's own split
 VERSION = 1
 MAX_PARTICLES = 1000
 DEFAULT_LATENT_BITS = 8  # README, "The KL term as bits": 6 to 12 bits code within 0.1 % of each other
@@ -293,10 +296,21 @@ def compress(
         raise UserError(f"--particles must be 1 to {MAX_PARTICLES}, got {particles}")
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; choose another -o, or add --overwrite")
+    run = Path(run)
+    records = images is None and run.is_dir()  # the run's own split: its record goes into the run, for its report
+    with rundir.lock(run, "compressing") if records else contextlib.nullcontext():
+        summary = _compress(run, out, images, split, latent_bits, particles, seed, iwae_k)
+        if records:
+            record = {**summary, "split": split, "weights_sha256": weights_sha256(run)}
+            atomic_write_text(run / RECORD, json.dumps(record, indent=1))
+    return summary
+
+
+def _compress(run: Path, out: Path, images, split, latent_bits, particles, seed, iwae_k) -> dict:
     trained = open_trained(run)
     check_codable(trained.config)
     data = images_of(trained, images, split)
-    levels, N, P = data.levels, len(data.symbols), data.symbols.shape[1]
+    levels, N = data.levels, len(data.symbols)
     coder = model_coder(trained.model, levels, latent_bits, particles)
     start = time.perf_counter()
     message, costs = coder.encode(data.symbols, seed)
@@ -327,7 +341,12 @@ def compress(
     }
     blob = pack(header, message)
     atomic_write_bytes(out, blob)
+    return {"file": str(out), **_summary(trained, data, coder, costs, message, blob, iwae_k, seed, encode_s, decode_s)}
 
+
+def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_k, seed, encode_s, decode_s) -> dict:
+    """Every number of a compression: per image and their means, in bits."""
+    N, P, particles = len(data.symbols), data.symbols.shape[1], coder.particles
     x = data.x()
     record, per = evaluate(trained.model, x, iwae_k=iwae_k, pixels=P, split_kl=False, seed=seed)
     to_bits = 1 / math.log(2)
@@ -347,14 +366,13 @@ def compress(
         per_image["neg_log2_px"] = -per["log_likelihood"].double().numpy() * to_bits
     mean = {k: float(v.mean()) for k, v in per_image.items()}
     return {
-        "file": str(out),
         "images": N,
         "where": data.where,
         "x_shape": list(data.x_shape),
         "dimensions": P,
         "likelihood": trained.config.likelihood,
         "latent_dim": coder.latent_dim,
-        "latent_bits": latent_bits,
+        "latent_bits": coder.grid.bits,
         "particles": particles,
         "iwae_k": iwae_k if "log_likelihood" in per else None,
         "bits_per_image": mean,

@@ -293,3 +293,33 @@ def correlation_matrices(images: np.ndarray, correlations: np.ndarray) -> Figure
     fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.8, label="corr(z_i, z_j)")
     fig.suptitle("q(z|x) with a full covariance: the correlations a diagonal q cannot have", fontsize=10)
     return fig
+
+
+def bits_back(kl: np.ndarray, z_net: np.ndarray, neg_elbo: np.ndarray, net: np.ndarray) -> Figure:
+    """Per image, in bits: left the net bits bits-back coding paid for z against the analytic KL, right
+    the net code length against -ELBO; the identity line on both."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (x, y, xlabel, ylabel, title) in zip(
+        axes,
+        (
+            (
+                kl,
+                z_net,
+                "analytic KL(q(z|x) ‖ p(z)), bits",
+                "net bits for z (pushed − got back)",
+                "the KL term as bits",
+            ),
+            (neg_elbo, net, "−ELBO, bits", "net code length, bits", "the code length is −ELBO"),
+        ),
+        strict=True,
+    ):
+        ax.scatter(x, y, s=6, alpha=0.5, color=COLORS["q"])
+        lo, hi = min(x.min(), y.min()), max(x.max(), y.max())
+        ax.plot([lo, hi], [lo, hi], color="#444444", lw=1, label="y = x")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}: means {y.mean():.2f} against {x.mean():.2f}", fontsize=9)
+        ax.legend(fontsize=8, loc="upper left")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import html
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from vaelab import plots, rundir
 from vaelab.checkpoint import read_trained
 from vaelab.errors import UserError
-from vaelab.evaluation import Evaluation, evaluation_rows
+from vaelab.evaluation import Evaluation, evaluation_rows, weights_sha256
 from vaelab.explain import Explanation
 from vaelab.fileio import atomic_write_bytes, atomic_write_text
 from vaelab.inspection import decode_mean, kl_parts, open_run, project_2d, read_evaluation, traversals
@@ -155,6 +156,7 @@ def _write_report(run, out: Path, figures_dir: Path, comparison, projection: str
             _training(run),
             _kl_per_dimension(run),
             _kl_decomposition(run),
+            _bits_back(run),
             _correlations(run),
             _reconstructions(run, examples),
             _prior_samples(run, examples),
@@ -293,6 +295,40 @@ KL_PART_LABELS = {
     "dimension_wise_kl": "dimension-wise KL",
     "marginal_kl": "marginal KL",
 }
+
+
+def _bits_back(run) -> Section | None:
+    """What ``vaelab compress`` measured on the run's test split (RUN/compression.json), when it has run
+    on these weights: the KL term as the bits z cost, per image, and the code length against -ELBO."""
+    path = run.path / "compression.json"
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        per, b, P = record["per_image"], record["bits_per_image"], record["dimensions"]
+        kl, z_net, neg_elbo, net = (np.array(per[k], dtype=float) for k in ("kl", "z_net", "neg_elbo", "net"))
+        stale = record["weights_sha256"] != weights_sha256(run.path)
+        others = record["general_purpose_bits"]
+        best = min(others, key=others.get)
+        particles, images = record["particles"], record["images"]
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as err:
+        raise UserError(
+            f"{path} is torn or was edited ({type(err).__name__}); run vaelab compress {run.path} -o FILE again"
+        ) from None
+    if stale:
+        return None  # of other weights: the run trained on since
+    coder = "BB-ANS" if particles == 1 else f"BB-IS with {particles} particles"
+    return Section(
+        "The KL term as bits",
+        f"vaelab compress coded the {images} {record['split']} images losslessly by bits-back coding ({coder}, "
+        f"z on 2^{record['latent_bits']} buckets per dimension): it pops z from the message with q(z|x), getting "
+        f"bits back, and pushes x with p(x|z) and z with p(z). The net bits for z average {b['z_net']:.2f} against "
+        f"the analytic KL's {b['kl']:.2f} ({b['z_net_expected']:.2f} expected for fair coin flips on this grid); "
+        f"the code is {b['net'] / P:.4f} bits per dimension against the model's −ELBO of {b['neg_elbo'] / P:.4f}"
+        + (f" and −log2 p(x) of {b['neg_log2_px'] / P:.4f} (IWAE)" if "neg_log2_px" in b else "")
+        + f"; the best general-purpose coder, {best}, needs {others[best] / images / P:.4f}.",
+        plots.bits_back(kl, z_net, neg_elbo, net),
+    )
 
 
 def _kl_decomposition(run) -> Section | None:

@@ -36,7 +36,7 @@ LOCK = ".vaelab-lock"
 # The files and folders vaelab writes in a run directory (besides the marker and the lock). The
 # folders are vaelab's too: checkpoints/ holds last.pt, best.pt and their temporaries, tensorboard/
 # the event files, report/ the figures of ``vaelab report``.
-OWNED_FILES = ("config.toml", "metrics.csv", "model.safetensors", "evaluation.json", "report.html")
+OWNED_FILES = ("config.toml", "metrics.csv", "model.safetensors", "evaluation.json", "compression.json", "report.html")
 OWNED_DIRS = ("checkpoints", "tensorboard", "report")
 # the names vaelab gives inside its folders: what --overwrite may delete there
 OWNED_IN_DIRS = {
