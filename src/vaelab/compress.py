@@ -297,19 +297,19 @@ def compress(
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; choose another -o, or add --overwrite")
     run = Path(run)
+    trained = open_trained(run)
+    check_codable(trained.config)
+    data = images_of(trained, images, split)
     records = images is None and run.is_dir()  # the run's own split: its record goes into the run, for its report
-    with rundir.lock(run, "compressing") if records else contextlib.nullcontext():
-        summary = _compress(run, out, images, split, latent_bits, particles, seed, iwae_k)
+    with rundir.lock(run, "compressing") if records else contextlib.nullcontext():  # taken once the input is good
+        summary = _compress(trained, data, run, out, latent_bits, particles, seed, iwae_k)
         if records:
             record = {**summary, "split": split, "weights_sha256": weights_sha256(run)}
             atomic_write_text(run / RECORD, json.dumps(record, indent=1))
     return summary
 
 
-def _compress(run: Path, out: Path, images, split, latent_bits, particles, seed, iwae_k) -> dict:
-    trained = open_trained(run)
-    check_codable(trained.config)
-    data = images_of(trained, images, split)
+def _compress(trained, data: Images, run: Path, out: Path, latent_bits, particles, seed, iwae_k) -> dict:
     levels, N = data.levels, len(data.symbols)
     coder = model_coder(trained.model, levels, latent_bits, particles)
     start = time.perf_counter()
