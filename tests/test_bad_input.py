@@ -262,6 +262,13 @@ def one_png(tmp_path):
     return str(tmp_path / "one.png")
 
 
+def runs_of_two_data_sets(tmp_path):
+    first = make_run(tmp_path)
+    second = tmp_path / "digits"
+    assert main(["train", *FAST, "--data", "digits", "--out", str(second)]) == 0
+    return ["rd", str(first), str(second)]
+
+
 CATALOGUE = [
     ("unknown data set", lambda t: ["train", "--data", "mnsit"], ["unknown data set 'mnsit'", "use digits"]),
     (
@@ -662,6 +669,22 @@ CATALOGUE = [
         lambda t: ["decompress", compressed(t), "-o", str(a_file(t))],
         ["exists", "--overwrite"],
     ),
+    ("a sweep value that is not a number", lambda t: ["sweep", "--beta", "0.5,x", "--out", str(t / "s")], ["'x'"]),
+    ("a sweep of beta 0", lambda t: ["sweep", "--beta", "0,1", "--out", str(t / "s")], ["'0'", "above 0"]),
+    ("a sweep naming a value twice", lambda t: ["sweep", "--seed", "1,1", "--out", str(t / "s")], ["twice"]),
+    (
+        "a sweep of a knob that cannot be swept",
+        lambda t: ["sweep", "--epochs", "5,10", "--out", str(t / "s")],
+        ["--epochs cannot be swept", "--beta"],
+    ),
+    ("a sweep of nothing", lambda t: ["sweep", "--epochs", "5", "--out", str(t / "s")], ["at least one knob"]),
+    (
+        "a sweep told to overwrite",
+        lambda t: ["sweep", "--beta", "1,2", "--overwrite", "--out", str(t / "s")],
+        ["resumes its unfinished runs"],
+    ),
+    ("rd of runs on two data sets", runs_of_two_data_sets, ["not on one scale", "one data set"]),
+    ("rd of a folder without runs", lambda t: ["rd", str(t)], ["holds no trained run"]),
     (
         "report compared with itself",
         lambda t: ["report", str(run := make_run(t)), "--compare", str(run)],

@@ -15,7 +15,7 @@ LAYERS = {
     0: {"kl", "distributions", "objectives", "linear_gaussian", "errors", "fileio", "parts", "decomposition", "memory"},
     1: {"models", "data", "explain", "plots", "config", "rundir", "bitsback"},
     2: {"training", "runs", "evaluation", "checkpoint", "distributed", "inspection"},
-    3: {"report", "web", "compress"},
+    3: {"report", "web", "compress", "sweep", "rd"},
     4: {"cli", "__main__", "__init__"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}

@@ -47,6 +47,21 @@ EXAMPLES = {
         "Options given here override the --config file, which overrides the --preset, then the defaults.\n"
         "The resolved config is saved as RUN/config.toml."
     ),
+    "sweep": (
+        "examples:\n  vaelab sweep --beta 0.1,0.25,0.5,1,2,4,8 --out runs/beta --jobs 2\n"
+        "  vaelab sweep --beta 0.5,1,4 --latent-dim 2,10 --epochs 50 --out runs/grid     # a grid: 6 runs\n"
+        "  vaelab sweep --seed 0,1,2 --data mnist --download --out runs/seeds --print | xargs -P 3 -I{} sh -c {}\n\n"
+        "Any vaelab train option may follow; a run is named by its values (runs/beta/beta-0.5). Started again,\n"
+        "a sweep skips its finished runs and resumes the others from their last checkpoints."
+    ),
+    "rd": (
+        "examples:\n  vaelab rd runs/beta                       # every run in the folder of a sweep\n"
+        "  vaelab rd runs/beta --figure plane.png --json plane.json\n  vaelab rd runs/a runs/b runs/c"
+    ),
+    "compress": (
+        "examples:\n  vaelab compress runs/mnist-5k -o test.vbb\n  vaelab compress runs/mnist-5k digits.npy -o d.vbb\n"
+        "  vaelab compress runs/mnist-5k -o test.vbb --particles 50 --json numbers.json"
+    ),
     "explain": (
         "examples:\n  vaelab explain\n  vaelab explain --latent-dim 3 --data-dim 8 --json steps.json --html steps.html"
     ),
@@ -454,6 +469,57 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vaelab.sweep import KNOBS, command_line, parse_values, plan, run_sweep, threads_per_job, train_arguments
+
+    given = {flag: getattr(args, flag.lstrip("-").replace("-", "_"), None) for flag in KNOBS}
+    knobs = {flag: parse_values(flag, text) for flag, text in given.items() if text is not None}
+    if not knobs:
+        raise UserError("a sweep needs values of at least one knob: " + ", ".join(f"{k} A,B,..." for k in KNOBS))
+    for flag in ("resume", "auto_resume", "overwrite"):
+        if getattr(args, flag, False):
+            raise UserError(
+                f"--{flag.replace('_', '-')}: a sweep resumes its unfinished runs and skips its finished ones itself; "
+                "delete a run's folder to train it again"
+            )
+    if getattr(args, "nproc", 1) > 1:
+        raise UserError("--nproc: a sweep runs whole trainings side by side; use --jobs N")
+    threads = None if hasattr(args, "threads") else threads_per_job(args.jobs)
+    points = plan(knobs, train_arguments(args.argv[1:]), args.out, threads)
+    if args.print:
+        print("\n".join(command_line(p) for p in points))
+        return 0
+    print(f"vaelab sweep: {len(points)} runs into {args.out}/, {args.jobs} at a time")
+    with stop_on_sigterm():
+        outcome = run_sweep(points, args.jobs)
+    failed = [p for p, what in outcome if what.startswith("failed")]
+    if failed:
+        print(f"vaelab sweep: {len(failed)} of {len(points)} runs failed; run the sweep again to retry them")
+        return 1
+    print(f"all {len(points)} runs finished in {args.out}/; the rate-distortion plane: vaelab rd {args.out}")
+    return 0
+
+
+def cmd_rd(args: argparse.Namespace) -> int:
+    from vaelab import plots
+    from vaelab.fileio import atomic_write_bytes, atomic_write_text
+    from vaelab.rd import figure, format_table, plane
+    from vaelab.rundir import check_output
+
+    for option, path in (("--json", args.json), ("--figure", args.figure)):
+        if path is not None:
+            check_output(path, option)
+    points = plane(args.runs)
+    print(format_table(points))
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps([p.to_dict() for p in points], indent=1))
+        print(f"wrote {args.json}")
+    if args.figure is not None:
+        atomic_write_bytes(args.figure, plots.to_png_bytes(figure(points)))
+        print(f"wrote {args.figure}")
+    return 0
+
+
 def _port(text: str) -> int:
     value = positive_int(text)
     if value > 65535:
@@ -498,6 +564,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", "train a VAE and log the ELBO's terms (default: 5,000 bundled MNIST digits)", cmd_train)
     add_train_options(p)
+
+    p = add("sweep", "train one run per value of a knob (or per point of a grid), --jobs at a time", cmd_sweep)
+    p.allow_abbrev = False  # the train options pass through to vaelab train as they were typed
+    p.conflict_handler = "resolve"  # the knobs below take lists where train takes one value
+    add_train_options(p)
+    from vaelab.sweep import KNOBS
+
+    g = p.add_argument_group("the sweep")
+    for flag, (_, what) in KNOBS.items():
+        g.add_argument(flag, metavar="A,B,...", help=f"values to sweep, {what}")
+    g.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder of the sweep's run directories")
+    g.add_argument(
+        "--jobs", type=positive_int, default=1, metavar="N", help="runs side by side, cores divided (default 1)"
+    )
+    g.add_argument("--print", action="store_true", help="write the vaelab train command lines instead, one per line")
+
+    p = add("rd", "runs on the rate-distortion plane: rate R (the KL term) against distortion D", cmd_rd)
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN_OR_DIR", help="run directories, or folders of runs")
+    p.add_argument("--json", type=_output_path, metavar="FILE", help="every point as JSON")
+    p.add_argument("--figure", type=_output_path, metavar="FILE.png", help="draw the plane into this PNG")
 
     p = add("evaluate", "ELBO terms, IWAE log-likelihood, active units and the KL split of a trained run", cmd_evaluate)
     p.add_argument("run", type=Path, metavar="RUN", help="a run directory, or a checkpoint / model.safetensors file")
@@ -592,6 +678,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sweep"]:
+        from vaelab.sweep import check_sweepable
+
+        try:
+            check_sweepable(argv[1:])
+        except UserError as err:
+            print(f"vaelab: error: {err}", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     args.argv = argv  # --nproc runs the same command line again under torchrun
     try:

@@ -323,3 +323,58 @@ def bits_back(kl: np.ndarray, z_net: np.ndarray, neg_elbo: np.ndarray, net: np.n
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def rate_distortion(
+    labels: list[str],
+    distortion: list[float],
+    rate: list[float],
+    information: list[float | None],
+    bits_back: list[tuple[float, float] | None],
+) -> Figure:
+    """Runs on the rate-distortion plane (nats): distortion D across, rate R up; each run's diagonal
+    D + R = -ELBO; its mutual information below its rate (R - MI: rate that carries no information
+    about x); where given, the bits-back code's (pixels, z) split of the same images."""
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    D, R = np.asarray(distortion), np.asarray(rate)
+    top = max(R.max(), 1.0) * 1.15
+    right = D.max() * 1.1
+    cmap = plt.get_cmap("viridis")
+    for i, label in enumerate(labels):
+        color = cmap(i / max(1, len(labels) - 1))
+        total = D[i] + R[i]
+        ax.plot([total - top, total], [top, 0], color=color, lw=0.8, ls="--", alpha=0.5)
+        ax.plot(D[i], R[i], "o", color=color, ms=7, label=f"{label}: −ELBO {total:.1f}")
+        if information[i] is not None:
+            ax.plot([D[i], D[i]], [information[i], R[i]], color=color, lw=2, alpha=0.6)
+            ax.plot(D[i], information[i], "v", color=color, ms=6, mfc="white")
+        if bits_back[i] is not None:
+            ax.plot(*bits_back[i], "x", color=color, ms=8, mew=2)
+    ax.plot([], [], "v", color="#444444", mfc="white", label="mutual information I(x; z) (R − I: marginal KL)")
+    if any(b is not None for b in bits_back):
+        ax.plot([], [], "x", color="#444444", mew=2, label="bits-back code: x's bits and z's net bits")
+    ax.plot([], [], "--", color="#444444", lw=0.8, label="D + R = −ELBO, equal ELBO")
+    ax.set_xlim(0, right)
+    ax.set_ylim(0, top)
+    ax.annotate(
+        "auto-decoding: R = 0,\nz ignored",
+        (right * 0.98, 0),
+        xytext=(right * 0.98, top * 0.1),
+        ha="right",
+        fontsize=8,
+        arrowprops={"arrowstyle": "->", "color": "#666666"},
+    )
+    ax.annotate(
+        "auto-encoding: D = 0",
+        (0, top * 0.98),
+        xytext=(right * 0.05, top * 0.9),
+        fontsize=8,
+        arrowprops={"arrowstyle": "->", "color": "#666666"},
+    )
+    ax.set_xlabel("distortion D = −E log p(x|z)  (nats per image)")
+    ax.set_ylabel("rate R = E KL(q(z|x) ‖ p(z))  (nats per image)")
+    ax.set_title("the rate-distortion plane", fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
