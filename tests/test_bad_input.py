@@ -684,6 +684,22 @@ CATALOGUE = [
         ["resumes its unfinished runs"],
     ),
     ("rd of runs on two data sets", runs_of_two_data_sets, ["not on one scale", "one data set"]),
+    ("a negative target rate", lambda t: ["train", *FAST, "--target-rate", "-3"], ["--target-rate", ">= 0"]),
+    (
+        "a target rate beyond what an image holds",
+        lambda t: ["train", *FAST, "--target-rate", "1000"],
+        ["more than an image of mnist-5k holds", "543.4 nats"],
+    ),
+    (
+        "a target rate with the IWAE objective",
+        lambda t: ["train", *FAST, "--target-rate", "10", "--objective", "iwae"],
+        ["--objective elbo", "drop --objective or --target-rate"],
+    ),
+    (
+        "resume with another target rate",
+        resumed(lambda t: str(make_run(t, "--target-rate", "5")), "--epochs", "2", "--target-rate", "8"),
+        ["target_rate: 5.0 -> 8.0"],
+    ),
     ("rd of a folder without runs", lambda t: ["rd", str(t)], ["holds no trained run"]),
     (
         "report compared with itself",

@@ -69,6 +69,7 @@ def checkpoint_bytes(
     best_elbo: float,
     elapsed: float = 0.0,
     val_images: int,
+    rate: dict | None = None,
 ) -> bytes:
     """The training state as ``torch.save`` bytes, for ``fileio.atomic_write_bytes``: serialised when it
     is taken (a few ms), written when the run's checkpoint cadence says so (``runs.RunWriter``)."""
@@ -86,6 +87,7 @@ def checkpoint_bytes(
         "run_id": run_id or "",  # the run directory's marker (rundir.py): whose state this is
         "best_elbo": best_elbo,
         "val_images": val_images,  # the validation split's size: a resume must hold out the same images
+        "rate": rate,  # --target-rate: the multiplier's state (training.RateTarget), None without one
         "elapsed": elapsed,  # wall seconds of the run: what a resumed --time-budget has left
         "rng": rng_state(),
         "rng_streams": RNG_STREAMS,

@@ -295,6 +295,13 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     opt("--warmup", "beta schedule", choices=WARMUPS)
     opt("--warmup-steps", "steps of the linear ramp, or of one cycle", type=_non_negative(int), metavar="N")
     opt("--free-bits", "minimum KL per latent dimension, in nats", type=_non_negative(float), metavar="NATS")
+    opt(
+        "--target-rate",
+        "hold the rate (the KL term) at this many nats per example: the KL's weight, starting at --beta, is "
+        "adjusted every step and logged as beta; 0: off",
+        type=_non_negative(float),
+        metavar="NATS",
+    )
     for part, what in (
         ("mi", "the mutual information"),
         ("tc", "the total correlation"),

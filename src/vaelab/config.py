@@ -99,6 +99,9 @@ class Config:
     warmup: str = "constant"
     warmup_steps: int = 0  # linear: steps of the ramp; cyclical: steps of one cycle
     free_bits: float = 0.0  # nats per latent dimension
+    # nats per example: a multiplier of the KL term (in beta's place), adjusted every step, holds the rate
+    # (the KL term) at this target (training.RateTarget); 0: off, beta as given
+    target_rate: float = 0.0
     # --objective tc (beta-TCVAE): weights of the KL's three parts, and the minibatch estimator of q(z)
     mi_weight: float = 1.0
     tc_weight: float = 1.0
@@ -172,6 +175,7 @@ class Config:
         for name in (
             "beta",
             "free_bits",
+            "target_rate",
             "grad_clip",
             "mi_weight",
             "tc_weight",
@@ -185,7 +189,16 @@ class Config:
             raise UserError(f"threads must be >= 0, got {self.threads}")
         if not 0 <= self.seed < 2**63:
             raise UserError(f"seed must be a whole number from 0 to 2^63 - 1, got {self.seed}")
-        for name in ("lr", "adam_eps", "beta", "free_bits", "grad_clip", "time_budget", "checkpoint_every"):
+        for name in (
+            "lr",
+            "adam_eps",
+            "beta",
+            "free_bits",
+            "target_rate",
+            "grad_clip",
+            "time_budget",
+            "checkpoint_every",
+        ):
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         objective, prior = parts.OBJECTIVES[self.objective], parts.PRIORS[self.prior]
@@ -207,6 +220,15 @@ class Config:
                 f"free bits need a KL per latent dimension, and {' and '.join(whole)} does not factorise over them: "
                 "use --prior normal and --posterior diagonal, or --free-bits 0"
             )
+        if self.target_rate > 0:
+            held = [("--objective", self.objective, "elbo"), ("--warmup", self.warmup, "constant")]
+            held += [("--free-bits", self.free_bits, 0.0)]
+            for flag, value, needed in held:
+                if value != needed:
+                    raise UserError(
+                        f"--target-rate adjusts the KL's weight itself, so it needs {flag} {needed}, not {value}; "
+                        f"drop {flag} or --target-rate"
+                    )
         self._check_family(objective, posterior)
         if prior.mixes_posteriors and not posterior.factorises:
             raise UserError(

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Collection
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import tomli_w
@@ -28,7 +28,15 @@ from vaelab.config import Config, tomllib
 from vaelab.data import prepare_data
 from vaelab.errors import UserError
 from vaelab.fileio import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
-from vaelab.training import EpochRecord, TrainState, check_batch_size, evaluate_terms, fit, make_optimizer
+from vaelab.training import (
+    EpochRecord,
+    RateTarget,
+    TrainState,
+    check_batch_size,
+    evaluate_terms,
+    fit,
+    make_optimizer,
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -263,6 +271,7 @@ class RunWriter:
             x_shape=self.x_shape,
             **self.identity,
             val_images=self.val_images,
+            rate=None if state.rate is None else asdict(state.rate),
         )
 
     def save(self) -> None:
@@ -402,6 +411,7 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held) -> tup
             f"{2 * ctx.world} or more"
         )
     check_memory(config, splits.x_shape, device)
+    check_target_rate(config, splits)
     if resume_ckpt is None and config.epochs == 0:
         raise UserError("--epochs 0 trains nothing and a new run would have no model; give --epochs 1 or more")
     out = Path(out) if out else default_out(splits.name)
@@ -421,7 +431,11 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held) -> tup
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         checkpoint.set_rng_state(resume_ckpt["rng"])
         state = TrainState(
-            resume_ckpt["epoch"], resume_ckpt["step"], resume_ckpt["best_elbo"], elapsed=resume_ckpt.get("elapsed", 0.0)
+            resume_ckpt["epoch"],
+            resume_ckpt["step"],
+            resume_ckpt["best_elbo"],
+            elapsed=resume_ckpt.get("elapsed", 0.0),
+            rate=RateTarget(**resume_ckpt["rate"]) if resume_ckpt.get("rate") else None,
         )
         log(f"resuming {out} at epoch {state.epoch + 1}")
         if changes:
@@ -592,6 +606,19 @@ def config_toml(out: Path, config: Config, changes: dict, epoch: int) -> str:
         history.append({"at_epoch": epoch, **{k: f"{a!r} -> {b!r}" for k, (a, b) in changes.items()}})
     text = config.to_toml()
     return text + ("\n" + tomli_w.dumps({"resumed": history}) if history else "")
+
+
+def check_target_rate(config: Config, splits) -> None:
+    """A rate above what an image holds (C H W log L nats for L pixel levels) is no point of the plane:
+    the latent would carry more than the data has."""
+    levels = 2 if config.binarize != "none" or splits.binary else splits.levels
+    if config.target_rate and levels:
+        most = math.prod(splits.x_shape) * math.log(levels)
+        if config.target_rate > most:
+            raise UserError(
+                f"--target-rate {config.target_rate:g} nats is more than an image of {splits.name} holds "
+                f"({math.prod(splits.x_shape)} pixels of {levels} levels: {most:.1f} nats); give a smaller target"
+            )
 
 
 def set_threads(threads: int) -> None:

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -61,6 +62,26 @@ class TrainState:
     history: list[EpochRecord] = field(default_factory=list)
     elapsed: float = 0.0  # wall seconds of the run so far: training, validation, checkpoints (the budget counts these)
     skipped: int = 0  # batches dropped by --skip-nonfinite in this process, against its budget
+    rate: RateTarget | None = None  # --target-rate: the KL's adjusted weight
+
+
+@dataclass
+class RateTarget:
+    """The KL's weight as a Lagrange multiplier that holds the rate R = E KL(q(z|x) || p(z)) at a target:
+    minimising D + beta (R - target) over the model while beta climbs when R is above the target and
+    falls when below, as GECO (Rezende & Viola 2018) holds a distortion target. Per step, with the
+    batch's mean KL (over every process): c = (R - target) / target, its moving average
+    m <- 0.9 m + 0.1 c, and log beta <- log beta + RATE * m, beta kept in [1e-3, 1e3]."""
+
+    target: float
+    beta: float
+    average: float = 0.0  # the moving average of the relative constraint
+
+    RATE: ClassVar[float] = 0.02
+
+    def update(self, rate: float) -> None:
+        self.average = 0.9 * self.average + 0.1 * (rate - self.target) / self.target
+        self.beta = min(1e3, max(1e-3, self.beta * math.exp(self.RATE * self.average)))
 
 
 Hook = Callable[[EpochRecord, object, TrainState], None]
@@ -111,10 +132,18 @@ def fit(
             if config.lr_schedule == "cosine":  # per step: the share of the run done so far
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(config, epoch, clock.progress(clock.elapsed()))
-            beta = objectives.beta_at(state.step, config.warmup, config.beta, config.warmup_steps)
+            if config.target_rate:
+                state.rate = state.rate or RateTarget(config.target_rate, config.beta)
+                beta = state.rate.beta
+            else:
+                beta = objectives.beta_at(state.step, config.warmup, config.beta, config.warmup_steps)
             terms, problem = step(x, beta, state.step, y)
             if problem is None:
                 sums.add(terms)
+                if state.rate is not None:  # the rate of the whole batch, every process's share of it
+                    kl = terms.kl.detach()
+                    total, n = distributed.all_reduce_sum(torch.stack([kl.sum(), kl.new_tensor(len(kl))])).tolist()
+                    state.rate.update(total / n)
             elif state.skipped < config.skip_nonfinite:  # --skip-nonfinite: drop this batch, count it, go on
                 skipped += 1
                 state.skipped += 1  # the budget is the run's (this process's part of it), not an epoch's
