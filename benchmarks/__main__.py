@@ -3,7 +3,7 @@
     python -m benchmarks            # about 40 minutes on 2 cores (time to quality at 1 and 10 minutes)
     python -m benchmarks --budgets 60   # about 15 minutes: time to quality at 1 minute only
     python -m benchmarks --quick    # fewer repeats and smaller sizes, about 3 minutes
-    python -m benchmarks.compression    # only the compression table (section 7), about 6 minutes
+    python -m benchmarks.compression    # only the compression table (section 7), about 9 minutes
 
 Set VAELAB_MNIST_DIR to a folder of MNIST's IDX files to add full MNIST to the compression table.
 
