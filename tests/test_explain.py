@@ -75,6 +75,16 @@ def test_json_numbers_agree_with_independent_computation(tmp_path):
         prior = np.where(upper, -np.diff(norm.sf(edges)), np.diff(norm.cdf(edges)))
         net += float(np.sum(q[q > 0] * np.log2(q[q > 0] / prior[q > 0])))
     assert steps["9a"]["rhs"] == pytest.approx(net, abs=1e-7)
+    # step 10: the linear beta-VAE's optimal rate from the spectrum alone (eigenvalues 4 * 2^-i of the data,
+    # s^2 = 0.3): sum over the top k of 1/2 log(lambda_i / (beta s^2)) where lambda_i > beta s^2
+    lam = 4.0 * 0.5 ** np.arange(d)
+    for letter, beta in zip("abcdef", (0.5, 1, 2, 4, 8, 16), strict=True):
+        top = lam[:k][lam[:k] > beta * 0.3]
+        step = next(x for x in r["steps"] if x["name"].startswith(f"10{letter}."))
+        assert step["lhs"] == pytest.approx(0.5 * np.log(top / (beta * 0.3)).sum(), abs=1e-9)
+    collapse = next(x for x in r["steps"] if x["name"].startswith("10g."))
+    expected = sum(int((lam[:k] <= b * 0.3).sum()) for b in (0.5, 1, 2, 4, 8, 16))
+    assert collapse["lhs"] == collapse["rhs"] == expected
 
 
 def test_a_wrong_formula_fails_a_step_and_exits_nonzero(monkeypatch, capsys):

@@ -264,3 +264,57 @@ class TwoLevelLinearGaussian:
     def log_px_given_z(self, layers: list[LatentLayer], x: Tensor) -> Tensor:
         mean = layers[-1].z @ self.W.T + self.b
         return Independent(Normal(mean, self.var**0.5), 1).log_prob(x)
+
+
+# -- the linear beta-VAE: its optimum in closed form ------------------------------------------
+@dataclass(frozen=True)
+class RateDistortion:
+    """Rate R = E_x KL(q(z|x) || p(z)) and distortion D = -E_x E_q log p(x|z), nats per example."""
+
+    rate_per_dim: Tensor  # (k,)
+    distortion: float
+
+    @property
+    def rate(self) -> float:
+        return float(self.rate_per_dim.sum())
+
+
+def linear_vae_terms(W: Tensor, V: Tensor, log_var: Tensor, cov: Tensor, noise_var: float) -> tuple[Tensor, Tensor]:
+    """(rate per dimension (k,), distortion) of the linear VAE p(x|z) = N(W z + m, s^2 I),
+    q(z|x) = N(V (x - m), diag exp(log_var)), exactly, over data of mean m and covariance ``cov``
+    (differentiable): E m m^T = V cov V^T, and
+    E ||x - m - W z||^2 = tr((I - W V) cov (I - W V)^T) + sum_j ||w_j||^2 exp(log_var_j)."""
+    d = cov.shape[0]
+    var = log_var.exp()
+    mean_sq = torch.einsum("jd,de,je->j", V, cov, V)  # E_x [m_j(x)^2]
+    rate_per_dim = 0.5 * (mean_sq + var - 1 - log_var)
+    A = torch.eye(d, dtype=cov.dtype) - W @ V
+    squared = torch.trace(A @ cov @ A.T) + (W.square().sum(0) * var).sum()
+    return rate_per_dim, 0.5 * d * math.log(2 * math.pi * noise_var) + squared / (2 * noise_var)
+
+
+def linear_vae_rate_distortion(W: Tensor, V: Tensor, log_var: Tensor, cov: Tensor, noise_var: float) -> RateDistortion:
+    rate_per_dim, distortion = linear_vae_terms(W, V, log_var, cov, noise_var)
+    return RateDistortion(rate_per_dim.detach(), float(distortion))
+
+
+def beta_vae_optimum(cov: Tensor, noise_var: float, beta: float, latent_dim: int) -> RateDistortion:
+    """The global optimum of D + beta R for the linear VAE with a diagonal posterior and a fixed noise
+    variance s^2 (Lucas et al. 2019, "Don't Blame the ELBO!", with their beta = 1 solution at s^2 -> beta s^2:
+    dividing D + beta R by beta leaves the beta = 1 objective of noise variance beta s^2).
+
+    With cov's eigenvalues lambda_1 >= ... and eigenvectors u_i, dimension i of z keeps
+    w_i = u_i sqrt(lambda_i - beta s^2), q's variance beta s^2 / lambda_i and rate 1/2 log(lambda_i / (beta s^2))
+    where lambda_i > beta s^2, and collapses (w_i = 0, q = p(z_i), rate 0) where lambda_i <= beta s^2."""
+    lam, U = torch.linalg.eigh(cov)
+    lam, U = lam.flip(0)[:latent_dim], U.flip(1)[:, :latent_dim]
+    if len(lam) < latent_dim:  # more latent dimensions than data dimensions: the rest collapse
+        pad = latent_dim - len(lam)
+        lam = torch.cat([lam, lam.new_zeros(pad)])
+        U = torch.cat([U, U.new_zeros(U.shape[0], pad)], 1)
+    floor = beta * noise_var
+    active = lam > floor
+    W = U * torch.where(active, lam - floor, torch.zeros_like(lam)).clamp(min=0).sqrt()
+    var = torch.where(active, floor / lam.clamp(min=floor), torch.ones_like(lam))
+    V = (var / floor).unsqueeze(1) * W.T  # the posterior mean of the model of noise variance beta s^2
+    return linear_vae_rate_distortion(W, V, var.log(), cov, noise_var)
