@@ -3,7 +3,7 @@
     python -m benchmarks            # about 40 minutes on 2 cores (time to quality at 1 and 10 minutes)
     python -m benchmarks --budgets 60   # about 15 minutes: time to quality at 1 minute only
     python -m benchmarks --quick    # fewer repeats and smaller sizes, about 3 minutes
-    python -m benchmarks.compression    # only the compression table (section 7), about 9 minutes
+    python -m benchmarks.compression    # only the compression table (section 8), about 9 minutes
 
 Set VAELAB_MNIST_DIR to a folder of MNIST's IDX files to add full MNIST to the compression table.
 
@@ -233,6 +233,39 @@ def peak_rss_mib(code: str) -> float:
     return int(out.stdout.split()[-1]) / 1024
 
 
+def training_seconds(cmd: list[str]) -> float:
+    """The training seconds a ``vaelab train`` prints ("time: ... training X s")."""
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("time:"))
+    return float(line.split("training ")[1].split(" s")[0])
+
+
+def busy_machine(rounds: int) -> None:
+    """``vaelab train`` beside one process that keeps a core busy, at the default thread count and at
+    each fixed one, rounds interleaved: the default should be within 0.9x of the best."""
+    cores = len(os.sched_getaffinity(0))
+    vaelab_cmd = [os.path.join(os.path.dirname(sys.executable), "vaelab"), "train", "--epochs", "8"]
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)
+        times: dict[str, list[float]] = {"default": [], **{str(t): [] for t in range(1, cores + 1)}}
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(rounds):
+                for name in times:
+                    threads = [] if name == "default" else ["--threads", name]
+                    cmd = [*vaelab_cmd, *threads, "--out", os.path.join(tmp, name), "--overwrite"]
+                    times[name].append(training_seconds(cmd))
+    finally:
+        spinner.kill()
+    best = min(statistics.median(v) for k, v in times.items() if k != "default")
+    for name, values in times.items():
+        ratio = best / statistics.median(values)
+        target = ">= 0.9x the best" if name == "default" else ""
+        label = "default threads" if name == "default" else f"--threads {name}"
+        measured = f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+        row(f"  {label}: training s (8 epochs, one core busy)", measured, f"{ratio:.2f}x best", target)
+
+
 def wall(cmd: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
@@ -314,7 +347,10 @@ def main(argv=None) -> int:
     print("\n6. processes: torchrun / DistributedDataParallel on this machine (gloo)")
     processes(n)
 
-    print("\n7. the KL term as bits: vaelab compress against its limits and general-purpose coders")
+    print("\n7. a busy machine: vaelab train (mnist-5k) beside a process that keeps one core busy")
+    busy_machine(1 if args.quick else 3)
+
+    print("\n8. the KL term as bits: vaelab compress against its limits and general-purpose coders")
     from benchmarks import compression
 
     compression.run(budget=10.0 if args.quick else 60.0, mnist=os.environ.get("VAELAB_MNIST_DIR"), iwae_k=1000)

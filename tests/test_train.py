@@ -3,6 +3,7 @@
 import csv
 import hashlib
 import math
+import os
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import vaelab
 from vaelab import objectives
 from vaelab.checkpoint import load_checkpoint, load_model
 from vaelab.cli import main
-from vaelab.config import Config
+from vaelab.config import Config, tomllib
 from vaelab.errors import UserError
 from vaelab.training import NonFiniteError
 
@@ -515,3 +516,44 @@ def test_val_size_0_trains_on_every_training_image_and_keeps_the_last_weights(tm
     assert last["epoch"] == best["epoch"] == 3 and last["val_images"] == 0
     assert all(torch.equal(last["model"][k], best["model"][k]) for k in last["model"])
     assert main(["report", str(out)]) == 0  # the curves without a validation line
+
+
+def test_the_default_thread_count_leaves_out_the_cores_other_work_keeps_busy(monkeypatch):
+    """One process spinning beside: /proc/stat shows about a core busy, and the default (threads 0)
+    takes one thread fewer than the cores (on a machine of one core, that one)."""
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from vaelab.runs import busy_cores, set_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert 0.7 <= busy_cores(0.5) <= cores
+        chosen, why = set_threads(0)
+        assert chosen <= max(1, cores - 1) and "busy with other work" in why
+    finally:
+        spinner.kill()
+        torch.set_num_threads(threads)
+    assert set_threads(3) == (3, "--threads")
+    torch.set_num_threads(threads)
+
+
+def test_the_run_says_what_precision_and_threads_it_resolved(tmp_path, capsys):
+    from vaelab.config import read_toml
+    from vaelab.training import native_bf16
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--hidden", "16", "--epochs", "1", "--out", str(out)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    resolved = tomllib.loads((out / "config.toml").read_text())["resolved"]
+    expected = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    assert resolved["precision"] == expected and f"{expected} ({resolved['precision_why']})" in first
+    assert f"{resolved['threads']} thread" in first and resolved["threads_why"] in first
+    assert "resolved" not in read_toml(out / "config.toml")  # a record, not an option, when the file is reused

@@ -351,7 +351,8 @@ def parse_toml(text: str, where: str) -> dict:
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{where} is not valid TOML: {err}") from None
     # a run's config.toml ends with its history of resumes ([[resumed]] tables, runs.config_toml): not options
-    return {name: coerce(name, value, where) for name, value in raw.items() if name != "resumed"}
+    # and what auto resolved to ([resolved], the record of one process): not options either
+    return {name: coerce(name, value, where) for name, value in raw.items() if name not in ("resumed", "resolved")}
 
 
 def read_toml(path: str | Path) -> dict:

@@ -36,6 +36,7 @@ from vaelab.training import (
     evaluate_terms,
     fit,
     make_optimizer,
+    resolved_precision,
 )
 
 
@@ -370,17 +371,17 @@ def train_run(
     Under torchrun every rank runs this; rank 0 alone prepares the run directory, holds its lock,
     logs and writes, the others wait for it at barriers.
     """
-    set_threads(config.threads)
+    threads = set_threads(config.threads)
     device = resolve_device(config.device)
     if (auto_resume or resume) and out is None:
         raise UserError(f"{'--auto-resume' if auto_resume else '--resume'} needs --out: the run directory to continue")
     with distributed.session(device.type) as ctx, contextlib.ExitStack() as held:
         if auto_resume:  # decided by every rank before rank 0 writes anything (the barrier below)
             resume, overwrite = auto_resume_mode(Path(out), overwrite)
-        return _train(config, device, ctx, out, resume, overwrite, log, given, held)
+        return _train(config, device, ctx, out, resume, overwrite, log, given, held, threads)
 
 
-def _train(config, device, ctx, out, resume, overwrite, log, given, held) -> tuple[Path, EpochRecord]:
+def _train(config, device, ctx, out, resume, overwrite, log, given, held, threads) -> tuple[Path, EpochRecord]:
     if ctx.active and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
@@ -441,9 +442,12 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held) -> tup
         if changes:
             said = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
             log(f"resume changes {said} (recorded in {out / 'config.toml'})")
+    precision = resolved_precision(config.precision, device)
     hooks: list = []
     if ctx.is_main:
-        atomic_write_text(out / "config.toml", config_toml(out, config, changes, state.epoch))
+        resolved = {"precision": precision[0], "precision_why": precision[1], "threads": threads[0]}
+        resolved["threads_why"] = threads[1]
+        atomic_write_text(out / "config.toml", config_toml(out, config, changes, state.epoch, resolved))
         writer = RunWriter(
             out, config, optimizer, splits.x_shape, identity(out, splits), model.layer_dims, state, len(val_x)
         )
@@ -457,7 +461,8 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held) -> tup
     log(
         f"{splits.name}: {len(train_x)} train / {len(val_x)} val / {len(test_x)} test images of shape "
         f"{splits.x_shape}; {what}, {config.posterior} posterior, {n_params:,} parameters, "
-        f"{config.likelihood} likelihood, {config.prior} prior, on {device}"
+        f"{config.likelihood} likelihood, {config.prior} prior, on {device}; {precision[0]} ({precision[1]}), "
+        f"{threads[0]} thread{'s' * (threads[0] > 1)} ({threads[1]})"
     )
 
     def print_epoch(record: EpochRecord, model, state) -> None:
@@ -596,15 +601,16 @@ def continued_config(run_values: dict, config: Config, given: Collection[str] | 
     return old.replace(**{k: new for k, (_, new) in differs.items()}, download=config.download), differs
 
 
-def config_toml(out: Path, config: Config, changes: dict, epoch: int) -> str:
-    """config.toml: the run's config, then its history of resumes that changed an option, as
-    ``[[resumed]]`` tables (the epoch it resumed at and each change as "old -> new")."""
+def config_toml(out: Path, config: Config, changes: dict, epoch: int, resolved: dict | None = None) -> str:
+    """config.toml: the run's config; what ``auto`` and 0 resolved to in the process that wrote it, as a
+    ``[resolved]`` table (precision, threads, and why); then its history of resumes that changed an
+    option, as ``[[resumed]]`` tables (the epoch it resumed at and each change as "old -> new")."""
     history = []
     with contextlib.suppress(OSError, ValueError, TypeError):  # no config.toml yet, or an unreadable one: a new history
         history = list(tomllib.loads((out / "config.toml").read_text()).get("resumed", []))
     if changes:
         history.append({"at_epoch": epoch, **{k: f"{a!r} -> {b!r}" for k, (a, b) in changes.items()}})
-    text = config.to_toml()
+    text = config.to_toml() + ("\n" + tomli_w.dumps({"resolved": resolved}) if resolved else "")
     return text + ("\n" + tomli_w.dumps({"resumed": history}) if history else "")
 
 
@@ -621,7 +627,52 @@ def check_target_rate(config: Config, splits) -> None:
             )
 
 
-def set_threads(threads: int) -> None:
-    """``threads=0`` keeps PyTorch's default (one thread per core)."""
+def set_threads(threads: int) -> tuple[int, str]:
+    """Set the threads this process computes with; return how many, and why. ``threads=0``: one per core
+    that is free now (a core busy with another process makes OpenMP's threads wait for each other: on
+    2 cores with one busy, 2 threads trained the default model 3.6x slower than 1; README, Performance),
+    or what OMP_NUM_THREADS says where it is set (torchrun sets it to 1 per process)."""
     if threads > 0:
         torch.set_num_threads(threads)
+        return threads, "--threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = busy_cores()
+    if busy is None:
+        torch.set_num_threads(cores)
+        return cores, f"{cores} cores"
+    free = max(1, min(cores, round(cores - busy)))
+    torch.set_num_threads(free)
+    return free, f"{cores} cores, {busy:.1f} busy with other work" if busy >= 0.5 else f"{cores} cores, idle"
+
+
+def busy_cores(seconds: float = 0.1) -> float | None:
+    """How many cores other processes keep busy, from /proc/stat's idle time over ``seconds`` (while this
+    process sleeps); None where there is no /proc/stat."""
+
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+    def sample() -> dict[int, tuple[int, int]]:
+        """Per CPU this process may run on: (all time, idle + iowait), guest time left out (counted in user)."""
+        times = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *values = line.split()
+                if name.startswith("cpu") and name != "cpu" and (mine is None or int(name[3:]) in mine):
+                    fields = [int(v) for v in values[:8]]
+                    times[int(name[3:])] = (sum(fields), fields[3] + fields[4])
+        return times
+
+    try:
+        before = sample()
+        time.sleep(seconds)
+        after = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = 0.0
+    for cpu, (total, idle) in after.items():
+        spent = total - before.get(cpu, (total, idle))[0]
+        if spent > 0:
+            busy += 1 - (idle - before[cpu][1]) / spent
+    return busy if after else None

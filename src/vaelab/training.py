@@ -417,6 +417,20 @@ def cpu_info() -> dict | None:
     return {"model name": fields.get("model name", "?"), "flags": fields.get("flags", "").split()}
 
 
+def resolved_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """What ``--precision`` comes to on ``device``, and why: ("bf16", "native bf16 on this CPU: avx512_bf16")."""
+    if precision != "auto":
+        return precision, f"--precision {precision}"
+    if not native_bf16(device):
+        return "fp32", f"no native bf16 on this {'GPU' if device.type == 'cuda' else 'CPU'}"
+    if device.type == "cuda":
+        return "bf16", "native bf16 on this GPU"
+    flags = (cpu_info() or {"flags": []})["flags"]
+    return "bf16", "native bf16 on this CPU: " + (
+        " and ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags) or "PyTorch's check"
+    )
+
+
 def autocast(precision: str, device: torch.device):
     """The context the networks run in: bfloat16 autocast for ``bf16`` (and ``auto`` where it is
     native), else a no-op. What runs in bf16 is autocast's own list (linear, matmul, conv); the
