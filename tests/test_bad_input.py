@@ -613,7 +613,19 @@ CATALOGUE = [
         compress_run("--likelihood", "gaussian", "--binarize", "none"),
         ["is a density", "--likelihood bernoulli"],
     ),
-    ("compress a run of two latent layers", compress_run("--family", "hierarchical"), ["one latent layer", "--family"]),
+    (
+        "importance-sampled bits-back of two latent layers",
+        lambda t: [
+            "compress",
+            str(make_run(t, "--family", "hierarchical")),
+            "-o",
+            str(t / "f.vbb"),
+            "--particles",
+            "5",
+        ],
+        ["one latent layer", "--particles 1"],
+    ),
+    ("compress a run with a VampPrior", compress_run("--prior", "vamp"), ["--prior vamp", "--prior normal"]),
     ("compress a conditional run", compress_run("--conditional"), ["--conditional", "labels"]),
     (
         "compress grey images with a Bernoulli run",

@@ -42,7 +42,11 @@ def runs(tmp_path_factory):
     write_idx(d / "t10k-images-idx3-ubyte.gz", images(40))
     write_idx(d / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 40))
     out = {}
-    for name, options in (("bernoulli", []), ("logistic", ["--likelihood", "logistic", "--binarize", "none"])):
+    for name, options in (
+        ("bernoulli", []),
+        ("logistic", ["--likelihood", "logistic", "--binarize", "none"]),
+        ("hierarchical", ["--family", "hierarchical", "--top-latent-dim", "3"]),
+    ):
         out[name] = root / name
         argv = ["train", "--data", "mnist", "--data-dir", str(d), *SMALL, *options, "--out", str(out[name])]
         assert main(argv) == 0
@@ -280,3 +284,23 @@ def test_the_run_keeps_a_record_its_report_draws(runs, tmp_path):
     text = page.read_text()
     assert "The KL term as bits" in text and f"{summary['bits_per_image']['kl']:.2f}" in text
     assert any("kl-term-as-bits" in f.name for f in figures)
+
+
+def test_two_latent_layers_round_trip_and_pay_both_kl_terms(runs, tmp_path):
+    """The hierarchical family: z2 on the prior's grid, z1 on p(z1|z2)'s; exact round trip, the initial
+    bits back, both layers' pushes b bits per dimension, and the net code within its accounting."""
+    t = open_trained(runs["hierarchical"])
+    x, _ = t.split("test")
+    symbols = x.flatten(1).round().int().numpy()
+    coder = model_coder(t.model, 2, 8)
+    assert coder.latent_dim == 4 + 3
+    message, costs = coder.encode(symbols)
+    decoded, returned = coder.decode(message, len(symbols))
+    assert returned and np.array_equal(decoded, symbols)
+    assert (costs.z_pushed == 8 * 7).all()
+    initial = 32 * len(bitsback.initial_words(coder.latent_dim, 0))
+    assert abs(32 * len(message) - initial - costs.net.sum()) < 0.002 * costs.net.sum() + 64
+    summary = compress(runs["hierarchical"], tmp_path / "h.vbb", iwae_k=0)
+    assert summary["layers"] == 2 and "z_net_expected" not in summary["bits_per_image"]
+    decompress(tmp_path / "h.vbb", tmp_path / "h.npy")
+    assert np.array_equal(np.load(tmp_path / "h.npy"), (x[:, 0].numpy() * 255).astype(np.uint8))

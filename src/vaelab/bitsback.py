@@ -237,15 +237,110 @@ class BitsBack:
         return out, len(left) == len(initial) and bool((left == initial).all())
 
 
-def model_coder(model, levels: int, latent_bits: int, particles: int = 1) -> BitsBack:
-    """BB-ANS for a trained one-layer model (``models.base.VAE``) with a diagonal Gaussian posterior,
-    a standard normal prior and a discrete likelihood of ``levels`` pixel values."""
+class TwoLayerBitsBack(BitsBack):
+    """BB-ANS for two latent layers with top-down inference (``models.hierarchical``): q(z2|x) q(z1|x, z2),
+    p(z2) = N(0, I), p(z1|z2) a diagonal Gaussian, p(x|z1). z2 is on the grid of equal N(0, 1) mass; z1,
+    once z2 is known (to the coder and the decoder alike), on the grid of equal mass under p(z1|z2), so
+    that z1 too costs b bits per dimension and its buckets are fine where p(z1|z2) lives. To code x:
+    pop z2 with Q(z2|x), pop z1 with Q(z1|x, z2), push x with p(x|z1), push z1 with P(z1|z2), push z2
+    with P(z2). The net bits for the latents average KL2 + E KL1, the two KL terms of the hierarchical
+    ELBO. (Bit-Swap interleaves the pops and pushes to need fewer initial bits; that needs bottom-up
+    inference, q(z2|z1).)
 
-    def posterior(x: Tensor) -> tuple[Tensor, Tensor]:
-        q = model.encode(x).base_dist
-        return q.loc, q.scale
+    ``posterior(x, z2)`` gives (mu, sigma) of q(z2|x) for z2 None, else of q(z1|x, z2); ``prior(z2)``
+    those of p(z1|z2); ``pmf(z1)`` p(x|z1)'s tables."""
+
+    def __init__(self, posterior, prior, pmf, dims: tuple[int, int], x_shape, levels: int, latent_bits: int):
+        super().__init__(posterior, pmf, dims[0] + dims[1], x_shape, levels, latent_bits)
+        self.prior, self.dims = prior, dims
+
+    def _top(self, z2: np.ndarray) -> Tensor:
+        return self.grid.centres[torch.from_numpy(z2.astype(np.int64))].float().view(1, -1)
+
+    def _q_top(self, x: np.ndarray) -> np.ndarray:
+        mu, sigma = self.posterior(self._image(x), None)
+        return floored(self.grid.masses(mu.reshape(-1), sigma.reshape(-1)).numpy())
+
+    def _bottom(self, x: np.ndarray | None, z2: np.ndarray) -> tuple[np.ndarray | None, Tensor, Tensor]:
+        """Q(z1|x, z2)'s masses of the buckets of equal p(z1|z2) mass (None without x), and p(z1|z2)'s
+        (mu, sigma), which place those buckets."""
+        mu_p, sigma_p = (t.reshape(-1).double() for t in self.prior(self._top(z2)))
+        if x is None:
+            return None, mu_p, sigma_p
+        mu_q, sigma_q = (t.reshape(-1).double() for t in self.posterior(self._image(x), self._top(z2)))
+        q = self.grid.masses((mu_q - mu_p) / sigma_p, sigma_q / sigma_p)  # in p(z1|z2)'s standard units
+        return floored(q.numpy()), mu_p, sigma_p
+
+    def _p_x_bottom(self, z1: np.ndarray, mu_p: Tensor, sigma_p: Tensor) -> np.ndarray:
+        values = mu_p + sigma_p * self.grid.centres[torch.from_numpy(z1.astype(np.int64))]
+        return floored(self.pmf(values.float().view(1, -1)).reshape(-1, self.levels).numpy())
+
+    @torch.no_grad()
+    def encode(self, symbols: np.ndarray, seed: int = 0) -> tuple[np.ndarray, Costs]:
+        symbols = np.ascontiguousarray(symbols, dtype=np.int32)
+        coder = self._coder(initial_words(self.latent_dim, seed))
+        costs = np.zeros((4, len(symbols)))
+
+        def bits(table: np.ndarray, symbols: np.ndarray) -> float:
+            return -float(np.log2(table[np.arange(len(symbols)), symbols]).sum())
+
+        with one_thread():
+            for i, x in enumerate(symbols):
+                q2 = self._q_top(x)
+                z2 = coder.decode(self._categorical, q2)  # pop z2 with Q(z2|x)
+                q1, mu_p, sigma_p = self._bottom(x, z2)
+                z1 = coder.decode(self._categorical, q1)  # pop z1 with Q(z1|x, z2)
+                p_x = self._p_x_bottom(z1, mu_p, sigma_p)
+                coder.encode_reverse(x, self._categorical, p_x)  # push x with p(x|z1)
+                coder.encode_reverse(z1, self._uniform)  # push z1 with P(z1|z2): b bits each
+                coder.encode_reverse(z2, self._uniform)  # push z2 with P(z2)
+                coded = p_x[np.arange(len(x)), x]
+                pushed = self.grid.bits * self.latent_dim
+                costs[:, i] = (bits(p_x, x), pushed, bits(q2, z2) + bits(q1, z1), (coded <= FLOOR).sum())
+        return coder.get_compressed(), Costs(*costs)
+
+    @torch.no_grad()
+    def decode(self, message: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, bool]:
+        coder = self._coder(np.ascontiguousarray(message, dtype=np.uint32))
+        out = np.zeros((n, math.prod(self.x_shape)), dtype=np.int32)
+        with one_thread():
+            for i in reversed(range(n)):
+                z2 = coder.decode(self._uniform, self.dims[0])  # pop z2 with P(z2)
+                z1 = coder.decode(self._uniform, self.dims[1])  # pop z1 with P(z1|z2)
+                _, mu_p, sigma_p = self._bottom(None, z2)
+                out[i] = x = coder.decode(self._categorical, self._p_x_bottom(z1, mu_p, sigma_p))  # pop x
+                coder.encode_reverse(z1, self._categorical, self._bottom(x, z2)[0])  # push z1 back with Q(z1|x, z2)
+                coder.encode_reverse(z2, self._categorical, self._q_top(x))  # push z2 back with Q(z2|x)
+        left = coder.get_compressed()
+        initial = initial_words(self.latent_dim, seed)
+        return out, len(left) == len(initial) and bool((left == initial).all())
+
+
+def model_coder(model, levels: int, latent_bits: int, particles: int = 1) -> BitsBack:
+    """BB-ANS (BB-IS with ``particles`` > 1) for a trained model with a discrete likelihood of ``levels``
+    pixel values: one latent layer (``models.base.VAE``) with a diagonal Gaussian posterior and a
+    standard normal prior, or two (``models.hierarchical``, BB-ANS only)."""
 
     def pmf(z: Tensor) -> Tensor:
         return model.likelihood.pmf(model.decoder(z).float())
 
-    return BitsBack(posterior, pmf, model.latent_dim, model.x_shape, levels, latent_bits, particles)
+    def params(q) -> tuple[Tensor, Tensor]:
+        return q.base_dist.loc, q.base_dist.scale
+
+    if len(model.layer_dims) == 2:
+
+        def posterior(x: Tensor, z2: Tensor | None) -> tuple[Tensor, Tensor]:
+            if z2 is None:
+                return params(model.encode(x))  # q(z2|x)
+            return params(model._q_bottom(model._bottom_up(x)[0], z2))  # q(z1|x, z2)
+
+        def prior(z2: Tensor) -> tuple[Tensor, Tensor]:
+            return params(model._p_bottom(z2))
+
+        dims = (model.layer_dims["z2"], model.layer_dims["z1"])
+        return TwoLayerBitsBack(posterior, prior, pmf, dims, model.x_shape, levels, latent_bits)
+
+    def one_layer(x: Tensor) -> tuple[Tensor, Tensor]:
+        return params(model.encode(x))
+
+    return BitsBack(one_layer, pmf, model.latent_dim, model.x_shape, levels, latent_bits, particles)

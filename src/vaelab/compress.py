@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from vaelab import rundir
-from vaelab.bitsback import MAX_LATENT_BITS, BitsBack, initial_words, model_coder
+from vaelab.bitsback import MAX_LATENT_BITS, BitsBack, TwoLayerBitsBack, initial_words, model_coder
 from vaelab.config import Config
 from vaelab.data.sources import IMAGE_SUFFIXES, load_array, load_folder, read_idx, validate
 from vaelab.errors import UserError
@@ -86,11 +86,18 @@ def coding_levels(config: Config) -> int:
     return 2 if likelihood.binary_only else likelihood.levels
 
 
-def check_codable(config: Config) -> None:
-    """BB-ANS here codes one latent layer with a diagonal Gaussian posterior and a N(0, I) prior."""
+def check_codable(config: Config, particles: int = 1) -> None:
+    """BB-ANS here codes one latent layer with a diagonal Gaussian posterior and a N(0, I) prior, or the
+    two layers of the hierarchical family; BB-IS one layer."""
+    layers = FAMILIES[config.family].layers
+    if layers > 1 and particles > 1:
+        raise UserError(
+            f"--particles {particles}: importance-sampled bits-back (BB-IS) here codes one latent layer, and "
+            f"--family {config.family} has {layers}; use --particles 1 (BB-ANS codes both layers)"
+        )
     problems = []
-    if FAMILIES[config.family].layers != 1:
-        problems.append(f"--family {config.family} (several latent layers)")
+    if layers > 2:
+        problems.append(f"--family {config.family} ({layers} latent layers)")
     if config.conditional:
         problems.append("--conditional (the labels would have to be coded too)")
     if not POSTERIORS[config.posterior].factorises or not POSTERIORS[config.posterior].gaussian:
@@ -99,8 +106,8 @@ def check_codable(config: Config) -> None:
         problems.append(f"--prior {config.prior}")
     if problems:
         raise UserError(
-            f"bits-back coding here needs one latent layer, a diagonal posterior and the normal prior; the run has "
-            f"{', '.join(problems)}. Train a run with --family vae --posterior diagonal --prior normal to compress"
+            f"bits-back coding here needs diagonal posteriors and the normal prior, and no labels; the run has "
+            f"{', '.join(problems)}. Train a run with --posterior diagonal --prior normal to compress"
         )
     coding_levels(config)
 
@@ -298,7 +305,7 @@ def compress(
         raise UserError(f"{out} exists; choose another -o, or add --overwrite")
     run = Path(run)
     trained = open_trained(run)
-    check_codable(trained.config)
+    check_codable(trained.config, particles)
     data = images_of(trained, images, split)
     records = images is None and run.is_dir()  # the run's own split: its record goes into the run, for its report
     with rundir.lock(run, "compressing") if records else contextlib.nullcontext():  # taken once the input is good
@@ -350,7 +357,7 @@ def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_
     x = data.x()
     record, per = evaluate(trained.model, x, iwae_k=iwae_k, pixels=P, split_kl=False, seed=seed)
     to_bits = 1 / math.log(2)
-    q_grid = _expected_z_bits(coder, x)
+    q_grid = _expected_z_bits(coder, x) if not isinstance(coder, TwoLayerBitsBack) else None
     per_image = {
         "pixels": costs.pixels,
         "z_pushed": costs.z_pushed,
@@ -362,6 +369,8 @@ def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_
         "neg_elbo": -per["elbo"].double().numpy() * to_bits,
         "capped_pixels": costs.capped,
     }
+    if q_grid is None:
+        del per_image["z_net_expected"]  # two layers: KL1 at each z2, no sum over one grid
     if "log_likelihood" in per:
         per_image["neg_log2_px"] = -per["log_likelihood"].double().numpy() * to_bits
     mean = {k: float(v.mean()) for k, v in per_image.items()}
@@ -372,6 +381,7 @@ def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_
         "dimensions": P,
         "likelihood": trained.config.likelihood,
         "latent_dim": coder.latent_dim,
+        "layers": 2 if isinstance(coder, TwoLayerBitsBack) else 1,
         "latent_bits": coder.grid.bits,
         "particles": particles,
         "iwae_k": iwae_k if "log_likelihood" in per else None,
@@ -486,7 +496,13 @@ def format_summary(s: dict) -> str:
         f"  {'':<60} {'bits/image':>11} {'bits/dim':>9}",
         row("x pushed with p(x|z)", b["pixels"]),
     ]
-    if K == 1:
+    if s.get("layers") == 2:
+        lines += [
+            row("z2 pushed with p(z2), z1 with p(z1|z2)", b["z_pushed"]),
+            row("z2 and z1 got back when popped with q(z2|x), q(z1|x,z2)", -b["z_back"]),
+            row("z net: the two KL terms, as this coder paid them", b["z_net"]),
+        ]
+    elif K == 1:
         lines += [
             row("z pushed with p(z)", b["z_pushed"]),
             row("z got back when popped with q(z|x)", -b["z_back"]),
@@ -498,9 +514,10 @@ def format_summary(s: dict) -> str:
             row(f"{K} particles popped with q(z|x), j with the weights", -b["z_back"]),
             row("latent side net", b["z_net"]),
         ]
+    if "z_net_expected" in b:
+        lines.append(row("  BB-ANS's z net for fair coin flips on this grid", b["z_net_expected"]))
     lines += [
-        row("  BB-ANS's z net for fair coin flips on this grid", b["z_net_expected"]),
-        row("  analytic KL(q(z|x) || p(z))", b["kl"]),
+        row("  analytic KL(q(z|x) || p(z))" if s.get("layers") != 2 else "  KL2 + KL1 (at sampled z2)", b["kl"]),
         row("net code length", b["net"]),
         row("  the model's -ELBO (BB-ANS's limit)", b["neg_elbo"]),
     ]
