@@ -110,3 +110,12 @@ def test_rd_draws_the_bits_back_code_where_compress_has_run(beta_sweep, tmp_path
     record = json.loads((run / "compression.json").read_text())
     assert points[0]["bits_back_code_length"] == pytest.approx(record["bits_per_image"]["net"] * math.log(2))
     assert points[1]["bits_back_code_length"] is None
+
+
+def test_report_of_a_sweep_folder_is_its_plane(beta_sweep, tmp_path, capsys):
+    page = tmp_path / "plane.html"
+    assert main(["report", str(beta_sweep), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert text.count("<tr>") == 1 + 2 and "data:image/png;base64," in text and "beta 0.5" in text
+    assert main(["report", str(beta_sweep)]) == 2  # a folder of runs needs --out: nothing is written into it
+    assert "give --out" in capsys.readouterr().err

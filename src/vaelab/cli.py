@@ -411,8 +411,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from vaelab.report import run_report
+    from vaelab.report import run_report, runs_report
 
+    if args.run.is_dir() and not (args.run / "model.safetensors").exists() and not (args.run / "config.toml").exists():
+        print(f"wrote {runs_report(args.run, args.out)}")  # a folder of runs: their rate-distortion plane
+        return 0
     out, figures = run_report(args.run, out=args.out, projection=args.projection, compare=args.compare)
     print(f"wrote {out} and {len(figures)} figures in {figures[0].parent}/")
     return 0
@@ -619,8 +622,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add("report", "a self-contained HTML report of a run, with its figures as PNG files", cmd_report)
-    p.add_argument("run", type=Path, metavar="RUN", help="a run directory")
-    p.add_argument("--out", type=_output_path, metavar="FILE", help="the HTML file (default: RUN/report.html)")
+    p.add_argument(
+        "run",
+        type=Path,
+        metavar="RUN",
+        help="a run directory, or a folder of runs (a sweep's): their rate-distortion plane",
+    )
+    p.add_argument(
+        "--out",
+        type=_output_path,
+        metavar="FILE",
+        help="the HTML file (default: RUN/report.html; a folder of runs: needed)",
+    )
     p.add_argument(
         "--projection",
         choices=("pca", "tsne"),

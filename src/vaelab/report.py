@@ -149,6 +149,45 @@ def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8, co
         return _write_report(run, out, figures_dir, comparison, projection, examples)
 
 
+def runs_report(folder, out) -> Path:
+    """The page of several runs (a sweep's folder): the rate-distortion plane and its table (``vaelab.rd``),
+    each run linked to its own report where it has one. Written to ``out`` only (a single HTML file)."""
+    from vaelab import rd
+
+    if out is None:
+        raise UserError(f"{folder} is a folder of runs: give --out FILE.html for their page")
+    out = Path(out)
+    rundir.check_output(out, "--out")
+    points = rd.plane([Path(folder)])
+    png = base64.b64encode(plots.to_png_bytes(rd.figure(points))).decode()
+    head = "<tr><th>run</th><th>β</th><th>rate R</th><th>distortion D</th><th>−ELBO</th><th>MI</th><th>R − MI</th>"
+    head += "<th>bits-back code</th></tr>"
+    rows = []
+    for p in points:
+        own = p.path / "report.html"
+        name = html.escape(p.label)
+        if own.exists():
+            name = f"<a href='{html.escape(own.resolve().as_uri())}'>{name}</a>"
+        cells = [p.config.beta, p.rate, p.distortion, p.neg_elbo, p.mutual_information]
+        cells += [None if p.mutual_information is None else p.rate - p.mutual_information, p.code_length]
+        rows.append(
+            f"<tr><td>{name}</td>" + "".join(f"<td>{'' if v is None else f'{v:.2f}'}</td>" for v in cells) + "</tr>"
+        )
+    best = min(points, key=lambda p: p.neg_elbo)
+    body = (
+        f"<p>{len(points)} runs in <code>{html.escape(str(folder))}</code>, nats per image on their test split. "
+        "The rate R is the KL term, E<sub>x</sub> KL(q(z|x) ‖ p(z)); the distortion D is minus the reconstruction "
+        "term; −ELBO = D + R, so runs of equal ELBO lie on one dashed diagonal, and a β-VAE lands where the best "
+        "achievable curve has slope −β. Below each rate, the mutual information I(x; z) (at most log N on N test "
+        "images): the rest of the rate, the marginal KL, tells nothing about x. A cross: the bits-back code of "
+        f"<code>vaelab compress</code>, where it has run. Best ELBO: {html.escape(best.label)}.</p>"
+        f"<img alt='the rate-distortion plane' src='data:image/png;base64,{png}' style='max-width:100%'>"
+        f"<table>{head}{''.join(rows)}</table>"
+    )
+    atomic_write_text(out, page(f"vaelab: the rate-distortion plane of {Path(folder).name}", body))
+    return out
+
+
 def _write_report(run, out: Path, figures_dir: Path, comparison, projection: str, examples: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
