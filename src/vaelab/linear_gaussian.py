@@ -318,3 +318,31 @@ def beta_vae_optimum(cov: Tensor, noise_var: float, beta: float, latent_dim: int
     var = torch.where(active, floor / lam.clamp(min=floor), torch.ones_like(lam))
     V = (var / floor).unsqueeze(1) * W.T  # the posterior mean of the model of noise variance beta s^2
     return linear_vae_rate_distortion(W, V, var.log(), cov, noise_var)
+
+
+class LinearVAE(torch.nn.Module):
+    """The linear VAE of Lucas et al. 2019 as a model vaelab trains (``objectives.LatentVariableModel``):
+    q(z|x) = N(V (x - m), diag exp(log_var)) (a variance that does not depend on x), p(z) = N(0, I),
+    p(x|z) = N(W z + m, s^2 I) with s^2 fixed; m is the data's mean."""
+
+    def __init__(self, mean: Tensor, latent_dim: int, noise_var: float, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        d = mean.shape[0]
+        self.register_buffer("mean", mean.clone())
+        self.W = torch.nn.Parameter(0.1 * torch.randn(d, latent_dim, generator=g, dtype=mean.dtype))
+        self.V = torch.nn.Parameter(0.1 * torch.randn(latent_dim, d, generator=g, dtype=mean.dtype))
+        self.log_var = torch.nn.Parameter(torch.zeros(latent_dim, dtype=mean.dtype))
+        self.noise_var = noise_var
+
+    def latents(self, x: Tensor, draw: Draw) -> list[LatentLayer]:
+        q = diag_normal((x - self.mean) @ self.V.T, self.log_var.expand(x.shape[0], -1))
+        return [LatentLayer("z", q, standard_normal(self.log_var.shape[0], dtype=self.mean.dtype), draw(q))]
+
+    def log_px_given_z(self, layers: list[LatentLayer], x: Tensor) -> Tensor:
+        loc = layers[0].z @ self.W.T + self.mean
+        return Normal(loc, self.noise_var**0.5).log_prob(x).sum(-1)
+
+    def rate_distortion(self, cov: Tensor) -> RateDistortion:
+        """R and D exactly, over data of this mean and covariance ``cov``."""
+        return linear_vae_rate_distortion(self.W.detach(), self.V.detach(), self.log_var.detach(), cov, self.noise_var)
