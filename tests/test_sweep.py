@@ -119,3 +119,17 @@ def test_report_of_a_sweep_folder_is_its_plane(beta_sweep, tmp_path, capsys):
     assert text.count("<tr>") == 1 + 2 and "data:image/png;base64," in text and "beta 0.5" in text
     assert main(["report", str(beta_sweep)]) == 2  # a folder of runs needs --out: nothing is written into it
     assert "give --out" in capsys.readouterr().err
+
+
+def test_serve_of_a_sweep_folder_shows_its_plane(beta_sweep):
+    from fastapi.testclient import TestClient
+
+    from vaelab.web.app import create_runs_app
+
+    client = TestClient(create_runs_app(beta_sweep), base_url="http://127.0.0.1")
+    page = client.get("/")
+    assert page.status_code == 200 and "the rate-distortion plane" in page.text and "beta 4.0" in page.text
+    points = client.get("/api/rd").json()
+    assert [p["label"] for p in points] == ["beta 0.5", "beta 4.0"]
+    assert points[0]["neg_elbo"] == pytest.approx(points[0]["rate"] + points[0]["distortion"])
+    assert client.get("/", headers={"host": "evil.example"}).status_code == 400  # the same host check as a run's

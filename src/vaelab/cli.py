@@ -410,11 +410,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def is_folder_of_runs(path: Path) -> bool:
+    """A folder that is not itself a run (no weights, no config): a sweep's, say."""
+    return path.is_dir() and not (path / "model.safetensors").exists() and not (path / "config.toml").exists()
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from vaelab.report import run_report, runs_report
 
-    if args.run.is_dir() and not (args.run / "model.safetensors").exists() and not (args.run / "config.toml").exists():
-        print(f"wrote {runs_report(args.run, args.out)}")  # a folder of runs: their rate-distortion plane
+    if is_folder_of_runs(args.run):
+        print(f"wrote {runs_report(args.run, args.out)}")  # their rate-distortion plane
         return 0
     out, figures = run_report(args.run, out=args.out, projection=args.projection, compare=args.compare)
     print(f"wrote {out} and {len(figures)} figures in {figures[0].parent}/")
@@ -424,7 +429,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from vaelab.web.app import create_app
+    from vaelab.web.app import create_app, create_runs_app
 
     with socket.socket() as probe:  # say a taken port in one line, before loading the model
         try:
@@ -433,7 +438,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise UserError(
                 f"cannot listen on {args.host}:{args.port} ({err.strerror}); choose another --port"
             ) from None
-    app = create_app(args.run, host=args.host)
+    app = (create_runs_app if is_folder_of_runs(args.run) else create_app)(args.run, host=args.host)
     print(f"vaelab: serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -689,7 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT (the .npy, or the PNGs in the folder)")
 
     p = add("serve", "a local web page: KL explorer, image inspector, latent explorer", cmd_serve)
-    p.add_argument("run", type=Path, metavar="RUN", help="a run directory")
+    p.add_argument(
+        "run", type=Path, metavar="RUN", help="a run directory, or a folder of runs: their rate-distortion plane"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
     return parser

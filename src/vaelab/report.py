@@ -158,7 +158,14 @@ def runs_report(folder, out) -> Path:
         raise UserError(f"{folder} is a folder of runs: give --out FILE.html for their page")
     out = Path(out)
     rundir.check_output(out, "--out")
-    points = rd.plane([Path(folder)])
+    atomic_write_text(out, runs_page(folder, rd.plane([Path(folder)])))
+    return out
+
+
+def runs_page(folder, points) -> str:
+    """The HTML page of several runs' points on the rate-distortion plane (``rd.Point``)."""
+    from vaelab import rd
+
     png = base64.b64encode(plots.to_png_bytes(rd.figure(points))).decode()
     head = "<tr><th>run</th><th>β</th><th>rate R</th><th>distortion D</th><th>−ELBO</th><th>MI</th><th>R − MI</th>"
     head += "<th>bits-back code</th></tr>"
@@ -184,8 +191,7 @@ def runs_report(folder, out) -> Path:
         f"<img alt='the rate-distortion plane' src='data:image/png;base64,{png}' style='max-width:100%'>"
         f"<table>{head}{''.join(rows)}</table>"
     )
-    atomic_write_text(out, page(f"vaelab: the rate-distortion plane of {Path(folder).name}", body))
-    return out
+    return page(f"vaelab: the rate-distortion plane of {Path(folder).name}", body)
 
 
 def _write_report(run, out: Path, figures_dir: Path, comparison, projection: str, examples: int):

@@ -246,6 +246,29 @@ def allowed_hosts(host: str) -> list[str]:
     return ["*"] if host in ("0.0.0.0", "::") else sorted({*LOCAL_HOSTS, host})
 
 
+def create_runs_app(folder: str | Path, host: str = "127.0.0.1") -> FastAPI:
+    """The app over a folder of runs (a sweep's): their rate-distortion plane as a page, and its points
+    as JSON; measured once, when the app starts."""
+    from vaelab import rd
+    from vaelab.report import runs_page
+
+    points = rd.plane([Path(folder)])
+    text = runs_page(folder, points)
+    app = FastAPI(title="vaelab", docs_url=None, redoc_url=None)
+    app.add_middleware(Guard)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host))
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return text
+
+    @app.get("/api/rd")
+    def plane() -> list[dict]:
+        return [p.to_dict() for p in points]
+
+    return app
+
+
 def create_app(run_dir: str | Path, host: str = "127.0.0.1") -> FastAPI:
     """The app over one run: the page, its static files, and the JSON API the page calls; answering
     requests addressed to ``host`` (the address ``vaelab serve`` binds) or a loopback name."""
