@@ -499,6 +499,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             )
     if getattr(args, "nproc", 1) > 1:
         raise UserError("--nproc: a sweep runs whole trainings side by side; use --jobs N")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file; give the folder for the sweep's runs")
     threads = None if hasattr(args, "threads") else threads_per_job(args.jobs)
     points = plan(knobs, train_arguments(args.argv[1:]), args.out, threads)
     if args.print:

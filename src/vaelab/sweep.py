@@ -162,8 +162,7 @@ def run_sweep(points: list[Point], jobs: int, log=print) -> list[tuple[Point, st
         while todo or running:
             while todo and len(running) < jobs:
                 p = todo.pop(0)
-                p.out.parent.mkdir(parents=True, exist_ok=True)
-                logfile = open(p.out.parent / f".{p.out.name}.log", "w")  # noqa: SIM115 (closed when it ends)
+                logfile = _log_file(p.out.parent / f".{p.out.name}.log")
                 log(f"{p.label}: training into {p.out}")
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "vaelab", *p.argv], stdout=logfile, stderr=subprocess.STDOUT
@@ -189,6 +188,16 @@ def run_sweep(points: list[Point], jobs: int, log=print) -> list[tuple[Point, st
             proc.wait()
             logfile.close()
     return [(p, outcome[p.out]) for p in points]
+
+
+def _log_file(path: Path):
+    """A training's output, kept if it fails: created or truncated, never through a symbolic link."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as err:
+        raise UserError(f"cannot write {path} ({err.strerror}); give the sweep an --out folder of its own") from None
+    return os.fdopen(fd, "w")
 
 
 def threads_per_job(jobs: int) -> int:
