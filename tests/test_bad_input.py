@@ -685,6 +685,11 @@ CATALOGUE = [
     ("decompress with another run", decompress_with_another_run, ["not the model", "--run RUN"]),
     ("decompress when its run has moved", decompress_without_its_run, ["not there", "--run RUN"]),
     (
+        "decompress into a run's checkpoints",
+        lambda t: ["decompress", compressed(t), "-o", str(t / "run" / "checkpoints" / "back.npy")],
+        ["inside the run", "checkpoints/"],
+    ),
+    (
         "decompress over an existing file",
         lambda t: ["decompress", compressed(t), "-o", str(a_file(t))],
         ["exists", "--overwrite"],

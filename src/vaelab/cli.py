@@ -476,7 +476,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_decompress(args: argparse.Namespace) -> int:
     from vaelab.compress import decompress
+    from vaelab.rundir import check_output
 
+    check_output(args.output, "-o", also=(args.file,))
     done = decompress(args.file, args.output, run=args.run, overwrite=args.overwrite)
     print(
         f"wrote {done['images']} images to {done['file']} ({done['decode_seconds']:.2f} s to decode), exactly as coded"
