@@ -101,6 +101,11 @@ def test_each_likelihood_table_is_its_log_prob():
         expected = p.log_prob(x).flatten(1).double()
         big = table[..., level] > 1e-4  # where log_prob is the exact difference of sigmoids (not its tail form)
         torch.testing.assert_close(table[..., level].log()[big], expected[big], rtol=1e-4, atol=1e-4)
+    # the probabilities of given values only (what BB-IS's weights read) are the table's, to the bit
+    for lik, o, levels in ((BernoulliLikelihood(), logits, 2), (likelihood, out, 256)):
+        at = torch.randint(0, levels, (1, 25), generator=g)
+        full = lik.pmf(o).gather(-1, at.expand(3, -1).unsqueeze(-1)).squeeze(-1)
+        assert torch.equal(lik.pmf(o, at), full)
     # far above a sharp location the top bin keeps its own tiny mass (the survival function, not 1 - 1):
     # log P(255) = logsigmoid(-(254.5 / 255 - loc) / s), which log_prob computes the same way
     sharp = torch.cat([torch.full((1, 1, 2, 2), -4.0), torch.full((1, 1, 2, 2), -5.0)], 1)

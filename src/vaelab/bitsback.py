@@ -131,9 +131,10 @@ class BitsBack:
     z_j with P(z) and j uniformly: the code of the extended target, whose expected net length is the
     IWAE bound -E log2 (1/K sum_k w_k) instead of the ELBO's. K = 1 is BB-ANS.
 
-    ``posterior(x)`` gives (mu, sigma) of q(z|x) for one image x (1, C, H, W); ``pmf(z)`` gives p(x|z)
-    as tables (n, pixels, levels) of float64 for n latents (n, D). Pixel values are symbols 0 to
-    levels - 1 (the value symbol / (levels - 1)).
+    ``posterior(x)`` gives (mu, sigma) of q(z|x) for one image x (1, C, H, W); ``pmf(z, at=None)`` gives
+    p(x|z) as tables (n, pixels, levels) of float64 for n latents (n, D), or with ``at`` (1, pixels) only
+    those values' probabilities (n, pixels). Pixel values are symbols 0 to levels - 1 (the value
+    symbol / (levels - 1)).
     """
 
     def __init__(
@@ -172,9 +173,11 @@ class BitsBack:
         return self._tables(z_index.reshape(1, -1))[0]
 
     def _weights(self, x: np.ndarray, particles: np.ndarray, q: np.ndarray) -> np.ndarray:
-        """The normalised importance weights of the particles (K, D): p(x|z_k) P(z_k) / Q(z_k|x), (1, K)."""
-        tables = self._tables(particles)
-        log_px = np.log(tables[:, np.arange(len(x)), x]).sum(1)
+        """The normalised importance weights of the particles (K, D): p(x|z_k) P(z_k) / Q(z_k|x), (1, K);
+        p(x|z_k) from the probabilities of x's values only, the same numbers as the full tables'."""
+        z = self.grid.centres[torch.from_numpy(particles.astype(np.int64))].float()
+        at = torch.from_numpy(x.astype(np.int64)).view(1, -1)
+        log_px = np.log(floored(self.pmf(z, at).reshape(len(particles), -1).numpy())).sum(1)
         log_q = np.log(np.take_along_axis(q, particles.T, 1)).sum(0)  # P(z_k) = 2^-bD is the same for all k
         w = np.exp(log_px - log_q - (log_px - log_q).max())
         return (w / w.sum())[None]
@@ -321,8 +324,8 @@ def model_coder(model, levels: int, latent_bits: int, particles: int = 1) -> Bit
     pixel values: one latent layer (``models.base.VAE``) with a diagonal Gaussian posterior and a
     standard normal prior, or two (``models.hierarchical``, BB-ANS only)."""
 
-    def pmf(z: Tensor) -> Tensor:
-        return model.likelihood.pmf(model.decoder(z).float())
+    def pmf(z: Tensor, at: Tensor | None = None) -> Tensor:
+        return model.likelihood.pmf(model.decoder(z).float(), at)
 
     def params(q) -> tuple[Tensor, Tensor]:
         return q.base_dist.loc, q.base_dist.scale

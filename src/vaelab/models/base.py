@@ -35,10 +35,11 @@ class Likelihood(nn.Module):
     def forward(self, out: Tensor) -> Distribution:
         raise NotImplementedError
 
-    def pmf(self, out: Tensor) -> Tensor:
+    def pmf(self, out: Tensor, at: Tensor | None = None) -> Tensor:
         """The probability of every pixel value, (B, pixels, levels) in float64, for a discrete
         likelihood (``parts.Likelihood.discrete``): what an entropy coder needs (``vaelab compress``).
-        Level i is the pixel value i / (levels - 1). A density has none."""
+        Level i is the pixel value i / (levels - 1). With ``at`` (B or 1, pixels) of levels, only those
+        values' probabilities, (B, pixels), the same numbers. A density has none."""
         raise NotImplementedError(f"{type(self).__name__} is a density: it gives no probability to a pixel value")
 
     def log_prob_samples(self, out: Tensor, x: Tensor) -> Tensor:
@@ -63,9 +64,10 @@ class BernoulliLikelihood(Likelihood):
         log_p = x_dot_l.double() - torch.nn.functional.softplus(logits).sum(-1, dtype=torch.float64)
         return log_p.to(logits.dtype)
 
-    def pmf(self, out: Tensor) -> Tensor:
+    def pmf(self, out: Tensor, at: Tensor | None = None) -> Tensor:
         logits = out.flatten(1).double()
-        return torch.stack([torch.sigmoid(-logits), torch.sigmoid(logits)], -1)  # P(0) without 1 - P(1)'s rounding
+        table = torch.stack([torch.sigmoid(-logits), torch.sigmoid(logits)], -1)  # P(0) without 1 - P(1)'s rounding
+        return table if at is None else table.gather(-1, at.expand(len(table), -1).unsqueeze(-1)).squeeze(-1)
 
 
 class ContinuousBernoulliLikelihood(Likelihood):
@@ -91,15 +93,21 @@ class LogisticLikelihood(Likelihood):
         loc, log_scale = out.chunk(2, dim=1)
         return dist.discretized_logistic(torch.sigmoid(loc), log_scale, 3)
 
-    def pmf(self, out: Tensor) -> Tensor:
+    def pmf(self, out: Tensor, at: Tensor | None = None) -> Tensor:
         """P(x = i / 255) = sigmoid((x + h - loc) / s) - sigmoid((x - h - loc) / s), the end bins
-        reaching to -inf and +inf (``distributions.DiscretizedLogistic``), in float64."""
+        reaching to -inf and +inf (``distributions.DiscretizedLogistic``), in float64; with ``at``
+        the same arithmetic on the two edges of each given level only."""
         p = self(out).base_dist
         loc, inv_s = p.loc.flatten(1).double().unsqueeze(-1), torch.exp(-p.log_scale.flatten(1).double()).unsqueeze(-1)
-        edges = (torch.arange(1, p.bins, dtype=torch.float64) - 0.5) / (p.bins - 1)  # between the levels
+        inner = (torch.arange(1, p.bins, dtype=torch.float64) - 0.5) / (p.bins - 1)  # between the levels
         inf = torch.tensor([math.inf], dtype=torch.float64)
-        a = (torch.cat([-inf, edges, inf]) - loc) * inv_s  # (B, pixels, bins + 1)
-        lo, hi = a[..., :-1], a[..., 1:]
+        edges = torch.cat([-inf, inner, inf])
+        if at is None:
+            a = (edges - loc) * inv_s  # (B, pixels, bins + 1)
+            lo, hi = a[..., :-1], a[..., 1:]
+        else:
+            lo, hi = ((edges[at + i].unsqueeze(-1) - loc) * inv_s for i in (0, 1))  # (B, pixels, 1)
+            lo, hi = lo.squeeze(-1), hi.squeeze(-1)
         # above the location from the survival function, so a far bin is not 1 - 1 but its own small mass
         return torch.where(lo > 0, torch.sigmoid(-lo) - torch.sigmoid(-hi), torch.sigmoid(hi) - torch.sigmoid(lo))
 
