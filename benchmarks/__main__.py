@@ -1,10 +1,13 @@
 """Speed and memory of vaelab, as ratios against references run in the same process.
 
-    python -m benchmarks            # about 40 minutes on 2 cores (time to quality at 1 and 10 minutes)
-    python -m benchmarks --budgets 60   # about 15 minutes: time to quality at 1 minute only
-    python -m benchmarks --quick    # fewer repeats and smaller sizes, about 3 minutes
-    python -m benchmarks.compression    # only the compression table (section 8), about 9 minutes
+    python -m benchmarks            # time to quality at 1 and 10 minutes
+    python -m benchmarks --budgets 60   # time to quality at 1 minute only
+    python -m benchmarks --quick    # fewer repeats and smaller sizes
+    python -m benchmarks.compression    # only the compression table (section 8)
 
+Sections 1-6 took about 35, 9 and 2 minutes on 2 cores, timed in an earlier session; sections 7
+(a busy machine: three trainings per thread count and round) and 8 (two models trained for 60 s,
+10 s with --quick, then coded nine ways) come on top and have not been timed as part of the whole.
 Set VAELAB_MNIST_DIR to a folder of MNIST's IDX files to add full MNIST to the compression table.
 
 Absolute times on a shared machine drift by 2x between runs; ratios taken within one

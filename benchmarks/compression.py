@@ -1,8 +1,8 @@
 """The KL term as bits: vaelab compress (BB-ANS and BB-IS) against its limits (-ELBO, the IWAE
 estimate of -log2 p(x)) and against general-purpose coders on the same images.
 
-    python -m benchmarks.compression                 # about 9 minutes on 2 cores
-    python -m benchmarks.compression --budget 20     # shorter training, about 2 minutes
+    python -m benchmarks.compression                 # two models trained 60 s each, then coded
+    python -m benchmarks.compression --budget 20     # shorter training
     python -m benchmarks.compression --mnist DIR     # also full MNIST (its IDX files in DIR)
 
 Models are trained here with ``vaelab train`` for a fixed wall time (binarised digits with a

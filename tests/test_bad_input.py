@@ -262,14 +262,6 @@ def one_png(tmp_path):
     return str(tmp_path / "one.png")
 
 
-def linked_sweep_log(tmp_path):
-    """A sweep folder whose log name is a link to a file of the user's: the link is not followed."""
-    (tmp_path / "s").mkdir()
-    (tmp_path / "mine.txt").write_text("the user's")
-    (tmp_path / "s" / ".beta-1.log").symlink_to(tmp_path / "mine.txt")
-    return ["sweep", "--beta", "1,2", *FAST, "--out", str(tmp_path / "s")]
-
-
 def runs_of_two_data_sets(tmp_path):
     first = make_run(tmp_path)
     second = tmp_path / "digits"
@@ -709,7 +701,6 @@ CATALOGUE = [
         ["resumes its unfinished runs"],
     ),
     ("a sweep into a file", lambda t: ["sweep", "--beta", "1,2", "--out", str(a_file(t))], ["is a file"]),
-    ("a sweep whose log is a link out", linked_sweep_log, ["cannot write", "beta-1.log"]),
     ("rd of runs on two data sets", runs_of_two_data_sets, ["not on one scale", "one data set"]),
     ("a negative target rate", lambda t: ["train", *FAST, "--target-rate", "-3"], ["--target-rate", ">= 0"]),
     (

@@ -17,6 +17,7 @@ from vaelab import bitsback
 from vaelab.bitsback import LatentGrid, model_coder
 from vaelab.cli import main
 from vaelab.compress import compress, decompress, unpack
+from vaelab.errors import UserError
 from vaelab.evaluation import open_trained
 from vaelab.models.base import BernoulliLikelihood, LogisticLikelihood
 
@@ -233,7 +234,7 @@ def test_other_arithmetic_on_decoding_writes_nothing(runs, tmp_path, monkeypatch
         return p * np.where(np.arange(p.shape[0])[:, None] % 7 == 0, [1.3, 0.7], 1.0)
 
     monkeypatch.setattr(bitsback.BitsBack, "_p_x", other)
-    with pytest.raises(Exception, match="other images than were coded"):
+    with pytest.raises(UserError, match="other images than were coded"):
         decompress(tmp_path / "f.vbb", tmp_path / "out.npy")
     assert not (tmp_path / "out.npy").exists()
 

@@ -133,3 +133,14 @@ def test_serve_of_a_sweep_folder_shows_its_plane(beta_sweep):
     assert [p["label"] for p in points] == ["beta 0.5", "beta 4.0"]
     assert points[0]["neg_elbo"] == pytest.approx(points[0]["rate"] + points[0]["distortion"])
     assert client.get("/", headers={"host": "evil.example"}).status_code == 400  # the same host check as a run's
+
+
+def test_a_failed_run_is_reported_and_the_sweep_writes_no_file_of_its_own(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--seed", "0,1", "--data", str(tmp_path / "missing.npy"), "--out", str(out), "--jobs", "2"]
+    assert main(argv) == 1
+    printed = capsys.readouterr().out
+    assert printed.count("failed with exit 2") == 2 and "missing.npy does not exist" in printed
+    assert not out.exists() or not any(
+        out.iterdir()
+    )  # no log or marker of the sweep's: the output went to the terminal

@@ -96,8 +96,6 @@ def check_codable(config: Config, particles: int = 1) -> None:
             f"--family {config.family} has {layers}; use --particles 1 (BB-ANS codes both layers)"
         )
     problems = []
-    if layers > 2:
-        problems.append(f"--family {config.family} ({layers} latent layers)")
     if config.conditional:
         problems.append("--conditional (the labels would have to be coded too)")
     if not POSTERIORS[config.posterior].factorises or not POSTERIORS[config.posterior].gaussian:
@@ -472,7 +470,10 @@ def write_pngs(pictures: np.ndarray, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         save(tmp)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)  # the folder appears whole; one made meanwhile by something else is not replaced
+        except OSError as err:
+            raise UserError(f"{out} appeared while decoding ({err.strerror}); nothing was written there") from None
     except BaseException:
         for f in tmp.glob("*"):
             f.unlink()

@@ -78,22 +78,22 @@ def runs_in(paths: list[Path]) -> list[Path]:
     return found
 
 
-def measured(run: Path) -> Evaluation:
-    """The run's test-split record, of these weights; evaluated here (no IWAE) where there is none."""
+def measured(run: Path, sha: str) -> Evaluation:
+    """The run's test-split record, of these weights (``sha``); evaluated here (no IWAE) where there is none."""
     record = read_evaluation(run)
-    if record is None or record.split != "test" or record.weights_sha256 != weights_sha256(run):
+    if record is None or record.split != "test" or record.weights_sha256 != sha:
         record, _ = evaluate_run(run, iwae_k=0)
     return record
 
 
-def _bits_back(run: Path) -> tuple[float | None, float | None]:
+def _bits_back(run: Path, sha: str) -> tuple[float | None, float | None]:
     """The net code length and net bits for z of ``vaelab compress`` on the run's test split, in nats."""
     path = run / "compression.json"
     if not path.exists():
         return None, None
     try:
         record = json.loads(path.read_text())
-        if record["weights_sha256"] != weights_sha256(run) or record.get("split") != "test":
+        if record["weights_sha256"] != sha or record.get("split") != "test":
             return None, None
         b = record["bits_per_image"]
         return b["net"] * math.log(2), b["z_net"] * math.log(2)
@@ -115,7 +115,8 @@ def plane(paths: list[Path]) -> list[Point]:
     from vaelab.checkpoint import read_trained
 
     runs = runs_in(paths)
-    configs = [read_trained(run)[0] for run in runs]
+    trained = [read_trained(run)[:2] for run in runs]  # (config, x_shape), read once
+    configs = [config for config, _ in trained]
     kinds = {(c.data, c.likelihood, c.binarize != "none") for c in configs}
     if len(kinds) > 1:
         first, other = sorted(kinds, key=str)[:2]
@@ -124,10 +125,11 @@ def plane(paths: list[Path]) -> list[Point]:
             "their distortions are not on one scale; give runs of one data set and one likelihood"
         )
     points = []
-    for run, config, label in zip(runs, configs, labels(configs), strict=True):
-        record = measured(run)  # evaluate_run holds the run's lock while it writes the record
-        code, code_rate = _bits_back(run)
-        pixels = math.prod(read_trained(run)[1]) if record.bits_per_dim is not None else None
+    for run, (config, x_shape), label in zip(runs, trained, labels(configs), strict=True):
+        sha = weights_sha256(run)
+        record = measured(run, sha)  # evaluate_run holds the run's lock while it writes the record
+        code, code_rate = _bits_back(run, sha)
+        pixels = math.prod(x_shape) if record.bits_per_dim is not None else None
         points.append(
             Point(
                 run,

@@ -637,7 +637,7 @@ def set_threads(threads: int) -> tuple[int, str]:
         return threads, "--threads"
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads(), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     busy = busy_cores()
     if busy is None:
         torch.set_num_threads(cores)
@@ -645,6 +645,11 @@ def set_threads(threads: int) -> tuple[int, str]:
     free = max(1, min(cores, round(cores - busy)))
     torch.set_num_threads(free)
     return free, f"{cores} cores, {busy:.1f} busy with other work" if busy >= 0.5 else f"{cores} cores, idle"
+
+
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def busy_cores(seconds: float = 0.1) -> float | None:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,48 +162,40 @@ def run_sweep(points: list[Point], jobs: int, log=print) -> list[tuple[Point, st
         while todo or running:
             while todo and len(running) < jobs:
                 p = todo.pop(0)
-                logfile = _log_file(p.out.parent / f".{p.out.name}.log")
+                output = tempfile.TemporaryFile()  # noqa: SIM115 (closed when it ends); unnamed: no file of the sweep
                 log(f"{p.label}: training into {p.out}")
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "vaelab", *p.argv], stdout=logfile, stderr=subprocess.STDOUT
+                    [sys.executable, "-m", "vaelab", *p.argv], stdout=output, stderr=subprocess.STDOUT
                 )
-                running[proc] = (p, logfile)
+                running[proc] = (p, output)
             time.sleep(0.2)
             for proc in [q for q in running if q.poll() is not None]:
-                p, logfile = running.pop(proc)
-                logfile.close()
-                log_path = p.out.parent / f".{p.out.name}.log"
+                p, output = running.pop(proc)
                 if proc.returncode == 0:
                     outcome[p.out] = "trained"
                     log(f"{p.label}: done")
-                    log_path.unlink(missing_ok=True)
                 else:
-                    last = [line for line in log_path.read_text().splitlines() if line.strip()][-1:] or [""]
+                    output.seek(0)
+                    tail = [line for line in output.read().decode(errors="replace").splitlines() if line.strip()]
                     outcome[p.out] = f"failed (exit {proc.returncode})"
-                    log(f"{p.label}: failed with exit {proc.returncode}: {last[0]} (all of it in {log_path})")
+                    log(f"{p.label}: failed with exit {proc.returncode}; its last lines:")
+                    for line in tail[-5:]:
+                        log(f"    {line}")
+                output.close()
     finally:
         for proc in running:  # stopped: each writes its checkpoint and exits
             proc.send_signal(signal.SIGTERM)
-        for proc, (_, logfile) in running.items():
+        for proc, (_, output) in running.items():
             proc.wait()
-            logfile.close()
+            output.close()
     return [(p, outcome[p.out]) for p in points]
-
-
-def _log_file(path: Path):
-    """A training's output, kept if it fails: created or truncated, never through a symbolic link."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o666)
-    except OSError as err:
-        raise UserError(f"cannot write {path} ({err.strerror}); give the sweep an --out folder of its own") from None
-    return os.fdopen(fd, "w")
 
 
 def threads_per_job(jobs: int) -> int:
     """The machine's cores divided between ``jobs`` processes side by side (at least one each)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // jobs)
+    from vaelab.runs import available_cores
+
+    return max(1, available_cores() // jobs)
 
 
 # the sweep's own options, and list-valued train options that are not knobs
