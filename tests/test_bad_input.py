@@ -262,6 +262,13 @@ def one_png(tmp_path):
     return str(tmp_path / "one.png")
 
 
+def torn_compression_record(tmp_path):
+    compressed(tmp_path)
+    record = tmp_path / "run" / "compression.json"
+    record.write_text(record.read_text()[:200])
+    return str(tmp_path / "run")
+
+
 def runs_of_two_data_sets(tmp_path):
     first = make_run(tmp_path)
     second = tmp_path / "digits"
@@ -702,6 +709,8 @@ CATALOGUE = [
     ),
     ("a sweep into a file", lambda t: ["sweep", "--beta", "1,2", "--out", str(a_file(t))], ["is a file"]),
     ("rd of runs on two data sets", runs_of_two_data_sets, ["not on one scale", "one data set"]),
+    ("report of a torn compression record", lambda t: ["report", torn_compression_record(t)], ["torn or was edited"]),
+    ("rd of a torn compression record", lambda t: ["rd", torn_compression_record(t)], ["torn or was edited"]),
     ("a negative target rate", lambda t: ["train", *FAST, "--target-rate", "-3"], ["--target-rate", ">= 0"]),
     (
         "a target rate beyond what an image holds",

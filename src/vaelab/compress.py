@@ -110,6 +110,23 @@ def check_codable(config: Config, particles: int = 1) -> None:
     coding_levels(config)
 
 
+def read_record(run_dir: Path, sha: str | None = None) -> dict | None:
+    """RUN/compression.json, what ``compress`` measured on the run's own split, when it is of these weights
+    (``sha``, else hashed here); None where there is none or it is of other weights; a torn one is refused."""
+    path = Path(run_dir) / RECORD
+    if not path.exists():
+        return None
+    fields = ("weights_sha256", "split", "images", "dimensions", "particles", "latent_bits", "per_image")
+    try:
+        record = json.loads(path.read_text())
+        [record[k] for k in fields]
+        float(record["bits_per_image"]["net"]), float(record["bits_per_image"]["z_net"])
+        dict(record["general_purpose_bits"])
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+        raise UserError(f"{path} is torn or was edited; run vaelab compress {run_dir} -o FILE again") from None
+    return record if record["weights_sha256"] == (sha or weights_sha256(run_dir)) else None
+
+
 # -- the images -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Images:

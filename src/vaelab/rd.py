@@ -88,17 +88,13 @@ def measured(run: Path, sha: str) -> Evaluation:
 
 def _bits_back(run: Path, sha: str) -> tuple[float | None, float | None]:
     """The net code length and net bits for z of ``vaelab compress`` on the run's test split, in nats."""
-    path = run / "compression.json"
-    if not path.exists():
+    from vaelab.compress import read_record
+
+    record = read_record(run, sha)
+    if record is None or record["split"] != "test":
         return None, None
-    try:
-        record = json.loads(path.read_text())
-        if record["weights_sha256"] != sha or record.get("split") != "test":
-            return None, None
-        b = record["bits_per_image"]
-        return b["net"] * math.log(2), b["z_net"] * math.log(2)
-    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
-        raise UserError(f"{path} is torn or was edited; run vaelab compress {run} -o FILE again") from None
+    b = record["bits_per_image"]
+    return b["net"] * math.log(2), b["z_net"] * math.log(2)
 
 
 def labels(configs: list[Config]) -> list[str]:
@@ -127,8 +123,8 @@ def plane(paths: list[Path]) -> list[Point]:
     points = []
     for run, (config, x_shape), label in zip(runs, trained, labels(configs), strict=True):
         sha = weights_sha256(run)
+        code, code_rate = _bits_back(run, sha)  # a torn record is refused before anything is written
         record = measured(run, sha)  # evaluate_run holds the run's lock while it writes the record
-        code, code_rate = _bits_back(run, sha)
         pixels = math.prod(x_shape) if record.bits_per_dim is not None else None
         points.append(
             Point(

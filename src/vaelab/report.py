@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import html
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,9 @@ import torch
 
 from vaelab import plots, rundir
 from vaelab.checkpoint import read_trained
+from vaelab.compress import read_record
 from vaelab.errors import UserError
-from vaelab.evaluation import Evaluation, evaluation_rows, weights_sha256
+from vaelab.evaluation import Evaluation, evaluation_rows
 from vaelab.explain import Explanation
 from vaelab.fileio import atomic_write_bytes, atomic_write_text
 from vaelab.inspection import decode_mean, kl_parts, open_run, project_2d, read_evaluation, traversals
@@ -144,9 +144,10 @@ def run_report(run_dir, out=None, projection: str = "pca", examples: int = 8, co
     rundir.check_output(out, "--out", also=(run.path / "checkpoints" / "last.pt",), may_be="report.html")
     figures_dir = figures_folder(out, run.path)  # checked before any figure is drawn
     comparison = _comparison(run, Path(compare)) if compare is not None else None
+    coded = read_record(run.path)  # read (and a torn one refused) before the run is locked
     inside = {out.parent.resolve(), figures_dir.parent.resolve()} & {run.path.resolve()}
     with rundir.lock(run.path, "reporting") if inside else contextlib.nullcontext():  # one writer of a run
-        return _write_report(run, out, figures_dir, comparison, projection, examples)
+        return _write_report(run, out, figures_dir, comparison, projection, examples, coded)
 
 
 def runs_report(folder, out) -> Path:
@@ -194,14 +195,14 @@ def runs_page(folder, points) -> str:
     return page(f"vaelab: the rate-distortion plane of {Path(folder).name}", body)
 
 
-def _write_report(run, out: Path, figures_dir: Path, comparison, projection: str, examples: int):
+def _write_report(run, out: Path, figures_dir: Path, comparison, projection: str, examples: int, coded):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         sections = [
             _training(run),
             _kl_per_dimension(run),
             _kl_decomposition(run),
-            _bits_back(run),
+            _bits_back(run, coded),
             _correlations(run),
             _reconstructions(run, examples),
             _prior_samples(run, examples),
@@ -342,26 +343,22 @@ KL_PART_LABELS = {
 }
 
 
-def _bits_back(run) -> Section | None:
+def _bits_back(run, record: dict | None) -> Section | None:
     """What ``vaelab compress`` measured on the run's test split (RUN/compression.json), when it has run
     on these weights: the KL term as the bits z cost, per image, and the code length against -ELBO."""
-    path = run.path / "compression.json"
-    if not path.exists():
-        return None
+    if record is None:
+        return None  # compress has not run on these weights
     try:
-        record = json.loads(path.read_text())
         per, b, P = record["per_image"], record["bits_per_image"], record["dimensions"]
         kl, z_net, neg_elbo, net = (np.array(per[k], dtype=float) for k in ("kl", "z_net", "neg_elbo", "net"))
-        stale = record["weights_sha256"] != weights_sha256(run.path)
         others = record["general_purpose_bits"]
         best = min(others, key=others.get)
         particles, images = record["particles"], record["images"]
-    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as err:
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise UserError(
-            f"{path} is torn or was edited ({type(err).__name__}); run vaelab compress {run.path} -o FILE again"
+            f"{run.path / 'compression.json'} is torn or was edited ({type(err).__name__}); run vaelab compress "
+            f"{run.path} -o FILE again"
         ) from None
-    if stale:
-        return None  # of other weights: the run trained on since
     coder = "BB-ANS" if particles == 1 else f"BB-IS with {particles} particles"
     return Section(
         "The KL term as bits",

@@ -435,7 +435,7 @@ def autocast(precision: str, device: torch.device):
     """The context the networks run in: bfloat16 autocast for ``bf16`` (and ``auto`` where it is
     native), else a no-op. What runs in bf16 is autocast's own list (linear, matmul, conv); the
     models return float32 to the likelihood and the KL."""
-    enabled = precision == "bf16" or (precision == "auto" and native_bf16(device))
+    enabled = resolved_precision(precision, device)[0] == "bf16"  # the rule the run's first line states
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
