@@ -279,14 +279,45 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     )
     opt("--hidden", "hidden layer sizes, e.g. 400 or 200,200", type=_hidden, metavar="SIZES")
     opt("--activation", "activation function", choices=parts.ACTIVATIONS.names())
-    opt("--latent-dim", "dimension of z (hierarchical: of z1, the layer next to x)", type=positive_int, metavar="D")
+    opt(
+        "--latent-dim",
+        "dimension of z (hierarchical: of z1, the layer next to x; categorical: its variables)",
+        type=positive_int,
+        metavar="D",
+    )
     opt("--top-latent-dim", "--family hierarchical: dimension of z2, the top layer", type=positive_int, metavar="D")
     opt("--top-hidden", "--family hierarchical: hidden sizes between z1 and z2", type=_hidden, metavar="SIZES")
     opt("--posterior", _described("q(z|x)", parts.POSTERIORS), choices=parts.POSTERIORS.names())
     opt("--posterior-rank", "the rank R of --posterior lowrank", type=positive_int, metavar="R")
     opt("--flow-steps", "--posterior iaf: the number of flow steps K", type=positive_int, metavar="K")
     opt("--likelihood", _described("p(x|z)", parts.LIKELIHOODS), choices=parts.LIKELIHOODS.names())
-    opt("--prior", _described("p(z)", parts.PRIORS), choices=parts.PRIORS.names())
+    opt(
+        "--categories",
+        "--posterior categorical: the categories K of each of its --latent-dim variables",
+        type=positive_int,
+        metavar="K",
+    )
+    opt(
+        "--temperature",
+        "--posterior categorical: the Gumbel-softmax temperature at step 0, annealed to "
+        "max(--temperature-min, T exp(-rate step)) (Jang et al. 2017)",
+        type=float,
+        metavar="T",
+    )
+    opt("--temperature-min", "--posterior categorical: the temperature's floor", type=float, metavar="T")
+    opt("--anneal-rate", "--posterior categorical: the temperature's decay per step", type=float, metavar="R")
+    g.add_argument(
+        "--straight-through",
+        dest="straight_through",
+        action="store_true",
+        default=S,
+        help="--posterior categorical: one-hot z in the forward pass, the relaxed gradient backward",
+    )
+    opt(
+        "--prior",
+        _described("p(z)", parts.PRIORS) + "; auto: uniform for --posterior categorical, else normal",
+        choices=("auto", *parts.PRIORS.names()),
+    )
     opt("--prior-components", "components of the mixture / VampPrior", type=positive_int, metavar="K")
     g = group("objective")
     opt("--objective", _described("the loss", parts.OBJECTIVES), choices=parts.OBJECTIVES.names())

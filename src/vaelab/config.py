@@ -89,8 +89,16 @@ class Config:
     posterior: str = "diagonal"
     posterior_rank: int = 1  # the rank of W in --posterior lowrank
     flow_steps: int = 2  # --posterior iaf: the number of inverse autoregressive flow steps
+    # --posterior categorical: latent_dim variables of `categories` each, trained through the Gumbel-softmax
+    # relaxation at temperature max(temperature_min, temperature exp(-anneal_rate step)) (Jang et al. 2017's
+    # schedule, updated every step); straight_through: the one-hot draw forward, the relaxed gradient backward
+    categories: int = 10
+    temperature: float = 1.0
+    temperature_min: float = 0.5
+    anneal_rate: float = 1e-3
+    straight_through: bool = False
     likelihood: str = "bernoulli"
-    prior: str = "normal"
+    prior: str = "auto"  # auto: uniform for --posterior categorical, normal for every other posterior
     prior_components: int = 10  # mixture components / VampPrior pseudo-inputs
     # objective
     objective: str = "elbo"
@@ -137,7 +145,7 @@ class Config:
             "activation": parts.ACTIVATIONS.names(),
             "posterior": parts.POSTERIORS.names(),
             "likelihood": parts.LIKELIHOODS.names(),
-            "prior": parts.PRIORS.names(),
+            "prior": ("auto", *parts.PRIORS.names()),
             "objective": parts.OBJECTIVES.names(),
             "warmup": WARMUPS,
             "device": DEVICES,
@@ -153,6 +161,7 @@ class Config:
             "latent_dim": 1,
             "top_latent_dim": 1,
             "flow_steps": 1,
+            "categories": 2,
             "epochs": 0,
             "batch_size": 1,
             "k": 1,
@@ -182,6 +191,7 @@ class Config:
             "dwkl_weight",
             "time_budget",
             "checkpoint_every",
+            "anneal_rate",
         ):
             if getattr(self, name) < 0:
                 raise UserError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -198,9 +208,14 @@ class Config:
             "grad_clip",
             "time_budget",
             "checkpoint_every",
+            "temperature",
+            "temperature_min",
+            "anneal_rate",
         ):
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        if self.prior == "auto":  # frozen: the one field resolved here, so config.toml records the prior used
+            object.__setattr__(self, "prior", auto_prior(self.posterior))
         objective, prior = parts.OBJECTIVES[self.objective], parts.PRIORS[self.prior]
         posterior = parts.POSTERIORS[self.posterior]
         whole = [f"the {self.prior} prior"] * (not prior.factorises)
@@ -230,6 +245,7 @@ class Config:
                         f"drop {flag} or --target-rate"
                     )
         self._check_family(objective, posterior)
+        self._check_categorical(objective, prior, posterior)
         if prior.mixes_posteriors and not posterior.factorises:
             raise UserError(
                 f"the {self.prior} prior is a mixture of the encoder's diagonal posteriors; with --posterior "
@@ -288,7 +304,47 @@ class Config:
                 "use --batch-size 2 or more"
             )
 
+    def _check_categorical(self, objective: parts.Objective, prior: parts.Prior, posterior: parts.Posterior) -> None:
+        """A categorical posterior and the uniform prior go together, and train on the ELBO."""
+        if posterior.discrete and not prior.discrete:
+            raise UserError(
+                f"--posterior {self.posterior} has a uniform prior over its categories, not the {self.prior} prior; "
+                "use --prior uniform, or leave --prior out"
+            )
+        if prior.discrete and not posterior.discrete:
+            raise UserError(
+                f"the {self.prior} prior is over the categories of --posterior categorical; with --posterior "
+                f"{self.posterior} use --prior normal, or leave --prior out"
+            )
+        if not posterior.discrete:
+            return
+        if self.objective != "elbo":
+            raise UserError(
+                f"--posterior {self.posterior} trains on the ELBO through its relaxation, whose z has no density "
+                f"for --objective {self.objective}; use --objective elbo (vaelab evaluate scores the discrete "
+                "model's IWAE bound)"
+            )
+        if self.free_bits > math.log(self.categories):
+            raise UserError(
+                f"--free-bits {self.free_bits} is above log K = {math.log(self.categories):.4f} nats, the most a "
+                f"variable of {self.categories} categories can cost; use --free-bits {math.log(self.categories):.2f} "
+                "or less"
+            )
+        if not (self.temperature > 0 and self.temperature_min > 0):
+            raise UserError(
+                f"the relaxation's temperature must be above 0, got --temperature {self.temperature} and "
+                f"--temperature-min {self.temperature_min}; e.g. --temperature 1 --temperature-min 0.5"
+            )
+        if self.temperature_min > self.temperature:
+            raise UserError(
+                f"--temperature-min {self.temperature_min} is above --temperature {self.temperature}, where the "
+                "annealing starts; give a floor at or below the start"
+            )
+
     def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes``; a prior that ``auto`` chose follows a new posterior (categorical or not)."""
+        if "posterior" in changes and "prior" not in changes and self.prior == auto_prior(self.posterior):
+            changes["prior"] = "auto"
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -302,6 +358,11 @@ class Config:
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
+
+
+def auto_prior(posterior: str) -> str:
+    """The prior ``--prior auto`` means: uniform for a categorical posterior, N(0, I) for the others."""
+    return "uniform" if parts.POSTERIORS[posterior].discrete else "normal"
 
 
 FIELD_TYPES = typing.get_type_hints(Config)

@@ -170,3 +170,23 @@ def decompose_minibatch(
     the batch's own posteriors (mu, log_var) as the mixture's components."""
     log_w = MINIBATCH_ESTIMATORS[method](z.shape[0], dataset_size).to(z)
     return _parts(z, mu, log_var, *mixture_log_densities(z, mu, log_var, log_w), prior)
+
+
+def decompose_categorical(index: Tensor, own_log_probs: Tensor, log_probs: Tensor, chunk: int = 256) -> KLParts:
+    """The full-data estimator for categorical posteriors against a uniform prior: z_n (B, V) the
+    categories drawn from each example's own q(z|x_n) (log probabilities ``own_log_probs`` (B, V, K)),
+    q(z) the mixture of all M posteriors ``log_probs`` (M, V, K) with weights 1/M. Its marginals
+    q(z_j) = 1/M sum_m q(z_j|x_m) are exact (K numbers per variable); log q(z_n) sums over the M
+    components, O(B M V) in chunks of rows. The parts add up to log q(z_n|x_n) - log p(z_n) as for
+    Gaussians (:class:`KLParts`); the dimensions are the V variables."""
+    M, V, K = log_probs.shape
+    log_m = math.log(M)
+    flat = log_probs.flatten(1)  # (M, V K)
+    at = index + torch.arange(V, device=index.device) * K  # (B, V): z_nj's column of the flattened table
+    log_q_z = torch.cat(
+        [torch.logsumexp(flat[:, at[i : i + chunk]].sum(-1), 0) - log_m for i in range(0, index.shape[0], chunk)]
+    )
+    marginal = (torch.logsumexp(log_probs, 0) - log_m).flatten()  # log q(z_j = k), (V K)
+    log_q_own = own_log_probs.flatten(1).gather(1, at).sum(-1)
+    log_p = torch.full(index.shape, -math.log(K), dtype=log_probs.dtype, device=log_probs.device)
+    return KLParts(log_q_own, log_q_z, marginal[at], log_p)

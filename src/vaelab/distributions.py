@@ -27,6 +27,7 @@ from torch.distributions import (
     TransformedDistribution,
     constraints,
 )
+from torch.nn import functional as nn_functional
 
 LOG_VAR_MIN = -12.0
 LOG_VAR_MAX = 8.0
@@ -74,6 +75,85 @@ def lowrank_posterior(h: Tensor, latent_dim: int) -> MultivariateNormal:
     return MultivariateNormal(mu, scale_tril=torch.linalg.cholesky(cov), validate_args=False)
 
 
+class Categoricals(Distribution):
+    r"""N independent categorical variables of K categories each, q(z) = prod_j Cat(z_j | softmax(l_j)),
+    with z written as one flattened one-hot vector (..., N K): variable j is the block j K .. j K + K - 1.
+    ``logits`` (..., N, K); ``log_prob`` of a one-hot z is sum_j log q(z_j), the mean is the
+    probabilities, flattened. Zero logits are the uniform prior (``models.categorical.UniformPrior``).
+
+    ``relaxation`` (temperature tau, straight_through): draws are the Gumbel-softmax relaxation
+    (Jang, Gu & Poole 2017; Maddison, Mnih & Teh 2017), softmax((l + g) / tau) with g Gumbel noise,
+    differentiable in l; straight-through, the one-hot of the same draw in the forward pass with the
+    relaxed gradient. None: the discrete z, the one-hot argmax_k (l_k + g_k) (the Gumbel-max trick),
+    what the model is evaluated as. The relaxed vector's ``log_prob`` is not a density: the ELBO of a
+    categorical model uses the closed-form KL (``kl.kl_closed_form``), never log q(z) of a relaxed z.
+    """
+
+    arg_constraints = {"logits": constraints.real}
+    has_enumerate_support = False
+
+    def __init__(self, logits: Tensor, relaxation: tuple[float, bool] | None = None):
+        self.logits = logits
+        self.relaxation = relaxation
+        self.variables, self.categories = logits.shape[-2:]
+        super().__init__(logits.shape[:-2], torch.Size([self.variables * self.categories]), validate_args=False)
+
+    @property
+    def has_rsample(self) -> bool:
+        return self.relaxation is not None
+
+    @property
+    def log_probs(self) -> Tensor:
+        """log q(z_j = k), (..., N, K)."""
+        return torch.log_softmax(self.logits, -1)
+
+    @property
+    def probs(self) -> Tensor:
+        return torch.softmax(self.logits, -1)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.probs.flatten(-2)
+
+    @property
+    def variance(self) -> Tensor:
+        p = self.probs.flatten(-2)
+        return p * (1 - p)
+
+    @property
+    def mode(self) -> Tensor:
+        """The one-hot of each variable's most probable category, flattened."""
+        return nn_functional.one_hot(self.logits.argmax(-1), self.categories).to(self.logits.dtype).flatten(-2)
+
+    def entropy(self) -> Tensor:
+        log_p = self.log_probs
+        return -(log_p.exp() * log_p).sum((-2, -1))
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log q(z) = sum_j log q(z_j) of a one-hot z (..., N K), broadcast against the batch."""
+        return (z.unflatten(-1, (self.variables, self.categories)) * self.log_probs).sum((-2, -1))
+
+    def from_normal(self, eps: Tensor) -> Tensor:
+        """The draw for standard-normal noise ``eps`` (..., N K): Gumbel noise g = -log(-log Phi(eps)),
+        Phi(eps) uniform on (0, 1) (``objectives.Noise`` supplies eps), then relaxed or discrete."""
+        gumbel = -torch.log(-torch.special.log_ndtr(eps.unflatten(-1, (self.variables, self.categories))))
+        scores = self.logits + gumbel
+        hard = nn_functional.one_hot(scores.argmax(-1), self.categories).to(scores.dtype)
+        if self.relaxation is None:
+            return hard.flatten(-2)
+        temperature, straight_through = self.relaxation
+        soft = torch.softmax(scores / temperature, -1)
+        return (hard + soft - soft.detach() if straight_through else soft).flatten(-2)
+
+    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+        eps = torch.randn(self._extended_shape(sample_shape), dtype=self.logits.dtype, device=self.logits.device)
+        return self.from_normal(eps)
+
+    def sample(self, sample_shape=torch.Size()) -> Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+
 def marginals(q: Distribution, samples: int = 256) -> tuple[Tensor, Tensor]:
     """(mean, variance) of each q(z_j|x), (B, D): for a diagonal Gaussian its parameters, for a full
     covariance the diagonal of Sigma; for a flow, which has no closed-form moments, the moments of
@@ -87,16 +167,20 @@ def marginals(q: Distribution, samples: int = 256) -> tuple[Tensor, Tensor]:
 
 
 def base_loc(q: Distribution) -> Tensor:
-    """The location parameter of ``q``'s base Gaussian (through Independent and transforms)."""
+    """The location parameter of ``q``'s base Gaussian (through Independent and transforms); a
+    categorical's logits."""
     while isinstance(q, (Independent, TransformedDistribution)):
         q = q.base_dist
-    return q.loc
+    return q.logits if isinstance(q, Categoricals) else q.loc
 
 
 def reparametrize(q: Distribution, eps: Tensor) -> Tensor:
     """z = the reparametrised sample of ``q`` for standard-normal noise ``eps`` of its event shape:
     mu + sigma eps (diagonal Gaussian), mu + L eps (full covariance, L the Cholesky factor), and
-    through the transforms of a flow. This is what lets the noise come from outside (``Noise``)."""
+    through the transforms of a flow; a categorical's Gumbel-softmax draw (``Categoricals.from_normal``).
+    This is what lets the noise come from outside (``Noise``)."""
+    if isinstance(q, Categoricals):
+        return q.from_normal(eps)
     if isinstance(q, Independent):
         return reparametrize(q.base_dist, eps)
     if isinstance(q, Normal):

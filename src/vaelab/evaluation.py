@@ -33,7 +33,7 @@ from vaelab.checkpoint import check_identity, load_run
 from vaelab.config import Config
 from vaelab.data import Splits, binarize_static, labels_for, prepare_data
 from vaelab.data.batches import Batches, seeded, shard_rows
-from vaelab.decomposition import decompose_full_data, full_data_mixture
+from vaelab.decomposition import KLParts, decompose_categorical, decompose_full_data, full_data_mixture
 from vaelab.distributions import diag_normal, marginals
 from vaelab.errors import UserError
 from vaelab.fileio import atomic_write_text
@@ -47,10 +47,12 @@ from vaelab.kl import (
     kl_q_p,
     rng_from,
 )
+from vaelab.models.categorical import categorical_posterior_of, relaxed
 from vaelab.objectives import (
     bits_per_dim,
     collapse_warning,
     collapsed_layers,
+    elbo,
     elbo_batches,
     given,
     log_importance_weights,
@@ -217,20 +219,42 @@ def kl_split(
 
     Returns the summary and the per-example single-sample KL ``log q(z_n|x_n) - log p(z_n)``.
     """
-    N, D = mu.shape
     q_all = diag_normal(mu, log_var) if scale_tril is None else MultivariateNormal(mu, scale_tril=scale_tril)
     z = q_all.sample()  # (N, D), one z_n per example
     log_q_pairs = None if scale_tril is None else (lambda rows: q_all.log_prob(z[rows].unsqueeze(1)))
     p_z = model.prior()
     prior = diag_normal_params(p_z)
 
+    if prior is not None:  # p(z) = prod_j p(z_j): MI + TC + dimension-wise KL
+        parts = decompose_full_data(z, mu, log_var, chunk, tuple(t.expand_as(z) for t in prior), log_q_pairs)
+        return _summary(parts.mutual_information, parts.kl, parts), parts.kl
+    # a prior that does not factorise: MI + marginal KL
+    log_q_own = q_all.log_prob(z)
+    log_q_z, _, _ = full_data_mixture(z, mu, log_var, chunk, log_q_pairs)
+    total = log_q_own - p_z.log_prob(z)
+    return _summary(log_q_own - log_q_z, total), total
+
+
+@torch.no_grad()
+def kl_split_categorical(log_probs: Tensor, chunk: int = 256) -> tuple[dict, Tensor]:
+    """:func:`kl_split` for categorical posteriors, log q(z_j = k | x_n) (N, V, K), against the uniform
+    prior: one z_n ~ q(z|x_n) per example (global RNG), q(z) the mixture of the N posteriors, its
+    marginals q(z_j) exact (``decomposition.decompose_categorical``): MI + TC + dimension-wise KL."""
+    index = torch.distributions.Categorical(logits=log_probs).sample()  # (N, V)
+    parts = decompose_categorical(index, log_probs, log_probs, chunk)
+    return _summary(parts.mutual_information, parts.kl, parts), parts.kl
+
+
+def _summary(mi: Tensor, total: Tensor, parts: KLParts | None = None) -> dict:
+    """The KL split's record from each example's MI and single-sample KL, and, where the prior
+    factorises, the :class:`KLParts` that add up to them; with standard errors over the N examples."""
+    N = len(total)
+
     def se(t: Tensor) -> float:
         return t.std().item() / math.sqrt(N)
 
     terms = {}
-    if prior is not None:  # p(z) = prod_j p(z_j): MI + TC + dimension-wise KL
-        parts = decompose_full_data(z, mu, log_var, chunk, tuple(t.expand_as(z) for t in prior), log_q_pairs)
-        mi, total = parts.mutual_information, parts.kl
+    if parts is not None:
         tc, dwkl = parts.total_correlation, parts.dimension_wise_kl_per_dim
         terms = {
             "total_correlation": tc.mean().item(),
@@ -239,13 +263,8 @@ def kl_split(
             "dimension_wise_kl_std_error": se(dwkl.sum(-1)),
             "dimension_wise_kl_per_dim": dwkl.mean(0).tolist(),
         }
-    else:  # a prior that does not factorise: MI + marginal KL
-        log_q_own = q_all.log_prob(z)
-        log_q_z, _, _ = full_data_mixture(z, mu, log_var, chunk, log_q_pairs)
-        mi = log_q_own - log_q_z
-        total = log_q_own - p_z.log_prob(z)
     marginal = total - mi
-    summary = {
+    return {
         "mutual_information": mi.mean().item(),
         "mutual_information_std_error": se(mi),
         "marginal_kl": marginal.mean().item(),
@@ -257,7 +276,12 @@ def kl_split(
         "examples": N,
         "upper_bound_log_n": math.log(N),
     }
-    return summary, total
+
+
+@torch.no_grad()
+def categorical_log_probs(model, x: Tensor, batch_size: int = 1000) -> Tensor:
+    """log q(z_j = k | x) of a categorical posterior for every example, (N, V, K)."""
+    return torch.cat([model.encode(x[i : i + batch_size]).log_probs for i in range(0, len(x), batch_size)])
 
 
 @dataclass
@@ -304,6 +328,12 @@ class Evaluation:
     conditional: bool | None = None  # given the labels: log p(x|y), KL(q(z|x, y) || p(z))
     weights_sha256: str | None = None  # of the model.safetensors evaluated: a record of other weights is stale
     kl_per_image_quantiles: dict[str, float] | None = None  # the per-image KL's 10%, 50% and 90% quantiles
+    # --posterior categorical: the metrics above are the discrete model's (one-hot z); the relaxed model that
+    # trained, at the temperature its weights ended at, has this ELBO; the KL is at most kl_ceiling = N log K
+    relaxed_elbo: float | None = None
+    temperature: float | None = None
+    categories: int | None = None
+    kl_ceiling: float | None = None
 
     RUN_FIELDS = ("data", "split", "binarize", "seed", "likelihood", "prior", "conditional", "weights_sha256")
 
@@ -405,10 +435,16 @@ def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[
             iwae_k=iwae_k,
             log_likelihood_bits_per_dim=bits_per_dim(ll.mean().item(), pixels) if pixels else None,
         )
-    with rng_from(seeded(seed, "posterior")):
-        top = posterior_params(model, x, y=y)  # the top layer's q: its means, and the KL split's parameters
-        means = layer_means(model, x, top[0], y=y)  # E_q[z_l | x] per layer
-    act = activity(torch.cat(list(means.values()), 1))
+    posterior = categorical_posterior_of(model)
+    if posterior is not None:  # q(z_j = k | x), no draws; a variable's activity is the sum of its categories'
+        log_probs = categorical_log_probs(model, x)
+        act = activity(log_probs.exp().flatten(1)).view(log_probs.shape[1:]).sum(-1)
+        means = {"z": None}
+    else:
+        with rng_from(seeded(seed, "posterior")):
+            top = posterior_params(model, x, y=y)  # the top layer's q: its means, and the KL split's parameters
+            means = layer_means(model, x, top[0], y=y)  # E_q[z_l | x] per layer
+        act = activity(torch.cat(list(means.values()), 1))
     layered = {}
     if len(means) > 1:  # each layer's KL and active units; a layer whose KL is ~0 has collapsed
         kl_layers = {name: v.mean().item() for name, v in kl.per_layer.items()}
@@ -417,10 +453,23 @@ def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[
             active_units_per_layer={name: int((activity(m) > ACTIVE_THRESHOLD).sum()) for name, m in means.items()},
             collapsed_layers=collapsed_layers(kl_layers),
         )
-    split_parts = {}
+    split_parts, relaxation = {}, {}
     if split_kl:
         with rng_from(seeded(seed, "kl-split")):
-            split_parts = _split_of_the_top_layer(model, x, kl, top)
+            split_parts = (
+                _split_of_the_top_layer(model, x, kl, top)
+                if posterior is None
+                else _split_record(kl, *kl_split_categorical(log_probs))
+            )
+    if posterior is not None:  # the relaxed model that trained, beside the discrete one evaluated
+        with relaxed(model), rng_from(seeded(seed, "relaxed")):
+            relaxed_elbo = torch.cat([elbo(model, x[i : i + 1024]).elbo for i in range(0, N, 1024)])
+        relaxation = dict(
+            relaxed_elbo=relaxed_elbo.mean().item(),
+            temperature=float(posterior.temperature),
+            categories=posterior.categories,
+            kl_ceiling=posterior.variables * math.log(posterior.categories),
+        )
     mean_kl = per["kl"].mean().item()
     quantiles = torch.quantile(per["kl"].double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
     record = Evaluation(
@@ -439,6 +488,7 @@ def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[
         **likelihood,
         **layered,
         **split_parts,
+        **relaxation,
     )
     return record, per
 
@@ -447,7 +497,6 @@ def _split_of_the_top_layer(model, x: Tensor, kl: KLResult, top: tuple[Tensor, T
     """The KL split's fields of the evaluation record, for the top latent layer (the only one of a
     one-layer model; ``top``: its :func:`posterior_params`), checked against that layer's KL on the
     same examples."""
-    N = x.shape[0]
     mu, log_var, scale_tril = top
     full_split = {}
     prior = diag_normal_params(model.prior())
@@ -457,6 +506,13 @@ def _split_of_the_top_layer(model, x: Tensor, kl: KLResult, top: tuple[Tensor, T
             correlation_kl=correlation_kl(scale_tril).mean().item(),
         )
     split, single = kl_split(model, mu, log_var, scale_tril=scale_tril)  # single: one-sample Monte Carlo KL per example
+    return _split_record(kl, split, single, full_split)
+
+
+def _split_record(kl: KLResult, split: dict, single: Tensor, full_split: dict | None = None) -> dict:
+    """The evaluation record's fields of a KL split (:func:`kl_split`'s ``split`` and per-example
+    single-sample KL ``single``), checked against the layer's KL ``kl`` on the same examples."""
+    N = len(single)
     parts = ("mutual_information", "total_correlation", "dimension_wise_kl")
     parts = parts if "total_correlation" in split else ("mutual_information", "marginal_kl")
     split["adds_up"] = abs(sum(split[k] for k in parts) - split["kl_monte_carlo"]) < 1e-3
@@ -481,7 +537,7 @@ def _split_of_the_top_layer(model, x: Tensor, kl: KLResult, top: tuple[Tensor, T
             "single_sample_std_dev": single.std().item(),
             "single_sample_std_error": single.std().item() / math.sqrt(N),
         },
-        **full_split,
+        **(full_split or {}),
     )
 
 
@@ -510,7 +566,11 @@ def evaluation_rows(r: Evaluation) -> list[Row]:
             f"{kl_name} [{r.kl_method}]",
             r.kl,
             depth=1,
-            note=f"± {r.kl_std_error:.3f} (s.e.)" if r.kl_std_error else "",
+            note=f"± {r.kl_std_error:.3f} (s.e.)"
+            if r.kl_std_error
+            else f"at most N log K = {r.kl_ceiling:.2f}"
+            if r.kl_ceiling
+            else "",
         ),
     ]
     if r.kl_per_image_quantiles is not None:  # how unequally the images pay for z
@@ -528,6 +588,14 @@ def evaluation_rows(r: Evaluation) -> list[Row]:
             Row("total correlation", r.total_correlation, depth=3, note="KL(q(z) || prod_j q(z_j))"),
             Row("dimension-wise KL", r.dimension_wise_kl, depth=3, note="sum_j KL(q(z_j) || p(z_j))"),
         ]
+    if r.relaxed_elbo is not None:
+        rows.append(
+            Row(
+                f"ELBO of the relaxed model, temperature {r.temperature:.3f}",
+                r.relaxed_elbo,
+                note="what training maximised; the rows above are of the discrete model, one-hot z",
+            )
+        )
     if r.log_likelihood is not None:
         rows += [
             Row(
@@ -551,14 +619,21 @@ def evaluation_rows(r: Evaluation) -> list[Row]:
             )
         )
     D = len(r.activity)
-    rows.append(Row(f"active units (Cov_x E[z_j|x] > {r.active_threshold})", r.active_units, f"of {D}"))
+    if r.categories:
+        rows.append(Row(f"active variables (sum_k Var_x q(z_j=k|x) > {r.active_threshold})", r.active_units, f"of {D}"))
+    else:
+        rows.append(Row(f"active units (Cov_x E[z_j|x] > {r.active_threshold})", r.active_units, f"of {D}"))
     if r.kl_per_dim is not None and r.kl_per_layer is None:
         order = sorted(range(D), key=lambda j: -r.kl_per_dim[j])
         top = ", ".join(f"z{j}: {r.kl_per_dim[j]:.2f}" for j in order[:8])
-        rows.append(Row("KL per dimension (largest first)", None, "", note=top))
+        what = f"variable, each at most log K = {math.log(r.categories):.2f}" if r.categories else "dimension"
+        rows.append(Row(f"KL per {what} (largest first)", None, "", note=top))
     if r.mutual_information is None:
         rows.append(
-            Row("the KL split (MI + TC + dimension-wise KL) needs a Gaussian q(z|x); this run's has none", None)
+            Row(
+                "the KL split (MI + TC + dimension-wise KL) needs a Gaussian or categorical q(z|x), not a flow",
+                None,
+            )
         )
     for name in r.collapsed_layers or ():
         rows.append(Row(collapse_warning(name, r.kl_per_layer[name]), None))
@@ -669,7 +744,7 @@ def evaluate_run(
         x, y = trained.split(split)
         if split == "train" and config.binarize == "dynamic":
             x = binarize_static(x, config.seed, "train")  # the static draw a static run trains on
-        split_kl = POSTERIORS[config.posterior].gaussian
+        split_kl = POSTERIORS[config.posterior].gaussian or POSTERIORS[config.posterior].discrete
         writes = run.is_dir() and ctx.is_main and own_data  # the run's record is of the run's own data
         if writes:  # held from here: a run being trained (or evaluated) elsewhere is refused before the work
             held.enter_context(rundir.lock(run, "evaluating"))

@@ -19,6 +19,8 @@ from torch import Tensor
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 from torch.nn.functional import softplus
 
+from vaelab.distributions import Categoricals
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -158,7 +160,10 @@ def kl_bernoulli(logits_q: Tensor, logits_p: Tensor) -> Tensor:
 
 
 def kl_categorical(logits_q: Tensor, logits_p: Tensor) -> Tensor:
-    r"""KL(Cat(softmax(logits_q)) || Cat(softmax(logits_p))) per distribution (sums the last dim)."""
+    r"""KL(Cat(softmax(logits_q)) || Cat(softmax(logits_p))) per distribution (sums the last dim).
+
+    Against the uniform distribution over K categories (equal logits) it is
+    :math:`\log K - H(q)`: at most log K, reached by a one-hot q, and 0 for a uniform q."""
     log_q = torch.log_softmax(logits_q, dim=-1)
     log_p = torch.log_softmax(logits_p, dim=-1)
     return (log_q.exp() * (log_q - log_p)).sum(-1)
@@ -255,8 +260,12 @@ def kl_closed_form(q: Distribution, p: Distribution) -> KLResult | None:
 
     - Both diagonal Gaussians: :func:`kl_normal_normal` per dimension.
     - q with a full covariance, p a diagonal Gaussian: :func:`kl_full_normal_diag_normal` (eq. 7).
+    - Both products of categoricals (``distributions.Categoricals``): :func:`kl_categorical` per variable.
     - Otherwise a pair registered in ``torch.distributions.kl_divergence``: the total.
     """
+    if isinstance(q, Categoricals) and isinstance(p, Categoricals):  # per variable: log K - H(q_j) for a uniform p
+        per_dim = kl_categorical(q.logits, p.logits.expand_as(q.logits))
+        return KLResult(per_dim.sum(-1), "analytic", per_dim=per_dim)
     q_params, p_params = diag_normal_params(q), diag_normal_params(p)
     if q_params is not None and p_params is not None:
         per_dim = kl_normal_normal(*q_params, *torch.broadcast_tensors(*p_params))
@@ -285,3 +294,8 @@ def kl_q_p(q: Distribution, p: Distribution, z: Tensor | None = None) -> KLResul
     if z is None:
         z = q.rsample()
     return KLResult(q.log_prob(z) - p.log_prob(z), "monte_carlo")
+
+
+@torch.distributions.kl.register_kl(Categoricals, Categoricals)
+def _kl_categoricals(q: Categoricals, p: Categoricals) -> Tensor:
+    return kl_categorical(q.logits, p.logits.expand_as(q.logits)).sum(-1)

@@ -60,38 +60,52 @@ class Prior(Part):
     factorises: bool = True  # p(z) = prod_j p(z_j): the KL has a per-dimension split (and free bits apply)
     closed_form_kl: bool = True  # KL(diagonal Gaussian || p) has a closed form
     mixes_posteriors: bool = False  # built from the encoder's (diagonal) posteriors, as the VampPrior
+    discrete: bool = False  # over the categories of a categorical posterior (built with components = --categories)
 
 
-def _two_per_dimension(latent_dim: int, rank: int) -> int:
-    return 2 * latent_dim
+# The encoder's width for a config (its latent_dim D, posterior_rank R, categories K), by posterior family
+def _two_per_dimension(config) -> int:
+    return 2 * config.latent_dim
 
 
-def _full_covariance_width(latent_dim: int, rank: int) -> int:
-    return latent_dim + latent_dim * (latent_dim + 1) // 2
+def _full_covariance_width(config) -> int:
+    return config.latent_dim + config.latent_dim * (config.latent_dim + 1) // 2
 
 
-def _low_rank_width(latent_dim: int, rank: int) -> int:
-    return latent_dim * (2 + rank)
+def _low_rank_width(config) -> int:
+    return config.latent_dim * (2 + config.posterior_rank)
 
 
-def _flow_width(latent_dim: int, rank: int) -> int:
-    return 3 * latent_dim  # mu, log_var, and a context vector of D numbers for the flow's steps
+def _flow_width(config) -> int:
+    return 3 * config.latent_dim  # mu, log_var, and a context vector of D numbers for the flow's steps
+
+
+def _latent_dim(config) -> int:
+    return config.latent_dim
+
+
+def _one_hot_width(config) -> int:
+    return config.latent_dim * config.categories  # a logit per category of each variable; z one-hot, as wide
 
 
 @final
 @dataclass(frozen=True)
 class Posterior(Part):
-    """q(z|x); ``build(h, latent_dim)`` turns the encoder's output (B, outputs(D, rank)) into q(z|x).
+    """q(z|x); ``build(h, latent_dim)`` turns the encoder's output (B, outputs(config)) into q(z|x).
 
-    A family with parameters of its own (a flow: ``has_parameters``) is built once instead, as
-    ``build(latent_dim, steps)``, an ``nn.Module`` that maps the encoder's output to q(z|x)."""
+    A family with a module of its own (a flow's parameters, a categorical's temperature:
+    ``has_parameters``) is built once instead, as ``build(config)``, an ``nn.Module`` that maps the
+    encoder's output to q(z|x)."""
 
-    outputs: Callable[[int, int], int] = _two_per_dimension  # the encoder's width for D dimensions (and a rank)
+    outputs: Callable[[object], int] = _two_per_dimension  # the encoder's width for a config
+    z_width: Callable[[object], int] = _latent_dim  # the width of z, the decoder's input, for a config
     factorises: bool = True  # q(z|x) = prod_j q(z_j|x)
-    has_parameters: bool = False  # a module of its own (a flow), built as build(latent_dim, steps)
+    has_parameters: bool = False  # a module of its own, built as build(config)
     # a Gaussian q: its KL against a Gaussian prior has a closed form, and the aggregate posterior
     # is a Gaussian mixture (the KL split of `vaelab evaluate`); a flow is neither (Monte Carlo KL)
     gaussian: bool = True
+    # categorical variables (z one-hot, a uniform prior over the categories, trained through a relaxation)
+    discrete: bool = False
 
 
 @final
@@ -231,6 +245,15 @@ PRIORS.register(
     )
 )
 
+PRIORS.register(
+    Prior(
+        "uniform",
+        "uniform over the --categories of each variable of --posterior categorical: KL = log K - H(q)",
+        "vaelab.models.categorical:UniformPrior",
+        discrete=True,
+    )
+)
+
 POSTERIORS.register(Posterior("diagonal", "N(mu, diag sigma^2)", "vaelab.distributions:diagonal_posterior"))
 POSTERIORS.register(
     Posterior(
@@ -256,12 +279,26 @@ POSTERIORS.register(
     Posterior(
         "iaf",
         "a diagonal Gaussian through --flow-steps inverse autoregressive flows: Monte Carlo KL",
-        "vaelab.models.flows:IAFPosterior",
+        "vaelab.models.flows:iaf_posterior",
         outputs=_flow_width,
         factorises=False,
         has_parameters=True,
         gaussian=False,
         reads=("flow_steps",),
+    )
+)
+
+POSTERIORS.register(
+    Posterior(
+        "categorical",
+        "--latent-dim N variables of --categories K, trained by the Gumbel-softmax relaxation: KL = log K - H(q)",
+        "vaelab.models.categorical:categorical_posterior",
+        outputs=_one_hot_width,
+        z_width=_one_hot_width,
+        has_parameters=True,
+        gaussian=False,
+        discrete=True,
+        reads=("categories", "temperature", "temperature_min", "anneal_rate", "straight_through"),
     )
 )
 

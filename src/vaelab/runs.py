@@ -65,6 +65,7 @@ CSV_BASE = [
     "mutual_information",
     "total_correlation",
     "dimension_wise_kl",
+    "temperature",
 ]
 
 

@@ -21,6 +21,7 @@ from vaelab import distributed, objectives, parts
 from vaelab.config import Config, lr_at
 from vaelab.data.batches import Batches, seeded, shard_rows
 from vaelab.errors import UserError
+from vaelab.models.categorical import anneal, is_categorical, temperature_at
 
 
 class NonFiniteError(UserError):
@@ -50,6 +51,7 @@ class EpochRecord:
     total_correlation: float | None = None
     dimension_wise_kl: float | None = None
     kl_per_layer: dict[str, float] = field(default_factory=dict)  # each latent layer's KL (several layers)
+    temperature: float | None = None  # --posterior categorical: the relaxation's temperature at the epoch's last step
 
 
 @dataclass
@@ -161,6 +163,8 @@ def fit(
                 "and checkpoints of earlier epochs are kept. Try a lower --lr or --grad-clip 100"
             )
         records = [sums.record(epoch, "train", beta, seconds, pixels, state.step, skipped, clock.elapsed())]
+        if step.categorical:  # the train terms are the relaxed model's, at this temperature
+            records[0].temperature = temperature_at(config, state.step - 1)
         if val_x is not None:
             records.append(
                 evaluate_terms(
@@ -234,6 +238,7 @@ class Step:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.autocast = autocast(config.precision, next(model.parameters()).device)
         self.rows = shard_rows(config.batch_size, self.ctx.rank, self.ctx.world)  # this rank's rows of a batch
+        self.model, self.categorical = model, is_categorical(model)
 
     def __call__(
         self, x: Tensor, beta: float, step: int, y: Tensor | None = None
@@ -241,6 +246,8 @@ class Step:
         c = self.config
         # the step's noise is a function of (seed, step), drawn for the global batch
         noise = objectives.Noise(seeded(c.seed, "noise", step, device=x.device), c.batch_size, self.rows.start)
+        if self.categorical:  # the relaxation's temperature, a function of the step
+            anneal(self.model, temperature_at(c, step))
         with self.autocast:
             loss, terms = self.objective(x, noise, beta, y)
         self.optimizer.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ def make_posterior(config):
     encoder's output into q(z|x): the entry ``config.posterior`` of ``parts.POSTERIORS``."""
     posterior = parts.POSTERIORS[config.posterior]
     if posterior.has_parameters:
-        return posterior.constructor()(config.latent_dim, config.flow_steps)
+        return posterior.constructor()(config)
     return partial(posterior.constructor(), latent_dim=config.latent_dim)
 
 
@@ -41,12 +41,13 @@ def build_vae(config, x_shape):
     posterior = parts.POSTERIORS[config.posterior]
     likelihood = make_likelihood(config.likelihood, x_shape)
     params_per_pixel = parts.LIKELIHOODS[config.likelihood].params_per_pixel
-    width = posterior.outputs(config.latent_dim, config.posterior_rank)
-    encoder = architecture.constructor()(x_shape, config.hidden, width, config.activation)
+    encoder = architecture.constructor()(x_shape, config.hidden, posterior.outputs(config), config.activation)
     decoder = architecture.decoder_constructor()(
-        x_shape, config.hidden, config.latent_dim, params_per_pixel, config.activation
+        x_shape, config.hidden, posterior.z_width(config), params_per_pixel, config.activation
     )
-    prior = make_prior(config.prior, config.latent_dim, x_shape, config.prior_components, config.seed)
+    # a prior over categories (the uniform one of a categorical posterior) has --categories components
+    components = config.categories if parts.PRIORS[config.prior].discrete else config.prior_components
+    prior = make_prior(config.prior, config.latent_dim, x_shape, components, config.seed)
     return VAE(encoder, decoder, config.latent_dim, x_shape, likelihood, prior, make_posterior(config))
 
 

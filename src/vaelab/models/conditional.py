@@ -102,7 +102,7 @@ def build_conditional(config, x_shape, posterior) -> ConditionalVAE:
         config.classes,
         make_likelihood(config.likelihood, x_shape),
         posterior,
-        parts.POSTERIORS[config.posterior].outputs(config.latent_dim, config.posterior_rank),
+        parts.POSTERIORS[config.posterior].outputs(config),
         parts.LIKELIHOODS[config.likelihood].params_per_pixel,
         config.activation,
     )

@@ -112,3 +112,8 @@ class IAFPosterior(nn.Module):
         base = dist.diagonal_posterior(h[..., : 2 * D])  # log_var clamped as for the diagonal family
         context = h[..., 2 * D :]
         return TransformedDistribution(base, [IAFStep(made, context) for made in self.steps], validate_args=False)
+
+
+def iaf_posterior(config) -> IAFPosterior:
+    """The ``iaf`` posterior that ``config`` describes: ``latent_dim`` dimensions, ``flow_steps`` steps."""
+    return IAFPosterior(config.latent_dim, config.flow_steps)
