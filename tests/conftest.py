@@ -1,3 +1,4 @@
+import contextlib
 import gzip
 import os
 import struct
@@ -51,9 +52,9 @@ def trained_run(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def server(trained_run):
-    """`vaelab serve` of the trained run on a free loopback port, in a thread; yields its URL."""
+@contextlib.contextmanager
+def serving(run_dir):
+    """`vaelab serve` of ``run_dir`` on a free loopback port, in a thread; yields its URL."""
     import socket
     import threading
     import time
@@ -65,7 +66,7 @@ def server(trained_run):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(trained_run), host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(create_app(run_dir), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -74,3 +75,10 @@ def server(trained_run):
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    """`vaelab serve` of the trained run; yields its URL."""
+    with serving(trained_run) as url:
+        yield url

@@ -19,23 +19,29 @@ FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        pg = browser.new_page(viewport={"width": 1200, "height": 900})
-        blocked = []
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield chromium
+        chromium.close()
 
-        def route(r):
-            if r.request.url.startswith(server):
-                r.continue_()
-            else:
-                blocked.append(r.request.url)
-                r.abort()
 
-        pg.route("**/*", route)
-        yield pg
-        browser.close()
-        assert blocked == [], f"the page tried to reach the network: {blocked}"
+@pytest.fixture(scope="module")
+def page(server, browser):
+    pg = browser.new_page(viewport={"width": 1200, "height": 900})
+    blocked = []
+
+    def route(r):
+        if r.request.url.startswith(server):
+            r.continue_()
+        else:
+            blocked.append(r.request.url)
+            r.abort()
+
+    pg.route("**/*", route)
+    yield pg
+    pg.close()
+    assert blocked == [], f"the page tried to reach the network: {blocked}"
 
 
 def set_slider(page, selector, value):
@@ -98,3 +104,30 @@ def test_a_correlation_adds_its_term_to_the_kl(page, server):
     assert float(page.text_content("#kl12")) == pytest.approx(sum(parts), abs=2e-4)
     set_slider(page, "#rho", 0.0)  # no correlation: its term is 0, shown without a sign (was -0.0000)
     page.wait_for_function("document.getElementById('klrho').textContent === '0.0000'", timeout=10_000)
+
+
+def test_the_latent_explorer_of_a_categorical_model_picks_categories(tmp_path, browser):
+    """A categorical run's explorer: a picker of K categories per variable, and picking one decodes that z."""
+    from conftest import serving
+    from vaelab.cli import main
+
+    out = tmp_path / "cat"
+    args = ["--data", "digits", "--posterior", "categorical", "--latent-dim", "3", "--categories", "5"]
+    assert main(["train", *args, "--hidden", "32", "--epochs", "1", "--out", str(out)]) == 0
+    with serving(out) as url:
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.route("**/*", lambda r: r.continue_() if r.request.url.startswith(url) else r.abort())
+        page.goto(url + "/#latent")
+        page.wait_for_function("document.getElementById('decoded').src.startsWith('data:image/png')", timeout=10_000)
+        assert page.eval_on_selector_all("#sliders select", "s => s.map(e => e.options.length)") == [5, 5, 5]
+        assert page.query_selector_all("#sliders input") == []  # no sliders: z is one category per variable
+        first = page.eval_on_selector("#sliders select", "e => +e.dataset.dim")
+        with page.expect_response(lambda r: "/api/decode" in r.url and r.status == 200) as answer:
+            page.select_option("#sliders select", "4")
+        z = answer.value.url.split("z=")[1].split("&")[0].split("%2C" if "%2C" in answer.value.url else ",")
+        assert z[first] == "4"
+        page.goto(url + "/#inspect")
+        page.wait_for_function("document.querySelectorAll('#dims tr').length === 4", timeout=10_000)  # 3 variables
+        assert "category" in page.text_content("#dims")
+        page.screenshot(path=str(tmp_path / "categorical.png"))
+        page.close()

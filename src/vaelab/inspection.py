@@ -59,6 +59,11 @@ class Run:
         return None if self.kl.per_dim is None else self.kl.per_dim[:, : self.mu.shape[1]]
 
     @property
+    def categories(self) -> int | None:
+        """K, the categories of each variable of a categorical posterior; None for any other posterior."""
+        return self.config.categories if POSTERIORS[self.config.posterior].discrete else None
+
+    @property
     def layered(self) -> bool:
         return len(self.layer_means) > 1
 
@@ -171,6 +176,18 @@ def traversals(model, z0: torch.Tensor, dims: list[int], values: np.ndarray) -> 
         z = z0.repeat(len(values), 1)
         z[:, j] = torch.as_tensor(values, dtype=z.dtype)
         rows.append(decode_mean(model, z))
+    return rows
+
+
+@torch.no_grad()
+def category_switches(model, z0: torch.Tensor, variables: list[int], categories: int) -> list[np.ndarray]:
+    """For each categorical variable j: decoded images of the one-hot z0 (1, V K) with z_j switched to each of
+    its ``categories`` in turn, the other variables kept."""
+    rows = []
+    for j in variables:
+        z = z0.repeat(categories, 1).unflatten(-1, (-1, categories))  # (K, V, K)
+        z[:, j] = torch.eye(categories, dtype=z.dtype)
+        rows.append(decode_mean(model, z.flatten(1)))
     return rows
 
 

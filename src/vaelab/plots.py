@@ -124,10 +124,15 @@ def training_curves(rows: list[dict]) -> Figure:
 
 
 def kl_per_dimension(
-    kl: np.ndarray, active: np.ndarray | None, ylabel: str = "average KL (nats)", names: list[str] | None = None
+    kl: np.ndarray,
+    active: np.ndarray | None,
+    ylabel: str = "average KL (nats)",
+    names: list[str] | None = None,
+    ceiling: float | None = None,
 ) -> Figure:
     """Bars of the average KL of each latent dimension (or another per-dimension score, named by
-    ``ylabel``), largest first; active units coloured. ``names``: the dimensions' labels (z0, z1, ...)."""
+    ``ylabel``), largest first; active units coloured. ``names``: the dimensions' labels (z0, z1, ...);
+    ``ceiling``: the most a dimension's KL can be (log K for a categorical variable), a dashed line."""
     names = names or [f"z{j}" for j in range(len(kl))]
     order = np.argsort(-kl)
     fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(kl) + 2), 3.2))
@@ -135,7 +140,10 @@ def kl_per_dimension(
     ax.bar(range(len(kl)), kl[order], color=colors)
     ax.set_xticks(range(len(kl)), [names[j] for j in order], rotation=90, fontsize=7)
     ax.set_ylabel(ylabel)
-    title = f"{ylabel.split(' (')[0]} per latent dimension, sorted"
+    if ceiling is not None:
+        ax.axhline(ceiling, color="#555555", ls="--", lw=1, label=f"log K = {ceiling:.2f}, the most a variable costs")
+        ax.legend(fontsize=8, loc="upper right")
+    title = f"{ylabel.split(' (')[0]} per latent {'variable' if ceiling is not None else 'dimension'}, sorted"
     if active is not None:
         title += f": {int(active.sum())} active (orange), {int((~active).sum())} inactive (grey)"
     ax.set_title(title, fontsize=10)
@@ -238,6 +246,29 @@ def posterior_against_prior(
             ax.tick_params(labelsize=6)
     prior_name = "the prior N(0, 1)" if prior_samples is None else "the prior's marginal p(z_j)"
     fig.suptitle(f"q(z_j|x) (orange) against {prior_name} (purple), dimensions with the most KL", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def categorical_posteriors(images: np.ndarray, probs: np.ndarray, variables: list[int], kl: np.ndarray) -> Figure:
+    """For each image (row): the image, then q(z_j = k|x) over the K categories of each variable j in
+    ``variables`` as bars against the uniform prior 1/K, titled with its KL, log K - H(q(z_j|x))."""
+    n, d, K = len(images), len(variables), probs.shape[-1]
+    fig, axes = plt.subplots(n, d + 1, figsize=(1.7 * (d + 1), 1.35 * n + 0.4), squeeze=False)
+    for r in range(n):
+        _show(axes[r, 0], images[r])
+        for c, j in enumerate(variables):
+            ax = axes[r, c + 1]
+            ax.bar(range(K), probs[r, j], color=COLORS["q"], width=0.8)
+            ax.axhline(1 / K, color=COLORS["prior"], lw=1)
+            ax.set_ylim(0, 1)
+            ax.set_title(f"z{j}: KL {kl[r, j]:.2f}", fontsize=7)
+            ax.set_xticks(range(K) if K <= 10 else [0, K - 1])
+            ax.set_yticks([])
+            ax.tick_params(labelsize=6)
+    fig.suptitle(
+        f"q(z_j = k|x) (orange) against the uniform prior 1/{K} (purple), variables with the most KL", fontsize=9
+    )
     fig.tight_layout()
     return fig
 

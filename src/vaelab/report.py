@@ -19,7 +19,15 @@ from vaelab.errors import UserError
 from vaelab.evaluation import Evaluation, evaluation_rows
 from vaelab.explain import Explanation
 from vaelab.fileio import atomic_write_bytes, atomic_write_text
-from vaelab.inspection import decode_mean, kl_parts, open_run, project_2d, read_evaluation, traversals
+from vaelab.inspection import (
+    category_switches,
+    decode_mean,
+    kl_parts,
+    open_run,
+    project_2d,
+    read_evaluation,
+    traversals,
+)
 from vaelab.kl import correlation_kl
 from vaelab.objectives import collapse_warning, collapsed_layers, given
 from vaelab.parts import POSTERIORS, PRIORS
@@ -264,7 +272,11 @@ FIGURES_MARKER = ".vaelab-report"
 def _summary(run) -> str:
     D = run.mu.shape[1]
     kl = run.kl.value.mean().item()
-    if not run.layered:
+    if run.categories:
+        V, K = D // run.categories, run.categories
+        latents = f"{V} categorical variables of {K} categories each (z one-hot, {D} numbers)"
+        kl_text = f"average KL(q(z|x) ‖ p(z)) {kl:.3f} nats (closed form), at most N log K = {V * np.log(K):.2f}"
+    elif not run.layered:
         latents = f"{D} latent dimensions, {html.escape(run.config.posterior)} posterior"
         kl_text = f"average KL(q(z|x) ‖ p(z)) {kl:.3f} nats ({run.kl.method.replace('_', ' ')})"
     else:
@@ -314,6 +326,16 @@ def _kl_per_dimension(run) -> Section:
             + ", ".join(f"{n} {a} of {run.layer_means[n].shape[1]}" for n, a in e.active_units_per_layer.items())
             + ".",
             plots.kl_per_dimension(np.array(e.kl_per_dim), active, names=names),
+        )
+    if run.categories:
+        ceiling = float(np.log(run.categories))
+        return Section(
+            "KL per categorical variable",
+            f"Average KL(q(z_j|x) ‖ Uniform({run.categories})) = log K − H(q(z_j|x)) over the test set, in closed "
+            f"form; a variable costs at most log K = {ceiling:.3f} nats (dashed), reached when q(z_j|x) is one-hot. "
+            "A variable is active when the variance over the test set of its probabilities q(z_j = k|x), summed "
+            f"over k, exceeds {e.active_threshold}: {e.active_units} of {len(activity)}.",
+            plots.kl_per_dimension(np.array(e.kl_per_dim), active, ceiling=ceiling),
         )
     if e.kl_per_dim is not None:
         return Section(
@@ -422,9 +444,10 @@ def _correlations(run) -> Section | None:
 def _reconstructions(run, examples: int) -> Section:
     x = run.test_x[:examples].numpy()
     recon = run.view(slice(0, examples)).reconstruct(run.test_x[:examples]).clamp(0, 1).numpy()
+    at = "each variable's most probable category (one-hot)" if run.categories else "the posterior mean"
     return Section(
         "Reconstructions",
-        "Test images and the mean of p(x|z) at z = the posterior mean"
+        f"Test images and the mean of p(x|z) at z = {at}"
         + (" (of q(z2|x), then of q(z1|x, z2))." if run.layered else "."),
         plots.image_rows([("test image", x), ("reconstruction", recon)], "reconstructions"),
     )
@@ -438,7 +461,7 @@ def _prior_samples(run, examples: int) -> Section:
         "Samples from the prior",
         "Means of p(x|z1) for z2 ~ p(z2) and z1 the mean of p(z1|z2)."
         if run.layered
-        else "Means of p(x|z) for z ~ p(z).",
+        else "Means of p(x|z) for z ~ p(z)" + (", each variable's category uniform." if run.categories else "."),
         plots.image_rows([("", samples[:examples]), ("", samples[examples:])], "z ~ p(z)"),
     )
 
@@ -458,6 +481,20 @@ def _samples_per_class(run, examples: int) -> Section:
 
 def _traversals(run) -> Section:
     kl_avg = _kl_avg(run)
+    if run.categories:
+        top = run.dims_by_kl[: min(6, len(kl_avg))]
+        z0 = run.model.encode(run.test_x[:1]).mode
+        rows = category_switches(run.model, z0, top, run.categories)
+        return Section(
+            "Category switches",
+            "Starting from the first test image's most probable categories, one variable at a time is switched "
+            f"to each of its {run.categories} categories (columns 0 … {run.categories - 1}); the variables with "
+            "the most KL first.",
+            plots.image_rows(
+                [(f"z{j} ({kl_avg[j]:.2f} nats)", r) for j, r in zip(top, rows, strict=True)],
+                "one variable's category switched",
+            ),
+        )
     top = run.dims_by_kl[: min(6, run.mu.shape[1])]
     rows = traversals(run.view(slice(0, 1)), run.mu[:1], top, np.linspace(-3, 3, 9))
     labels = [f"z{j}" if kl_avg is None else f"z{j} ({kl_avg[j]:.2f} nats)" for j in top]
@@ -474,16 +511,17 @@ def _latent_space(run, projection: str) -> Section:
     points, (xl, yl) = project_2d(run.mu.numpy(), projection)
     labels = None if run.test_y is None else run.test_y.numpy()
     how = "directly" if D <= 2 else ("by PCA" if projection == "pca" else "by t-SNE")
+    what = "Posterior probabilities q(z_j = k|x) (the mean of a one-hot z)" if run.categories else "Posterior means"
     return Section(
         "The latent space",
-        f"Posterior means of the test set, shown {how}, coloured by label.",
+        f"{what} of the test set, shown {how}, coloured by label.",
         plots.latent_scatter(points, labels, xl, yl, "posterior means of the test set"),
     )
 
 
 def _manifold(run) -> Section | None:
     """For a 2-D latent space: the decoded means over a grid of prior quantiles."""
-    if run.mu.shape[1] != 2:
+    if run.mu.shape[1] != 2 or run.categories:
         return None
     grid = torch.distributions.Normal(0, 1).icdf(torch.linspace(0.05, 0.95, 10))
     zz = torch.stack(torch.meshgrid(grid, grid.flip(0), indexing="xy"), -1).reshape(-1, 2)
@@ -496,6 +534,16 @@ def _manifold(run) -> Section | None:
 
 
 def _posteriors(run) -> Section:
+    if run.categories:
+        probs = run.mu[:4].unflatten(-1, (-1, run.categories)).numpy()
+        return Section(
+            "q(z|x) against the prior",
+            "For four test images, each variable's q(z_j = k|x) against the uniform prior and its KL, "
+            "log K − H(q(z_j|x)): 0 when q is uniform, log K when it is one-hot.",
+            plots.categorical_posteriors(
+                run.test_x[:4].numpy(), probs, run.dims_by_kl[:6], run.top_kl_per_dim[:4].numpy()
+            ),
+        )
     flow = not POSTERIORS[run.config.posterior].gaussian
     if not PRIORS[run.config.prior].factorises or flow:  # the prior's marginals from samples; the KL by Monte Carlo
         prior_samples = run.model.prior().sample((20_000,)).numpy()

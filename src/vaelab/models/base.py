@@ -195,9 +195,10 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        """The mean of p(x|z) at z = the mean of q(z|x), (B, C, H, W): what the report and the page show."""
-        mu, _ = dist.marginals(self.encode(x))
-        return self.decode(mu).mean
+        """The mean of p(x|z) at z = the mean of q(z|x) (for categorical variables, their most probable
+        categories: a z the model has), (B, C, H, W): what the report and the page show."""
+        q = self.encode(x)
+        return self.decode(q.mode if isinstance(q, dist.Categoricals) else dist.marginals(q)[0]).mean
 
     # -- the contract with the objectives (objectives.LatentVariableModel) ----------------------
     def latents(self, x: Tensor, draw: Draw) -> list[LatentLayer]:

@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from torch.distributions import Normal
 
-from vaelab.distributions import marginals
+from vaelab.distributions import Categoricals, marginals
 from vaelab.evaluation import evaluation_rows, kl_per_example
 from vaelab.inspection import Run, decode_mean, kl_parts, open_run
 from vaelab.kl import KLResult, correlation_kl, kl_full_normal_diag_normal, kl_normal_std_normal, log_ratio_samples
@@ -116,15 +116,19 @@ def inspect_image(model, x: torch.Tensor, kl: KLResult) -> dict:
     prior factorises, else a Monte Carlo estimate with its standard error; every layer's part)."""
     with SEEDED, torch.no_grad(), torch.random.fork_rng(devices=[]):  # a flow's moments are drawn: seeded
         torch.manual_seed(0)
-        mu, var = marginals(model.encode(x[None]))  # q(z_j|x): for a full covariance, Sigma's diagonal
+        q = model.encode(x[None])
+        mu, var = marginals(q)  # q(z_j|x): for a full covariance, Sigma's diagonal
         mu, sigma = mu[0], var[0].sqrt()
         reconstruction = model.reconstruct(x[None]).clamp(0, 1)[0].numpy()
-    D = mu.shape[0]
+    if isinstance(q, Categoricals):  # each variable's most probable category and its probability
+        top = q.probs[0].max(-1)
+        D, shown = q.variables, {"mode": top.indices.tolist(), "p_mode": top.values.tolist()}
+    else:
+        D, shown = mu.shape[0], {"mu": mu.tolist(), "sigma": sigma.tolist()}
     return {
         "image": png_data_url(x.numpy()),
         "reconstruction": png_data_url(reconstruction),
-        "mu": mu.tolist(),
-        "sigma": sigma.tolist(),
+        **shown,
         "kl": None if kl.per_dim is None else kl.per_dim[0, :D].tolist(),  # the top layer's dimensions
         "kl_total": kl.value[0].item(),
         "kl_std_error": None if kl.std_error is None else kl.std_error[0].item(),
@@ -157,6 +161,7 @@ def describe_run(run: Run) -> dict:
         "run": run.path.name,
         "data": run.config.data,
         "latent_dim": run.model.latent_dim,
+        "categories": run.categories,  # a categorical posterior: a category picker per variable, not sliders
         "classes": run.config.classes if run.config.conditional else None,
         "x_shape": list(run.model.x_shape),
         "test_count": len(run.test_x),
@@ -178,14 +183,19 @@ def describe_run(run: Run) -> dict:
     }
 
 
-def parse_z(text: str, latent_dim: int) -> torch.Tensor:
-    """A latent vector from 'z0,z1,...' (HTTP 422 unless it has ``latent_dim`` values in [-Z_RANGE, Z_RANGE])."""
+def parse_z(text: str, latent_dim: int, categories: int | None = None) -> torch.Tensor:
+    """A latent vector from 'z0,z1,...' (HTTP 422 unless it has ``latent_dim`` values in [-Z_RANGE, Z_RANGE]);
+    for ``categories`` K, one category 0 .. K - 1 per variable, returned one-hot, (1, latent_dim K)."""
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         raise HTTPException(422, "z must be comma-separated numbers") from None
     if len(values) != latent_dim:
         raise HTTPException(422, f"z has {len(values)} values; this model has {latent_dim} latent dimensions")
+    if categories is not None:
+        if not all(v in range(categories) for v in values):
+            raise HTTPException(422, f"each variable's category must be a whole number from 0 to {categories - 1}")
+        return torch.nn.functional.one_hot(torch.tensor([values]).long(), categories).float().flatten(1)
     if not all(abs(v) <= Z_RANGE for v in values):  # also rejects NaN
         raise HTTPException(422, f"every z value must lie in [-{Z_RANGE}, {Z_RANGE}]")
     return torch.tensor([values], dtype=torch.float32)
@@ -338,7 +348,7 @@ def create_app(run_dir: str | Path, host: str = "127.0.0.1") -> FastAPI:
 
     @app.get("/api/decode")
     def decode(z: str = Query(max_length=40 * 1024), label: int | None = Query(None, ge=0)) -> dict:
-        image = decode_mean(given(model, labels(label)), parse_z(z, model.latent_dim))[0]
+        image = decode_mean(given(model, labels(label)), parse_z(z, model.latent_dim, run.categories))[0]
         return {"image": png_data_url(image)}
 
     def labels(label: int | None) -> torch.Tensor | None:

@@ -125,6 +125,11 @@ function showInspection(r) {
     g.fillText("no KL per dimension: this prior does not factorise over the dimensions of z", 10, c.height / 2);
   }
   const kl = (j) => (r.kl ? `<td>${r.kl[j].toFixed(3)}</td>` : "");
+  if (r.mode) { // categorical variables: each one's most probable category, its probability, its KL
+    $("dims").innerHTML = "<tr><th>variable</th><th>category</th><th>q(category|x)</th><th>KL (nats)</th></tr>" +
+      r.mode.map((k, j) => `<tr><td>z${j}</td><td>${k}</td><td>${r.p_mode[j].toFixed(3)}</td>${kl(j)}</tr>`).join("");
+    return;
+  }
   $("dims").innerHTML = `<tr><th>dim</th><th>μ</th><th>σ</th>${r.kl ? "<th>KL (nats)</th>" : ""}</tr>` +
     r.mu.map((m, j) => `<tr><td>z${j}</td><td>${m.toFixed(3)}</td><td>${r.sigma[j].toFixed(3)}</td>${kl(j)}</tr>`).join("");
 }
@@ -145,9 +150,12 @@ async function inspectUpload() {
 let pending = null;
 let labelled = false; // a conditional model: the decoder and the encoder are given a label y
 async function decodeSliders() {
-  const sliders = [...document.querySelectorAll("#sliders input")];
+  const sliders = [...document.querySelectorAll("#sliders input, #sliders select")];
   const z = new Array(sliders.length);
-  sliders.forEach((s) => { z[+s.dataset.dim] = (+s.value).toFixed(3); s.nextElementSibling.textContent = (+s.value).toFixed(2); });
+  sliders.forEach((s) => {
+    if (s.tagName === "SELECT") { z[+s.dataset.dim] = s.value; return; } // a categorical variable's category
+    z[+s.dataset.dim] = (+s.value).toFixed(3); s.nextElementSibling.textContent = (+s.value).toFixed(2);
+  });
   const key = z.join(",");
   pending = key;
   const label = labelled ? `&label=${$("decode-label").value}` : "";
@@ -169,7 +177,7 @@ async function start() {
   const top = layers ? ` of the top layer ${layers[0][0]}` : "";
   $("run").textContent = layers
     ? `${m.run}: ${m.data}, latent layers ${layers.map(([n, l]) => `${n} (${l.dims} dims, KL ${l.kl.toFixed(2)} nats)`).join(", ")}; ${m.test_count} test images; the sliders move ${layers[0][0]}`
-    : `${m.run}: ${m.data}, ${m.latent_dim} latent dimensions, ${m.test_count} test images` +
+    : `${m.run}: ${m.data}, ${m.latent_dim} ${m.categories ? `categorical variables of ${m.categories} categories` : "latent dimensions"}, ${m.test_count} test images` +
       (m.classes ? `; conditional on ${m.classes} labels` : "");
   if (m.kl_parts) {
     const label = (k) => names[k] ?? `KL of ${k.replace("kl_", "")}`;
@@ -204,9 +212,18 @@ async function start() {
   document.querySelectorAll("ol a").forEach((a) => a.addEventListener("click", () => inspectIndex(+a.dataset.index)));
   $("show").addEventListener("click", () => inspectIndex(+$("index").value));
   $("upload").addEventListener("change", inspectUpload);
-  $("sliders").innerHTML = m.dims_by_kl.map((j) =>
-    `<label><span>z${j} <small>${m.kl_per_dim ? `(${m.kl_per_dim[j].toFixed(2)} nats)` : ""}</small></span> <input type="range" min="-3" max="3" step="0.05" value="0" data-dim="${j}"><output></output></label>`).join("");
-  document.querySelectorAll("#sliders input").forEach((s) => s.addEventListener("input", decodeSliders));
+  if (m.categories) {
+    $("latent-note").textContent = `One category picker per variable (of ${m.categories} categories, z one-hot), ` +
+      "the variables with the most KL first; the image is the decoder's mean.";
+    $("recon-at").textContent = "each variable's most probable category";
+  }
+  const kl = (j) => (m.kl_per_dim ? `(${m.kl_per_dim[j].toFixed(2)} nats)` : "");
+  const picker = (j) => `<select data-dim="${j}">` + // a categorical variable: one of its categories
+    [...Array(m.categories).keys()].map((k) => `<option value="${k}">category ${k}</option>`).join("") + "</select>";
+  $("sliders").innerHTML = m.dims_by_kl.map((j) => `<label><span>z${j} <small>${kl(j)}</small></span> ` +
+    (m.categories ? picker(j) : `<input type="range" min="-3" max="3" step="0.05" value="0" data-dim="${j}"><output></output>`) +
+    "</label>").join("");
+  document.querySelectorAll("#sliders input, #sliders select").forEach((s) => s.addEventListener("input", decodeSliders));
   decodeSliders(); inspectIndex(0);
 }
 start();
