@@ -394,6 +394,46 @@ CATALOGUE = [
         ["--flow-steps", "--posterior iaf"],
     ),
     (
+        "a categorical posterior with the normal prior",
+        lambda t: ["train", "--posterior", "categorical", "--prior", "normal"],
+        ["uniform prior over its categories", "--prior uniform"],
+    ),
+    (
+        "the uniform prior with a Gaussian posterior",
+        lambda t: ["train", "--prior", "uniform"],
+        ["--posterior categorical", "--prior normal"],
+    ),
+    (
+        "a categorical posterior with the TC objective",
+        lambda t: ["train", "--posterior", "categorical", "--objective", "tc"],
+        ["no density for --objective tc", "--objective elbo"],
+    ),
+    (
+        "a categorical posterior with free bits above log K",
+        lambda t: ["train", "--posterior", "categorical", "--categories", "4", "--free-bits", "2"],
+        ["above log K = 1.3863", "--free-bits 1.39 or less"],
+    ),
+    (
+        "one category",
+        lambda t: ["train", "--posterior", "categorical", "--categories", "1"],
+        ["categories must be at least 2"],
+    ),
+    (
+        "a temperature of 0",
+        lambda t: ["train", "--posterior", "categorical", "--temperature", "0"],
+        ["temperature must be above 0", "--temperature 1"],
+    ),
+    (
+        "a temperature floor above the start",
+        lambda t: ["train", "--posterior", "categorical", "--temperature-min", "3"],
+        ["--temperature-min 3.0 is above --temperature 1.0"],
+    ),
+    (
+        "categories without a categorical posterior",
+        lambda t: ["train", "--categories", "5"],
+        ["--categories is read only with --posterior categorical"],
+    ),
+    (
         "a top layer without the hierarchical family",
         lambda t: ["train", "--top-latent-dim", "5"],
         ["--top-latent-dim", "--family hierarchical"],

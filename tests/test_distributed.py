@@ -64,12 +64,13 @@ def single(tmp_path_factory):
         ["--family", "hierarchical", "--top-latent-dim", "2", "--top-hidden", "16"],
         ["--conditional"],
         ["--posterior", "iaf", "--flow-steps", "2"],
+        ["--posterior", "categorical", "--categories", "3", "--anneal-rate", "0.01"],
     ],
-    ids=["hierarchical", "conditional", "iaf"],
+    ids=["hierarchical", "conditional", "iaf", "categorical"],
 )
 def test_two_processes_equal_one_for_every_family(tmp_path, family):
-    """The noise of both layers, the labels of each rank's rows and a flow's parameters: 2 processes
-    train what 1 does (to float32 summation order), and the per-layer KLs are logged once."""
+    """The noise of both layers, the labels of each rank's rows, a flow's parameters and the Gumbel noise
+    and annealed temperature of categorical variables: 2 processes train what 1 does (to float32 summation order), and the per-layer KLs are logged once."""
     args = [*COMMON, *family, "--epochs", "2"]
     assert vaelab_train([*args, "--out", str(tmp_path / "one")]).returncode == 0
     r = vaelab_train([*args, "--out", str(tmp_path / "two")], nproc=2)
