@@ -675,6 +675,11 @@ CATALOGUE = [
     ("compress a run with a VampPrior", compress_run("--prior", "vamp"), ["--prior vamp", "--prior normal"]),
     ("compress a conditional run", compress_run("--conditional"), ["--conditional", "labels"]),
     (
+        "compress a categorical run with --latent-bits",
+        lambda t: [*compress_run("--posterior", "categorical")(t), "--latent-bits", "6"],
+        ["categorical variables", "drop --latent-bits"],
+    ),
+    (
         "compress grey images with a Bernoulli run",
         compress_run(images=lambda t: npy(t, np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8))),
         ["binary images", "logistic"],

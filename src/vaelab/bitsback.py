@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vaelab.models.categorical import categorical_posterior_of
+
 QUANTISATION_BITS = 24  # constriction's probability precision: no symbol costs more than 24 bits
 MAX_LATENT_BITS = 16
 FLOOR = 2.0**-QUANTISATION_BITS  # the least probability the coder gives a symbol
@@ -164,10 +166,22 @@ class BitsBack:
         mu, sigma = self.posterior(self._image(symbols))
         return floored(self.grid.masses(mu.reshape(-1), sigma.reshape(-1)).numpy())
 
+    def _values(self, z_index: np.ndarray) -> Tensor:
+        """The latents the decoder sees for the symbols ``z_index`` (n, D): the bucket centres, (n, D)."""
+        return self.grid.centres[torch.from_numpy(z_index.astype(np.int64))].float()
+
     def _tables(self, z_index: np.ndarray) -> np.ndarray:
-        """p(x|z) for the bucket centres ``z_index`` (n, D): (n, pixels, levels); one network call for all n."""
-        z = self.grid.centres[torch.from_numpy(z_index.astype(np.int64))].float()
-        return floored(self.pmf(z).reshape(len(z_index), -1, self.levels).numpy())
+        """p(x|z) for the latent symbols ``z_index`` (n, D): (n, pixels, levels); one network call for all n."""
+        return floored(self.pmf(self._values(z_index)).reshape(len(z_index), -1, self.levels).numpy())
+
+    @torch.no_grad()
+    def expected_z_net(self, x: Tensor) -> float:
+        """E_Q[log2 Q(z|x) - log2 P(z)] for one image x (1, C, H, W), summed exactly over every symbol of
+        every dimension: the net bits for z that popping with fair coin flips would average (the KL of the
+        discretised latent)."""
+        mu, sigma = self.posterior(x)
+        q = self.grid.masses(mu.reshape(-1), sigma.reshape(-1))
+        return float((q * (torch.log2(q.clamp_min(1e-300)) + self.grid.bits)).sum())
 
     def _p_x(self, z_index: np.ndarray) -> np.ndarray:
         return self._tables(z_index.reshape(1, -1))[0]
@@ -175,7 +189,7 @@ class BitsBack:
     def _weights(self, x: np.ndarray, particles: np.ndarray, q: np.ndarray) -> np.ndarray:
         """The normalised importance weights of the particles (K, D): p(x|z_k) P(z_k) / Q(z_k|x), (1, K);
         p(x|z_k) from the probabilities of x's values only, the same numbers as the full tables'."""
-        z = self.grid.centres[torch.from_numpy(particles.astype(np.int64))].float()
+        z = self._values(particles)
         at = torch.from_numpy(x.astype(np.int64)).view(1, -1)
         log_px = np.log(floored(self.pmf(z, at).reshape(len(particles), -1).numpy())).sum(1)
         log_q = np.log(np.take_along_axis(q, particles.T, 1)).sum(0)  # P(z_k) = 2^-bD is the same for all k
@@ -238,6 +252,44 @@ class BitsBack:
         left = coder.get_compressed()
         initial = initial_words(D, seed, K)
         return out, len(left) == len(initial) and bool((left == initial).all())
+
+
+@dataclass(frozen=True)
+class Categories:
+    """The symbols of a categorical latent variable: its K categories, pushed uniformly at log2 K bits."""
+
+    categories: int
+
+    @property
+    def bits(self) -> float:
+        return math.log2(self.categories)
+
+
+class CategoricalBitsBack(BitsBack):
+    """BB-ANS (BB-IS with ``particles`` > 1) for categorical latent variables (``models.categorical``):
+    q(z|x) a product of V categoricals of K categories, p(z) uniform. No grid: each z_j is one of K
+    symbols, popped with q(z_j|x) and pushed with the uniform prior at exactly log2 K bits; the decoder
+    sees z one-hot. The net bits for z average the KL term, sum_j (log K - H(q(z_j|x))) in bits, with
+    no discretisation. ``posterior(x)`` gives q(z_j = k|x), (V, K)."""
+
+    def __init__(self, posterior, pmf, variables: int, categories: int, x_shape, levels: int, particles: int = 1):
+        import constriction
+
+        super().__init__(posterior, pmf, variables, x_shape, levels, 1, particles)
+        self.grid = Categories(categories)
+        self._uniform = constriction.stream.model.Uniform(categories)
+
+    def _q(self, symbols: np.ndarray) -> np.ndarray:
+        return floored(self.posterior(self._image(symbols)).double().numpy())
+
+    def _values(self, z_index: np.ndarray) -> Tensor:
+        K = self.grid.categories
+        return torch.nn.functional.one_hot(torch.from_numpy(z_index.astype(np.int64)), K).float().flatten(1)
+
+    @torch.no_grad()
+    def expected_z_net(self, x: Tensor) -> float:
+        q = self.posterior(x).double()
+        return float((q * (torch.log2(q.clamp_min(1e-300)) + self.grid.bits)).sum())
 
 
 class TwoLayerBitsBack(BitsBack):
@@ -322,7 +374,8 @@ class TwoLayerBitsBack(BitsBack):
 def model_coder(model, levels: int, latent_bits: int, particles: int = 1) -> BitsBack:
     """BB-ANS (BB-IS with ``particles`` > 1) for a trained model with a discrete likelihood of ``levels``
     pixel values: one latent layer (``models.base.VAE``) with a diagonal Gaussian posterior and a
-    standard normal prior, or two (``models.hierarchical``, BB-ANS only)."""
+    standard normal prior, or categorical variables and the uniform prior (``latent_bits`` unused), or
+    two Gaussian layers (``models.hierarchical``, BB-ANS only)."""
 
     def pmf(z: Tensor, at: Tensor | None = None) -> Tensor:
         return model.likelihood.pmf(model.decoder(z).float(), at)
@@ -345,5 +398,14 @@ def model_coder(model, levels: int, latent_bits: int, particles: int = 1) -> Bit
 
     def one_layer(x: Tensor) -> tuple[Tensor, Tensor]:
         return params(model.encode(x))
+
+    categorical = categorical_posterior_of(model)
+    if categorical is not None:
+
+        def probs(x: Tensor) -> Tensor:
+            return model.encode(x).probs[0]  # (V, K)
+
+        V, K = categorical.variables, categorical.categories
+        return CategoricalBitsBack(probs, pmf, V, K, model.x_shape, levels, particles)
 
     return BitsBack(one_layer, pmf, model.latent_dim, model.x_shape, levels, latent_bits, particles)

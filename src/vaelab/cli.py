@@ -701,9 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--latent-bits",
         type=positive_int,
-        default=8,
         metavar="B",
-        help="2^B buckets of equal prior mass per latent dimension, 1 to 16 (default: 8)",
+        help="2^B buckets of equal prior mass per latent dimension, 1 to 16 (default: 8); a categorical z is coded "
+        "as its categories",
     )
     p.add_argument(
         "--particles",

@@ -30,7 +30,14 @@ import numpy as np
 import torch
 
 from vaelab import rundir
-from vaelab.bitsback import MAX_LATENT_BITS, BitsBack, TwoLayerBitsBack, initial_words, model_coder
+from vaelab.bitsback import (
+    MAX_LATENT_BITS,
+    BitsBack,
+    CategoricalBitsBack,
+    TwoLayerBitsBack,
+    initial_words,
+    model_coder,
+)
 from vaelab.config import Config
 from vaelab.data.sources import IMAGE_SUFFIXES, load_array, load_folder, read_idx, validate
 from vaelab.errors import UserError
@@ -57,6 +64,7 @@ MODEL_FIELDS = (
     "posterior",
     "posterior_rank",
     "flow_steps",
+    "categories",
     "likelihood",
     "prior",
     "prior_components",
@@ -68,7 +76,7 @@ def model_identity(model: torch.nn.Module, config: Config) -> str:
     """SHA-256 of the model's weights (names, dtypes, shapes, bytes) and the config fields that build it."""
     h = hashlib.sha256(json.dumps({k: config.to_dict().get(k) for k in MODEL_FIELDS}, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # a 0-d buffer (a temperature) too
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -98,14 +106,16 @@ def check_codable(config: Config, particles: int = 1) -> None:
     problems = []
     if config.conditional:
         problems.append("--conditional (the labels would have to be coded too)")
-    if not POSTERIORS[config.posterior].factorises or not POSTERIORS[config.posterior].gaussian:
+    posterior = POSTERIORS[config.posterior]
+    if not posterior.factorises or not (posterior.gaussian or posterior.discrete):
         problems.append(f"--posterior {config.posterior}")
     if not PRIORS[config.prior].factorises:
         problems.append(f"--prior {config.prior}")
     if problems:
         raise UserError(
-            f"bits-back coding here needs diagonal posteriors and the normal prior, and no labels; the run has "
-            f"{', '.join(problems)}. Train a run with --posterior diagonal --prior normal to compress"
+            f"bits-back coding here needs diagonal or categorical posteriors and a prior that factorises, and no "
+            f"labels; the run has {', '.join(problems)}. Train a run with --posterior diagonal --prior normal (or "
+            "--posterior categorical) to compress"
         )
     coding_levels(config)
 
@@ -299,7 +309,7 @@ def compress(
     *,
     images=None,
     split: str = "test",
-    latent_bits: int = DEFAULT_LATENT_BITS,
+    latent_bits: int | None = None,
     particles: int = 1,
     seed: int = 0,
     iwae_k: int = 1000,
@@ -310,7 +320,7 @@ def compress(
     decoding it, and return every number (bits per image, bits per dimension) beside the model's
     -ELBO, its IWAE estimate of -log2 p(x) and general-purpose coders."""
     out = Path(out)
-    if not 1 <= latent_bits <= MAX_LATENT_BITS:
+    if latent_bits is not None and not 1 <= latent_bits <= MAX_LATENT_BITS:
         raise UserError(f"--latent-bits must be 1 to {MAX_LATENT_BITS}, got {latent_bits}")
     if iwae_k < 0:
         raise UserError(f"--iwae-k must be >= 0, got {iwae_k}")
@@ -321,6 +331,12 @@ def compress(
     run = Path(run)
     trained = open_trained(run)
     check_codable(trained.config, particles)
+    if POSTERIORS[trained.config.posterior].discrete and latent_bits is not None:
+        raise UserError(
+            f"--latent-bits sets the grid of a Gaussian latent; this run's z is {trained.config.latent_dim} "
+            f"categorical variables, coded as their {trained.config.categories} categories: drop --latent-bits"
+        )
+    latent_bits = latent_bits or DEFAULT_LATENT_BITS
     data = images_of(trained, images, split)
     records = images is None and run.is_dir()  # the run's own split: its record goes into the run, for its report
     with rundir.lock(run, "compressing") if records else contextlib.nullcontext():  # taken once the input is good
@@ -372,7 +388,11 @@ def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_
     x = data.x()
     record, per = evaluate(trained.model, x, iwae_k=iwae_k, pixels=P, split_kl=False, seed=seed)
     to_bits = 1 / math.log(2)
-    q_grid = _expected_z_bits(coder, x) if not isinstance(coder, TwoLayerBitsBack) else None
+    q_grid = (
+        np.array([coder.expected_z_net(x[i : i + 1]) for i in range(len(x))])
+        if not isinstance(coder, TwoLayerBitsBack)
+        else None
+    )
     per_image = {
         "pixels": costs.pixels,
         "z_pushed": costs.z_pushed,
@@ -397,7 +417,8 @@ def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_
         "likelihood": trained.config.likelihood,
         "latent_dim": coder.latent_dim,
         "layers": 2 if isinstance(coder, TwoLayerBitsBack) else 1,
-        "latent_bits": coder.grid.bits,
+        "latent_bits": coder.grid.bits,  # per dimension; log2 K for a categorical variable of K categories
+        "categories": coder.grid.categories if isinstance(coder, CategoricalBitsBack) else None,
         "particles": particles,
         "iwae_k": iwae_k if "log_likelihood" in per else None,
         "bits_per_image": mean,
@@ -409,18 +430,6 @@ def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_
         "decode_seconds": decode_s,
         "per_image": {k: [round(float(v), 4) for v in values] for k, values in per_image.items()},
     }
-
-
-@torch.no_grad()
-def _expected_z_bits(coder: BitsBack, x: torch.Tensor) -> np.ndarray:
-    """E_Q[log2 Q(z|x) - log2 P(z)] on the coder's grid, summed exactly over the buckets: the net
-    bits for z that popping with fair coin flips would average (the KL of the discretised latent)."""
-    out = np.zeros(len(x))
-    for i in range(len(x)):
-        mu, sigma = coder.posterior(x[i : i + 1])
-        q = coder.grid.masses(mu.reshape(-1), sigma.reshape(-1))
-        out[i] = float((q * (torch.log2(q.clamp_min(1e-300)) + coder.grid.bits)).sum())
-    return out
 
 
 def decompress(path, out, *, run=None, overwrite: bool = False) -> dict:
@@ -499,6 +508,16 @@ def write_pngs(pictures: np.ndarray, out: Path) -> None:
 
 
 # -- the table ----------------------------------------------------------------------------------
+def latent_code(s: dict) -> str:
+    """How a compression's summary coded z, in words."""
+    if s.get("categories"):
+        return (
+            f"z of {s['latent_dim']} categorical variables of {s['categories']} categories, each pushed uniformly "
+            f"at log2 {s['categories']} = {s['latent_bits']:.2f} bits"
+        )
+    return f"z of {s['latent_dim']} dimensions on a grid of 2^{s['latent_bits']} buckets each"
+
+
 def format_summary(s: dict) -> str:
     """The table ``vaelab compress`` prints: bits per image and per dimension, mean over the images."""
     b, P, N, K = s["bits_per_image"], s["dimensions"], s["images"], s["particles"]
@@ -510,7 +529,7 @@ def format_summary(s: dict) -> str:
     coder = "BB-ANS" if K == 1 else f"BB-IS with {K} particles"
     lines = [
         f"{coder}: {N} images {'x'.join(map(str, s['x_shape']))} from {s['where']}, {s['likelihood']} likelihood, "
-        f"z of {s['latent_dim']} dimensions on a grid of 2^{s['latent_bits']} buckets each",
+        + latent_code(s),
         f"  {'':<60} {'bits/image':>11} {'bits/dim':>9}",
         row("x pushed with p(x|z)", b["pixels"]),
     ]
@@ -533,7 +552,8 @@ def format_summary(s: dict) -> str:
             row("latent side net", b["z_net"]),
         ]
     if "z_net_expected" in b:
-        lines.append(row("  BB-ANS's z net for fair coin flips on this grid", b["z_net_expected"]))
+        on = "" if s.get("categories") else " on this grid"
+        lines.append(row(f"  BB-ANS's z net for fair coin flips{on}", b["z_net_expected"]))
     lines += [
         row("  analytic KL(q(z|x) || p(z))" if s.get("layers") != 2 else "  KL2 + KL1 (at sampled z2)", b["kl"]),
         row("net code length", b["net"]),

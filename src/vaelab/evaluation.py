@@ -329,7 +329,8 @@ class Evaluation:
     weights_sha256: str | None = None  # of the model.safetensors evaluated: a record of other weights is stale
     kl_per_image_quantiles: dict[str, float] | None = None  # the per-image KL's 10%, 50% and 90% quantiles
     # --posterior categorical: the metrics above are the discrete model's (one-hot z); the relaxed model that
-    # trained, at the temperature its weights ended at, has this ELBO; the KL is at most kl_ceiling = N log K
+    # trained, at the temperature its weights ended at, has this ELBO (None for --straight-through, which
+    # trained on one-hot z); the KL is at most kl_ceiling = N log K
     relaxed_elbo: float | None = None
     temperature: float | None = None
     categories: int | None = None
@@ -462,10 +463,13 @@ def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[
                 else _split_record(kl, *kl_split_categorical(log_probs))
             )
     if posterior is not None:  # the relaxed model that trained, beside the discrete one evaluated
-        with relaxed(model), rng_from(seeded(seed, "relaxed")):
-            relaxed_elbo = torch.cat([elbo(model, x[i : i + 1024]).elbo for i in range(0, N, 1024)])
+        relaxed_elbo = None  # straight-through trained on one-hot z in the forward pass: no relaxed model
+        if not posterior.straight_through:
+            with relaxed(model), rng_from(seeded(seed, "relaxed")):
+                values = torch.cat([elbo(model, x[i : i + 1024]).elbo for i in range(0, N, 1024)])
+            relaxed_elbo = values.mean().item()
         relaxation = dict(
-            relaxed_elbo=relaxed_elbo.mean().item(),
+            relaxed_elbo=relaxed_elbo,
             temperature=float(posterior.temperature),
             categories=posterior.categories,
             kl_ceiling=posterior.variables * math.log(posterior.categories),
