@@ -245,7 +245,11 @@ def test_a_categorical_vae_trains_evaluates_reports_and_resumes(tmp_path, capsys
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert "KL per categorical variable" in page and "Category switches" in page and "uniform prior" in page
-    assert main(["train", *CAT, "--straight-through", "--epochs", "1", "--out", str(tmp_path / "st")]) == 0
+    straight = tmp_path / "st"
+    assert main(["train", *CAT, "--straight-through", "--epochs", "1", "--out", str(straight)]) == 0
+    assert main(["evaluate", str(straight), "--iwae-k", "0"]) == 0
+    record = json.loads((straight / "evaluation.json").read_text())
+    assert "relaxed_elbo" not in record and record["categories"] == 4  # it trained on one-hot z: no relaxed model
 
 
 def test_a_categorical_vae_from_python():
