@@ -70,7 +70,8 @@ def single(tmp_path_factory):
 )
 def test_two_processes_equal_one_for_every_family(tmp_path, family):
     """The noise of both layers, the labels of each rank's rows, a flow's parameters and the Gumbel noise
-    and annealed temperature of categorical variables: 2 processes train what 1 does (to float32 summation order), and the per-layer KLs are logged once."""
+    and annealed temperature of categorical variables: 2 processes train what 1 does (to float32
+    summation order), and the per-layer KLs are logged once."""
     args = [*COMMON, *family, "--epochs", "2"]
     assert vaelab_train([*args, "--out", str(tmp_path / "one")]).returncode == 0
     r = vaelab_train([*args, "--out", str(tmp_path / "two")], nproc=2)

@@ -134,3 +134,27 @@ def test_mean_field_gap_is_zero_for_a_diagonal_posterior():
     )
     assert model.log_px(x).item() - trace[-1] == pytest.approx(0.0, abs=1e-9)
     assert not math.isclose(trace[0], trace[-1])
+
+
+def test_the_discrete_latent_steps_against_scipy(tmp_path):
+    """Step 11's mixture of Gaussians recomputed with scipy from the numbers the JSON gives: log p(x), the
+    exact posterior over the component, and the shifted q's ELBO and gap."""
+    from scipy.special import logsumexp
+    from scipy.stats import multivariate_normal
+
+    out = tmp_path / "explain.json"
+    assert main(["explain", "--seed", "5", "--data-dim", "4", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    m = r["mixture"]
+    means, x, s2, q = np.array(m["means"]), np.array(m["x"]), m["noise_var"], np.array(m["q"])
+    K = len(means)
+    log_px_c = np.array([multivariate_normal(mu, s2 * np.eye(len(x))).logpdf(x) for mu in means])
+    log_px = logsumexp(log_px_c) - np.log(K)
+    posterior = np.exp(log_px_c - logsumexp(log_px_c))
+    elbo = (q * log_px_c).sum() - (q * np.log(q * K)).sum()
+    steps = {s["name"][:3]: s for s in r["steps"]}
+    assert steps["11a"]["lhs"] == pytest.approx(log_px, abs=1e-9) and steps["11a"]["holds"]
+    assert steps["11b"]["lhs"] == pytest.approx(log_px - elbo, abs=1e-9)
+    assert steps["11b"]["rhs"] == pytest.approx((q * np.log(q / posterior)).sum(), abs=1e-9)
+    assert 0 < steps["11c"]["lhs"] <= np.log(K) and steps["11c"]["holds"]
+    assert 0.01 < posterior.max() < 0.99  # the components overlap: the exact posterior is not one-hot

@@ -22,6 +22,9 @@ identities in float64, to 4 standard errors for Monte Carlo ones.
        code length is -ELBO, both in bits, exact sums over the grid
    10. beta chooses a point on the rate-distortion curve: the optimum of D + beta R of a linear VAE
        in closed form against numerical optimisation, and the dimensions that collapse
+   11. a discrete latent: on a mixture of Gaussians with known components, q the exact posterior over
+       the component gives ELBO = log p(x); a shifted q leaves a gap equal to the categorical KL to the
+       exact posterior; the KL to the uniform prior is log K - H(q), at most log K
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from vaelab.bitsback import interval_masses
 from vaelab.decomposition import decompose_full_data
 from vaelab.distributions import diag_normal
 from vaelab.errors import UserError
-from vaelab.kl import kl_mvn, kl_normal_std_normal, normal_entropy
+from vaelab.kl import kl_categorical, kl_mvn, kl_normal_std_normal, normal_entropy
 from vaelab.linear_gaussian import (
     LinearEncoderOracle,
     LinearGaussian,
@@ -105,6 +108,7 @@ class Explanation:
     mean_field_gap: float = 0.0  # step 5: min over diagonal q of D_KL[q || p(z|x)]
     samples: int = 0
     seed: int = 0
+    mixture: dict = field(default_factory=dict)  # step 11: the mixture's means, s^2, x and the shifted q
 
     @property
     def failed(self) -> list[Step]:
@@ -125,6 +129,7 @@ class Explanation:
             "steps": [s.as_dict() for s in self.steps],
             "optimisation": {"elbo": self.elbo_trace, "log_px": self.log_px, "mean_field_gap": self.mean_field_gap},
             "intuition": self.intuition,
+            "mixture": self.mixture,
         }
 
 
@@ -193,6 +198,8 @@ def _explain(seed: int, latent_dim: int, data_dim: int, samples: int) -> Explana
         *_bits_steps(p),
         *_rate_distortion_steps(seed, latent_dim, data_dim),
     ]
+    discrete_steps, mixture = _discrete_steps(seed, data_dim, samples)
+    steps += discrete_steps
     return Explanation(
         model=p.model,
         x=p.x,
@@ -209,6 +216,7 @@ def _explain(seed: int, latent_dim: int, data_dim: int, samples: int) -> Explana
         mean_field_gap=mean_field_gap,
         samples=samples,
         seed=seed,
+        mixture=mixture,
     )
 
 
@@ -577,6 +585,64 @@ def _bits_steps(p: Problem) -> list[Step]:
             f"dimension to both sides); rhs: {approach(code)}",
         ),
     ]
+
+
+MIXTURE_COMPONENTS = 4  # step 11: K, the categories of the discrete latent
+
+
+def _discrete_steps(seed: int, data_dim: int, samples: int) -> tuple[list[Step], dict]:
+    """11. A discrete latent c ~ Uniform(K), x|c ~ N(m_c, s^2 I) with known components: p(x) and the exact
+    posterior p(c|x) are finite sums. 11a. q = p(c|x) gives ELBO = log p(x); 11b. a shifted q leaves the gap
+    KL(q || p(c|x)), the categorical KL; 11c. the KL to the uniform prior, E_q[log q(c|x) - log p(c)] by
+    Monte Carlo, against log K - H(q), which never exceeds log K (what --posterior categorical computes)."""
+    K, s2 = MIXTURE_COMPONENTS, 1.0
+    g = torch.Generator().manual_seed(seed)
+    # components about sqrt(2) apart in any dimension: x could have come from several, so p(c|x) is not one-hot
+    means = torch.randn(K, data_dim, generator=g, dtype=F64) / math.sqrt(data_dim)
+    x = means[1] + math.sqrt(s2) * torch.randn(data_dim, generator=g, dtype=F64)
+    log_px_c = -0.5 * (data_dim * math.log(2 * math.pi * s2) + (x - means).square().sum(-1) / s2)  # (K,)
+    log_px = torch.logsumexp(log_px_c, 0) - math.log(K)
+    exact = log_px_c - math.log(K) - log_px  # log p(c|x)
+
+    def elbo_of(log_q: Tensor) -> Tensor:  # E_q[log p(x|c)] - KL(q || Uniform(K)), the KL as log K - H(q)
+        q = log_q.exp()
+        return (q * log_px_c).sum() - kl_categorical(log_q, torch.zeros(K, dtype=F64))
+
+    log_q = torch.log_softmax(exact + 0.8 * torch.randn(K, generator=g, dtype=F64), 0)  # a shifted q
+    torch.manual_seed(seed)
+    c = torch.distributions.Categorical(logits=log_q).sample((samples,))
+    kl_prior = kl_categorical(log_q, torch.zeros(K, dtype=F64)).item()
+    mixture = f"c ~ Uniform({K}), x|c ~ N(m_c, {s2} I) in {data_dim} dimensions, x drawn from component 1"
+    numbers = {"means": means.tolist(), "noise_var": s2, "x": x.tolist(), "q": log_q.exp().tolist()}
+    return [
+        Step(
+            "11a. A discrete latent: with q the exact posterior, the ELBO is log p(x)",
+            "E_q[log p(x|c)] − D_KL[q(c|x) ‖ p(c)] = log p(x)  for q(c|x) = p(c|x)",
+            log_px.item(),
+            elbo_of(exact).item(),
+            EXACT_TOL,
+            "exact",
+            f"{mixture}: log p(x) = log (1/K) Σ_c p(x|c), p(c|x) ∝ p(x|c), sums over the K components",
+        ),
+        Step(
+            "11b. A shifted q: the gap is the categorical KL to the exact posterior",
+            "log p(x) − ELBO(q) = D_KL[q(c|x) ‖ p(c|x)] = Σ_c q(c|x) log (q(c|x) / p(c|x))",
+            (log_px - elbo_of(log_q)).item(),
+            kl_categorical(log_q, exact).item(),
+            EXACT_TOL,
+            "exact",
+            "q: the exact posterior's logits moved by 0.8 N(0, 1) each; q = "
+            + ", ".join(f"{v:.3f}" for v in log_q.exp()),
+        ),
+        _mc(
+            "11c. The KL to the uniform prior is log K − H(q), at most log K",
+            "E_q[log q(c|x) − log p(c)] = log K − H(q(c|x)) ≤ log K",
+            kl_prior,
+            log_q[c] + math.log(K),
+            f"lhs in closed form ({kl_prior:.4f} ≤ log {K} = {math.log(K):.4f}); rhs: the mean over {samples} draws "
+            "c ~ q. One-hot q reaches the ceiling, a uniform q costs nothing; N variables cost at most N log K",
+        ),
+    ], numbers
 
 
 RD_BETAS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
