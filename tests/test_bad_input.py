@@ -434,6 +434,21 @@ CATALOGUE = [
         ["--categories is read only with --posterior categorical"],
     ),
     (
+        "VQ-VAE with free bits",
+        lambda t: ["train", "--posterior", "vq", "--free-bits", "0.5"],
+        ["N log K", "drop them"],
+    ),
+    (
+        "a codebook that never moves",
+        lambda t: ["train", "--posterior", "vq", "--ema-decay", "1"],
+        ["--ema-decay must be in [0, 1)", "0.99"],
+    ),
+    (
+        "a code dimension without VQ-VAE",
+        lambda t: ["train", "--code-dim", "8"],
+        ["--code-dim is read only with --posterior vq"],
+    ),
+    (
         "a top layer without the hierarchical family",
         lambda t: ["train", "--top-latent-dim", "5"],
         ["--top-latent-dim", "--family hierarchical"],

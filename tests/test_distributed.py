@@ -65,12 +65,14 @@ def single(tmp_path_factory):
         ["--conditional"],
         ["--posterior", "iaf", "--flow-steps", "2"],
         ["--posterior", "categorical", "--categories", "3", "--anneal-rate", "0.01"],
+        ["--posterior", "vq", "--categories", "6", "--code-dim", "2"],
     ],
-    ids=["hierarchical", "conditional", "iaf", "categorical"],
+    ids=["hierarchical", "conditional", "iaf", "categorical", "vq"],
 )
 def test_two_processes_equal_one_for_every_family(tmp_path, family):
-    """The noise of both layers, the labels of each rank's rows, a flow's parameters and the Gumbel noise
-    and annealed temperature of categorical variables: 2 processes train what 1 does (to float32
+    """The noise of both layers, the labels of each rank's rows, a flow's parameters, the Gumbel noise
+    and annealed temperature of categorical variables and VQ-VAE's codebook (its moving averages summed
+    over the ranks): 2 processes train what 1 does (to float32
     summation order), and the per-layer KLs are logged once."""
     args = [*COMMON, *family, "--epochs", "2"]
     assert vaelab_train([*args, "--out", str(tmp_path / "one")]).returncode == 0

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from vaelab.models.categorical import categorical_posterior_of
+from vaelab.models.vq import vq_posterior_of
 
 QUANTISATION_BITS = 24  # constriction's probability precision: no symbol costs more than 24 bits
 MAX_LATENT_BITS = 16
@@ -270,21 +271,28 @@ class CategoricalBitsBack(BitsBack):
     q(z|x) a product of V categoricals of K categories, p(z) uniform. No grid: each z_j is one of K
     symbols, popped with q(z_j|x) and pushed with the uniform prior at exactly log2 K bits; the decoder
     sees z one-hot. The net bits for z average the KL term, sum_j (log K - H(q(z_j|x))) in bits, with
-    no discretisation. ``posterior(x)`` gives q(z_j = k|x), (V, K)."""
+    no discretisation. ``posterior(x)`` gives q(z_j = k|x), (V, K). VQ-VAE (``models.vq``) too: its q is
+    one-hot, so popping gets nothing back and z costs exactly its rate, V log2 K bits; ``vectors`` turns
+    the codes into the codebook vectors its decoder sees."""
 
-    def __init__(self, posterior, pmf, variables: int, categories: int, x_shape, levels: int, particles: int = 1):
+    def __init__(
+        self, posterior, pmf, variables: int, categories: int, x_shape, levels: int, particles: int = 1, vectors=None
+    ):
         import constriction
 
         super().__init__(posterior, pmf, variables, x_shape, levels, 1, particles)
         self.grid = Categories(categories)
         self._uniform = constriction.stream.model.Uniform(categories)
+        self.vectors = vectors  # codes (n, V) -> what the decoder sees (VQ-VAE's codebook vectors); None: one-hot
 
     def _q(self, symbols: np.ndarray) -> np.ndarray:
         return floored(self.posterior(self._image(symbols)).double().numpy())
 
     def _values(self, z_index: np.ndarray) -> Tensor:
-        K = self.grid.categories
-        return torch.nn.functional.one_hot(torch.from_numpy(z_index.astype(np.int64)), K).float().flatten(1)
+        index = torch.from_numpy(z_index.astype(np.int64))
+        if self.vectors is not None:
+            return self.vectors(index)
+        return torch.nn.functional.one_hot(index, self.grid.categories).float().flatten(1)
 
     @torch.no_grad()
     def expected_z_net(self, x: Tensor) -> float:
@@ -399,13 +407,14 @@ def model_coder(model, levels: int, latent_bits: int, particles: int = 1) -> Bit
     def one_layer(x: Tensor) -> tuple[Tensor, Tensor]:
         return params(model.encode(x))
 
-    categorical = categorical_posterior_of(model)
-    if categorical is not None:
+    discrete = categorical_posterior_of(model) or vq_posterior_of(model)
+    if discrete is not None:
 
         def probs(x: Tensor) -> Tensor:
             return model.encode(x).probs[0]  # (V, K)
 
-        V, K = categorical.variables, categorical.categories
-        return CategoricalBitsBack(probs, pmf, V, K, model.x_shape, levels, particles)
+        V, K = discrete.variables, discrete.categories
+        vectors = getattr(discrete, "vectors", None)  # VQ-VAE's codebook
+        return CategoricalBitsBack(probs, pmf, V, K, model.x_shape, levels, particles, vectors)
 
     return BitsBack(one_layer, pmf, model.latent_dim, model.x_shape, levels, latent_bits, particles)

@@ -293,7 +293,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     opt("--likelihood", _described("p(x|z)", parts.LIKELIHOODS), choices=parts.LIKELIHOODS.names())
     opt(
         "--categories",
-        "--posterior categorical: the categories K of each of its --latent-dim variables",
+        "--posterior categorical: the categories K of each of its --latent-dim variables; vq: the codes",
         type=positive_int,
         metavar="K",
     )
@@ -313,6 +313,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         default=S,
         help="--posterior categorical: one-hot z in the forward pass, the relaxed gradient backward",
     )
+    opt("--code-dim", "--posterior vq: the numbers of each codebook vector", type=positive_int, metavar="D")
+    opt("--commitment", "--posterior vq: the weight of the commitment loss", type=float, metavar="W")
+    opt("--ema-decay", "--posterior vq: the decay of the codebook's moving averages", type=float, metavar="G")
     opt(
         "--prior",
         _described("p(z)", parts.PRIORS) + "; auto: uniform for --posterior categorical, else normal",

@@ -92,7 +92,12 @@ class Config:
     # --posterior categorical: latent_dim variables of `categories` each, trained through the Gumbel-softmax
     # relaxation at temperature max(temperature_min, temperature exp(-anneal_rate step)) (Jang et al. 2017's
     # schedule, updated every step); straight_through: the one-hot draw forward, the relaxed gradient backward
-    categories: int = 10
+    categories: int = 10  # categorical: the categories of each variable; vq: the codebook's codes
+    # --posterior vq (VQ-VAE): each of latent_dim positions a code_dim vector, the commitment loss's weight, and
+    # the decay of the codebook's moving averages
+    code_dim: int = 16
+    commitment: float = 0.25
+    ema_decay: float = 0.99
     temperature: float = 1.0
     temperature_min: float = 0.5
     anneal_rate: float = 1e-3
@@ -162,6 +167,7 @@ class Config:
             "top_latent_dim": 1,
             "flow_steps": 1,
             "categories": 2,
+            "code_dim": 1,
             "epochs": 0,
             "batch_size": 1,
             "k": 1,
@@ -192,6 +198,7 @@ class Config:
             "time_budget",
             "checkpoint_every",
             "anneal_rate",
+            "commitment",
         ):
             if getattr(self, name) < 0:
                 raise UserError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -211,6 +218,8 @@ class Config:
             "temperature",
             "temperature_min",
             "anneal_rate",
+            "commitment",
+            "ema_decay",
         ):
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
@@ -318,6 +327,13 @@ class Config:
             )
         if not posterior.discrete:
             return
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}; e.g. --ema-decay 0.99")
+        if self.posterior == "vq" and (self.free_bits > 0 or self.target_rate > 0):
+            raise UserError(
+                "--posterior vq's KL is N log K, the same for every image: --free-bits and --target-rate have "
+                "nothing to hold; drop them (--latent-dim and --categories set the rate)"
+            )
         if self.objective != "elbo":
             raise UserError(
                 f"--posterior {self.posterior} trains on the ELBO through its relaxation, whose z has no density "

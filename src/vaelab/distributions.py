@@ -154,6 +154,46 @@ class Categoricals(Distribution):
             return self.rsample(sample_shape)
 
 
+class Quantised(Distribution):
+    r"""VQ-VAE's q(z|x) (``models.vq``): a point mass on z_q, each of the N positions of the encoder's output
+    z_e (..., N, D) replaced by its nearest codebook vector; z flattened to (..., N D). Draws are z_q with the
+    straight-through gradient, z_e + sg(z_q - z_e); ``log_prob`` of its own z is 0. Against the uniform
+    prior over the K codes its KL is N log K (``kl.kl_closed_form``). ``auxiliary_loss``: the commitment
+    term ``commitment`` ||z_e - sg(z_q)||^2 per example, a loss that is not part of the ELBO."""
+
+    arg_constraints = {}
+    has_rsample = True
+
+    def __init__(self, z_e: Tensor, index: Tensor, codebook: Tensor, commitment: float = 0.25):
+        self.z_e, self.index, self.codebook = z_e, index, codebook
+        self.variables, self.categories = index.shape[-1], codebook.shape[0]
+        z_q = codebook[index]
+        self.z_q = z_e + (z_q - z_e).detach()
+        self.auxiliary_loss = commitment * (z_e - z_q.detach()).square().sum((-2, -1))
+        super().__init__(index.shape[:-1], torch.Size([z_e.shape[-2] * z_e.shape[-1]]), validate_args=False)
+
+    @property
+    def probs(self) -> Tensor:
+        """q(z_j = k|x): one-hot, (..., N, K)."""
+        return nn_functional.one_hot(self.index, self.categories).to(self.z_e.dtype)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.z_q.flatten(-2)
+
+    mode = mean
+
+    @property
+    def variance(self) -> Tensor:
+        return torch.zeros_like(self.mean)
+
+    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+        return self.mean.expand(*sample_shape, *self.mean.shape)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
+
+
 def marginals(q: Distribution, samples: int = 256) -> tuple[Tensor, Tensor]:
     """(mean, variance) of each q(z_j|x), (B, D): for a diagonal Gaussian its parameters, for a full
     covariance the diagonal of Sigma; for a flow, which has no closed-form moments, the moments of
@@ -171,7 +211,7 @@ def base_loc(q: Distribution) -> Tensor:
     categorical's logits."""
     while isinstance(q, (Independent, TransformedDistribution)):
         q = q.base_dist
-    return q.logits if isinstance(q, Categoricals) else q.loc
+    return q.logits if isinstance(q, Categoricals) else q.z_e if isinstance(q, Quantised) else q.loc
 
 
 def reparametrize(q: Distribution, eps: Tensor) -> Tensor:
@@ -181,6 +221,8 @@ def reparametrize(q: Distribution, eps: Tensor) -> Tensor:
     This is what lets the noise come from outside (``Noise``)."""
     if isinstance(q, Categoricals):
         return q.from_normal(eps)
+    if isinstance(q, Quantised):  # a point mass: no noise moves it
+        return q.rsample(eps.shape[:-2])
     if isinstance(q, Independent):
         return reparametrize(q.base_dist, eps)
     if isinstance(q, Normal):

@@ -48,6 +48,7 @@ from vaelab.kl import (
     rng_from,
 )
 from vaelab.models.categorical import categorical_posterior_of, relaxed
+from vaelab.models.vq import vq_posterior_of
 from vaelab.objectives import (
     bits_per_dim,
     collapse_warning,
@@ -335,6 +336,11 @@ class Evaluation:
     temperature: float | None = None
     categories: int | None = None
     kl_ceiling: float | None = None
+    # --posterior vq: the codes' frequencies over the evaluated images (every position), the number of codes
+    # they amount to, exp(entropy), and the codes no image uses
+    codebook_usage: list[float] | None = None
+    codebook_perplexity: float | None = None
+    dead_codes: int | None = None
 
     RUN_FIELDS = ("data", "split", "binarize", "seed", "likelihood", "prior", "conditional", "weights_sha256")
 
@@ -413,6 +419,8 @@ def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[
     the number of processes."""
     torch.manual_seed(seed)
     N = x.shape[0]
+    if vq_posterior_of(model) is not None:  # a point-mass q: every importance weight is the same, IWAE = ELBO
+        iwae_k = 0
     # E_q[log p(x|z)] with one z per example; the KL in closed form, or from many samples where it has none
     reconstruction = torch.cat([t.reconstruction for t in elbo_batches(model, x, 1024, seed, y)])
     kl = kl_per_example(model, x, seed=seed, y=y)
@@ -436,11 +444,24 @@ def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[
             iwae_k=iwae_k,
             log_likelihood_bits_per_dim=bits_per_dim(ll.mean().item(), pixels) if pixels else None,
         )
-    posterior = categorical_posterior_of(model)
+    posterior, vq = categorical_posterior_of(model), vq_posterior_of(model)
+    codebook = {}
     if posterior is not None:  # q(z_j = k | x), no draws; a variable's activity is the sum of its categories'
         log_probs = categorical_log_probs(model, x)
         act = activity(log_probs.exp().flatten(1)).view(log_probs.shape[1:]).sum(-1)
         means = {"z": None}
+    elif vq is not None:  # each position's code; its activity, the variance of its vector over the examples
+        codes = torch.cat([model.encode(x[i : i + 1000]).index for i in range(0, N, 1000)])  # (N, positions)
+        act = activity(vq.vectors(codes)).view(vq.variables, vq.code_dim).sum(-1)
+        means = {"z": None}
+        used = torch.bincount(codes.flatten(), minlength=vq.categories).double()
+        codebook = dict(
+            categories=vq.categories,
+            kl_ceiling=vq.variables * math.log(vq.categories),
+            codebook_usage=(used / used.sum()).tolist(),
+            codebook_perplexity=vq.perplexity(used),
+            dead_codes=int((used == 0).sum()),
+        )
     else:
         with rng_from(seeded(seed, "posterior")):
             top = posterior_params(model, x, y=y)  # the top layer's q: its means, and the KL split's parameters
@@ -493,6 +514,7 @@ def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[
         **layered,
         **split_parts,
         **relaxation,
+        **codebook,
     )
     return record, per
 
@@ -572,6 +594,8 @@ def evaluation_rows(r: Evaluation) -> list[Row]:
             depth=1,
             note=f"± {r.kl_std_error:.3f} (s.e.)"
             if r.kl_std_error
+            else f"= N log K for every image: a rate of {r.kl_ceiling / math.log(2):.2f} bits"
+            if r.codebook_usage is not None
             else f"at most N log K = {r.kl_ceiling:.2f}"
             if r.kl_ceiling
             else "",
@@ -623,16 +647,26 @@ def evaluation_rows(r: Evaluation) -> list[Row]:
             )
         )
     D = len(r.activity)
-    if r.categories:
+    if r.codebook_usage is not None:
+        rows.append(Row(f"active positions (sum_d Var_x z_q[j,d] > {r.active_threshold})", r.active_units, f"of {D}"))
+    elif r.categories:
         rows.append(Row(f"active variables (sum_k Var_x q(z_j=k|x) > {r.active_threshold})", r.active_units, f"of {D}"))
     else:
         rows.append(Row(f"active units (Cov_x E[z_j|x] > {r.active_threshold})", r.active_units, f"of {D}"))
-    if r.kl_per_dim is not None and r.kl_per_layer is None:
+    if r.kl_per_dim is not None and r.kl_per_layer is None and r.codebook_usage is None:
         order = sorted(range(D), key=lambda j: -r.kl_per_dim[j])
         top = ", ".join(f"z{j}: {r.kl_per_dim[j]:.2f}" for j in order[:8])
         what = f"variable, each at most log K = {math.log(r.categories):.2f}" if r.categories else "dimension"
         rows.append(Row(f"KL per {what} (largest first)", None, "", note=top))
-    if r.mutual_information is None:
+    if r.codebook_usage is not None:
+        K = len(r.codebook_usage)
+        rows += [
+            Row("codebook perplexity, exp(H) of the codes' frequencies", r.codebook_perplexity, f"of {K} codes"),
+            Row("dead codes (used by no image)", r.dead_codes, f"of {K}"),
+            Row("log p(x) is not estimated: q(z|x) is a point mass, so every importance weight is the ELBO's", None),
+            Row("the KL is N log K for every image: nothing to take apart into MI, TC and dimension-wise KL", None),
+        ]
+    elif r.mutual_information is None:
         rows.append(
             Row(
                 "the KL split (MI + TC + dimension-wise KL) needs a Gaussian or categorical q(z|x), not a flow",
@@ -748,7 +782,7 @@ def evaluate_run(
         x, y = trained.split(split)
         if split == "train" and config.binarize == "dynamic":
             x = binarize_static(x, config.seed, "train")  # the static draw a static run trains on
-        split_kl = POSTERIORS[config.posterior].gaussian or POSTERIORS[config.posterior].discrete
+        split_kl = POSTERIORS[config.posterior].gaussian or config.posterior == "categorical"
         writes = run.is_dir() and ctx.is_main and own_data  # the run's record is of the run's own data
         if writes:  # held from here: a run being trained (or evaluated) elsewhere is refused before the work
             held.enter_context(rundir.lock(run, "evaluating"))

@@ -28,6 +28,7 @@ from vaelab.evaluation import (
     weights_sha256,
 )
 from vaelab.kl import KLResult, rng_from
+from vaelab.models.vq import vq_posterior_of
 from vaelab.objectives import given
 from vaelab.parts import POSTERIORS
 
@@ -62,6 +63,11 @@ class Run:
     def categories(self) -> int | None:
         """K, the categories of each variable of a categorical posterior; None for any other posterior."""
         return self.config.categories if POSTERIORS[self.config.posterior].discrete else None
+
+    @property
+    def vq(self):
+        """The run's VQ-VAE posterior (its codebook, its codes' frequencies), or None."""
+        return vq_posterior_of(self.model)
 
     @property
     def layered(self) -> bool:
@@ -188,6 +194,18 @@ def category_switches(model, z0: torch.Tensor, variables: list[int], categories:
         z = z0.repeat(categories, 1).unflatten(-1, (-1, categories))  # (K, V, K)
         z[:, j] = torch.eye(categories, dtype=z.dtype)
         rows.append(decode_mean(model, z.flatten(1)))
+    return rows
+
+
+@torch.no_grad()
+def code_switches(model, vq, codes0: torch.Tensor, positions: list[int], codes: list[int]) -> list[np.ndarray]:
+    """VQ-VAE: for each position j, decoded images of the codes ``codes0`` (1, N) with position j switched
+    to each code of ``codes`` in turn, the other positions kept."""
+    rows = []
+    for j in positions:
+        index = codes0.repeat(len(codes), 1)
+        index[:, j] = torch.tensor(codes)
+        rows.append(decode_mean(model, vq.vectors(index)))
     return rows
 
 

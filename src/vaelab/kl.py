@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 from torch.nn.functional import softplus
 
-from vaelab.distributions import Categoricals
+from vaelab.distributions import Categoricals, Quantised
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -261,8 +261,12 @@ def kl_closed_form(q: Distribution, p: Distribution) -> KLResult | None:
     - Both diagonal Gaussians: :func:`kl_normal_normal` per dimension.
     - q with a full covariance, p a diagonal Gaussian: :func:`kl_full_normal_diag_normal` (eq. 7).
     - Both products of categoricals (``distributions.Categoricals``): :func:`kl_categorical` per variable.
+    - VQ-VAE's point mass (``distributions.Quantised``) against the uniform prior: log K per position.
     - Otherwise a pair registered in ``torch.distributions.kl_divergence``: the total.
     """
+    if isinstance(q, Quantised) and isinstance(p, Categoricals):  # one-hot q, uniform p: log K per position
+        per_dim = torch.full(q.index.shape, math.log(q.categories), dtype=q.z_e.dtype, device=q.z_e.device)
+        return KLResult(per_dim.sum(-1), "analytic", per_dim=per_dim)
     if isinstance(q, Categoricals) and isinstance(p, Categoricals):  # per variable: log K - H(q_j) for a uniform p
         per_dim = kl_categorical(q.logits, p.logits.expand_as(q.logits))
         return KLResult(per_dim.sum(-1), "analytic", per_dim=per_dim)

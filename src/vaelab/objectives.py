@@ -135,6 +135,8 @@ class ElboTerms:
     # the KL taken apart by the minibatch estimator of --objective tc: mutual_information,
     # total_correlation, dimension_wise_kl, (B,) each; empty for the other objectives
     kl_parts: dict[str, Tensor] = field(default_factory=dict)
+    # a loss that trains the model and is not part of the ELBO, (B,): VQ-VAE's commitment term; None without
+    auxiliary: Tensor | None = None
 
     @property
     def elbo(self) -> Tensor:
@@ -192,7 +194,9 @@ def elbo(model: LatentVariableModel, x: Tensor, noise: Noise | None = None) -> E
     layers = model.latents(x, rsample if noise is None else noise.sample)
     log_px_given_z = model.log_px_given_z(layers, x)  # (B,): the likelihood's event dims are summed
     kls = {layer.name: kl_q_p(layer.q, layer.p, layer.z) for layer in layers}
-    return ElboTerms.of_layers(log_px_given_z, kls)
+    terms = ElboTerms.of_layers(log_px_given_z, kls)
+    auxiliary = [layer.q.auxiliary_loss for layer in layers if hasattr(layer.q, "auxiliary_loss")]
+    return replace(terms, auxiliary=sum(auxiliary)) if auxiliary else terms
 
 
 @torch.no_grad()
@@ -267,7 +271,8 @@ def iwae_bound(model: LatentVariableModel, x: Tensor, k: int, noise: Noise | Non
 
 # -- training loss: beta, free bits, and the one batch mean -----------------------------
 def loss(terms: ElboTerms, beta: float = 1.0, free_bits: float = 0.0) -> Tensor:
-    r"""Scalar loss = mean over the batch of -(reconstruction - beta * KL).
+    r"""Scalar loss = mean over the batch of -(reconstruction - beta * KL), plus the mean of the terms'
+    ``auxiliary`` loss where a posterior has one (VQ-VAE's commitment term).
 
     Free bits (Kingma et al. 2016, "Improved VI with IAF", eq. 15): each latent
     dimension's batch-mean KL counts as at least ``free_bits`` nats,
@@ -280,7 +285,8 @@ def loss(terms: ElboTerms, beta: float = 1.0, free_bits: float = 0.0) -> Tensor:
         kl = terms.kl_per_dim.mean(0).clamp(min=free_bits).sum()
     else:
         kl = terms.kl.mean()
-    return -(terms.reconstruction.mean() - beta * kl)
+    out = -(terms.reconstruction.mean() - beta * kl)
+    return out if terms.auxiliary is None else out + terms.auxiliary.mean()
 
 
 def iwae_loss(model: LatentVariableModel, x: Tensor, k: int, noise: Noise | None = None) -> Tensor:

@@ -84,6 +84,10 @@ def _latent_dim(config) -> int:
     return config.latent_dim
 
 
+def _code_width(config) -> int:
+    return config.latent_dim * config.code_dim  # VQ-VAE: a vector of code_dim numbers per position
+
+
 def _one_hot_width(config) -> int:
     return config.latent_dim * config.categories  # a logit per category of each variable; z one-hot, as wide
 
@@ -299,6 +303,21 @@ POSTERIORS.register(
         gaussian=False,
         discrete=True,
         reads=("categories", "temperature", "temperature_min", "anneal_rate", "straight_through"),
+    )
+)
+
+POSTERIORS.register(
+    Posterior(
+        "vq",
+        "VQ-VAE: each of --latent-dim N positions the nearest of --categories K codebook vectors of --code-dim "
+        "D (van den Oord et al. 2017): KL = N log K, a constant",
+        "vaelab.models.vq:vq_posterior",
+        outputs=_code_width,
+        z_width=_code_width,
+        has_parameters=True,
+        gaussian=False,
+        discrete=True,
+        reads=("categories", "code_dim", "commitment", "ema_decay"),
     )
 )
 

@@ -250,6 +250,21 @@ def posterior_against_prior(
     return fig
 
 
+def codebook_usage(frequencies: np.ndarray, perplexity: float, dead: int) -> Figure:
+    """Bars of each code's share of the evaluated images' positions, most used first; dead codes grey."""
+    order = np.argsort(-frequencies)
+    fig, ax = plt.subplots(figsize=(max(5, 0.12 * len(frequencies) + 2), 3.2))
+    colors = ["#d95f02" if frequencies[k] > 0 else "#bbbbbb" for k in order]
+    ax.bar(range(len(frequencies)), frequencies[order], color=colors)
+    ax.axhline(1 / len(frequencies), color=COLORS["prior"], lw=1, label="uniform: 1/K")
+    ax.set_xlabel("codes, most used first")
+    ax.set_ylabel("share of the positions")
+    ax.set_title(f"codebook usage: perplexity {perplexity:.1f} of {len(frequencies)} codes, {dead} dead", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
 def categorical_posteriors(images: np.ndarray, probs: np.ndarray, variables: list[int], kl: np.ndarray) -> Figure:
     """For each image (row): the image, then q(z_j = k|x) over the K categories of each variable j in
     ``variables`` as bars against the uniform prior 1/K, titled with its KL, log K - H(q(z_j|x))."""

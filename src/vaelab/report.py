@@ -21,6 +21,7 @@ from vaelab.explain import Explanation
 from vaelab.fileio import atomic_write_bytes, atomic_write_text
 from vaelab.inspection import (
     category_switches,
+    code_switches,
     decode_mean,
     kl_parts,
     open_run,
@@ -272,7 +273,16 @@ FIGURES_MARKER = ".vaelab-report"
 def _summary(run) -> str:
     D = run.mu.shape[1]
     kl = run.kl.value.mean().item()
-    if run.categories:
+    if run.vq is not None:
+        vq = run.vq
+        latents = (
+            f"{vq.variables} positions, each one of {vq.categories} codebook vectors of {vq.code_dim} numbers (VQ-VAE)"
+        )
+        kl_text = (
+            f"KL(q(z|x) ‖ p(z)) = N log K = {kl:.3f} nats for every image, a rate of "
+            f"{vq.variables * np.log2(vq.categories):.2f} bits"
+        )
+    elif run.categories:
         V, K = D // run.categories, run.categories
         latents = f"{V} categorical variables of {K} categories each (z one-hot, {D} numbers)"
         kl_text = f"average KL(q(z|x) ‖ p(z)) {kl:.3f} nats (closed form), at most N log K = {V * np.log(K):.2f}"
@@ -326,6 +336,15 @@ def _kl_per_dimension(run) -> Section:
             + ", ".join(f"{n} {a} of {run.layer_means[n].shape[1]}" for n, a in e.active_units_per_layer.items())
             + ".",
             plots.kl_per_dimension(np.array(e.kl_per_dim), active, names=names),
+        )
+    if e.codebook_usage is not None:
+        return Section(
+            "Codebook usage",
+            f"How often each of the {len(e.codebook_usage)} codes is the nearest to an encoder output, over every "
+            f"position of the test images: {e.codebook_perplexity:.1f} codes by their entropy (perplexity), "
+            f"{e.dead_codes} used by none. The KL term is N log K whatever the usage; a used code is what "
+            "the rate buys.",
+            plots.codebook_usage(np.array(e.codebook_usage), e.codebook_perplexity, e.dead_codes),
         )
     if run.categories:
         ceiling = float(np.log(run.categories))
@@ -445,7 +464,13 @@ def _correlations(run) -> Section | None:
 def _reconstructions(run, examples: int) -> Section:
     x = run.test_x[:examples].numpy()
     recon = run.view(slice(0, examples)).reconstruct(run.test_x[:examples]).clamp(0, 1).numpy()
-    at = "each variable's most probable category (one-hot)" if run.categories else "the posterior mean"
+    at = (
+        "the nearest codebook vectors"
+        if run.vq is not None
+        else "each variable's most probable category (one-hot)"
+        if run.categories
+        else "the posterior mean"
+    )
     return Section(
         "Reconstructions",
         f"Test images and the mean of p(x|z) at z = {at}"
@@ -457,6 +482,16 @@ def _reconstructions(run, examples: int) -> Section:
 def _prior_samples(run, examples: int) -> Section:
     if run.config.conditional:
         return _samples_per_class(run, examples)
+    if run.vq is not None:
+        codes = run.vq.sample_codes(2 * examples, torch.Generator().manual_seed(0))
+        samples = decode_mean(run.model, run.vq.vectors(codes))
+        return Section(
+            "Samples from the fitted prior",
+            "Means of p(x|z) for codes drawn from each position's code frequencies in training (a categorical "
+            "per position, independent across positions: the simplest fitted prior; the paper fits a PixelCNN). "
+            "The uniform p(z) of the KL term is not a model of the data's codes.",
+            plots.image_rows([("", samples[:examples]), ("", samples[examples:])], "codes ~ their frequencies"),
+        )
     samples = decode_mean(run.model, run.model.prior().sample((2 * examples,)))
     return Section(
         "Samples from the prior",
@@ -482,6 +517,18 @@ def _samples_per_class(run, examples: int) -> Section:
 
 def _traversals(run) -> Section:
     kl_avg = _kl_avg(run)
+    if run.vq is not None:
+        vq, usage = run.vq, np.array(run.measured.codebook_usage)
+        codes = np.argsort(-usage)[: min(10, vq.categories)].tolist()
+        positions = list(range(min(6, vq.variables)))
+        codes0 = run.model.encode(run.test_x[:1]).index
+        rows = code_switches(run.model, vq, codes0, positions, codes)
+        return Section(
+            "Code switches",
+            f"Starting from the first test image's codes, one position at a time is switched to each of the "
+            f"{len(codes)} most used codes (columns, most used first).",
+            plots.image_rows([(f"position {j}", r) for j, r in zip(positions, rows, strict=True)], "one code switched"),
+        )
     if run.categories:
         top = run.dims_by_kl[: min(6, len(kl_avg))]
         z0 = run.model.encode(run.test_x[:1]).mode
@@ -512,7 +559,13 @@ def _latent_space(run, projection: str) -> Section:
     points, (xl, yl) = project_2d(run.mu.numpy(), projection)
     labels = None if run.test_y is None else run.test_y.numpy()
     how = "directly" if D <= 2 else ("by PCA" if projection == "pca" else "by t-SNE")
-    what = "Posterior probabilities q(z_j = k|x) (the mean of a one-hot z)" if run.categories else "Posterior means"
+    what = (
+        "Codebook vectors z_q"
+        if run.vq is not None
+        else "Posterior probabilities q(z_j = k|x) (the mean of a one-hot z)"
+        if run.categories
+        else "Posterior means"
+    )
     return Section(
         "The latent space",
         f"{what} of the test set, shown {how}, coloured by label.",
@@ -534,7 +587,9 @@ def _manifold(run) -> Section | None:
     )
 
 
-def _posteriors(run) -> Section:
+def _posteriors(run) -> Section | None:
+    if run.vq is not None:  # a point mass on the nearest codes: nothing to draw against the prior
+        return None
     if run.categories:
         probs = run.mu[:4].unflatten(-1, (-1, run.categories)).numpy()
         return Section(

@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from torch.distributions import Normal
 
-from vaelab.distributions import Categoricals, marginals
+from vaelab.distributions import Categoricals, Quantised, marginals
 from vaelab.evaluation import evaluation_rows, kl_per_example
 from vaelab.inspection import Run, decode_mean, kl_parts, open_run
 from vaelab.kl import KLResult, correlation_kl, kl_full_normal_diag_normal, kl_normal_std_normal, log_ratio_samples
@@ -120,7 +120,7 @@ def inspect_image(model, x: torch.Tensor, kl: KLResult) -> dict:
         mu, var = marginals(q)  # q(z_j|x): for a full covariance, Sigma's diagonal
         mu, sigma = mu[0], var[0].sqrt()
         reconstruction = model.reconstruct(x[None]).clamp(0, 1)[0].numpy()
-    if isinstance(q, Categoricals):  # each variable's most probable category and its probability
+    if isinstance(q, (Categoricals, Quantised)):  # each variable's most probable category (code), its probability
         top = q.probs[0].max(-1)
         D, shown = q.variables, {"mode": top.indices.tolist(), "p_mode": top.values.tolist()}
     else:
@@ -348,7 +348,10 @@ def create_app(run_dir: str | Path, host: str = "127.0.0.1") -> FastAPI:
 
     @app.get("/api/decode")
     def decode(z: str = Query(max_length=40 * 1024), label: int | None = Query(None, ge=0)) -> dict:
-        image = decode_mean(given(model, labels(label)), parse_z(z, model.latent_dim, run.categories))[0]
+        latent = parse_z(z, model.latent_dim, run.categories)
+        if run.vq is not None:  # the codes' vectors, what VQ-VAE's decoder sees
+            latent = run.vq.vectors(latent.unflatten(-1, (model.latent_dim, run.categories)).argmax(-1))
+        image = decode_mean(given(model, labels(label)), latent)[0]
         return {"image": png_data_url(image)}
 
     def labels(label: int | None) -> torch.Tensor | None:
