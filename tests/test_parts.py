@@ -88,7 +88,9 @@ def full_covariance(h, latent_dim):
 def test_a_posterior_that_is_not_diagonal_trains_through_the_same_loop():
     """Before the contract, explicit noise needed a diagonal Gaussian, so fit failed for any other q."""
     part = parts.POSTERIORS.register(
-        parts.Posterior("toy-full", "", full_covariance, outputs=lambda D, R: D + D * (D + 1) // 2, factorises=False)
+        parts.Posterior(
+            "toy-full", "", full_covariance, outputs=lambda c: c.latent_dim * (c.latent_dim + 3) // 2, factorises=False
+        )
     )
     try:
         model = vaelab.build_model(Config(posterior="toy-full", hidden=(16,), latent_dim=3), (1, 8, 8))
@@ -138,6 +140,7 @@ def test_the_priors_facts_match_what_they_compute():
 
     for part in parts.PRIORS:
         components = {"prior_components": 2} if "prior_components" in part.reads else {}
+        components |= {"posterior": "categorical"} if part.discrete else {}  # a prior over categories
         model = vaelab.build_model(Config(hidden=(16,), latent_dim=3, prior=part.name, **components), (1, 8, 8))
         closed = kl_closed_form(model.encode(torch.rand(4, 1, 8, 8)), model.prior())
         assert (closed is not None) == part.closed_form_kl, part.name

@@ -252,7 +252,7 @@ PRIORS.register(
 PRIORS.register(
     Prior(
         "uniform",
-        "uniform over the --categories of each variable of --posterior categorical: KL = log K - H(q)",
+        "uniform over the --categories of each variable of --posterior categorical or vq: KL = log K - H(q)",
         "vaelab.models.categorical:UniformPrior",
         discrete=True,
     )
