@@ -121,6 +121,9 @@ def test_a_vq_vae_trains_evaluates_reports_resumes_and_compresses(tmp_path, caps
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert "Codebook usage" in page and "Code switches" in page and "Samples from the fitted prior" in page
+    assert main(["evaluate", str(tmp_path / "fresh"), "--iwae-k", "0"]) == 0
+    assert main(["report", str(out), "--compare", str(tmp_path / "fresh"), "--out", str(tmp_path / "c.html")]) == 0
+    assert "not defined: q(z|x) is a point mass" in (tmp_path / "c.html").read_text()  # no IWAE to ask for
     t = open_trained(out)
     x, _ = t.split("test")
     symbols = x.flatten(1).round().int().numpy()

@@ -645,7 +645,8 @@ def _comparison(run, other: Path) -> str:
         raise UserError(f"--compare {other} is the run being reported; compare it with another run")
     records = {}
     for path, evaluation in ((run.path, read_evaluation(run.path)), (other, read_evaluation(other))):
-        if evaluation is None or evaluation.log_likelihood is None:
+        point_mass = evaluation is not None and evaluation.codebook_usage is not None  # VQ-VAE: no IWAE to run
+        if evaluation is None or (evaluation.log_likelihood is None and not point_mass):
             raise UserError(f"--compare: {path} has no IWAE evaluation; run vaelab evaluate {path} first")
         records[path] = evaluation
     mine, theirs = records.values()
@@ -658,13 +659,12 @@ def _comparison(run, other: Path) -> str:
     for path, e in records.items():
         config = read_trained(path)[0]
         model = f"{config.family}, {config.posterior} posterior" + (", conditional" if config.conditional else "")
-        cells = (
-            path.name,
-            model,
-            f"{e.elbo:.3f}",
-            f"{e.log_likelihood:.3f} ± {e.log_likelihood_std_error:.3f} (k = {e.iwae_k})",
-            f"{e.log_likelihood - e.elbo:.3f}",
-        )
+        if e.log_likelihood is None:  # a point-mass q (VQ-VAE): the IWAE estimate would be its ELBO
+            estimate, gap = "not defined: q(z|x) is a point mass", ""
+        else:
+            estimate = f"{e.log_likelihood:.3f} ± {e.log_likelihood_std_error:.3f} (k = {e.iwae_k})"
+            gap = f"{e.log_likelihood - e.elbo:.3f}"
+        cells = (path.name, model, f"{e.elbo:.3f}", estimate, gap)
         rows.append("<tr>" + "".join(f"<td class='l'>{html.escape(c)}</td>" for c in cells) + "</tr>")
     given_y = any(e.conditional for e in records.values())  # a conditional model's bound is on log p(x|y)
     log_p = "log p(x|y), IWAE" if given_y else "log p(x), IWAE"
