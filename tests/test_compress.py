@@ -342,3 +342,21 @@ def test_categorical_variables_are_coded_as_their_categories_and_pay_the_kl_term
     assert np.array_equal(np.load(tmp_path / "c.npy"), (x[:, 0].numpy() * 255).astype(np.uint8))
     with pytest.raises(UserError, match="drop --latent-bits"):
         compress(runs["categorical"], tmp_path / "d.vbb", iwae_k=0, latent_bits=6)
+
+
+def test_the_model_identity_of_a_gaussian_run_is_the_one_files_were_coded_with(runs):
+    """Files already coded name their model by this hash: the config fields that build a Gaussian model
+    (the categorical ones join only for a discrete posterior) and every tensor's name, dtype, shape and
+    bytes. Recomputed here by hand, so a change to it shows up as what it is: old files that stop decoding."""
+    import hashlib
+
+    from vaelab.compress import model_identity
+
+    t = open_trained(runs["bernoulli"])
+    fields = "family conditional classes model hidden activation latent_dim top_latent_dim top_hidden posterior"
+    fields += " posterior_rank flow_steps likelihood prior prior_components"
+    h = hashlib.sha256(json.dumps({k: t.config.to_dict().get(k) for k in fields.split()}, sort_keys=True).encode())
+    for name, tensor in sorted(t.model.state_dict().items()):
+        h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        h.update(tensor.contiguous().numpy().tobytes())
+    assert model_identity(t.model, t.config) == h.hexdigest()

@@ -64,7 +64,6 @@ MODEL_FIELDS = (
     "posterior",
     "posterior_rank",
     "flow_steps",
-    "categories",
     "likelihood",
     "prior",
     "prior_components",
@@ -74,11 +73,13 @@ LAYOUTS = ("NCHW", "NHW", "NHWC")
 
 def model_identity(model: torch.nn.Module, config: Config) -> str:
     """SHA-256 of the model's weights (names, dtypes, shapes, bytes) and the config fields that build it."""
-    h = hashlib.sha256(json.dumps({k: config.to_dict().get(k) for k in MODEL_FIELDS}, sort_keys=True).encode())
+    # a discrete posterior's categories and code size too (only there: a file of a Gaussian run keeps its identity)
+    names = MODEL_FIELDS + (("categories", "code_dim") if POSTERIORS[config.posterior].discrete else ())
+    h = hashlib.sha256(json.dumps({k: config.to_dict().get(k) for k in names}, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)  # a 0-d buffer (a temperature) too
+        t = tensor.detach().cpu().contiguous()
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d (a temperature) too
     return h.hexdigest()
 
 
