@@ -434,6 +434,11 @@ CATALOGUE = [
         ["--categories is read only with --posterior categorical"],
     ),
     (
+        "more categories than memory",
+        lambda t: ["train", "--posterior", "vq", "--latent-dim", "64", "--categories", "4000000000"],
+        ["this model and batch", "--categories"],
+    ),
+    (
         "VQ-VAE with free bits",
         lambda t: ["train", "--posterior", "vq", "--free-bits", "0.5"],
         ["N log K", "drop them"],

@@ -515,14 +515,19 @@ def memory_needed(config: Config, x_shape) -> int:
     two moments), counted on PyTorch's meta device (nothing allocated), and the activations of a batch
     (each of ``k`` importance samples; the total-correlation estimator's (B, B, D) densities)."""
     with torch.device("meta"):
-        params = sum(p.numel() for p in models.build(config, x_shape).parameters())
+        model = models.build(config, x_shape)
+        params = sum(p.numel() for p in model.parameters())
+        buffers = sum(b.numel() for b in model.buffers())  # a VQ-VAE's codebook and its moving averages
     pixels = math.prod(x_shape)
     samples = config.batch_size * (config.k if "k" in parts.OBJECTIVES[config.objective].reads else 1)
-    widths = 2 * sum(config.hidden) + 4 * config.latent_dim + 3 * pixels  # forward and backward, both networks
+    posterior = parts.POSTERIORS[config.posterior]
+    latent = posterior.outputs(config) + posterior.z_width(config)  # the encoder's output, and z (one-hot: N K)
+    latent += config.latent_dim * config.categories if posterior.discrete else 0  # per-category scores, distances
+    widths = 2 * sum(config.hidden) + 2 * latent + 3 * pixels  # forward and backward, both networks
     pairs = (
         config.batch_size**2 * config.latent_dim * 3 if parts.OBJECTIVES[config.objective].splits_kl_by_dimension else 0
     )
-    return 4 * (4 * params + 2 * samples * widths + pairs)
+    return 4 * (4 * params + buffers + 2 * samples * widths + pairs)
 
 
 def check_memory(config: Config, x_shape, device: torch.device) -> None:
@@ -530,7 +535,7 @@ def check_memory(config: Config, x_shape, device: torch.device) -> None:
     memory.require(
         memory_needed(config, x_shape),
         "this model and batch",
-        "use smaller --hidden, --latent-dim, --batch-size or --k",
+        "use smaller --hidden, --latent-dim, --categories, --batch-size or --k",
         device,
     )
 
