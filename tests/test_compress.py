@@ -291,6 +291,15 @@ def test_the_run_keeps_a_record_its_report_draws(runs, tmp_path):
     text = page.read_text()
     assert "The KL term as bits" in text and f"{summary['bits_per_image']['kl']:.2f}" in text
     assert any("kl-term-as-bits" in f.name for f in figures)
+    from fastapi.testclient import TestClient
+
+    from vaelab.web.app import create_app
+
+    shown = TestClient(create_app(run), base_url="http://127.0.0.1").get("/api/test/3").json()["bits"]
+    assert shown == {k: record["per_image"][k][3] for k in shown}  # the page's inspector, image by image
+    assert shown["net"] == pytest.approx(shown["pixels"] + shown["z_pushed"] - shown["z_back"], abs=1e-3)
+    (run / "compression.json").unlink()
+    assert "bits" not in TestClient(create_app(run), base_url="http://127.0.0.1").get("/api/test/3").json()
 
 
 def test_two_latent_layers_round_trip_and_pay_both_kl_terms(runs, tmp_path):

@@ -314,11 +314,13 @@ def _training(run) -> Section | None:
     rows = run.metrics()
     if not rows:
         return None
-    return Section(
-        "Training",
-        "Terms of the ELBO per epoch, in nats per example (validation dashed).",
-        plots.training_curves(rows),
-    )
+    caption = "Terms of the ELBO per epoch, in nats per example (validation dashed)."
+    if run.config.posterior == "categorical" and not run.config.straight_through:
+        caption += (
+            " The training terms are the relaxed model's (Gumbel-softmax at the annealed temperature, in "
+            "metrics.csv's temperature column), the validation terms the discrete model's (one-hot z)."
+        )
+    return Section("Training", caption, plots.training_curves(rows))
 
 
 def _kl_per_dimension(run) -> Section:

@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from torch.distributions import Normal
 
+from vaelab.compress import read_record
 from vaelab.distributions import Categoricals, Quantised, marginals
 from vaelab.evaluation import evaluation_rows, kl_per_example
 from vaelab.inspection import Run, decode_mean, kl_parts, open_run
@@ -147,6 +148,19 @@ def kl_how(kl: KLResult) -> str:
     if kl.std_error is None:
         return "(closed form)"
     return f"± {kl.std_error[0].item():.3f} (Monte Carlo standard error; this model's KL has no closed form)"
+
+
+BITS_SHOWN = ("pixels", "z_pushed", "z_back", "z_net", "kl", "net", "neg_elbo")
+
+
+def coded_bits(run: Run) -> dict[str, list[float]] | None:
+    """Per test image, the bits ``vaelab compress`` spent coding the run's test split (its
+    compression.json, when it is of these weights and of the test split): x, z pushed and got back, z net
+    beside the analytic KL, the net code beside -ELBO. None where the run has no such record."""
+    record = read_record(run.path) if run.path.is_dir() else None
+    if record is None or record["split"] != "test":
+        return None
+    return {name: record["per_image"][name] for name in BITS_SHOWN}
 
 
 def describe_run(run: Run) -> dict:
@@ -285,6 +299,7 @@ def create_app(run_dir: str | Path, host: str = "127.0.0.1") -> FastAPI:
     run = open_run(run_dir)
     model, (C, H, W) = run.model, run.model.x_shape
     summary = describe_run(run)
+    coded = coded_bits(run)
     app = FastAPI(title="vaelab", docs_url=None, redoc_url=None)
     app.add_middleware(Guard)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host))  # outermost: checked first
@@ -332,7 +347,10 @@ def create_app(run_dir: str | Path, host: str = "127.0.0.1") -> FastAPI:
     def test_image(index: int = PathParam(ge=0)) -> dict:
         if index >= len(run.test_x):
             raise HTTPException(404, f"test image {index} does not exist; there are {len(run.test_x)} (0-based)")
-        return {"index": index, **inspect_image(run.view(slice(index, index + 1)), run.test_x[index], run.kl[index])}
+        shown = inspect_image(run.view(slice(index, index + 1)), run.test_x[index], run.kl[index])
+        if coded is not None and index < len(coded["net"]):  # what vaelab compress paid for this image
+            shown["bits"] = {name: values[index] for name, values in coded.items()}
+        return {"index": index, **shown}
 
     @app.post("/api/inspect")
     async def upload(file: UploadFile = File(...), label: int | None = Form(None, ge=0)) -> dict:

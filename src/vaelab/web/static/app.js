@@ -118,6 +118,12 @@ function showInspection(r) {
   $("inspect-error").textContent = "";
   $("img").src = r.image; $("recon").src = r.reconstruction; $("kl-total").textContent = fmt(r.kl_total);
   $("kl-how").textContent = r.kl_how;
+  const b = r.bits; // what vaelab compress paid for this image, where the run has its record
+  $("bits").textContent = b
+    ? `As bits (vaelab compress, bits-back): x ${b.pixels.toFixed(1)} + z net ${b.z_net.toFixed(1)} ` +
+      `(pushed ${b.z_pushed.toFixed(1)}, got back ${b.z_back.toFixed(1)}) = ${b.net.toFixed(1)} bits; ` +
+      `the KL term is ${b.kl.toFixed(1)} bits, −ELBO ${b.neg_elbo.toFixed(1)} bits.`
+    : "";
   const c = $("bars"), g = c.getContext("2d");
   if (r.kl) bars(r.kl);
   else {
