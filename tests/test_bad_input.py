@@ -439,6 +439,31 @@ CATALOGUE = [
         ["this model and batch", "--categories"],
     ),
     (
+        "fewer labels than classes",
+        lambda t: ["train", "--data", "digits", "--labelled", "5"],
+        ["--labelled 5", "needs 10 to"],
+    ),
+    (
+        "more labels than training images",
+        lambda t: ["train", "--data", "digits", "--labelled", "100000"],
+        ["--labelled 100000", "give a number in that range"],
+    ),
+    (
+        "semi-supervised learning on data without labels",
+        lambda t: ["train", "--labelled", "10", "--data", npy(t, np.random.default_rng(0).random((40, 8, 8)))],
+        ["--labelled needs labels", "has none"],
+    ),
+    (
+        "semi-supervised and conditional at once",
+        lambda t: ["train", "--labelled", "10", "--conditional"],
+        ["--conditional needs every label"],
+    ),
+    (
+        "a classifier weight without semi-supervised learning",
+        lambda t: ["train", "--alpha", "2"],
+        ["--alpha", "add --labelled N"],
+    ),
+    (
         "VQ-VAE with free bits",
         lambda t: ["train", "--posterior", "vq", "--free-bits", "0.5"],
         ["N log K", "drop them"],

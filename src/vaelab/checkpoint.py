@@ -206,7 +206,7 @@ def check_identity(path: str | Path, config: Config, splits, given_data: bool = 
             f"{owner[:8]}); put the run's own weights back, or give that file's own run directory"
         )
     own = found.get("fingerprint", splits.fingerprint) == splits.fingerprint
-    if config.conditional:
+    if config.conditional or config.labelled:
         own = own and found.get("label_fingerprint", splits.label_fingerprint) == splits.label_fingerprint
     if not own and not given_data:
         raise UserError(

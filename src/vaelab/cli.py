@@ -273,6 +273,13 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         help="a conditional VAE, q(z|x, y) and p(x|z, y), given the data's labels y (one latent layer, MLPs)",
     )
     opt(
+        "--labelled",
+        "semi-supervised M2: keep N training labels (balanced over the classes), the rest latent; 0: off",
+        type=_non_negative(int),
+        metavar="N",
+    )
+    opt("--alpha", "--labelled: the weight of the classifier's loss per labelled image", type=float, metavar="A")
+    opt(
         "--model",
         "architecture; auto: conv for colour images, mlp otherwise",
         choices=("auto", *parts.ARCHITECTURES.names()),

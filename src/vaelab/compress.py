@@ -105,8 +105,10 @@ def check_codable(config: Config, particles: int = 1) -> None:
             f"--family {config.family} has {layers}; use --particles 1 (BB-ANS codes both layers)"
         )
     problems = []
-    if config.conditional:
-        problems.append("--conditional (the labels would have to be coded too)")
+    if config.conditional or config.labelled:
+        problems.append(
+            f"--{'conditional' if config.conditional else 'labelled'} (the labels would have to be coded too)"
+        )
     posterior = POSTERIORS[config.posterior]
     if not posterior.factorises or not (posterior.gaussian or posterior.discrete):
         problems.append(f"--posterior {config.posterior}")

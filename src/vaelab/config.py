@@ -80,6 +80,10 @@ class Config:
     family: str = "vae"  # vae: one latent layer; hierarchical: two (parts.FAMILIES)
     conditional: bool = False  # q(z|x, y) and p(x|z, y): the labels condition both networks
     classes: int = 0  # the number of labels of a conditional model, set from the data when it trains
+    # semi-supervised M2 (models/m2.py): this many labelled training images, balanced over the classes, the rest
+    # unlabelled; alpha weighs the classifier's loss per labelled image (Kingma et al. 2014's 0.1 N, per example)
+    labelled: int = 0
+    alpha: float = 0.1
     model: str = "auto"  # auto: conv for colour images, mlp otherwise
     hidden: tuple[int, ...] = (400,)
     activation: str = "relu"
@@ -176,6 +180,7 @@ class Config:
             "warmup_steps": 0,
             "skip_nonfinite": 0,
             "val_size": -1,
+            "labelled": 0,
         }
         for name, low in at_least.items():
             if getattr(self, name) < low:
@@ -199,6 +204,7 @@ class Config:
             "checkpoint_every",
             "anneal_rate",
             "commitment",
+            "alpha",
         ):
             if getattr(self, name) < 0:
                 raise UserError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -220,6 +226,7 @@ class Config:
             "anneal_rate",
             "commitment",
             "ema_decay",
+            "alpha",
         ):
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
@@ -292,8 +299,9 @@ class Config:
                     "--conditional is a one-layer VAE with MLPs and the normal prior; drop --family, --model and "
                     "--prior, or --conditional"
                 )
-        elif self.classes:
+        elif self.classes and not self.labelled:
             raise UserError("classes is set by --conditional from the data's labels; remove it, or add --conditional")
+        self._check_labelled(family, objective, defaults)
         # an option that only another part reads would be ignored: refuse it (a fact of each part, parts.py)
         for table, chosen in (
             (parts.OBJECTIVES, self.objective),
@@ -312,6 +320,30 @@ class Config:
                 f"--objective {self.objective} estimates q(z) from the other examples of a batch; "
                 "use --batch-size 2 or more"
             )
+
+    def _check_labelled(self, family: parts.Family, objective: parts.Objective, defaults: dict) -> None:
+        """Semi-supervised M2 (``--labelled N``): one layer of z beside the label, MLPs, N(0, I), the ELBO."""
+        if not self.labelled:
+            if self.alpha != defaults["alpha"]:
+                raise UserError(
+                    "--alpha weighs the classifier of semi-supervised M2; add --labelled N, or drop --alpha"
+                )
+            return
+        if self.conditional:
+            raise UserError(
+                "--labelled trains semi-supervised M2, whose labels are latent where missing; --conditional needs "
+                "every label: drop one of them"
+            )
+        held = [("--family", self.family, "vae"), ("--prior", self.prior, "normal")]
+        held += [("--posterior", self.posterior, "diagonal"), ("--objective", self.objective, "elbo")]
+        held += [("--model", self.model if self.model != "auto" else "mlp", "mlp")]
+        for flag, value, needed in held:
+            if value != needed:
+                raise UserError(
+                    f"--labelled trains M2, built with {flag} {needed}, not {value}; drop {flag} or --labelled"
+                )
+        if self.free_bits > 0 or self.target_rate > 0:
+            raise UserError("--labelled trains M2 on its own bound: drop --free-bits and --target-rate")
 
     def _check_categorical(self, objective: parts.Objective, prior: parts.Prior, posterior: parts.Posterior) -> None:
         """A categorical posterior and the uniform prior go together, and train on the ELBO."""

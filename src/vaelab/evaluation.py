@@ -48,6 +48,7 @@ from vaelab.kl import (
     rng_from,
 )
 from vaelab.models.categorical import categorical_posterior_of, relaxed
+from vaelab.models.m2 import m2_of
 from vaelab.models.vq import vq_posterior_of
 from vaelab.objectives import (
     bits_per_dim,
@@ -168,7 +169,7 @@ def layer_means(
     """E_q[z_l | x] of each latent layer for every example, (N, D_l) each, by name, top first: ``top``
     for the top layer (its posterior means, :func:`posterior_params`), and for each layer below the
     mean of q(z_l | x, z_>l) averaged over ``samples`` draws of the layers above (global RNG)."""
-    top_name, *below = model.layer_dims
+    top_name, *below = given(model, y).layer_dims  # given labels, M2's layers are the conditional VAE's
     means: dict[str, list[Tensor]] = {name: [] for name in below}
     if below:
         for xb, yb in Batches(x, batch_size, 0, drop_last=False, y=y).epoch(0, shuffle=False):
@@ -341,6 +342,10 @@ class Evaluation:
     codebook_usage: list[float] | None = None
     codebook_perplexity: float | None = None
     dead_codes: int | None = None
+    # semi-supervised M2 (scored without labels, y summed out): its classifier's accuracy on these images'
+    # labels, and how many training labels it had
+    accuracy: float | None = None
+    labelled: int | None = None
 
     RUN_FIELDS = ("data", "split", "binarize", "seed", "likelihood", "prior", "conditional", "weights_sha256")
 
@@ -444,7 +449,7 @@ def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[
             iwae_k=iwae_k,
             log_likelihood_bits_per_dim=bits_per_dim(ll.mean().item(), pixels) if pixels else None,
         )
-    posterior, vq = categorical_posterior_of(model), vq_posterior_of(model)
+    posterior, vq, m2 = categorical_posterior_of(model), vq_posterior_of(model), m2_of(model)
     codebook = {}
     if posterior is not None:  # q(z_j = k | x), no draws; a variable's activity is the sum of its categories'
         log_probs = categorical_log_probs(model, x)
@@ -462,25 +467,32 @@ def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[
             codebook_perplexity=vq.perplexity(used),
             dead_codes=int((used == 0).sum()),
         )
+    elif m2 is not None:  # the label y on top, one categorical variable: its activity sums its classes'
+        log_probs = categorical_log_probs(model, x)
+        with rng_from(seeded(seed, "posterior")):
+            means = layer_means(model, x, log_probs.exp().flatten(1))
+        acts = {"y": activity(means["y"]).sum(-1, keepdim=True), "z": activity(means["z"])}
+        act = torch.cat(list(acts.values()))
     else:
         with rng_from(seeded(seed, "posterior")):
             top = posterior_params(model, x, y=y)  # the top layer's q: its means, and the KL split's parameters
             means = layer_means(model, x, top[0], y=y)  # E_q[z_l | x] per layer
-        act = activity(torch.cat(list(means.values()), 1))
+        acts = {name: activity(m) for name, m in means.items()}
+        act = torch.cat(list(acts.values()))
     layered = {}
     if len(means) > 1:  # each layer's KL and active units; a layer whose KL is ~0 has collapsed
         kl_layers = {name: v.mean().item() for name, v in kl.per_layer.items()}
         layered = dict(
             kl_per_layer=kl_layers,
-            active_units_per_layer={name: int((activity(m) > ACTIVE_THRESHOLD).sum()) for name, m in means.items()},
+            active_units_per_layer={name: int((a > ACTIVE_THRESHOLD).sum()) for name, a in acts.items()},
             collapsed_layers=collapsed_layers(kl_layers),
         )
     split_parts, relaxation = {}, {}
     if split_kl:
         with rng_from(seeded(seed, "kl-split")):
-            split_parts = (
+            split_parts = (  # a categorical top layer (categorical variables, M2's label) by its own estimator
                 _split_of_the_top_layer(model, x, kl, top)
-                if posterior is None
+                if posterior is None and m2 is None
                 else _split_record(kl, *kl_split_categorical(log_probs))
             )
     if posterior is not None:  # the relaxed model that trained, beside the discrete one evaluated
@@ -607,9 +619,10 @@ def evaluation_rows(r: Evaluation) -> list[Row]:
     for name, value in (r.kl_per_layer or {}).items():
         rows.append(Row(f"KL of layer {name}", value, depth=2, note=f"{r.active_units_per_layer[name]} active units"))
     if r.mutual_information is not None:
+        v = "y" if of == " of y" else "z"  # M2's top layer is the label
         rows += [
-            Row(f"mutual information I(x; z){of}", r.mutual_information, depth=2, note=mi_ceiling(r)),
-            Row(f"marginal KL(q(z) || p(z)){of}", r.marginal_kl, depth=2),
+            Row(f"mutual information I(x; {v}){of}", r.mutual_information, depth=2, note=mi_ceiling(r)),
+            Row(f"marginal KL(q({v}) || p({v})){of}", r.marginal_kl, depth=2),
         ]
     if r.total_correlation is not None:
         rows += [
@@ -622,6 +635,15 @@ def evaluation_rows(r: Evaluation) -> list[Row]:
                 f"ELBO of the relaxed model, temperature {r.temperature:.3f}",
                 r.relaxed_elbo,
                 note="what training maximised; the rows above are of the discrete model, one-hot z",
+            )
+        )
+    if r.accuracy is not None:
+        rows.append(
+            Row(
+                "classifier accuracy, argmax q(y|x)",
+                r.accuracy,
+                "",
+                note=f"error {100 * (1 - r.accuracy):.2f} %, trained with {r.labelled} labels",
             )
         )
     if r.log_likelihood is not None:
@@ -719,6 +741,13 @@ def per_example_csv(per: dict[str, Tensor]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@torch.no_grad()
+def classifier_accuracy(model, x: Tensor, labels: Tensor, labelled: int) -> dict:
+    """M2's classifier on labelled images: the share whose most probable class under q(y|x) is theirs."""
+    predicted = torch.cat([model.classify(x[i : i + 1000]).probs[:, 0].argmax(-1) for i in range(0, len(x), 1000)])
+    return dict(accuracy=(predicted == labels).double().mean().item(), labelled=labelled)
+
+
 def weights_sha256(run_dir: Path) -> str:
     """The SHA-256 of a run's model.safetensors: which weights an evaluation record is of."""
     return hashlib.sha256((Path(run_dir) / "model.safetensors").read_bytes()).hexdigest()
@@ -783,6 +812,9 @@ def evaluate_run(
         if split == "train" and config.binarize == "dynamic":
             x = binarize_static(x, config.seed, "train")  # the static draw a static run trains on
         split_kl = POSTERIORS[config.posterior].gaussian or config.posterior == "categorical"
+        truth = None
+        if config.labelled:  # M2 is scored without the labels (y summed out); they grade its classifier
+            truth, y = y, None
         writes = run.is_dir() and ctx.is_main and own_data  # the run's record is of the run's own data
         if writes:  # held from here: a run being trained (or evaluated) elsewhere is refused before the work
             held.enter_context(rundir.lock(run, "evaluating"))
@@ -799,6 +831,7 @@ def evaluate_run(
             prior=config.prior,
             conditional=config.conditional or None,
             weights_sha256=weights_sha256(run) if run.is_dir() else None,
+            **({} if truth is None else classifier_accuracy(model, x, truth, config.labelled)),
         )
         if writes:
             atomic_write_text(run / "evaluation.json", json.dumps(record.to_dict(), indent=1))

@@ -89,7 +89,9 @@ class Given:
 
     def __init__(self, model, y: Tensor):
         self.model, self.y = model, y
-        self.layer_dims, self.latent_dim, self.x_shape = model.layer_dims, model.latent_dim, model.x_shape
+        # the layers given the labels (M2's label is a layer of its own only where it is missing)
+        self.layer_dims = getattr(model, "given_layer_dims", model.layer_dims)
+        self.latent_dim, self.x_shape = model.latent_dim, model.x_shape
 
     def latents(self, x: Tensor, draw: Draw) -> list[LatentLayer]:
         return self.model.latents(x, draw, self.y)

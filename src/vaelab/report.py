@@ -328,14 +328,19 @@ def _kl_per_dimension(run) -> Section:
     e = run.measured
     activity = np.array(e.activity)
     active = activity > e.active_threshold
-    if run.layered and e.kl_per_dim is not None:  # every layer's dimensions, named z2_j, z1_j
-        names = [f"{layer}_{j}" for layer, m in run.layer_means.items() for j in range(m.shape[1])]
+    if len(run.model.layer_dims) > 1 and e.kl_per_dim is not None:  # every layer's dimensions: z2_j, z1_j; y_0, z_j
+        names = [f"{layer}_{j}" for layer, dims in run.model.layer_dims.items() for j in range(dims)]
+        parts_of = (
+            "the label's KL(q(y|x) ‖ Uniform(C)) = log C − H(q(y|x)) and, at draws of y, KL(q(z_j|x, y) ‖ p(z_j))"
+            if "y" in run.model.layer_dims
+            else "the top layer's KL(q(z2_j|x) ‖ p(z2_j)) and, at draws of z2, the lower layer's "
+            "KL(q(z1_j|x, z2) ‖ p(z1_j|z2))"
+        )
         return Section(
             "KL per latent dimension, every layer",
-            "Average KL of each dimension over the test set, the top layer's KL(q(z2_j|x) ‖ p(z2_j)) and, at "
-            "draws of z2, the lower layer's KL(q(z1_j|x, z2) ‖ p(z1_j|z2)). Active units (the variance over the "
+            f"Average KL of each dimension over the test set, {parts_of}. Active units (the variance over the "
             f"test set of E_q[z_j|x] above {e.active_threshold}): "
-            + ", ".join(f"{n} {a} of {run.layer_means[n].shape[1]}" for n, a in e.active_units_per_layer.items())
+            + ", ".join(f"{n} {a} of {run.model.layer_dims[n]}" for n, a in e.active_units_per_layer.items())
             + ".",
             plots.kl_per_dimension(np.array(e.kl_per_dim), active, names=names),
         )
@@ -482,7 +487,7 @@ def _reconstructions(run, examples: int) -> Section:
 
 
 def _prior_samples(run, examples: int) -> Section:
-    if run.config.conditional:
+    if run.model_y is not None:  # conditional, and M2 given a label
         return _samples_per_class(run, examples)
     if run.vq is not None:
         codes = run.vq.sample_codes(2 * examples, torch.Generator().manual_seed(0))

@@ -400,11 +400,13 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held, thread
         config, changes = continued_config(resume_ckpt["config"], config, given)
     torch.manual_seed(config.seed)
     splits, train_x, val_x, test_x, pixels = prepare_data(config, device)
-    if config.conditional and not config.classes:  # the labels' count, from every split the data has
+    if (config.conditional or config.labelled) and not config.classes:  # the labels' count, from every split
         config = config.replace(classes=number_of_classes(splits))
     train_y, val_y, test_y = (
         data.labels_for(config, s, splits.name, device) for s in (splits.train, splits.val, splits.test)
     )
+    if config.labelled:  # M2: some training labels kept, the rest -1; validation and test score it unlabelled
+        train_y, val_y, test_y = data.semi_supervised(config, train_y, splits.name), None, None
     check_batch_size(config.batch_size, len(train_x), ctx.world)  # before anything is written
     if parts.OBJECTIVES[config.objective].splits_kl_by_dimension and config.batch_size // ctx.world < 2:
         raise UserError(  # each rank's rows are the minibatch that estimates q(z)
@@ -459,6 +461,9 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held, thread
         what = f"conditional mlp VAE ({config.classes} classes)"
     if len(model.layer_dims) > 1:
         what = f"{config.family} VAE (" + ", ".join(f"{n} of {d}" for n, d in model.layer_dims.items()) + " dims)"
+    if config.labelled:
+        what = f"semi-supervised M2 ({config.labelled} of {len(train_x)} training images labelled, "
+        what += f"{config.classes} classes; y, and z of {config.latent_dim} dims)"
     log(
         f"{splits.name}: {len(train_x)} train / {len(val_x)} val / {len(test_x)} test images of shape "
         f"{splits.x_shape}; {what}, {config.posterior} posterior, {n_params:,} parameters, "

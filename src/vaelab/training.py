@@ -264,7 +264,8 @@ class Step:
 
 class Objective(torch.nn.Module):
     """The loss of a batch and its ELBO terms, as a module: what DistributedDataParallel wraps.
-    The loss is the objective registered as ``config.objective`` in ``parts.OBJECTIVES``."""
+    The loss is the objective registered as ``config.objective`` in ``parts.OBJECTIVES``, or the model's
+    own ``training_loss`` where it has one (M2, whose batches mix labelled and unlabelled images)."""
 
     def __init__(self, model, config: Config, dataset_size: int):
         super().__init__()
@@ -274,6 +275,8 @@ class Objective(torch.nn.Module):
     def forward(
         self, x: Tensor, noise: objectives.Noise, beta: float, y: Tensor | None = None
     ) -> tuple[Tensor, objectives.ElboTerms]:
+        if hasattr(self.model, "training_loss"):  # a model with a loss of its own (M2: labels partly missing)
+            return self.model.training_loss(x, noise, beta, self.config, self.dataset_size, y)
         model = objectives.given(self.model, y)  # a conditional model gets the batch's labels
         return self.objective(model, x, noise, beta, self.config, self.dataset_size)
 

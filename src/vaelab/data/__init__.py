@@ -6,7 +6,7 @@ per-epoch permutation that is a pure function of (seed, epoch); see :class:`Batc
 """
 
 from vaelab.data.batches import Batches, binarize_static
-from vaelab.data.prepare import labels_for, prepare_data
+from vaelab.data.prepare import labels_for, prepare_data, semi_supervised
 from vaelab.data.sources import ImageData, Splits, load
 
-__all__ = ["Batches", "ImageData", "Splits", "binarize_static", "labels_for", "load", "prepare_data"]
+__all__ = ["Batches", "ImageData", "Splits", "binarize_static", "labels_for", "load", "prepare_data", "semi_supervised"]

@@ -25,6 +25,7 @@ STREAMS = (
     "posterior",  # an evaluation's draws of the posteriors' parameters (a flow's moments, lower layers): ()
     "kl-split",  # an evaluation's z_n ~ q(z|x_n) of the KL split (MI + TC + dimension-wise KL): ()
     "relaxed",  # an evaluation's relaxed draws of a categorical z (the model as it trained): ()
+    "labelled",  # which training images keep their labels for semi-supervised M2: ()
 )
 
 

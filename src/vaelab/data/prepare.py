@@ -5,6 +5,7 @@ Shared by training, evaluation and inspection, so all three see the same pixels.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from vaelab.data.batches import binarize_static
@@ -41,13 +42,14 @@ def prepare_data(config, device) -> tuple[Splits, Tensor, Tensor, Tensor, int | 
 
 
 def labels_for(config, split, name: str, device="cpu") -> Tensor | None:
-    """The labels (N,) of one split (``ImageData``) that a conditional model is given; None for a model
-    that is not conditional."""
-    if not config.conditional:
+    """The labels (N,) of one split (``ImageData``) that a conditional model is given (M2 too: it draws per
+    class given the labels; it trains on ``semi_supervised`` ones); None for any other model."""
+    if not (config.conditional or config.labelled):
         return None
     if split.y is None:
         raise UserError(
-            f"--conditional needs labels, and {name} has none; use a data set with labels (mnist, fashion-mnist, "
+            f"--{'conditional' if config.conditional else 'labelled'} needs labels, and {name} has none; "
+            "use a data set with labels (mnist, fashion-mnist, "
             "kmnist, cifar10, digits, an .npz with key y, or an image folder with one sub-folder per class)"
         )
     if config.classes and len(split.y) and int(split.y.max()) >= config.classes:
@@ -56,3 +58,29 @@ def labels_for(config, split, name: str, device="cpu") -> Tensor | None:
             f"(0 to {config.classes - 1}); use data with the run's labels"
         )
     return split.y.to(device)
+
+
+def semi_supervised(config, y: Tensor, name: str) -> Tensor:
+    """M2's training labels: ``config.labelled`` of the labels ``y`` kept, balanced over the classes (the
+    first labelled % classes classes one more), drawn by the seeded stream ``labelled``; -1 elsewhere."""
+    from vaelab.data.batches import seeded
+
+    classes, wanted = config.classes, config.labelled
+    if wanted < classes or wanted > len(y):
+        raise UserError(
+            f"--labelled {wanted}: balanced over {classes} classes it needs {classes} to {len(y)} images (the "
+            f"training images of {name}); give a number in that range"
+        )
+    kept = torch.full_like(y, -1)
+    generator = seeded(config.seed, "labelled")
+    for c in range(classes):
+        members = torch.nonzero(y == c).flatten()
+        n = wanted // classes + (c < wanted % classes)
+        if len(members) < n:
+            raise UserError(
+                f"--labelled {wanted} takes {n} images of class {c}, and the training images of {name} have "
+                f"{len(members)}; give a smaller --labelled"
+            )
+        chosen = members[torch.randperm(len(members), generator=generator)[:n].to(members.device)]
+        kept[chosen] = c
+    return kept

@@ -33,6 +33,10 @@ def make_posterior(config):
 def build_vae(config, x_shape):
     """The one-layer VAE (family ``vae``) that ``config`` describes; with ``config.conditional``, the
     conditional VAE (``models.conditional``)."""
+    if config.labelled:
+        from vaelab.models.m2 import build_m2
+
+        return build_m2(config, x_shape)
     if config.conditional:
         from vaelab.models.conditional import build_conditional
 

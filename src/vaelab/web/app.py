@@ -176,7 +176,7 @@ def describe_run(run: Run) -> dict:
         "data": run.config.data,
         "latent_dim": run.model.latent_dim,
         "categories": run.categories,  # a categorical posterior: a category picker per variable, not sliders
-        "classes": run.config.classes if run.config.conditional else None,
+        "classes": run.config.classes if run.model_y is not None else None,  # conditional, and M2's pictures
         "x_shape": list(run.model.x_shape),
         "test_count": len(run.test_x),
         "dims_by_kl": run.dims_by_kl,
@@ -375,7 +375,7 @@ def create_app(run_dir: str | Path, host: str = "127.0.0.1") -> FastAPI:
     def labels(label: int | None) -> torch.Tensor | None:
         """The label a conditional model is given (HTTP 422 when it is missing or out of range); None for
         any other model, which takes none."""
-        if not run.config.conditional:
+        if run.model_y is None:
             if label is not None:
                 raise HTTPException(422, "this model is not conditional: it takes no label")
             return None
