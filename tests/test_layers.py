@@ -12,9 +12,20 @@ import vaelab
 
 PACKAGE = Path(vaelab.__file__).parent
 LAYERS = {
-    0: {"kl", "distributions", "objectives", "linear_gaussian", "errors", "fileio", "parts", "decomposition", "memory"},
+    0: {
+        "kl",
+        "distributions",
+        "objectives",
+        "linear_gaussian",
+        "errors",
+        "fileio",
+        "parts",
+        "decomposition",
+        "memory",
+        "distributed",  # torch.distributed only: models that sum over processes (a VQ codebook, M2) use it
+    },
     1: {"models", "data", "explain", "plots", "config", "rundir", "bitsback"},
-    2: {"training", "runs", "evaluation", "checkpoint", "distributed", "inspection"},
+    2: {"training", "runs", "evaluation", "checkpoint", "inspection"},
     3: {"report", "web", "compress", "sweep", "rd"},
     4: {"cli", "__main__", "__init__"},
 }
