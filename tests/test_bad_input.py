@@ -464,6 +464,16 @@ CATALOGUE = [
         ["--alpha", "add --labelled N"],
     ),
     (
+        "a conv grid without VQ-VAE",
+        lambda t: ["train", "--model", "conv-grid"],
+        ["--model conv-grid quantises", "--posterior vq"],
+    ),
+    (
+        "a conv grid of another size than the latents",
+        lambda t: ["train", "--posterior", "vq", "--model", "conv-grid", "--latent-dim", "10"],
+        ["7 x 7 grid", "give --latent-dim 49"],
+    ),
+    (
         "VQ-VAE with free bits",
         lambda t: ["train", "--posterior", "vq", "--free-bits", "0.5"],
         ["N log K", "drop them"],

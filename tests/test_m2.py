@@ -174,3 +174,27 @@ def test_two_halves_of_a_batch_give_the_batchs_gradient(monkeypatch):
     monkeypatch.setattr(m2.distributed, "all_reduce_sum", lambda t: torch.full_like(t, 3.0))  # 3 labelled in all
     halves = (gradient(slice(0, 32), 0, 64) + gradient(slice(32, 64), 32, 64)) / 2
     assert ((whole - halves).norm() / whole.norm()) < 1e-6
+
+
+def test_m2_from_python():
+    model, config = small_m2()
+    x = images(120, seed=9)
+    y = torch.full((120,), -1)
+    y[:6] = torch.tensor([0, 1, 2, 0, 1, 2])
+    state = vaelab.fit(model, x, x[:30], config.replace(epochs=2, batch_size=30), train_y=y, progress=False)
+    assert set(state.history[0].kl_per_layer) == {"y", "z"} and math.isfinite(state.history[-1].elbo)
+    assert 0 <= state.history[-1].kl_per_layer["y"] <= math.log(3) + 1e-6
+
+
+def test_the_page_of_m2_draws_given_a_label(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from vaelab.web.app import create_app
+
+    out = tmp_path / "m2"
+    assert main(["train", *M2, "--epochs", "1", "--out", str(out)]) == 0
+    client = TestClient(create_app(out), base_url="http://127.0.0.1")
+    assert client.get("/api/model").json()["classes"] == 10
+    assert client.get("/api/decode?z=0,0,0").status_code == 422  # which label?
+    a, b = (client.get(f"/api/decode?z=0,0,0&label={c}").json()["image"] for c in (1, 7))
+    assert a != b

@@ -148,3 +148,31 @@ def test_the_page_of_a_vq_vae_picks_codes(tmp_path):
     assert client.get("/api/decode?z=0,1,2,8").status_code == 422
     inspected = client.get("/api/test/0").json()
     assert len(inspected["mode"]) == 4 and inspected["p_mode"] == [1.0] * 4
+
+
+def test_a_vq_vae_from_python():
+    x = (torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(8)) > 0.5).float()
+    config = Config(posterior="vq", latent_dim=3, categories=6, code_dim=2, hidden=(16,), epochs=2, batch_size=50)
+    model = build(config, (1, 8, 8))
+    before = model.posterior.codebook.clone()
+    state = vaelab.fit(model, x, x[:50], config, progress=False)
+    assert all(r.kl == pytest.approx(3 * math.log(6)) for r in state.history)  # the rate, every epoch
+    assert not torch.equal(model.posterior.codebook, before)  # the moving averages moved it
+
+
+def test_a_vq_vae_on_a_conv_grid_quantises_each_position(tmp_path):
+    """--model conv-grid: the encoder's H/4 x W/4 feature map, one code per position (8 x 8 digits: 2 x 2)."""
+    x = torch.rand(3, 1, 8, 8)
+    model = build(Config(posterior="vq", model="conv-grid", latent_dim=4, categories=8, code_dim=3), (1, 8, 8))
+    features = model.encoder.net(x)  # (B, code_dim, 2, 2)
+    q = model.encode(x)
+    torch.testing.assert_close(q.z_e, features.permute(0, 2, 3, 1).reshape(3, 4, 3))  # position by position
+    assert model.decode(q.mean).mean.shape == (3, 1, 8, 8)
+    with pytest.raises(UserError, match="give --latent-dim 4"):
+        build(Config(posterior="vq", model="conv-grid", latent_dim=5), (1, 8, 8))
+    out = tmp_path / "grid"
+    grid = ["--data", "digits", "--posterior", "vq", "--model", "conv-grid", "--latent-dim", "4", "--categories", "8"]
+    assert main(["train", *grid, "--code-dim", "3", "--hidden", "16", "--epochs", "1", "--out", str(out)]) == 0
+    assert main(["evaluate", str(out), "--iwae-k", "0"]) == 0
+    record = json.loads((out / "evaluation.json").read_text())
+    assert record["kl"] == pytest.approx(4 * math.log(8)) and len(record["activity"]) == 4

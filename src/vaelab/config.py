@@ -347,6 +347,11 @@ class Config:
 
     def _check_categorical(self, objective: parts.Objective, prior: parts.Prior, posterior: parts.Posterior) -> None:
         """A categorical posterior and the uniform prior go together, and train on the ELBO."""
+        if self.model == "conv-grid" and self.posterior != "vq":
+            raise UserError(
+                f"--model conv-grid quantises each position of its grid (VQ-VAE); with --posterior {self.posterior} "
+                "use --model conv, or add --posterior vq"
+            )
         if posterior.discrete and not prior.discrete:
             raise UserError(
                 f"--posterior {self.posterior} has a uniform prior over its categories, not the {self.prior} prior; "

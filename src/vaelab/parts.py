@@ -142,6 +142,7 @@ class Architecture(Part):
     """``build`` is the encoder, ``decoder`` the decoder; each takes (x_shape, hidden, latent_dim, ...)."""
 
     decoder: Constructor = ""
+    grid: bool = False  # z's positions are the H/4 x W/4 grid of a feature map: --latent-dim must be their number
 
     def decoder_constructor(self) -> Callable:
         return Part(self.name, self.help, self.decoder).constructor()
@@ -356,6 +357,15 @@ ARCHITECTURES.register(
 ARCHITECTURES.register(
     Architecture(
         "conv", "two stride-2 convolutions", "vaelab.models.conv:ConvEncoder", "vaelab.models.conv:ConvDecoder"
+    )
+)
+ARCHITECTURES.register(
+    Architecture(
+        "conv-grid",
+        "two stride-2 convolutions, z a grid of H/4 x W/4 positions (--posterior vq, --latent-dim the positions)",
+        "vaelab.models.conv:ConvGridEncoder",
+        "vaelab.models.conv:ConvGridDecoder",
+        grid=True,
     )
 )
 

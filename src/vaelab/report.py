@@ -527,13 +527,13 @@ def _traversals(run) -> Section:
     if run.vq is not None:
         vq, usage = run.vq, np.array(run.measured.codebook_usage)
         codes = np.argsort(-usage)[: min(10, vq.categories)].tolist()
-        positions = list(range(min(6, vq.variables)))
+        positions = np.argsort(-np.array(run.measured.activity))[: min(6, vq.variables)].tolist()  # most varied
         codes0 = run.model.encode(run.test_x[:1]).index
         rows = code_switches(run.model, vq, codes0, positions, codes)
         return Section(
             "Code switches",
-            f"Starting from the first test image's codes, one position at a time is switched to each of the "
-            f"{len(codes)} most used codes (columns, most used first).",
+            f"Starting from the first test image's codes, one position at a time (those whose codes vary most over "
+            f"the test set) is switched to each of the {len(codes)} most used codes (columns, most used first).",
             plots.image_rows([(f"position {j}", r) for j, r in zip(positions, rows, strict=True)], "one code switched"),
         )
     if run.categories:

@@ -42,6 +42,10 @@ def build_vae(config, x_shape):
 
         return build_conditional(config, x_shape, make_posterior(config))
     architecture = parts.ARCHITECTURES[architecture_for(config.model, x_shape)]
+    if architecture.grid:
+        from vaelab.models.conv import check_grid
+
+        check_grid(x_shape, config.latent_dim)
     posterior = parts.POSTERIORS[config.posterior]
     likelihood = make_likelihood(config.likelihood, x_shape)
     params_per_pixel = parts.LIKELIHOODS[config.likelihood].params_per_pixel
