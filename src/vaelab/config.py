@@ -261,7 +261,7 @@ class Config:
                         f"drop {flag} or --target-rate"
                     )
         self._check_family(objective, posterior)
-        self._check_categorical(objective, prior, posterior)
+        self._check_categorical(prior, posterior)
         if prior.mixes_posteriors and not posterior.factorises:
             raise UserError(
                 f"the {self.prior} prior is a mixture of the encoder's diagonal posteriors; with --posterior "
@@ -301,7 +301,7 @@ class Config:
                 )
         elif self.classes and not self.labelled:
             raise UserError("classes is set by --conditional from the data's labels; remove it, or add --conditional")
-        self._check_labelled(family, objective, defaults)
+        self._check_labelled(defaults)
         # an option that only another part reads would be ignored: refuse it (a fact of each part, parts.py)
         for table, chosen in (
             (parts.OBJECTIVES, self.objective),
@@ -321,7 +321,7 @@ class Config:
                 "use --batch-size 2 or more"
             )
 
-    def _check_labelled(self, family: parts.Family, objective: parts.Objective, defaults: dict) -> None:
+    def _check_labelled(self, defaults: dict) -> None:
         """Semi-supervised M2 (``--labelled N``): one layer of z beside the label, MLPs, N(0, I), the ELBO."""
         if not self.labelled:
             if self.alpha != defaults["alpha"]:
@@ -345,8 +345,9 @@ class Config:
         if self.free_bits > 0 or self.target_rate > 0:
             raise UserError("--labelled trains M2 on its own bound: drop --free-bits and --target-rate")
 
-    def _check_categorical(self, objective: parts.Objective, prior: parts.Prior, posterior: parts.Posterior) -> None:
-        """A categorical posterior and the uniform prior go together, and train on the ELBO."""
+    def _check_categorical(self, prior: parts.Prior, posterior: parts.Posterior) -> None:
+        """A discrete posterior (categorical, VQ) and the uniform prior go together, and train on the ELBO; a
+        conv grid is VQ-VAE's."""
         if self.model == "conv-grid" and self.posterior != "vq":
             raise UserError(
                 f"--model conv-grid quantises each position of its grid (VQ-VAE); with --posterior {self.posterior} "
