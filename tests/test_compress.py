@@ -318,6 +318,10 @@ def test_two_latent_layers_round_trip_and_pay_both_kl_terms(runs, tmp_path):
     assert abs(32 * len(message) - initial - costs.net.sum()) < 0.002 * costs.net.sum() + 64
     summary = compress(runs["hierarchical"], tmp_path / "h.vbb", iwae_k=0)
     assert summary["layers"] == 2 and "z_net_expected" not in summary["bits_per_image"]
+    from vaelab.report import run_report
+
+    page, _ = run_report(runs["hierarchical"], out=tmp_path / "h.html")  # its record has no expected z net
+    assert "The KL term as bits" in page.read_text()
     decompress(tmp_path / "h.vbb", tmp_path / "h.npy")
     assert np.array_equal(np.load(tmp_path / "h.npy"), (x[:, 0].numpy() * 255).astype(np.uint8))
 

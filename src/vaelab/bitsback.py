@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from vaelab.models.categorical import categorical_posterior_of
+from vaelab.models.m2 import m2_of
 from vaelab.models.vq import vq_posterior_of
 
 QUANTISATION_BITS = 24  # constriction's probability precision: no symbol costs more than 24 bits
@@ -379,6 +380,71 @@ class TwoLayerBitsBack(BitsBack):
         return out, len(left) == len(initial) and bool((left == initial).all())
 
 
+class LabelBitsBack(BitsBack):
+    """BB-ANS for semi-supervised M2 (``models.m2``) scored without labels: the label y is a latent too.
+    To code x: pop y with q(y|x), pop z with q(z|x, y) on the grid of equal N(0, 1) mass, push x with
+    p(x|y, z), push z with p(z) (b bits per dimension) and y with p(y) = Uniform(C) (log2 C bits). The net
+    bits for y average KL(q(y|x) || Uniform(C)) in bits, those for z E_q(y|x) KL(q(z|x, y) || p(z)): the
+    two KL terms of M2's unlabelled bound.
+
+    ``classify(x)`` gives q(y|x), (C,); ``posterior(x, y)`` (mu, sigma) of q(z|x, y); ``pmf(z, y)`` p(x|y, z)'s
+    tables."""
+
+    def __init__(self, classify, posterior, pmf, latent_dim: int, classes: int, x_shape, levels: int, latent_bits: int):
+        import constriction
+
+        super().__init__(posterior, pmf, latent_dim + 1, x_shape, levels, latent_bits)  # z's dimensions and y
+        self.classify, self.dims, self.classes = classify, latent_dim, classes
+        self._label = constriction.stream.model.Uniform(classes)
+
+    def _q_y(self, x: np.ndarray) -> np.ndarray:
+        return floored(self.classify(self._image(x)).double().numpy()[None])  # (1, C)
+
+    def _q_z(self, x: np.ndarray, y: int) -> np.ndarray:
+        mu, sigma = self.posterior(self._image(x), torch.tensor([y]))
+        return floored(self.grid.masses(mu.reshape(-1), sigma.reshape(-1)).numpy())
+
+    def _p_x_given(self, z: np.ndarray, y: int) -> np.ndarray:
+        values = self.grid.centres[torch.from_numpy(z.astype(np.int64))].float().view(1, -1)
+        return floored(self.pmf(values, torch.tensor([y])).reshape(-1, self.levels).numpy())
+
+    @torch.no_grad()
+    def encode(self, symbols: np.ndarray, seed: int = 0) -> tuple[np.ndarray, Costs]:
+        symbols = np.ascontiguousarray(symbols, dtype=np.int32)
+        coder = self._coder(initial_words(self.latent_dim, seed))
+        costs = np.zeros((4, len(symbols)))
+        with one_thread():
+            for i, x in enumerate(symbols):
+                q_y = self._q_y(x)
+                y = int(coder.decode(self._categorical, q_y)[0])  # pop y with q(y|x)
+                q_z = self._q_z(x, y)
+                z = coder.decode(self._categorical, q_z)  # pop z with q(z|x, y)
+                p_x = self._p_x_given(z, y)
+                coder.encode_reverse(x, self._categorical, p_x)  # push x with p(x|y, z)
+                coder.encode_reverse(z, self._uniform)  # push z with p(z)
+                coder.encode_reverse(np.array([y], dtype=np.int32), self._label)  # push y with p(y)
+                coded = p_x[np.arange(len(x)), x]
+                back = -math.log2(q_y[0, y]) - float(np.log2(q_z[np.arange(self.dims), z]).sum())
+                pushed = self.grid.bits * self.dims + math.log2(self.classes)
+                costs[:, i] = (-np.log2(coded).sum(), pushed, back, (coded <= FLOOR).sum())
+        return coder.get_compressed(), Costs(*costs)
+
+    @torch.no_grad()
+    def decode(self, message: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, bool]:
+        coder = self._coder(np.ascontiguousarray(message, dtype=np.uint32))
+        out = np.zeros((n, math.prod(self.x_shape)), dtype=np.int32)
+        with one_thread():
+            for i in reversed(range(n)):
+                y = int(coder.decode(self._label, 1)[0])  # pop y with p(y)
+                z = coder.decode(self._uniform, self.dims)  # pop z with p(z)
+                out[i] = x = coder.decode(self._categorical, self._p_x_given(z, y))  # pop x with p(x|y, z)
+                coder.encode_reverse(z, self._categorical, self._q_z(x, y))  # push z back with q(z|x, y)
+                coder.encode_reverse(np.array([y], dtype=np.int32), self._categorical, self._q_y(x))  # and y
+        left = coder.get_compressed()
+        initial = initial_words(self.latent_dim, seed)
+        return out, len(left) == len(initial) and bool((left == initial).all())
+
+
 def model_coder(model, levels: int, latent_bits: int, particles: int = 1) -> BitsBack:
     """BB-ANS (BB-IS with ``particles`` > 1) for a trained model with a discrete likelihood of ``levels``
     pixel values: one latent layer (``models.base.VAE``) with a diagonal Gaussian posterior and a
@@ -390,6 +456,21 @@ def model_coder(model, levels: int, latent_bits: int, particles: int = 1) -> Bit
 
     def params(q) -> tuple[Tensor, Tensor]:
         return q.base_dist.loc, q.base_dist.scale
+
+    if m2_of(model) is not None:  # the label a latent too
+
+        def classify(x: Tensor) -> Tensor:
+            return model.classify(x).probs[0, 0]  # (C,)
+
+        def label_posterior(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            return params(model.encode(x, y))  # q(z|x, y)
+
+        def label_pmf(z: Tensor, y: Tensor) -> Tensor:
+            return model.likelihood.pmf(model._decoder_out(z, y).float())
+
+        return LabelBitsBack(
+            classify, label_posterior, label_pmf, model.latent_dim, model.classes, model.x_shape, levels, latent_bits
+        )
 
     if len(model.layer_dims) == 2:
 

@@ -34,6 +34,7 @@ from vaelab.bitsback import (
     MAX_LATENT_BITS,
     BitsBack,
     CategoricalBitsBack,
+    LabelBitsBack,
     TwoLayerBitsBack,
     initial_words,
     model_coder,
@@ -105,10 +106,8 @@ def check_codable(config: Config, particles: int = 1) -> None:
             f"--family {config.family} has {layers}; use --particles 1 (BB-ANS codes both layers)"
         )
     problems = []
-    if config.conditional or config.labelled:
-        problems.append(
-            f"--{'conditional' if config.conditional else 'labelled'} (the labels would have to be coded too)"
-        )
+    if config.conditional:  # (M2's labels are latents: coded by bits-back like z)
+        problems.append("--conditional (the labels would have to be coded too)")
     posterior = POSTERIORS[config.posterior]
     if not posterior.factorises or not (posterior.gaussian or posterior.discrete):
         problems.append(f"--posterior {config.posterior}")
@@ -391,9 +390,9 @@ def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_
     x = data.x()
     record, per = evaluate(trained.model, x, iwae_k=iwae_k, pixels=P, split_kl=False, seed=seed)
     to_bits = 1 / math.log(2)
-    q_grid = (
+    q_grid = (  # several latents, one below another: no single sum over one grid
         np.array([coder.expected_z_net(x[i : i + 1]) for i in range(len(x))])
-        if not isinstance(coder, TwoLayerBitsBack)
+        if not isinstance(coder, TwoLayerBitsBack | LabelBitsBack)
         else None
     )
     per_image = {
@@ -419,7 +418,8 @@ def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_
         "dimensions": P,
         "likelihood": trained.config.likelihood,
         "latent_dim": coder.latent_dim,
-        "layers": 2 if isinstance(coder, TwoLayerBitsBack) else 1,
+        "layers": 2 if isinstance(coder, TwoLayerBitsBack | LabelBitsBack) else 1,
+        "label_classes": coder.classes if isinstance(coder, LabelBitsBack) else None,  # M2: y coded as a latent
         "latent_bits": coder.grid.bits,  # per dimension; log2 K for a categorical variable of K categories
         "categories": coder.grid.categories if isinstance(coder, CategoricalBitsBack) else None,
         "particles": particles,
@@ -513,6 +513,11 @@ def write_pngs(pictures: np.ndarray, out: Path) -> None:
 # -- the table ----------------------------------------------------------------------------------
 def latent_code(s: dict) -> str:
     """How a compression's summary coded z, in words."""
+    if s.get("label_classes"):
+        return (
+            f"the label y of {s['label_classes']} classes as a latent, and z of {s['latent_dim'] - 1} dimensions on "
+            f"a grid of 2^{s['latent_bits']} buckets each"
+        )
     if s.get("categories"):
         return (
             f"z of {s['latent_dim']} categorical variables of {s['categories']} categories, each pushed uniformly "
@@ -534,9 +539,15 @@ def format_summary(s: dict) -> str:
         f"{coder}: {N} images {'x'.join(map(str, s['x_shape']))} from {s['where']}, {s['likelihood']} likelihood, "
         + latent_code(s),
         f"  {'':<60} {'bits/image':>11} {'bits/dim':>9}",
-        row("x pushed with p(x|z)", b["pixels"]),
+        row("x pushed with p(x|y,z)" if s.get("label_classes") else "x pushed with p(x|z)", b["pixels"]),
     ]
-    if s.get("layers") == 2:
+    if s.get("label_classes"):
+        lines += [
+            row("y pushed with p(y) uniformly, z with p(z)", b["z_pushed"]),
+            row("y and z got back when popped with q(y|x), q(z|x,y)", -b["z_back"]),
+            row("y and z net: the label's KL and z's, as this coder paid them", b["z_net"]),
+        ]
+    elif s.get("layers") == 2:
         lines += [
             row("z2 pushed with p(z2), z1 with p(z1|z2)", b["z_pushed"]),
             row("z2 and z1 got back when popped with q(z2|x), q(z1|x,z2)", -b["z_back"]),
@@ -558,7 +569,14 @@ def format_summary(s: dict) -> str:
         on = "" if s.get("categories") else " on this grid"
         lines.append(row(f"  BB-ANS's z net for fair coin flips{on}", b["z_net_expected"]))
     lines += [
-        row("  analytic KL(q(z|x) || p(z))" if s.get("layers") != 2 else "  KL2 + KL1 (at sampled z2)", b["kl"]),
+        row(
+            "  analytic KL(q(z|x) || p(z))"
+            if s.get("layers") != 2
+            else "  KL(q(y|x) || p(y)) + KL of z (at sampled y)"
+            if s.get("label_classes")
+            else "  KL2 + KL1 (at sampled z2)",
+            b["kl"],
+        ),
         row("net code length", b["net"]),
         row("  the model's -ELBO (BB-ANS's limit)", b["neg_elbo"]),
     ]
