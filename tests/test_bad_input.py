@@ -730,6 +730,11 @@ CATALOGUE = [
     ("compress a run with a VampPrior", compress_run("--prior", "vamp"), ["--prior vamp", "--prior normal"]),
     ("compress a conditional run", compress_run("--conditional"), ["--conditional", "labels"]),
     (
+        "importance-sampled bits-back of M2",
+        lambda t: [*compress_run("--labelled", "10", "--data", "digits")(t), "--particles", "4"],
+        ["--particles 4", "M2", "use --particles 1"],
+    ),
+    (
         "compress a categorical run with --latent-bits",
         lambda t: [*compress_run("--posterior", "categorical")(t), "--latent-bits", "6"],
         ["categorical variables", "drop --latent-bits"],

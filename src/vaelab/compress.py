@@ -105,6 +105,11 @@ def check_codable(config: Config, particles: int = 1) -> None:
             f"--particles {particles}: importance-sampled bits-back (BB-IS) here codes one latent layer, and "
             f"--family {config.family} has {layers}; use --particles 1 (BB-ANS codes both layers)"
         )
+    if config.labelled and particles > 1:
+        raise UserError(
+            f"--particles {particles}: importance-sampled bits-back (BB-IS) here codes one latent layer, and M2 "
+            "(--labelled) codes its label and z; use --particles 1"
+        )
     problems = []
     if config.conditional:  # (M2's labels are latents: coded by bits-back like z)
         problems.append("--conditional (the labels would have to be coded too)")
@@ -422,6 +427,7 @@ def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_
         "label_classes": coder.classes if isinstance(coder, LabelBitsBack) else None,  # M2: y coded as a latent
         "latent_bits": coder.grid.bits,  # per dimension; log2 K for a categorical variable of K categories
         "categories": coder.grid.categories if isinstance(coder, CategoricalBitsBack) else None,
+        "codebook": isinstance(coder, CategoricalBitsBack) and coder.vectors is not None,  # VQ-VAE's codes
         "particles": particles,
         "iwae_k": iwae_k if "log_likelihood" in per else None,
         "bits_per_image": mean,
@@ -519,8 +525,9 @@ def latent_code(s: dict) -> str:
             f"a grid of 2^{s['latent_bits']} buckets each"
         )
     if s.get("categories"):
+        what = "positions of a codebook of" if s.get("codebook") else "categorical variables of"
         return (
-            f"z of {s['latent_dim']} categorical variables of {s['categories']} categories, each pushed uniformly "
+            f"z of {s['latent_dim']} {what} {s['categories']} categories, each pushed uniformly "
             f"at log2 {s['categories']} = {s['latent_bits']:.2f} bits"
         )
     return f"z of {s['latent_dim']} dimensions on a grid of 2^{s['latent_bits']} buckets each"
