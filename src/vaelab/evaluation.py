@@ -401,9 +401,9 @@ def evaluate(
     """Every metric for data ``x`` (already binarised where the likelihood needs it), with its labels
     ``y`` for a conditional model (then the likelihood is log p(x|y) and the KL is of q(z|x, y)).
 
-    ``split_kl``: take the KL apart (:func:`kl_split`); it needs Gaussian posteriors, whose
-    aggregate is a Gaussian mixture (not a flow's). With several latent layers it takes apart the
-    top layer's KL, KL(q(z_top|x) || p(z_top)).
+    ``split_kl``: take the KL apart (:func:`kl_split`, :func:`kl_split_categorical`); it needs Gaussian
+    or categorical posteriors, whose aggregate has a density (not a flow's); a VQ-VAE's constant KL is
+    never split. With several latent layers it takes apart the top layer's KL, KL(q(z_top|x) || p(z_top)).
 
     Returns the record and per-example tensors (elbo, reconstruction, kl, kl_std_error,
     log_likelihood, kl_per_dim, where the run has them) for ``--per-example``.
@@ -488,7 +488,7 @@ def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[
             collapsed_layers=collapsed_layers(kl_layers),
         )
     split_parts, relaxation = {}, {}
-    if split_kl:
+    if split_kl and vq is None:  # VQ-VAE's KL is N log K for every image: nothing to take apart
         with rng_from(seeded(seed, "kl-split")):
             split_parts = (  # a categorical top layer (categorical variables, M2's label) by its own estimator
                 _split_of_the_top_layer(model, x, kl, top)
@@ -741,6 +741,20 @@ def per_example_csv(per: dict[str, Tensor]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def evaluate_trained(
+    model, config: Config, x: Tensor, y: Tensor | None, **options
+) -> tuple[Evaluation, dict[str, Tensor]]:
+    """:func:`evaluate` of a trained run's images ``x`` with the labels its model is given ``y``, as the run's
+    config says: the KL split wherever q is Gaussian or discrete (not a flow); M2 scored without the labels
+    (y summed out), which grade its classifier instead. ``options``: :func:`evaluate`'s."""
+    posterior = POSTERIORS[config.posterior]
+    split_kl = posterior.gaussian or posterior.discrete
+    if not config.labelled:
+        return evaluate(model, x, split_kl=split_kl, y=y, **options)
+    record, per = evaluate(model, x, split_kl=split_kl, **options)
+    return replace(record, **classifier_accuracy(model, x, y, config.labelled)), per
+
+
 @torch.no_grad()
 def classifier_accuracy(model, x: Tensor, labels: Tensor, labelled: int) -> dict:
     """M2's classifier on labelled images: the share whose most probable class under q(y|x) is theirs."""
@@ -811,15 +825,11 @@ def evaluate_run(
         x, y = trained.split(split)
         if split == "train" and config.binarize == "dynamic":
             x = binarize_static(x, config.seed, "train")  # the static draw a static run trains on
-        split_kl = POSTERIORS[config.posterior].gaussian or config.posterior == "categorical"
-        truth = None
-        if config.labelled:  # M2 is scored without the labels (y summed out); they grade its classifier
-            truth, y = y, None
         writes = run.is_dir() and ctx.is_main and own_data  # the run's record is of the run's own data
         if writes:  # held from here: a run being trained (or evaluated) elsewhere is refused before the work
             held.enter_context(rundir.lock(run, "evaluating"))
-        record, per = evaluate(
-            model, x, iwae_k=iwae_k, batch_size=batch_size, seed=seed, pixels=pixels, split_kl=split_kl, y=y
+        record, per = evaluate_trained(
+            model, config, x, y, iwae_k=iwae_k, batch_size=batch_size, seed=seed, pixels=pixels
         )
         record = replace(
             record,
@@ -831,7 +841,6 @@ def evaluate_run(
             prior=config.prior,
             conditional=config.conditional or None,
             weights_sha256=weights_sha256(run) if run.is_dir() else None,
-            **({} if truth is None else classifier_accuracy(model, x, truth, config.labelled)),
         )
         if writes:
             atomic_write_text(run / "evaluation.json", json.dumps(record.to_dict(), indent=1))

@@ -20,8 +20,7 @@ from vaelab.data.batches import seeded
 from vaelab.errors import UserError
 from vaelab.evaluation import (
     Evaluation,
-    classifier_accuracy,
-    evaluate,
+    evaluate_trained,
     kl_per_example,
     layer_means,
     open_trained,
@@ -141,12 +140,7 @@ def open_run(path: str | Path, max_examples: int = 2000) -> Run:
     measured = read_evaluation(path) if path.is_dir() else None
     here = measured is None or measured.split != "test" or measured.weights_sha256 not in (None, weights_sha256(path))
     if here:
-        split_kl = POSTERIORS[config.posterior].gaussian or config.posterior == "categorical"
-        if config.labelled:  # M2 as evaluate scores it: without the labels, which grade its classifier
-            measured, _ = evaluate(model, test_x, iwae_k=0, pixels=pixels, split_kl=split_kl)
-            measured = replace(measured, **classifier_accuracy(model, test_x, model_y, config.labelled))
-        else:
-            measured, _ = evaluate(model, test_x, iwae_k=0, pixels=pixels, split_kl=split_kl, y=model_y)
+        measured, _ = evaluate_trained(model, config, test_x, model_y, iwae_k=0, pixels=pixels)
         measured = replace(measured, data=splits.name, split="test", binarize=config.binarize, seed=0)
     return Run(path, model, config, test_x, test_y, mu, log_var, scale_tril, kl, means, measured, here)
 
