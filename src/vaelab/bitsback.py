@@ -164,9 +164,19 @@ class BitsBack:
     def _image(self, symbols: np.ndarray) -> Tensor:
         return torch.from_numpy(symbols.astype(np.float32) / (self.levels - 1)).view(1, *self.x_shape)
 
+    def _masses(self, x: Tensor) -> Tensor:
+        """Q's mass of every symbol of every latent dimension for one image x (1, C, H, W), (D, symbols) float64:
+        the buckets' masses under q(z_j|x)."""
+        mu, sigma = self.posterior(x)
+        return self.grid.masses(mu.reshape(-1), sigma.reshape(-1))
+
     def _q(self, symbols: np.ndarray) -> np.ndarray:
-        mu, sigma = self.posterior(self._image(symbols))
-        return floored(self.grid.masses(mu.reshape(-1), sigma.reshape(-1)).numpy())
+        return floored(self._masses(self._image(symbols)).numpy())
+
+    def _returned(self, coder, seed: int) -> bool:
+        """Whether what is left on the stack after decoding is exactly the initial bits."""
+        left, initial = coder.get_compressed(), initial_words(self.latent_dim, seed, self.particles)
+        return len(left) == len(initial) and bool((left == initial).all())
 
     def _values(self, z_index: np.ndarray) -> Tensor:
         """The latents the decoder sees for the symbols ``z_index`` (n, D): the bucket centres, (n, D)."""
@@ -181,8 +191,7 @@ class BitsBack:
         """E_Q[log2 Q(z|x) - log2 P(z)] for one image x (1, C, H, W), summed exactly over every symbol of
         every dimension: the net bits for z that popping with fair coin flips would average (the KL of the
         discretised latent)."""
-        mu, sigma = self.posterior(x)
-        q = self.grid.masses(mu.reshape(-1), sigma.reshape(-1))
+        q = self._masses(x)
         return float((q * (torch.log2(q.clamp_min(1e-300)) + self.grid.bits)).sum())
 
     def _p_x(self, z_index: np.ndarray) -> np.ndarray:
@@ -251,9 +260,7 @@ class BitsBack:
                     zs = np.insert(others, j, z, 0)
                     coder.encode_reverse(np.array([j], dtype=np.int32), self._categorical, self._weights(x, zs, q))
                 coder.encode_reverse(zs.ravel(), self._categorical, self._tiled(q, K))  # push the particles back
-        left = coder.get_compressed()
-        initial = initial_words(D, seed, K)
-        return out, len(left) == len(initial) and bool((left == initial).all())
+        return out, self._returned(coder, seed)
 
 
 @dataclass(frozen=True)
@@ -286,19 +293,14 @@ class CategoricalBitsBack(BitsBack):
         self._uniform = constriction.stream.model.Uniform(categories)
         self.vectors = vectors  # codes (n, V) -> what the decoder sees (VQ-VAE's codebook vectors); None: one-hot
 
-    def _q(self, symbols: np.ndarray) -> np.ndarray:
-        return floored(self.posterior(self._image(symbols)).double().numpy())
+    def _masses(self, x: Tensor) -> Tensor:
+        return self.posterior(x).double()  # q(z_j = k|x), (V, K)
 
     def _values(self, z_index: np.ndarray) -> Tensor:
         index = torch.from_numpy(z_index.astype(np.int64))
         if self.vectors is not None:
             return self.vectors(index)
         return torch.nn.functional.one_hot(index, self.grid.categories).float().flatten(1)
-
-    @torch.no_grad()
-    def expected_z_net(self, x: Tensor) -> float:
-        q = self.posterior(x).double()
-        return float((q * (torch.log2(q.clamp_min(1e-300)) + self.grid.bits)).sum())
 
 
 class TwoLayerBitsBack(BitsBack):
@@ -375,9 +377,7 @@ class TwoLayerBitsBack(BitsBack):
                 out[i] = x = coder.decode(self._categorical, self._p_x_bottom(z1, mu_p, sigma_p))  # pop x
                 coder.encode_reverse(z1, self._categorical, self._bottom(x, z2)[0])  # push z1 back with Q(z1|x, z2)
                 coder.encode_reverse(z2, self._categorical, self._q_top(x))  # push z2 back with Q(z2|x)
-        left = coder.get_compressed()
-        initial = initial_words(self.latent_dim, seed)
-        return out, len(left) == len(initial) and bool((left == initial).all())
+        return out, self._returned(coder, seed)
 
 
 class LabelBitsBack(BitsBack):
@@ -405,7 +405,7 @@ class LabelBitsBack(BitsBack):
         return floored(self.grid.masses(mu.reshape(-1), sigma.reshape(-1)).numpy())
 
     def _p_x_given(self, z: np.ndarray, y: int) -> np.ndarray:
-        values = self.grid.centres[torch.from_numpy(z.astype(np.int64))].float().view(1, -1)
+        values = self._values(z.reshape(1, -1))
         return floored(self.pmf(values, torch.tensor([y])).reshape(-1, self.levels).numpy())
 
     @torch.no_grad()
@@ -440,9 +440,7 @@ class LabelBitsBack(BitsBack):
                 out[i] = x = coder.decode(self._categorical, self._p_x_given(z, y))  # pop x with p(x|y, z)
                 coder.encode_reverse(z, self._categorical, self._q_z(x, y))  # push z back with q(z|x, y)
                 coder.encode_reverse(np.array([y], dtype=np.int32), self._categorical, self._q_y(x))  # and y
-        left = coder.get_compressed()
-        initial = initial_words(self.latent_dim, seed)
-        return out, len(left) == len(initial) and bool((left == initial).all())
+        return out, self._returned(coder, seed)
 
 
 def model_coder(model, levels: int, latent_bits: int, particles: int = 1) -> BitsBack:

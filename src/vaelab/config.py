@@ -261,7 +261,7 @@ class Config:
                         f"drop {flag} or --target-rate"
                     )
         self._check_family(objective, posterior)
-        self._check_categorical(prior, posterior)
+        self._check_discrete(prior, posterior)
         if prior.mixes_posteriors and not posterior.factorises:
             raise UserError(
                 f"the {self.prior} prior is a mixture of the encoder's diagonal posteriors; with --posterior "
@@ -345,7 +345,7 @@ class Config:
         if self.free_bits > 0 or self.target_rate > 0:
             raise UserError("--labelled trains M2 on its own bound: drop --free-bits and --target-rate")
 
-    def _check_categorical(self, prior: parts.Prior, posterior: parts.Posterior) -> None:
+    def _check_discrete(self, prior: parts.Prior, posterior: parts.Posterior) -> None:
         """A discrete posterior (categorical, VQ) and the uniform prior go together, and train on the ELBO; a
         conv grid is VQ-VAE's."""
         if self.model == "conv-grid" and self.posterior != "vq":

@@ -21,7 +21,7 @@ from vaelab import distributed, objectives, parts
 from vaelab.config import Config, lr_at
 from vaelab.data.batches import Batches, seeded, shard_rows
 from vaelab.errors import UserError
-from vaelab.models.categorical import anneal, is_categorical, temperature_at
+from vaelab.models.categorical import categorical_posterior_of, temperature_at
 
 
 class NonFiniteError(UserError):
@@ -163,7 +163,7 @@ def fit(
                 "and checkpoints of earlier epochs are kept. Try a lower --lr or --grad-clip 100"
             )
         records = [sums.record(epoch, "train", beta, seconds, pixels, state.step, skipped, clock.elapsed())]
-        if step.categorical:  # the train terms are the relaxed model's, at this temperature
+        if step.relaxed is not None:  # the train terms are the relaxed model's, at this temperature
             records[0].temperature = temperature_at(config, state.step - 1)
         if val_x is not None:
             records.append(
@@ -238,7 +238,7 @@ class Step:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.autocast = autocast(config.precision, next(model.parameters()).device)
         self.rows = shard_rows(config.batch_size, self.ctx.rank, self.ctx.world)  # this rank's rows of a batch
-        self.model, self.categorical = model, is_categorical(model)
+        self.relaxed = categorical_posterior_of(model)  # whose relaxation's temperature each step sets
 
     def __call__(
         self, x: Tensor, beta: float, step: int, y: Tensor | None = None
@@ -246,8 +246,8 @@ class Step:
         c = self.config
         # the step's noise is a function of (seed, step), drawn for the global batch
         noise = objectives.Noise(seeded(c.seed, "noise", step, device=x.device), c.batch_size, self.rows.start)
-        if self.categorical:  # the relaxation's temperature, a function of the step
-            anneal(self.model, temperature_at(c, step))
+        if self.relaxed is not None:  # the relaxation's temperature, a function of the step
+            self.relaxed.temperature.fill_(temperature_at(c, step))
         with self.autocast:
             loss, terms = self.objective(x, noise, beta, y)
         self.optimizer.zero_grad(set_to_none=True)
@@ -271,11 +271,12 @@ class Objective(torch.nn.Module):
         super().__init__()
         self.model, self.config, self.dataset_size = model, config, dataset_size
         self.objective = parts.OBJECTIVES[config.objective].constructor()
+        self.own_loss = hasattr(model, "training_loss")  # a model with a loss of its own (M2: labels partly missing)
 
     def forward(
         self, x: Tensor, noise: objectives.Noise, beta: float, y: Tensor | None = None
     ) -> tuple[Tensor, objectives.ElboTerms]:
-        if hasattr(self.model, "training_loss"):  # a model with a loss of its own (M2: labels partly missing)
+        if self.own_loss:
             return self.model.training_loss(x, noise, beta, self.config, self.dataset_size, y)
         model = objectives.given(self.model, y)  # a conditional model gets the batch's labels
         return self.objective(model, x, noise, beta, self.config, self.dataset_size)

@@ -28,7 +28,7 @@ from vaelab.distributions import Categoricals
 class CategoricalPosterior(nn.Module):
     """The ``categorical`` entry of ``parts.POSTERIORS``: the encoder's output (B, N K) -> q(z|x), N
     categoricals of K categories. In train mode its draws are relaxed at ``temperature``, a buffer the
-    training loop sets every step (:func:`anneal`), so the weights carry the temperature they ended at;
+    training loop sets every step (:func:`temperature_at`), so the weights carry the temperature they ended at;
     in eval mode they are one-hot."""
 
     def __init__(self, variables: int, categories: int, straight_through: bool = False, temperature: float = 1.0):
@@ -62,21 +62,10 @@ def temperature_at(config, step: int) -> float:
     return max(config.temperature_min, config.temperature * math.exp(-config.anneal_rate * step))
 
 
-def anneal(model: nn.Module, temperature: float) -> None:
-    """Set the relaxation's temperature of every categorical posterior in ``model``."""
-    for module in model.modules():
-        if isinstance(module, CategoricalPosterior):
-            module.temperature.fill_(temperature)
-
-
 def categorical_posterior_of(model) -> CategoricalPosterior | None:
     """The categorical posterior of ``model``, or None (any other model, or not an ``nn.Module``)."""
     modules = model.modules() if isinstance(model, nn.Module) else ()
     return next((m for m in modules if isinstance(m, CategoricalPosterior)), None)
-
-
-def is_categorical(model) -> bool:
-    return categorical_posterior_of(model) is not None
 
 
 @contextlib.contextmanager
