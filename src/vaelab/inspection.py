@@ -69,6 +69,18 @@ class Run:
         """The run's VQ-VAE posterior (its codebook, its codes' frequencies), or None."""
         return vq_posterior_of(self.model)
 
+    def codes_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Discrete latents: each variable's most probable category (a VQ-VAE's code) for images x, (B, V)."""
+        with torch.no_grad():
+            return self.model.encode(x).probs.argmax(-1)
+
+    def z_of(self, codes: torch.Tensor) -> torch.Tensor:
+        """Discrete latents: the z the decoder sees for one code per variable, (n, V) -> a VQ-VAE's codebook
+        vectors, or the categories one-hot."""
+        if self.vq is not None:
+            return self.vq.vectors(codes)
+        return torch.nn.functional.one_hot(codes, self.categories).float().flatten(1)
+
     @property
     def layered(self) -> bool:
         return len(self.layer_means) > 1
@@ -184,26 +196,15 @@ def traversals(model, z0: torch.Tensor, dims: list[int], values: np.ndarray) -> 
 
 
 @torch.no_grad()
-def category_switches(model, z0: torch.Tensor, variables: list[int], categories: int) -> list[np.ndarray]:
-    """For each categorical variable j: decoded images of the one-hot z0 (1, V K) with z_j switched to each of
-    its ``categories`` in turn, the other variables kept."""
+def code_switches(model, z_of, codes0: torch.Tensor, variables: list[int], codes: list[int]) -> list[np.ndarray]:
+    """Discrete latents (categorical variables, VQ-VAE's positions): for each variable j, decoded images of the
+    codes ``codes0`` (1, V) with variable j switched to each code of ``codes`` in turn, the others kept;
+    ``z_of`` turns codes into the z the decoder sees (:meth:`Run.z_of`)."""
     rows = []
     for j in variables:
-        z = z0.repeat(categories, 1).unflatten(-1, (-1, categories))  # (K, V, K)
-        z[:, j] = torch.eye(categories, dtype=z.dtype)
-        rows.append(decode_mean(model, z.flatten(1)))
-    return rows
-
-
-@torch.no_grad()
-def code_switches(model, vq, codes0: torch.Tensor, positions: list[int], codes: list[int]) -> list[np.ndarray]:
-    """VQ-VAE: for each position j, decoded images of the codes ``codes0`` (1, N) with position j switched
-    to each code of ``codes`` in turn, the other positions kept."""
-    rows = []
-    for j in positions:
         index = codes0.repeat(len(codes), 1)
         index[:, j] = torch.tensor(codes)
-        rows.append(decode_mean(model, vq.vectors(index)))
+        rows.append(decode_mean(model, z_of(index)))
     return rows
 
 

@@ -20,7 +20,6 @@ from vaelab.evaluation import Evaluation, evaluation_rows
 from vaelab.explain import Explanation
 from vaelab.fileio import atomic_write_bytes, atomic_write_text
 from vaelab.inspection import (
-    category_switches,
     code_switches,
     decode_mean,
     kl_parts,
@@ -493,7 +492,7 @@ def _prior_samples(run, examples: int) -> Section:
         return _samples_per_class(run, examples)
     if run.vq is not None:
         codes = run.vq.sample_codes(2 * examples, torch.Generator().manual_seed(0))
-        samples = decode_mean(run.model, run.vq.vectors(codes))
+        samples = decode_mean(run.model, run.z_of(codes))
         return Section(
             "Samples from the fitted prior",
             "Means of p(x|z) for codes drawn from each position's code frequencies in training (a categorical "
@@ -530,8 +529,7 @@ def _traversals(run) -> Section:
         vq, usage = run.vq, np.array(run.measured.codebook_usage)
         codes = np.argsort(-usage)[: min(10, vq.categories)].tolist()
         positions = np.argsort(-np.array(run.measured.activity))[: min(6, vq.variables)].tolist()  # most varied
-        codes0 = run.model.encode(run.test_x[:1]).index
-        rows = code_switches(run.model, vq, codes0, positions, codes)
+        rows = code_switches(run.model, run.z_of, run.codes_of(run.test_x[:1]), positions, codes)
         return Section(
             "Code switches",
             f"Starting from the first test image's codes, one position at a time (those whose codes vary most over "
@@ -540,8 +538,8 @@ def _traversals(run) -> Section:
         )
     if run.categories:
         top = run.dims_by_kl[: min(6, len(kl_avg))]
-        z0 = run.model.encode(run.test_x[:1]).mode
-        rows = category_switches(run.model, z0, top, run.categories)
+        categories = list(range(run.categories))
+        rows = code_switches(run.model, run.z_of, run.codes_of(run.test_x[:1]), top, categories)
         return Section(
             "Category switches",
             "Starting from the first test image's most probable categories, one variable at a time is switched "

@@ -199,7 +199,7 @@ def describe_run(run: Run) -> dict:
 
 def parse_z(text: str, latent_dim: int, categories: int | None = None) -> torch.Tensor:
     """A latent vector from 'z0,z1,...' (HTTP 422 unless it has ``latent_dim`` values in [-Z_RANGE, Z_RANGE]);
-    for ``categories`` K, one category 0 .. K - 1 per variable, returned one-hot, (1, latent_dim K)."""
+    for ``categories`` K, one category (code) 0 .. K - 1 per variable, returned as the codes, (1, latent_dim)."""
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
@@ -209,7 +209,7 @@ def parse_z(text: str, latent_dim: int, categories: int | None = None) -> torch.
     if categories is not None:
         if not all(v in range(categories) for v in values):
             raise HTTPException(422, f"each variable's category must be a whole number from 0 to {categories - 1}")
-        return torch.nn.functional.one_hot(torch.tensor([values]).long(), categories).float().flatten(1)
+        return torch.tensor([values]).long()
     if not all(abs(v) <= Z_RANGE for v in values):  # also rejects NaN
         raise HTTPException(422, f"every z value must lie in [-{Z_RANGE}, {Z_RANGE}]")
     return torch.tensor([values], dtype=torch.float32)
@@ -367,8 +367,8 @@ def create_app(run_dir: str | Path, host: str = "127.0.0.1") -> FastAPI:
     @app.get("/api/decode")
     def decode(z: str = Query(max_length=40 * 1024), label: int | None = Query(None, ge=0)) -> dict:
         latent = parse_z(z, model.latent_dim, run.categories)
-        if run.vq is not None:  # the codes' vectors, what VQ-VAE's decoder sees
-            latent = run.vq.vectors(latent.unflatten(-1, (model.latent_dim, run.categories)).argmax(-1))
+        if run.categories:  # codes: one-hot, or a VQ-VAE's codebook vectors
+            latent = run.z_of(latent)
         image = decode_mean(given(model, labels(label)), latent)[0]
         return {"image": png_data_url(image)}
 
