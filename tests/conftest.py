@@ -82,3 +82,12 @@ def server(trained_run):
     """`vaelab serve` of the trained run; yields its URL."""
     with serving(trained_run) as url:
         yield url
+
+
+def round_trip(coder, symbols):
+    """Code ``symbols`` with a bits-back coder and decode them again: assert the images and the initial bits
+    come back; return the message and what each image cost."""
+    message, costs = coder.encode(symbols)
+    decoded, returned = coder.decode(message, len(symbols))
+    assert returned and np.array_equal(decoded, symbols)
+    return message, costs

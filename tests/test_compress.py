@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.distributions import kl_divergence
 
-from conftest import write_idx
+from conftest import round_trip, write_idx
 from vaelab import bitsback
 from vaelab.bitsback import LatentGrid, model_coder
 from vaelab.cli import main
@@ -250,9 +250,7 @@ def test_importance_sampling_round_trips_and_pays_the_iwae_bound(runs):
     symbols = x.flatten(1).round().int().numpy()
     K = 10
     coder = model_coder(t.model, 2, 8, particles=K)
-    message, costs = coder.encode(symbols)
-    decoded, returned = coder.decode(message, len(symbols))
-    assert returned and np.array_equal(decoded, symbols)
+    message, costs = round_trip(coder, symbols)
     initial = 32 * len(bitsback.initial_words(coder.latent_dim, 0, K))
     assert abs(32 * len(message) - initial - costs.net.sum()) < 0.002 * costs.net.sum() + 64
 
@@ -310,9 +308,7 @@ def test_two_latent_layers_round_trip_and_pay_both_kl_terms(runs, tmp_path):
     symbols = x.flatten(1).round().int().numpy()
     coder = model_coder(t.model, 2, 8)
     assert coder.latent_dim == 4 + 3
-    message, costs = coder.encode(symbols)
-    decoded, returned = coder.decode(message, len(symbols))
-    assert returned and np.array_equal(decoded, symbols)
+    message, costs = round_trip(coder, symbols)
     assert (costs.z_pushed == 8 * 7).all()
     initial = 32 * len(bitsback.initial_words(coder.latent_dim, 0))
     assert abs(32 * len(message) - initial - costs.net.sum()) < 0.002 * costs.net.sum() + 64
@@ -335,9 +331,7 @@ def test_categorical_variables_are_coded_as_their_categories_and_pay_the_kl_term
     x, _ = t.split("test")
     symbols = x.flatten(1).round().int().numpy()
     coder = model_coder(t.model, 2, 8)
-    message, costs = coder.encode(symbols)
-    decoded, returned = coder.decode(message, len(symbols))
-    assert returned and np.array_equal(decoded, symbols)
+    message, costs = round_trip(coder, symbols)
     np.testing.assert_allclose(costs.z_pushed, 4 * math.log2(5), rtol=1e-12)
     kl_bits = kl_per_example(t.model, x).value.double().numpy() / math.log(2)
     expected = np.array([coder.expected_z_net(x[i : i + 1]) for i in range(len(x))])

@@ -14,6 +14,7 @@ import torch
 from torch.distributions import Categorical, kl_divergence
 
 import vaelab
+from conftest import round_trip
 from vaelab.cli import main
 from vaelab.config import Config
 from vaelab.data import semi_supervised
@@ -76,7 +77,7 @@ def test_the_unlabelled_models_sampled_elbo_is_the_exact_sum_over_labels():
 def test_the_iwae_estimate_sums_the_label_out():
     """log p(x) = log sum_y p(y) integral p(x|y, z) p(z) dz, the 2-D integral on a grid of 401 x 401 points
     over [-7, 7]^2 (the integrand's mass outside is below 1e-10 of it)."""
-    model, _ = small_model = small_m2()
+    model, _ = small_m2()
     model.eval()
     x = images(2, seed=4)
     grid = torch.linspace(-7, 7, 401)
@@ -96,7 +97,6 @@ def test_the_iwae_estimate_sums_the_label_out():
     torch.manual_seed(5)
     estimate = iwae_log_likelihood(model, x, 20_000)
     assert ((estimate - exact).abs() < 0.02).all(), (estimate, exact)
-    del small_model
 
 
 def test_the_labels_kept_are_balanced_and_seeded():
@@ -214,9 +214,7 @@ def test_m2_compresses_with_the_label_as_a_latent(tmp_path):
     x, _ = t.split("test")
     symbols = x.flatten(1).round().int().numpy()
     coder = model_coder(t.model, 2, 8)
-    message, costs = coder.encode(symbols)
-    decoded, returned = coder.decode(message, len(symbols))
-    assert returned and (decoded == symbols).all()
+    message, costs = round_trip(coder, symbols)
     assert costs.z_pushed == pytest.approx(8 * 3 + math.log2(10))
     coded = 32 * len(message) - 32 * len(initial_words(coder.latent_dim, 0))
     assert abs(coded - costs.net.sum()) < 0.002 * costs.net.sum() + 64
