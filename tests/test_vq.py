@@ -142,7 +142,8 @@ def test_the_page_of_a_vq_vae_picks_codes(tmp_path):
     out = tmp_path / "vq"
     assert main(["train", *VQ, "--epochs", "1", "--out", str(out)]) == 0
     client = TestClient(create_app(out), base_url="http://127.0.0.1")
-    assert client.get("/api/model").json()["categories"] == 8
+    described = client.get("/api/model").json()
+    assert described["categories"] == 8 and described["codebook"]
     assert client.get("/api/decode?z=0,1,2,7").status_code == 200
     assert client.get("/api/decode?z=0,1,2,8").status_code == 422
     inspected = client.get("/api/test/0").json()

@@ -176,6 +176,7 @@ def describe_run(run: Run) -> dict:
         "data": run.config.data,
         "latent_dim": run.model.latent_dim,
         "categories": run.categories,  # a categorical posterior: a category picker per variable, not sliders
+        "codebook": run.vq is not None,  # VQ-VAE: the categories are codes, z their codebook vectors
         "classes": run.config.classes if run.model_y is not None else None,  # conditional, and M2's pictures
         "x_shape": list(run.model.x_shape),
         "test_count": len(run.test_x),

@@ -183,7 +183,7 @@ async function start() {
   const top = layers ? ` of the top layer ${layers[0][0]}` : "";
   $("run").textContent = layers
     ? `${m.run}: ${m.data}, latent layers ${layers.map(([n, l]) => `${n} (${l.dims} dims, KL ${l.kl.toFixed(2)} nats)`).join(", ")}; ${m.test_count} test images; the sliders move ${layers[0][0]}`
-    : `${m.run}: ${m.data}, ${m.latent_dim} ${m.categories ? `categorical variables of ${m.categories} categories` : "latent dimensions"}, ${m.test_count} test images` +
+    : `${m.run}: ${m.data}, ${m.latent_dim} ${m.codebook ? `positions, each one of ${m.categories} codes` : m.categories ? `categorical variables of ${m.categories} categories` : "latent dimensions"}, ${m.test_count} test images` +
       (m.classes ? `; conditional on ${m.classes} labels` : "");
   if (m.kl_parts) {
     const label = (k) => names[k] ?? `KL of ${k.replace("kl_", "")}`;
@@ -219,13 +219,15 @@ async function start() {
   $("show").addEventListener("click", () => inspectIndex(+$("index").value));
   $("upload").addEventListener("change", inspectUpload);
   if (m.categories) {
-    $("latent-note").textContent = `One category picker per variable (of ${m.categories} categories, z one-hot), ` +
-      "the variables with the most KL first; the image is the decoder's mean.";
-    $("recon-at").textContent = "each variable's most probable category";
+    $("latent-note").textContent = m.codebook
+      ? `One code picker per position (of ${m.categories} codes, z their codebook vectors); the image is the decoder's mean.`
+      : `One category picker per variable (of ${m.categories} categories, z one-hot), ` +
+        "the variables with the most KL first; the image is the decoder's mean.";
+    $("recon-at").textContent = m.codebook ? "the nearest codes" : "each variable's most probable category";
   }
   const kl = (j) => (m.kl_per_dim ? `(${m.kl_per_dim[j].toFixed(2)} nats)` : "");
   const picker = (j) => `<select data-dim="${j}">` + // a categorical variable: one of its categories
-    [...Array(m.categories).keys()].map((k) => `<option value="${k}">category ${k}</option>`).join("") + "</select>";
+    [...Array(m.categories).keys()].map((k) => `<option value="${k}">${m.codebook ? "code" : "category"} ${k}</option>`).join("") + "</select>";
   $("sliders").innerHTML = m.dims_by_kl.map((j) => `<label><span>z${j} <small>${kl(j)}</small></span> ` +
     (m.categories ? picker(j) : `<input type="range" min="-3" max="3" step="0.05" value="0" data-dim="${j}"><output></output>`) +
     "</label>").join("");
