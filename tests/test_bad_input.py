@@ -494,6 +494,11 @@ CATALOGUE = [
         ["--top-latent-dim", "--family hierarchical"],
     ),
     (
+        "an order of inference without the hierarchical family",
+        lambda t: ["train", "--inference", "bottom-up"],
+        ["--inference", "--family hierarchical"],
+    ),
+    (
         "the hierarchical family with a VampPrior",
         lambda t: ["train", "--family", "hierarchical", "--prior", "vamp"],
         ["--family hierarchical is built with --prior normal", "--family vae"],
@@ -726,6 +731,16 @@ CATALOGUE = [
             "5",
         ],
         ["one latent layer", "--particles 1"],
+    ),
+    (
+        "the Bit-Swap order of a top-down hierarchical run",
+        lambda t: [*compress_run("--family", "hierarchical")(t), "--order", "bit-swap"],
+        ["--order bit-swap", "--inference bottom-up", "top-down", "drop --order"],
+    ),
+    (
+        "the Bit-Swap order of one latent layer",
+        lambda t: [*compress_run()(t), "--order", "bit-swap"],
+        ["--order bit-swap", "one latent layer", "drop --order"],
     ),
     ("compress a run with a VampPrior", compress_run("--prior", "vamp"), ["--prior vamp", "--prior normal"]),
     ("compress a conditional run", compress_run("--conditional"), ["--conditional", "labels"]),

@@ -233,7 +233,7 @@ def worker_pids(agent_pid: int) -> dict[int, int]:
 def test_a_killed_rank_costs_at_most_the_epoch_in_progress(tmp_path):
     """torchrun --max-restarts 1 runs the same command again when a rank dies; with --auto-resume it
     continues from the last checkpoint and ends with the parameters of an uninterrupted run, bit for bit."""
-    args = ["--hidden", "256", "--latent-dim", "3", "--batch-size", "16", "--epochs", "10", "--seed", "5"]
+    args = ["--hidden", "256", "--latent-dim", "3", "--batch-size", "64", "--epochs", "10", "--seed", "5"]
     args += ["--checkpoint-every", "0"]  # every epoch's checkpoint written: the kill costs one epoch
     reference = tmp_path / "reference"
     assert vaelab_train([*args, "--out", str(reference)], nproc=2).returncode == 0

@@ -44,19 +44,43 @@ TWO = [
 ]
 
 
-def two_level(shift: float = 0.0, seed: int = 0):
+def two_level(shift: float = 0.0, seed: int = 0, inference: str = "top-down"):
     m = TwoLevelLinearGaussian.random(seed=seed)
-    return TwoLevelLinearGaussian(m.A, m.a, m.var1, m.W, m.b, m.var, posterior_shift=shift)
+    return TwoLevelLinearGaussian(m.A, m.a, m.var1, m.W, m.b, m.var, posterior_shift=shift, inference=inference)
 
 
 # -- the contract on an exact two-layer model ------------------------------------------------------------
-def test_exact_two_layer_posterior_gives_log_px_in_every_importance_weight():
-    """With q(z2|x) q(z1|x, z2) the exact posterior, every joint importance weight over both layers is p(x)."""
+@pytest.mark.parametrize("inference", ["top-down", "bottom-up"])
+def test_exact_two_layer_posterior_gives_log_px_in_every_importance_weight(inference):
+    """With the exact posterior, q(z2|x) q(z1|x, z2) or q(z1|x) q(z2|z1), every joint importance weight
+    over both layers is p(x)."""
     torch.manual_seed(0)
-    model = two_level()
+    model = two_level(inference=inference)
     x = model.marginal().sample((6,))
     log_w = objectives.iwae_log_weights(model, x, 200)  # (200, 6)
     torch.testing.assert_close(log_w, model.log_px(x).expand_as(log_w), rtol=0, atol=1e-10)
+
+
+def test_bottom_up_elbo_is_unbiased_with_the_lower_layer_kl_sampled():
+    """Bottom-up, p(z1|z2) is read at a z2 drawn from z1: KL1 is log q(z1|x) - log p(z1|z2) at the samples
+    (marked Monte Carlo), and E_q[ELBO] = log p(x) - KL(q || p(z1, z2|x)) for a shifted q, within 4 standard
+    errors. The closed form of KL1 at the drawn z2 would be biased: its ELBO misses the exact one by more
+    than 20 standard errors."""
+    torch.manual_seed(5)
+    model, R = two_level(shift=0.3, inference="bottom-up"), 40_000
+    x = model.marginal().sample((1,)).expand(R, -1)
+    layers = model.latents(x, objectives.rsample)
+    assert [(layer.name, layer.closed_form) for layer in layers] == [("z2", True), ("z1", False)]
+    terms = objectives.elbo(_Fixed(model, layers), x)
+    assert terms.kl_method == "monte_carlo"
+    exact = (model.log_px(x[:1]) - model.kl_q_posterior(x[:1])).item()
+    se = terms.elbo.std().item() / math.sqrt(R)
+    assert abs(terms.elbo.mean().item() - exact) < 4 * se
+    top, bottom = layers
+    torch.testing.assert_close(terms.kl_per_layer["z1"], bottom.q.log_prob(bottom.z) - bottom.p.log_prob(bottom.z))
+    closed = kl_mvn(bottom.q.loc, bottom.q.covariance_matrix, bottom.p.mean, torch.diag_embed(bottom.p.variance))
+    biased = terms.reconstruction - terms.kl_per_layer["z2"] - closed
+    assert abs(biased.mean().item() - exact) > 20 * biased.std().item() / math.sqrt(R)
 
 
 def test_two_layer_elbo_matches_its_closed_form_and_stays_below_log_px():
@@ -138,6 +162,35 @@ def test_hierarchical_kl_per_layer_against_torch():
     torch.testing.assert_close(single, log_joint)
 
 
+def test_bottom_up_hierarchical_kl_per_layer_against_torch():
+    """--inference bottom-up: KL2 = KL(q(z2|z1) || N(0, I)) at the drawn z1 (torch.distributions), KL1 per
+    dimension log q(z1_j|x) - log p(z1_j|z2) at the samples (torch's Normal); the IWAE bound with k = 1 is
+    the single-sample ELBO at the same noise; evaluate's KL per layer is the plain Monte Carlo mean over joint draws."""
+    model = hierarchical(inference="bottom-up")
+    x = (torch.rand(7, 1, 8, 8) > 0.5).float()
+    terms = objectives.elbo(model, x, objectives.Noise(torch.Generator().manual_seed(0), 7))
+    top, bottom = model.latents(x, objectives.Noise(torch.Generator().manual_seed(0), 7).sample)
+    q, p = top.q.base_dist, top.p.base_dist
+    witness = kl_divergence(Normal(q.loc, q.scale), Normal(p.loc.expand_as(q.loc), p.scale.expand_as(q.scale)))
+    torch.testing.assert_close(terms.kl_per_layer["z2"], witness.sum(-1))
+    q, p = bottom.q.base_dist, bottom.p.base_dist
+    per_dim = Normal(q.loc, q.scale).log_prob(bottom.z) - Normal(p.loc, p.scale).log_prob(bottom.z)
+    torch.testing.assert_close(terms.kl_per_dim, torch.cat([witness, per_dim], -1))
+    torch.testing.assert_close(terms.kl, terms.kl_per_dim.sum(-1))
+    single = objectives.iwae_bound(model, x, 1, objectives.Noise(torch.Generator().manual_seed(0), 7))
+    log_joint = terms.reconstruction + sum(
+        layer.p.log_prob(layer.z) - layer.q.log_prob(layer.z) for layer in (top, bottom)
+    )
+    torch.testing.assert_close(single, log_joint)  # the single-sample ELBO, every KL sampled at the same z
+    kl = kl_per_example(model, x[:3], samples=4000, seed=3)
+    torch.manual_seed(4)
+    layers = model.latents(x[:3], lambda q: q.sample((4000,)))
+    for layer in layers:
+        r = layer.q.log_prob(layer.z) - layer.p.log_prob(layer.z)  # (4000, 3)
+        se = (r.std(0).square() / 4000 + kl.std_error.square()).sqrt()
+        assert ((kl.per_layer[layer.name] - r.mean(0)).abs() < 4 * se).all(), layer.name
+
+
 def test_hierarchical_kl_of_the_lower_layer_averages_over_the_top():
     """evaluate's KL of z1, a closed form averaged over draws of z2, against the plain Monte Carlo mean of
     log q(z1|x, z2) - log p(z1|z2) over joint draws (within 4 combined standard errors per example)."""
@@ -195,6 +248,21 @@ def test_hierarchical_trains_evaluates_reports_and_resumes(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert "KL per latent dimension, every layer" in page and "latent layers z2 (2 dimensions)" in page
+
+
+def test_bottom_up_inference_trains_evaluates_and_reports(tmp_path, capsys):
+    """--inference bottom-up from the command line: recorded in config.toml; evaluate gives each layer's KL
+    (z1's sampled: Monte Carlo) and takes no KL split of the top layer, whose q(z2|x) has no closed form; the
+    report draws the run."""
+    out = tmp_path / "b"
+    assert main(["train", *TWO, "--inference", "bottom-up", "--epochs", "2", "--out", str(out)]) == 0
+    assert 'inference = "bottom-up"' in (out / "config.toml").read_text()
+    assert main(["evaluate", str(out), "--iwae-k", "20"]) == 0
+    record = json.loads((out / "evaluation.json").read_text())
+    assert set(record["kl_per_layer"]) == {"z2", "z1"} and record["kl_method"] == "monte_carlo"
+    assert "kl_split" not in record and record["log_likelihood"] > record["elbo"] - 1.0
+    assert main(["report", str(out)]) == 0
+    assert "latent layers z2 (2 dimensions)" in (out / "report.html").read_text()
 
 
 def test_a_collapsed_top_layer_is_reported_and_free_bits_counter_it(tmp_path, capsys):

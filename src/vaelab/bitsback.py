@@ -87,6 +87,9 @@ class Costs:
     z_back: np.ndarray  # got back when z was popped with Q(z|x)
     # pixels whose value the model gives less than 2^-24: the coder charges them 24 bits, less than the model
     capped: np.ndarray
+    # the most the stack went below where it stood before the image (bits popped not yet paid back by pushes):
+    # what the first image needs as initial bits (for BB-ANS every pop, for Bit-Swap the first layer's)
+    peak: np.ndarray
 
     @property
     def z_net(self) -> np.ndarray:
@@ -95,6 +98,12 @@ class Costs:
     @property
     def net(self) -> np.ndarray:
         return self.pixels + self.z_net
+
+    def initial_bits_needed(self) -> float:
+        """The least the stack must hold before the first image so that no pop runs out: the highest of
+        each image's peak less what the images before it left on the stack."""
+        before = np.concatenate([[0.0], np.cumsum(self.net)[:-1]])
+        return float(max(0.0, (self.peak - before).max()))
 
 
 def floored(table: np.ndarray) -> np.ndarray:
@@ -217,7 +226,7 @@ class BitsBack:
         symbols = np.ascontiguousarray(symbols, dtype=np.int32)
         K, D, rows = self.particles, self.latent_dim, np.arange(self.latent_dim)
         coder = self._coder(initial_words(D, seed, K))
-        costs = np.zeros((4, len(symbols)))
+        costs = np.zeros((5, len(symbols)))
         with one_thread():
             for i, x in enumerate(symbols):
                 q = self._q(x)
@@ -231,13 +240,14 @@ class BitsBack:
                     coder.encode_reverse(others.ravel(), self._categorical, self._tiled(q, K - 1))  # push z_-j
                     back -= math.log2(w[0, j])
                     pushed += math.log2(K) - (log2_q.sum() - log2_q[j])
+                popped = -log2_q.sum() - (math.log2(w[0, j]) if K > 1 else 0.0)  # every pop precedes every push
                 p_x = self._p_x(zs[j])
                 coder.encode_reverse(x, self._categorical, p_x)  # push x with p(x|z_j)
                 coder.encode_reverse(zs[j], self._uniform)  # push z_j with P(z)
                 if K > 1:
                     coder.encode_reverse(np.array([j], dtype=np.int32), self._index)  # push j uniformly
                 coded = p_x[np.arange(len(x)), x]
-                costs[:, i] = (-np.log2(coded).sum(), pushed, back, (coded <= FLOOR).sum())
+                costs[:, i] = (-np.log2(coded).sum(), pushed, back, (coded <= FLOOR).sum(), popped)
         return coder.get_compressed(), Costs(*costs)
 
     @torch.no_grad()
@@ -311,7 +321,7 @@ class TwoLayerBitsBack(BitsBack):
     pop z2 with Q(z2|x), pop z1 with Q(z1|x, z2), push x with p(x|z1), push z1 with P(z1|z2), push z2
     with P(z2). The net bits for the latents average KL2 + E KL1, the two KL terms of the hierarchical
     ELBO. (Bit-Swap interleaves the pops and pushes to need fewer initial bits; that needs bottom-up
-    inference, q(z2|z1).)
+    inference, q(z2|z1): :class:`BitSwap`.)
 
     ``posterior(x, z2)`` gives (mu, sigma) of q(z2|x) for z2 None, else of q(z1|x, z2); ``prior(z2)``
     those of p(z1|z2); ``pmf(z1)`` p(x|z1)'s tables."""
@@ -345,10 +355,7 @@ class TwoLayerBitsBack(BitsBack):
     def encode(self, symbols: np.ndarray, seed: int = 0) -> tuple[np.ndarray, Costs]:
         symbols = np.ascontiguousarray(symbols, dtype=np.int32)
         coder = self._coder(initial_words(self.latent_dim, seed))
-        costs = np.zeros((4, len(symbols)))
-
-        def bits(table: np.ndarray, symbols: np.ndarray) -> float:
-            return -float(np.log2(table[np.arange(len(symbols)), symbols]).sum())
+        costs = np.zeros((5, len(symbols)))
 
         with one_thread():
             for i, x in enumerate(symbols):
@@ -362,7 +369,8 @@ class TwoLayerBitsBack(BitsBack):
                 coder.encode_reverse(z2, self._uniform)  # push z2 with P(z2)
                 coded = p_x[np.arange(len(x)), x]
                 pushed = self.grid.bits * self.latent_dim
-                costs[:, i] = (bits(p_x, x), pushed, bits(q2, z2) + bits(q1, z1), (coded <= FLOOR).sum())
+                back = _bits(q2, z2) + _bits(q1, z1)
+                costs[:, i] = (_bits(p_x, x), pushed, back, (coded <= FLOOR).sum(), back)  # both pops come first
         return coder.get_compressed(), Costs(*costs)
 
     @torch.no_grad()
@@ -378,6 +386,126 @@ class TwoLayerBitsBack(BitsBack):
                 coder.encode_reverse(z1, self._categorical, self._bottom(x, z2)[0])  # push z1 back with Q(z1|x, z2)
                 coder.encode_reverse(z2, self._categorical, self._q_top(x))  # push z2 back with Q(z2|x)
         return out, self._returned(coder, seed)
+
+
+def _bits(table: np.ndarray, symbols: np.ndarray) -> float:
+    """-log2 of the probabilities ``table`` (n, symbols) gives the ``symbols`` (n,), summed."""
+    return -float(np.log2(table[np.arange(len(symbols)), symbols]).sum())
+
+
+ORDERS = ("bit-swap", "bb-ans")
+
+
+class BitSwap(BitsBack):
+    """Two latent layers with bottom-up inference (``models.hierarchical``, ``--inference bottom-up``):
+    q(z1|x) q(z2|z1), p(z2) = N(0, I), p(z1|z2) a diagonal Gaussian, p(x|z1). z2 on the grid of equal
+    N(0, 1) mass; z1 is popped before z2 is known, so its buckets cannot follow p(z1|z2) (as
+    ``TwoLayerBitsBack``'s do): they have equal mass under N(m, s^2), the moments of the prior's marginal
+    p(z1) = E_p(z2) p(z1|z2) per dimension (``z1_moments``), and p(z1|z2)'s masses of them come from its
+    CDF, like q's.
+
+    The Bit-Swap order (Kingma, Abbeel & Ho 2019), ``order`` "bit-swap": pop z1 with Q(z1|x), push x with
+    p(x|z1), pop z2 with Q(z2|z1), push z1 with P(z1|z2), push z2 with P(z2). z2's pop takes bits that x
+    has just put on the stack, so the first image needs initial bits for z1 alone. ``order`` "bb-ans":
+    both pops first (pop z1, pop z2, push x, push z1, push z2), the same code length and more initial
+    bits. The net bits for the latents average KL2 + KL1 of the bottom-up ELBO.
+
+    ``posterior(x)`` gives (mu, sigma) of q(z1|x); ``top_posterior(z1)`` of q(z2|z1) and ``prior(z2)`` of
+    p(z1|z2) for one latent (1, D); ``pmf(z1)`` p(x|z1)'s tables."""
+
+    def __init__(
+        self,
+        posterior,
+        top_posterior,
+        prior,
+        pmf,
+        dims: tuple[int, int],
+        x_shape,
+        levels: int,
+        latent_bits: int,
+        z1_moments: tuple[Tensor, Tensor],
+        order: str = "bit-swap",
+    ):
+        super().__init__(posterior, pmf, dims[0] + dims[1], x_shape, levels, latent_bits)
+        self.top_posterior, self.prior, self.dims, self.order = top_posterior, prior, dims, order
+        self.z1_loc, self.z1_scale = z1_moments
+
+    def _table(self, params: tuple[Tensor, Tensor], standard: bool = False) -> np.ndarray:
+        """Masses of a diagonal Gaussian's buckets: on z2's grid, or (``standard``) on z1's."""
+        mu, sigma = (t.reshape(-1).double() for t in params)
+        if standard:
+            mu, sigma = (mu - self.z1_loc) / self.z1_scale, sigma / self.z1_scale
+        return floored(self.grid.masses(mu, sigma).numpy())
+
+    def _z1(self, index: np.ndarray) -> Tensor:
+        """z1's value for its bucket indices (D1,): (1, D1)."""
+        centres = self.grid.centres[torch.from_numpy(index.astype(np.int64))]
+        return (self.z1_loc + self.z1_scale * centres).float()[None]
+
+    def _q1(self, x: np.ndarray) -> np.ndarray:
+        return self._table(self.posterior(self._image(x)), standard=True)
+
+    def _pixels(self, z1_value: Tensor) -> np.ndarray:
+        return floored(self.pmf(z1_value).reshape(-1, self.levels).numpy())
+
+    @torch.no_grad()
+    def encode(self, symbols: np.ndarray, seed: int = 0) -> tuple[np.ndarray, Costs]:
+        symbols = np.ascontiguousarray(symbols, dtype=np.int32)
+        coder = self._coder(initial_words(self.latent_dim, seed))
+        costs = np.zeros((5, len(symbols)))
+        swap = self.order == "bit-swap"
+        with one_thread():
+            for i, x in enumerate(symbols):
+                q1 = self._q1(x)
+                z1 = coder.decode(self._categorical, q1)  # pop z1 with Q(z1|x)
+                z1_value = self._z1(z1)
+                p_x = self._pixels(z1_value)
+                if swap:
+                    coder.encode_reverse(x, self._categorical, p_x)  # push x with p(x|z1)
+                q2 = self._table(self.top_posterior(z1_value))
+                z2 = coder.decode(self._categorical, q2)  # pop z2 with Q(z2|z1)
+                if not swap:
+                    coder.encode_reverse(x, self._categorical, p_x)  # push x with p(x|z1)
+                p1 = self._table(self.prior(self._values(z2[None])), standard=True)
+                coder.encode_reverse(z1, self._categorical, p1)  # push z1 with P(z1|z2)
+                coder.encode_reverse(z2, self._uniform)  # push z2 with P(z2)
+                coded = p_x[np.arange(len(x)), x]
+                b1, b2, bx = _bits(q1, z1), _bits(q2, z2), _bits(p_x, x)
+                peak = max(b1, b1 - bx + b2) if swap else b1 + b2
+                pushed = _bits(p1, z1) + self.grid.bits * self.dims[1]
+                costs[:, i] = (bx, pushed, b1 + b2, (coded <= FLOOR).sum(), peak)
+        return coder.get_compressed(), Costs(*costs)
+
+    @torch.no_grad()
+    def decode(self, message: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, bool]:
+        coder = self._coder(np.ascontiguousarray(message, dtype=np.uint32))
+        out = np.zeros((n, math.prod(self.x_shape)), dtype=np.int32)
+        swap = self.order == "bit-swap"
+        with one_thread():
+            for i in reversed(range(n)):
+                z2 = coder.decode(self._uniform, self.dims[1])  # pop z2 with P(z2)
+                p1 = self._table(self.prior(self._values(z2[None])), standard=True)
+                z1 = coder.decode(self._categorical, p1)  # pop z1 with P(z1|z2)
+                z1_value = self._z1(z1)
+                q2 = self._table(self.top_posterior(z1_value))
+                if swap:
+                    coder.encode_reverse(z2, self._categorical, q2)  # push z2 back with Q(z2|z1)
+                out[i] = x = coder.decode(self._categorical, self._pixels(z1_value))  # pop x with p(x|z1)
+                if not swap:
+                    coder.encode_reverse(z2, self._categorical, q2)  # push z2 back with Q(z2|z1)
+                coder.encode_reverse(z1, self._categorical, self._q1(x))  # push z1 back with Q(z1|x)
+        return out, self._returned(coder, seed)
+
+
+def z1_moments(prior, top_dim: int, draws: int = 4096) -> tuple[Tensor, Tensor]:
+    """The mean and standard deviation per dimension of p(z1) = E_p(z2) p(z1|z2), ``prior(z2)`` giving
+    (mu, sigma) of p(z1|z2): from ``draws`` seeded z2 ~ N(0, I), rounded (the mean to 1/16, the deviation
+    to a power of 2^(1/8)) so that the coder and the decoder place z1's grid alike. (D1,) float64 each."""
+    z2 = torch.randn(draws, top_dim, generator=torch.Generator().manual_seed(0))
+    with one_thread(), torch.no_grad():
+        mu, sigma = (t.double() for t in prior(z2))
+    scale = (sigma.square().mean(0) + mu.var(0)).sqrt()
+    return torch.round(mu.mean(0) * 16) / 16, torch.exp2(torch.round(torch.log2(scale) * 8) / 8)
 
 
 class LabelBitsBack(BitsBack):
@@ -412,7 +540,7 @@ class LabelBitsBack(BitsBack):
     def encode(self, symbols: np.ndarray, seed: int = 0) -> tuple[np.ndarray, Costs]:
         symbols = np.ascontiguousarray(symbols, dtype=np.int32)
         coder = self._coder(initial_words(self.latent_dim, seed))
-        costs = np.zeros((4, len(symbols)))
+        costs = np.zeros((5, len(symbols)))
         with one_thread():
             for i, x in enumerate(symbols):
                 q_y = self._q_y(x)
@@ -426,7 +554,7 @@ class LabelBitsBack(BitsBack):
                 coded = p_x[np.arange(len(x)), x]
                 back = -math.log2(q_y[0, y]) - float(np.log2(q_z[np.arange(self.dims), z]).sum())
                 pushed = self.grid.bits * self.dims + math.log2(self.classes)
-                costs[:, i] = (-np.log2(coded).sum(), pushed, back, (coded <= FLOOR).sum())
+                costs[:, i] = (-np.log2(coded).sum(), pushed, back, (coded <= FLOOR).sum(), back)  # y's, z's pops first
         return coder.get_compressed(), Costs(*costs)
 
     @torch.no_grad()
@@ -443,11 +571,12 @@ class LabelBitsBack(BitsBack):
         return out, self._returned(coder, seed)
 
 
-def model_coder(model, levels: int, latent_bits: int, particles: int = 1) -> BitsBack:
+def model_coder(model, levels: int, latent_bits: int, particles: int = 1, order: str = "bb-ans") -> BitsBack:
     """BB-ANS (BB-IS with ``particles`` > 1) for a trained model with a discrete likelihood of ``levels``
     pixel values: one latent layer (``models.base.VAE``) with a diagonal Gaussian posterior and a
     standard normal prior, or categorical variables and the uniform prior (``latent_bits`` unused), or
-    two Gaussian layers (``models.hierarchical``, BB-ANS only)."""
+    two Gaussian layers (``models.hierarchical``, BB-ANS only; with bottom-up inference in the Bit-Swap
+    ``order``, or "bb-ans")."""
 
     def pmf(z: Tensor, at: Tensor | None = None) -> Tensor:
         return model.likelihood.pmf(model.decoder(z).float(), at)
@@ -470,7 +599,25 @@ def model_coder(model, levels: int, latent_bits: int, particles: int = 1) -> Bit
             classify, label_posterior, label_pmf, model.latent_dim, model.classes, model.x_shape, levels, latent_bits
         )
 
-    if len(model.layer_dims) == 2:
+    dims = tuple(model.layer_dims.values())  # top first
+    if len(dims) == 2 and model.inference == "bottom-up":
+
+        def p_bottom(z2: Tensor) -> tuple[Tensor, Tensor]:
+            return params(model._p_bottom(z2))  # p(z1|z2)
+
+        return BitSwap(
+            lambda x: params(model._q_z1(x)),  # q(z1|x)
+            lambda z1: params(model._q_z2(z1)),  # q(z2|z1)
+            p_bottom,
+            pmf,
+            (dims[1], dims[0]),
+            model.x_shape,
+            levels,
+            latent_bits,
+            z1_moments(p_bottom, dims[0]),
+            order,
+        )
+    if len(dims) == 2:
 
         def posterior(x: Tensor, z2: Tensor | None) -> tuple[Tensor, Tensor]:
             if z2 is None:
@@ -480,7 +627,6 @@ def model_coder(model, levels: int, latent_bits: int, particles: int = 1) -> Bit
         def prior(z2: Tensor) -> tuple[Tensor, Tensor]:
             return params(model._p_bottom(z2))
 
-        dims = (model.layer_dims["z2"], model.layer_dims["z1"])
         return TwoLayerBitsBack(posterior, prior, pmf, dims, model.x_shape, levels, latent_bits)
 
     def one_layer(x: Tensor) -> tuple[Tensor, Tensor]:

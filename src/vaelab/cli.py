@@ -223,7 +223,17 @@ def _described(what: str, table) -> str:
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     from vaelab import parts
-    from vaelab.config import BINARIZE, DEVICES, LR_SCHEDULES, PRECISIONS, PRESETS, TC_ESTIMATORS, WARMUPS, Config
+    from vaelab.config import (
+        BINARIZE,
+        DEVICES,
+        INFERENCE,
+        LR_SCHEDULES,
+        PRECISIONS,
+        PRESETS,
+        TC_ESTIMATORS,
+        WARMUPS,
+        Config,
+    )
 
     d = Config()
     groups = [p]
@@ -294,6 +304,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     )
     opt("--top-latent-dim", "--family hierarchical: dimension of z2, the top layer", type=positive_int, metavar="D")
     opt("--top-hidden", "--family hierarchical: hidden sizes between z1 and z2", type=_hidden, metavar="SIZES")
+    opt(
+        "--inference",
+        "--family hierarchical: top-down, q(z2|x) q(z1|x,z2), or bottom-up, q(z1|x) q(z2|z1) (Bit-Swap codes it)",
+        choices=INFERENCE,
+    )
     opt("--posterior", _described("q(z|x)", parts.POSTERIORS), choices=parts.POSTERIORS.names())
     opt("--posterior-rank", "the rank R of --posterior lowrank", type=positive_int, metavar="R")
     opt("--flow-steps", "--posterior iaf: the number of flow steps K", type=positive_int, metavar="K")
@@ -503,6 +518,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         seed=args.seed,
         iwae_k=args.iwae_k,
         overwrite=args.overwrite,
+        order=args.order,
     )
     print(
         f"wrote {args.output}: lossless (checked by decoding it), {summary['encode_seconds']:.2f} s to encode, "
@@ -722,6 +738,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="1: BB-ANS, whose limit is -ELBO; K > 1: BB-IS with K importance samples, whose limit is the "
         "IWAE-K bound, for more initial bits (default: 1)",
+    )
+    p.add_argument(
+        "--order",
+        choices=("bit-swap", "bb-ans"),
+        help="two latent layers: bit-swap pops z2 after pushing x, so fewer initial bits (needs --inference "
+        "bottom-up, where it is the default); bb-ans pops both first (the default elsewhere)",
     )
     p.add_argument(
         "--iwae-k", type=int, default=1000, metavar="K", help="samples for -log2 p(x) beside the code; 0 skips it"

@@ -32,7 +32,9 @@ import torch
 from vaelab import rundir
 from vaelab.bitsback import (
     MAX_LATENT_BITS,
+    ORDERS,
     BitsBack,
+    BitSwap,
     CategoricalBitsBack,
     LabelBitsBack,
     TwoLayerBitsBack,
@@ -76,6 +78,7 @@ def model_identity(model: torch.nn.Module, config: Config) -> str:
     """SHA-256 of the model's weights (names, dtypes, shapes, bytes) and the config fields that build it."""
     # a discrete posterior's categories and code size too (only there: a file of a Gaussian run keeps its identity)
     names = MODEL_FIELDS + (("categories", "code_dim") if POSTERIORS[config.posterior].discrete else ())
+    names += ("inference",) if config.inference != "top-down" else ()  # (top-down files keep their identity)
     h = hashlib.sha256(json.dumps({k: config.to_dict().get(k) for k in names}, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
@@ -125,6 +128,24 @@ def check_codable(config: Config, particles: int = 1) -> None:
             "--posterior categorical) to compress"
         )
     coding_levels(config)
+
+
+def check_order(config: Config, order: str | None) -> str:
+    """The order of a two-layer code: Bit-Swap where inference is bottom-up (the default there), else
+    BB-ANS (the default, and the only order of every other run)."""
+    bottom_up = FAMILIES[config.family].layers > 1 and config.inference == "bottom-up"
+    if order is None:
+        return "bit-swap" if bottom_up else "bb-ans"
+    if order not in ORDERS:
+        raise UserError(f"--order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if order == "bit-swap" and not bottom_up:
+        raise UserError(
+            "--order bit-swap pops z2 with q(z2|z1) after pushing x, which needs a run of --family hierarchical "
+            "--inference bottom-up; this run has "
+            + ("top-down inference, q(z2|x) q(z1|x,z2)" if FAMILIES[config.family].layers > 1 else "one latent layer")
+            + ": drop --order (its code is BB-ANS)"
+        )
+    return order
 
 
 def read_record(run_dir: Path, sha: str | None = None) -> dict | None:
@@ -321,6 +342,7 @@ def compress(
     seed: int = 0,
     iwae_k: int = 1000,
     overwrite: bool = False,
+    order: str | None = None,
 ) -> dict:
     """``vaelab compress``: code ``images`` (a file or folder; default the run's ``split``) with the run's
     model into ``out`` by BB-ANS (``particles`` 1) or BB-IS (``particles`` K > 1), check the file by
@@ -338,6 +360,7 @@ def compress(
     run = Path(run)
     trained = open_trained(run)
     check_codable(trained.config, particles)
+    order = check_order(trained.config, order)
     if POSTERIORS[trained.config.posterior].discrete and latent_bits is not None:
         raise UserError(
             f"--latent-bits sets the grid of a Gaussian latent; this run's z is {trained.config.latent_dim} "
@@ -347,16 +370,16 @@ def compress(
     data = images_of(trained, images, split)
     records = images is None and run.is_dir()  # the run's own split: its record goes into the run, for its report
     with rundir.lock(run, "compressing") if records else contextlib.nullcontext():  # taken once the input is good
-        summary = _compress(trained, data, run, out, latent_bits, particles, seed, iwae_k)
+        summary = _compress(trained, data, run, out, latent_bits, particles, seed, iwae_k, order)
         if records:
             record = {**summary, "split": split, "weights_sha256": weights_sha256(run)}
             atomic_write_text(run / RECORD, json.dumps(record, indent=1))
     return summary
 
 
-def _compress(trained, data: Images, run: Path, out: Path, latent_bits, particles, seed, iwae_k) -> dict:
+def _compress(trained, data: Images, run: Path, out: Path, latent_bits, particles, seed, iwae_k, order) -> dict:
     levels, N = data.levels, len(data.symbols)
-    coder = model_coder(trained.model, levels, latent_bits, particles)
+    coder = model_coder(trained.model, levels, latent_bits, particles, order)
     start = time.perf_counter()
     message, costs = coder.encode(data.symbols, seed)
     encode_s = time.perf_counter() - start
@@ -369,7 +392,7 @@ def _compress(trained, data: Images, run: Path, out: Path, latent_bits, particle
         )
     header = {
         "version": VERSION,
-        "coder": "bb-is" if particles > 1 else "bb-ans",
+        "coder": "bb-is" if particles > 1 else order,
         "particles": particles,
         "run": str(Path(run).resolve()),
         "model": model_identity(trained.model, trained.config),
@@ -397,7 +420,7 @@ def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_
     to_bits = 1 / math.log(2)
     q_grid = (  # several latents, one below another: no single sum over one grid
         np.array([coder.expected_z_net(x[i : i + 1]) for i in range(len(x))])
-        if not isinstance(coder, TwoLayerBitsBack | LabelBitsBack)
+        if not isinstance(coder, TwoLayerBitsBack | BitSwap | LabelBitsBack)
         else None
     )
     per_image = {
@@ -423,7 +446,9 @@ def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_
         "dimensions": P,
         "likelihood": trained.config.likelihood,
         "latent_dim": coder.latent_dim,
-        "layers": 2 if isinstance(coder, TwoLayerBitsBack | LabelBitsBack) else 1,
+        "layers": 2 if isinstance(coder, TwoLayerBitsBack | BitSwap | LabelBitsBack) else 1,
+        "inference": trained.config.inference if isinstance(coder, TwoLayerBitsBack | BitSwap) else None,
+        "order": "bb-is" if particles > 1 else getattr(coder, "order", "bb-ans"),
         "label_classes": coder.classes if isinstance(coder, LabelBitsBack) else None,  # M2: y coded as a latent
         "latent_bits": coder.grid.bits,  # per dimension; log2 K for a categorical variable of K categories
         "categories": coder.grid.categories if isinstance(coder, CategoricalBitsBack) else None,
@@ -432,6 +457,8 @@ def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_
         "iwae_k": iwae_k if "log_likelihood" in per else None,
         "bits_per_image": mean,
         "initial_bits": 32 * len(initial_words(coder.latent_dim, seed, particles)),
+        # what the stack had to hold before the first image: the initial bits this message needed
+        "initial_bits_needed": costs.initial_bits_needed(),
         "message_bits": 32 * len(message),
         "file_bits": 8 * len(blob),
         "general_purpose_bits": general_purpose_bits(data),
@@ -464,7 +491,9 @@ def decompress(path, out, *, run=None, overwrite: bool = False) -> dict:
     particles = header.get("particles")
     if not isinstance(particles, int) or not 1 <= particles <= MAX_PARTICLES:
         raise UserError(f"{path} is damaged (its header names no number of particles); compress again")
-    coder = model_coder(trained.model, levels, header["latent_bits"], particles)
+    if header.get("coder") not in ("bb-is", *ORDERS):
+        raise UserError(f"{path} is damaged (its header names no known coder); compress again")
+    coder = model_coder(trained.model, levels, header["latent_bits"], particles, header["coder"])
     start = time.perf_counter()
     symbols, returned = coder.decode(message, header["images"], header["seed"])
     seconds = time.perf_counter() - start
@@ -541,7 +570,7 @@ def format_summary(s: dict) -> str:
         per = bits if per_image else bits / N
         return f"  {label:<60} {per:>11.2f} {per / P:>9.4f}"
 
-    coder = "BB-ANS" if K == 1 else f"BB-IS with {K} particles"
+    coder = "Bit-Swap" if s.get("order") == "bit-swap" else "BB-ANS" if K == 1 else f"BB-IS with {K} particles"
     lines = [
         f"{coder}: {N} images {'x'.join(map(str, s['x_shape']))} from {s['where']}, {s['likelihood']} likelihood, "
         + latent_code(s),
@@ -553,6 +582,12 @@ def format_summary(s: dict) -> str:
             row("y pushed with p(y) uniformly, z with p(z)", b["z_pushed"]),
             row("y and z got back when popped with q(y|x), q(z|x,y)", -b["z_back"]),
             row("y and z net: the label's KL and z's, as this coder paid them", b["z_net"]),
+        ]
+    elif s.get("inference") == "bottom-up":
+        lines += [
+            row("z1 pushed with p(z1|z2), z2 with p(z2)", b["z_pushed"]),
+            row("z1 and z2 got back when popped with q(z1|x), q(z2|z1)", -b["z_back"]),
+            row("z net: the two KL terms, as this coder paid them", b["z_net"]),
         ]
     elif s.get("layers") == 2:
         lines += [
@@ -581,6 +616,8 @@ def format_summary(s: dict) -> str:
             if s.get("layers") != 2
             else "  KL(q(y|x) || p(y)) + KL of z (at sampled y)"
             if s.get("label_classes")
+            else "  KL2 (at sampled z1) + KL1 (sampled)"
+            if s.get("inference") == "bottom-up"
             else "  KL2 + KL1 (at sampled z2)",
             b["kl"],
         ),
@@ -596,6 +633,7 @@ def format_summary(s: dict) -> str:
         )
     lines += [
         row(f"initial bits (given back on decoding: {s['initial_bits']} in all)", s["initial_bits"], False),
+        row("  of them needed: popped before the first image paid them back", s["initial_bits_needed"], False),
         row(f"the file, header and checksum included ({s['file_bits'] // 8:,} bytes)", s["file_bits"], False),
     ]
     lines += [row(name, bits, False) for name, bits in s["general_purpose_bits"].items()]

@@ -29,6 +29,7 @@ else:  # pragma: no cover
 # tables of parts.py; these are the loop's own options.
 BINARIZE = ("none", "static", "dynamic")
 WARMUPS = ("constant", "linear", "cyclical")
+INFERENCE = ("top-down", "bottom-up")  # the hierarchical family's order of inference (models/hierarchical.py)
 TC_ESTIMATORS = ("mss", "mws")  # decomposition.MINIBATCH_ESTIMATORS
 PRECISIONS = ("fp32", "bf16", "auto")
 DEVICES = ("auto", "cpu", "cuda")
@@ -90,6 +91,8 @@ class Config:
     latent_dim: int = 20  # of z (one layer), or of z1, the layer next to x (hierarchical)
     top_latent_dim: int = 10  # hierarchical: the dimension of z2, the top layer
     top_hidden: tuple[int, ...] = (100, 100)  # hierarchical: hidden sizes between z1 and z2, both ways
+    # hierarchical: top-down, q(z2|x) q(z1|x, z2); bottom-up, q(z1|x) q(z2|z1), which Bit-Swap codes
+    inference: str = "top-down"
     posterior: str = "diagonal"
     posterior_rank: int = 1  # the rank of W in --posterior lowrank
     flow_steps: int = 2  # --posterior iaf: the number of inverse autoregressive flow steps
@@ -150,6 +153,7 @@ class Config:
         choices = {
             "binarize": BINARIZE,
             "family": parts.FAMILIES.names(),
+            "inference": INFERENCE,
             "model": ("auto", *parts.ARCHITECTURES.names()),
             "activation": parts.ACTIVATIONS.names(),
             "posterior": parts.POSTERIORS.names(),
@@ -274,10 +278,10 @@ class Config:
         family = parts.FAMILIES[self.family]
         defaults = {f.name: f.default for f in fields(Config)}
         if family.layers == 1:
-            given = [n for n in ("top_latent_dim", "top_hidden") if getattr(self, n) != defaults[n]]
+            given = [n for n in ("top_latent_dim", "top_hidden", "inference") if getattr(self, n) != defaults[n]]
             if given:
                 flag = given[0].replace("_", "-")
-                raise UserError(f"--{flag} sets the top layer of --family hierarchical; add --family hierarchical")
+                raise UserError(f"--{flag} sets the layers of --family hierarchical; add --family hierarchical")
         for kind, value, allowed in (
             ("prior", self.prior, family.priors),
             ("posterior", self.posterior, family.posteriors),

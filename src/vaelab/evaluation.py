@@ -44,7 +44,6 @@ from vaelab.kl import (
     kl_closed_form,
     kl_monte_carlo,
     kl_normal_normal,
-    kl_q_p,
     rng_from,
 )
 from vaelab.models.categorical import categorical_posterior_of, relaxed
@@ -147,7 +146,7 @@ def _kl_of_layers(model, x: Tensor, samples: int, generator: torch.Generator) ->
     with rng_from(generator):
         layers = model.latents(x, lambda q: q.sample((samples,)))
     B = x.shape[0]
-    kls = {layer.name: kl_q_p(layer.q, layer.p, layer.z) for layer in layers}  # (B,) for the top, (samples, B) below
+    kls = {layer.name: layer.kl() for layer in layers}  # (B,) for the top, (samples, B) below
     values = {name: k.value.expand(samples, B) for name, k in kls.items()}
     total = torch.stack(list(values.values())).sum(0)
     factorises = all(k.per_dim is not None for k in kls.values())
@@ -403,7 +402,8 @@ def evaluate(
 
     ``split_kl``: take the KL apart (:func:`kl_split`, :func:`kl_split_categorical`); it needs Gaussian
     or categorical posteriors, whose aggregate has a density (not a flow's); a VQ-VAE's constant KL is
-    never split. With several latent layers it takes apart the top layer's KL, KL(q(z_top|x) || p(z_top)).
+    never split. With several latent layers it takes apart the top layer's KL, KL(q(z_top|x) || p(z_top)),
+    where inference is top-down (bottom-up, q(z2|x) is a mixture over z1 without a density to split).
 
     Returns the record and per-example tensors (elbo, reconstruction, kl, kl_std_error,
     log_likelihood, kl_per_dim, where the run has them) for ``--per-example``.
@@ -488,7 +488,8 @@ def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[
             collapsed_layers=collapsed_layers(kl_layers),
         )
     split_parts, relaxation = {}, {}
-    if split_kl and vq is None:  # VQ-VAE's KL is N log K for every image: nothing to take apart
+    # VQ-VAE's KL is N log K for every image: nothing to take apart; bottom-up inference has no q(z2|x) to split
+    if split_kl and vq is None and getattr(model, "inference", "top-down") == "top-down":
         with rng_from(seeded(seed, "kl-split")):
             split_parts = (  # a categorical top layer (categorical variables, M2's label) by its own estimator
                 _split_of_the_top_layer(model, x, kl, top)

@@ -283,6 +283,21 @@ def kl_closed_form(q: Distribution, p: Distribution) -> KLResult | None:
         return None
 
 
+def kl_sampled(q: Distribution, p: Distribution, z: Tensor) -> KLResult:
+    """The single-sample estimate log q(z) - log p(z) at ``z``, per dimension too where both are
+    diagonal Gaussians: for a pair whose closed form would be biased because p was chosen after z
+    was drawn (bottom-up inference: p(z1|z2) at z2 ~ q(z2|z1), ``models.hierarchical``)."""
+    per_dim = None
+    if _diagonal(q) and _diagonal(p):
+        per_dim = q.base_dist.log_prob(z) - p.base_dist.log_prob(z)
+        return KLResult(per_dim.sum(-1), "monte_carlo", per_dim)
+    return KLResult(q.log_prob(z) - p.log_prob(z), "monte_carlo")
+
+
+def _diagonal(d: Distribution) -> bool:
+    return isinstance(d, Independent) and isinstance(d.base_dist, Normal) and d.reinterpreted_batch_ndims == 1
+
+
 def kl_q_p(q: Distribution, p: Distribution, z: Tensor | None = None) -> KLResult:
     """KL(q || p) per example, analytic where a closed form exists (:func:`kl_closed_form`), else Monte Carlo.
 

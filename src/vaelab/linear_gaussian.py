@@ -190,6 +190,13 @@ class TwoLevelLinearGaussian:
 
     (Bishop, PRML eqs. 2.113-2.117 for each step.) ``posterior_shift`` moves the means of the
     model's own q away from these, for an imperfect q.
+
+    The same posterior factors bottom-up too (``inference`` "bottom-up"), since x depends on z2 only
+    through z1:
+
+        p(z1 | x)    : z1 ~ N(a, S1), S1 = A A^T + s1^2 I, -> x linear-Gaussian:
+                       C1' = (S1^-1 + W^T W / s^2)^-1,  m1' = C1' (S1^-1 a + W^T (x - b) / s^2)
+        p(z2 | z1)   : C2' = (I + A^T A / s1^2)^-1,  m2' = C2' A^T (z1 - a) / s1^2
     """
 
     A: Tensor  # (k1, k2)
@@ -199,6 +206,7 @@ class TwoLevelLinearGaussian:
     b: Tensor  # (d,)
     var: float  # s^2
     posterior_shift: float = 0.0
+    inference: str = "top-down"  # or "bottom-up": the order in which latents() infers the layers
 
     @classmethod
     def random(cls, data_dim: int = 5, dims: tuple[int, int] = (3, 2), seed: int = 0, dtype=torch.float64):
@@ -236,13 +244,32 @@ class TwoLevelLinearGaussian:
         m1 = ((z2 @ self.A.T + self.a) / self.var1 + (x - self.b) @ self.W / self.var) @ C1
         return MultivariateNormal(m1 - self.posterior_shift, covariance_matrix=C1)
 
+    def posterior_z1(self, x: Tensor) -> MultivariateNormal:
+        """p(z1 | x), batch (B,): bottom-up inference's first step."""
+        k1 = self.A.shape[0]
+        S1_inv = torch.linalg.inv(self.A @ self.A.T + self.var1 * self._eye(k1))
+        C = torch.linalg.inv(S1_inv + self.W.T @ self.W / self.var)
+        m = (S1_inv @ self.a + (x - self.b) @ self.W / self.var) @ C
+        return MultivariateNormal(m + self.posterior_shift, covariance_matrix=C)
+
+    def posterior_z2(self, z1: Tensor) -> MultivariateNormal:
+        """p(z2 | z1) = p(z2 | x, z1), batch (*S, B) for z1 (*S, B, k1): bottom-up inference's second step."""
+        C = torch.linalg.inv(self._eye(self.A.shape[1]) + self.A.T @ self.A / self.var1)
+        m = ((z1 - self.a) @ self.A / self.var1) @ C
+        return MultivariateNormal(m + self.posterior_shift, covariance_matrix=C)
+
     def kl_q_posterior(self, x: Tensor) -> Tensor:
         r"""KL(q(z1, z2|x) || p(z1, z2|x)) of the model's own q, exactly: with every mean shifted by delta,
         1/2 delta^2 (1^T C2^-1 1 + 1^T C1^-1 1) (the two layers' shifts of equal-covariance Gaussians; the
         second does not depend on z2). So E_q[ELBO] = log p(x) - this."""
-        z2 = x.new_zeros(self.A.shape[1])
+        z2, z1 = x.new_zeros(self.A.shape[1]), x.new_zeros(self.A.shape[0])
         quad = 0.0
-        for q in (self.posterior_top(x[:1]), self.posterior_bottom(x[:1], z2)):  # covariances do not depend on x
+        pair = (
+            (self.posterior_z1(x[:1]), self.posterior_z2(z1[None]))
+            if self.inference == "bottom-up"
+            else (self.posterior_top(x[:1]), self.posterior_bottom(x[:1], z2))
+        )
+        for q in pair:  # covariances do not depend on x
             C = q.covariance_matrix[0]
             delta = torch.full(C.shape[:1], self.posterior_shift, dtype=C.dtype)
             quad = quad + delta @ torch.linalg.solve(C, delta)
@@ -250,6 +277,17 @@ class TwoLevelLinearGaussian:
 
     # -- the model contract (objectives.LatentVariableModel), q = the exact posterior (shifted) --------
     def latents(self, x: Tensor, draw: Draw) -> list[LatentLayer]:
+        if self.inference == "bottom-up":
+            q1 = self.posterior_z1(x)
+            z1 = draw(q1)
+            q2 = self.posterior_z2(z1)
+            zeros = x.new_zeros(x.shape[0], self.A.shape[1])
+            z2 = reparametrize(q2, draw(diag_normal(zeros, zeros)))
+            p1 = Independent(Normal(z2 @ self.A.T + self.a, self.var1**0.5), 1)
+            return [
+                LatentLayer("z2", q2, standard_normal(self.A.shape[1], dtype=x.dtype), z2),
+                LatentLayer("z1", q1, p1, z1, closed_form=False),
+            ]
         q2 = self.posterior_top(x)
         z2 = draw(q2)
         q1 = self.posterior_bottom(x, z2)

@@ -32,7 +32,7 @@ from torch.distributions import Distribution
 
 from vaelab.decomposition import decompose_minibatch
 from vaelab.distributions import base_loc, reparametrize
-from vaelab.kl import KLResult, diag_normal_params, kl_q_p
+from vaelab.kl import KLResult, diag_normal_params, kl_q_p, kl_sampled
 
 Draw = Callable[[Distribution], Tensor]  # q -> a reparametrised sample z ~ q (maybe with leading sample dims)
 
@@ -47,6 +47,13 @@ class LatentLayer:
     q: Distribution
     p: Distribution
     z: Tensor
+    # False where p(z_l | ...) is evaluated at a layer drawn *after* z_l (bottom-up inference: p(z1|z2) with
+    # z2 ~ q(z2|z1)): there the closed form at that draw is biased, and the KL is log q(z_l) - log p(z_l)
+    closed_form: bool = True
+
+    def kl(self) -> KLResult:
+        """This layer's KL term per example: :func:`kl.kl_q_p`, or :func:`kl.kl_sampled` at z."""
+        return kl_q_p(self.q, self.p, self.z) if self.closed_form else kl_sampled(self.q, self.p, self.z)
 
 
 class LatentVariableModel(Protocol):
@@ -195,7 +202,7 @@ def elbo(model: LatentVariableModel, x: Tensor, noise: Noise | None = None) -> E
     (from the global RNG, or from ``noise``)."""
     layers = model.latents(x, rsample if noise is None else noise.sample)
     log_px_given_z = model.log_px_given_z(layers, x)  # (B,): the likelihood's event dims are summed
-    kls = {layer.name: kl_q_p(layer.q, layer.p, layer.z) for layer in layers}
+    kls = {layer.name: layer.kl() for layer in layers}
     terms = ElboTerms.of_layers(log_px_given_z, kls)
     auxiliary = [layer.q.auxiliary_loss for layer in layers if hasattr(layer.q, "auxiliary_loss")]
     return replace(terms, auxiliary=sum(auxiliary)) if auxiliary else terms
@@ -332,7 +339,7 @@ def tc_objective(model: LatentVariableModel, x: Tensor, noise: Noise | None, bet
         + config.tc_weight * parts.total_correlation
         + config.dwkl_weight * parts.dimension_wise_kl
     )
-    terms = ElboTerms.of_layers(reconstruction, {layer.name: kl_q_p(layer.q, layer.p, layer.z)})
+    terms = ElboTerms.of_layers(reconstruction, {layer.name: layer.kl()})
     kl_parts = {
         "mutual_information": parts.mutual_information.detach(),
         "total_correlation": parts.total_correlation.detach(),
