@@ -738,6 +738,21 @@ CATALOGUE = [
         ["--order bit-swap", "--inference bottom-up", "top-down", "drop --order"],
     ),
     (
+        "coupled particles without particles",
+        lambda t: [*compress_run()(t), "--coupled"],
+        ["--coupled", "--particles K"],
+    ),
+    (
+        "coupled particles of categorical latents",
+        lambda t: [*compress_run("--posterior", "categorical")(t), "--particles", "4", "--coupled"],
+        ["--coupled", "categorical", "drop --coupled"],
+    ),
+    (
+        "an order of two layers with particles",
+        lambda t: [*compress_run()(t), "--particles", "4", "--order", "bb-ans"],
+        ["--order", "--particles 4", "drop it"],
+    ),
+    (
         "the Bit-Swap order of one latent layer",
         lambda t: [*compress_run()(t), "--order", "bit-swap"],
         ["--order bit-swap", "one latent layer", "drop --order"],

@@ -182,9 +182,13 @@ class BitsBack:
     def _q(self, symbols: np.ndarray) -> np.ndarray:
         return floored(self._masses(self._image(symbols)).numpy())
 
+    def initial_words(self, seed: int) -> np.ndarray:
+        """The message's initial bits: room for the first image's pops (:func:`initial_words`)."""
+        return initial_words(self.latent_dim, seed, self.particles)
+
     def _returned(self, coder, seed: int) -> bool:
         """Whether what is left on the stack after decoding is exactly the initial bits."""
-        left, initial = coder.get_compressed(), initial_words(self.latent_dim, seed, self.particles)
+        left, initial = coder.get_compressed(), self.initial_words(seed)
         return len(left) == len(initial) and bool((left == initial).all())
 
     def _values(self, z_index: np.ndarray) -> Tensor:
@@ -225,7 +229,7 @@ class BitsBack:
         bits; return the message (uint32 words) and what each image cost."""
         symbols = np.ascontiguousarray(symbols, dtype=np.int32)
         K, D, rows = self.particles, self.latent_dim, np.arange(self.latent_dim)
-        coder = self._coder(initial_words(D, seed, K))
+        coder = self._coder(self.initial_words(seed))
         costs = np.zeros((5, len(symbols)))
         with one_thread():
             for i, x in enumerate(symbols):
@@ -270,6 +274,105 @@ class BitsBack:
                     zs = np.insert(others, j, z, 0)
                     coder.encode_reverse(np.array([j], dtype=np.int32), self._categorical, self._weights(x, zs, q))
                 coder.encode_reverse(zs.ravel(), self._categorical, self._tiled(q, K))  # push the particles back
+        return out, self._returned(coder, seed)
+
+
+COUPLING_BITS = 16  # BB-CIS: q(z_j|x) quantised to counts out of 2^16 per dimension, the uniform u's range
+
+
+def quantised_counts(masses: np.ndarray, bits: int = COUPLING_BITS) -> np.ndarray:
+    """Integer counts out of 2^bits per row of ``masses`` (D, n), each at least 1, deterministic: floor of the
+    mass times the counts left after one each, plus one, and what rounding leaves to each row's largest."""
+    n = masses.shape[1]
+    counts = np.floor(masses * (2**bits - n)).astype(np.int64) + 1
+    counts[np.arange(len(counts)), masses.argmax(1)] += 2**bits - counts.sum(1)
+    return counts
+
+
+class CoupledBitsBack(BitsBack):
+    """McBits' coupled BB-IS (BB-CIS; Ruan et al. 2021, section 4.2): the K particles come from one popped
+    uniform, so the first image needs initial bits for one particle, not K. q(z_j|x) is quantised to
+    integer counts out of 2^16 (each bucket's share of [0, 2^16)); a uniform u in [0, 2^16)^D is popped
+    (16 bits per dimension), and particle k is the bucket holding u + k 2^16 / K (mod 2^16), each one a
+    draw from the quantised q, the K of them stratified. j is popped with the normalised importance
+    weights; then u_j's place inside z_j's bucket is pushed (log2 of its count per dimension), j uniformly,
+    x with p(x|z_j) and z_j with P(z). The net length is -log2 (1/K sum_k w_k), the IWAE-K bound's, as for
+    BB-IS; decoding recovers u_j, hence u and every particle, and pushes j and u back."""
+
+    def __init__(self, posterior, pmf, latent_dim: int, x_shape, levels: int, latent_bits: int, particles: int):
+        import constriction
+
+        super().__init__(posterior, pmf, latent_dim, x_shape, levels, latent_bits, particles)
+        self._u = constriction.stream.model.Uniform(2**COUPLING_BITS)
+        self._offset = constriction.stream.model.Uniform()  # sizes given per call
+        self._shifts = (np.arange(particles, dtype=np.int64) * 2**COUPLING_BITS) // particles
+
+    def initial_words(self, seed: int) -> np.ndarray:
+        return initial_words(self.latent_dim, seed)  # one particle's room: the uniform takes 16 bits per dimension
+
+    def _counts(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """q(z|x)'s counts (D, n) and their cumulative sums (D, n + 1)."""
+        counts = quantised_counts(self._masses(self._image(x)).numpy())
+        return counts, np.concatenate([np.zeros((len(counts), 1), np.int64), np.cumsum(counts, 1)], 1)
+
+    def _particles(self, u: np.ndarray, cdf: np.ndarray) -> np.ndarray:
+        """The buckets (K, D) of the K shifted uniforms u + shift_k (mod 2^16)."""
+        shifted = (u[None] + self._shifts[:, None]) % 2**COUPLING_BITS  # (K, D)
+        return np.stack(
+            [np.searchsorted(row, col, side="right") - 1 for row, col in zip(cdf, shifted.T, strict=True)], 1
+        )
+
+    def _within(self, counts: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """The dimensions whose bucket holds more than one count: there u's place inside it is coded."""
+        return counts[np.arange(len(z)), z] > 1
+
+    @torch.no_grad()
+    def encode(self, symbols: np.ndarray, seed: int = 0) -> tuple[np.ndarray, Costs]:
+        symbols = np.ascontiguousarray(symbols, dtype=np.int32)
+        D, rows = self.latent_dim, np.arange(self.latent_dim)
+        coder = self._coder(self.initial_words(seed))
+        costs = np.zeros((5, len(symbols)))
+        with one_thread():
+            for i, x in enumerate(symbols):
+                counts, cdf = self._counts(x)
+                u = coder.decode(self._u, D).astype(np.int64)  # pop the uniform
+                zs = self._particles(u, cdf)
+                q = counts / 2**COUPLING_BITS
+                w = self._weights(x, zs, q)
+                j = int(coder.decode(self._categorical, w)[0])  # pop the index with the weights
+                z = zs[j]
+                inside = self._within(counts, z)
+                place = (u + self._shifts[j]) % 2**COUPLING_BITS - cdf[rows, z]
+                sizes = counts[rows, z][inside].astype(np.int32)
+                coder.encode_reverse(place[inside].astype(np.int32), self._offset, sizes)  # push u_j's place
+                coder.encode_reverse(np.array([j], dtype=np.int32), self._index)  # push j uniformly
+                p_x = self._p_x(z)
+                coder.encode_reverse(x, self._categorical, p_x)  # push x with p(x|z_j)
+                coder.encode_reverse(z.astype(np.int32), self._uniform)  # push z_j with P(z)
+                coded = p_x[np.arange(len(x)), x]
+                popped = COUPLING_BITS * D - math.log2(w[0, j])
+                pushed = self.grid.bits * D + math.log2(self.particles) + float(np.log2(sizes).sum())
+                costs[:, i] = (-np.log2(coded).sum(), pushed, popped, (coded <= FLOOR).sum(), popped)
+        return coder.get_compressed(), Costs(*costs)
+
+    @torch.no_grad()
+    def decode(self, message: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, bool]:
+        coder = self._coder(np.ascontiguousarray(message, dtype=np.uint32))
+        D, rows = self.latent_dim, np.arange(self.latent_dim)
+        out = np.zeros((n, math.prod(self.x_shape)), dtype=np.int32)
+        with one_thread():
+            for i in reversed(range(n)):
+                z = coder.decode(self._uniform, D).astype(np.int64)  # pop z_j with P(z)
+                out[i] = x = coder.decode(self._categorical, self._p_x(z))  # pop x with p(x|z_j)
+                j = int(coder.decode(self._index, 1)[0])  # pop j
+                counts, cdf = self._counts(x)
+                inside = self._within(counts, z)
+                place = np.zeros(D, dtype=np.int64)
+                place[inside] = coder.decode(self._offset, counts[rows, z][inside].astype(np.int32))
+                u = (cdf[rows, z] + place - self._shifts[j]) % 2**COUPLING_BITS
+                w = self._weights(x, self._particles(u, cdf), counts / 2**COUPLING_BITS)
+                coder.encode_reverse(np.array([j], dtype=np.int32), self._categorical, w)  # push j with the weights
+                coder.encode_reverse(u.astype(np.int32), self._u)  # push the uniform back
         return out, self._returned(coder, seed)
 
 
@@ -354,7 +457,7 @@ class TwoLayerBitsBack(BitsBack):
     @torch.no_grad()
     def encode(self, symbols: np.ndarray, seed: int = 0) -> tuple[np.ndarray, Costs]:
         symbols = np.ascontiguousarray(symbols, dtype=np.int32)
-        coder = self._coder(initial_words(self.latent_dim, seed))
+        coder = self._coder(self.initial_words(seed))
         costs = np.zeros((5, len(symbols)))
 
         with one_thread():
@@ -451,7 +554,7 @@ class BitSwap(BitsBack):
     @torch.no_grad()
     def encode(self, symbols: np.ndarray, seed: int = 0) -> tuple[np.ndarray, Costs]:
         symbols = np.ascontiguousarray(symbols, dtype=np.int32)
-        coder = self._coder(initial_words(self.latent_dim, seed))
+        coder = self._coder(self.initial_words(seed))
         costs = np.zeros((5, len(symbols)))
         swap = self.order == "bit-swap"
         with one_thread():
@@ -539,7 +642,7 @@ class LabelBitsBack(BitsBack):
     @torch.no_grad()
     def encode(self, symbols: np.ndarray, seed: int = 0) -> tuple[np.ndarray, Costs]:
         symbols = np.ascontiguousarray(symbols, dtype=np.int32)
-        coder = self._coder(initial_words(self.latent_dim, seed))
+        coder = self._coder(self.initial_words(seed))
         costs = np.zeros((5, len(symbols)))
         with one_thread():
             for i, x in enumerate(symbols):
@@ -571,12 +674,14 @@ class LabelBitsBack(BitsBack):
         return out, self._returned(coder, seed)
 
 
-def model_coder(model, levels: int, latent_bits: int, particles: int = 1, order: str = "bb-ans") -> BitsBack:
+def model_coder(
+    model, levels: int, latent_bits: int, particles: int = 1, order: str = "bb-ans", coupled: bool = False
+) -> BitsBack:
     """BB-ANS (BB-IS with ``particles`` > 1) for a trained model with a discrete likelihood of ``levels``
     pixel values: one latent layer (``models.base.VAE``) with a diagonal Gaussian posterior and a
     standard normal prior, or categorical variables and the uniform prior (``latent_bits`` unused), or
     two Gaussian layers (``models.hierarchical``, BB-ANS only; with bottom-up inference in the Bit-Swap
-    ``order``, or "bb-ans")."""
+    ``order``, or "bb-ans"). ``coupled``: BB-IS's particles from one uniform (one Gaussian layer)."""
 
     def pmf(z: Tensor, at: Tensor | None = None) -> Tensor:
         return model.likelihood.pmf(model.decoder(z).float(), at)
@@ -642,4 +747,6 @@ def model_coder(model, levels: int, latent_bits: int, particles: int = 1, order:
         vectors = getattr(discrete, "vectors", None)  # VQ-VAE's codebook
         return CategoricalBitsBack(probs, pmf, V, K, model.x_shape, levels, particles, vectors)
 
+    if coupled:
+        return CoupledBitsBack(one_layer, pmf, model.latent_dim, model.x_shape, levels, latent_bits, particles)
     return BitsBack(one_layer, pmf, model.latent_dim, model.x_shape, levels, latent_bits, particles)

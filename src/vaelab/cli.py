@@ -519,6 +519,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         iwae_k=args.iwae_k,
         overwrite=args.overwrite,
         order=args.order,
+        coupled=args.coupled,
     )
     print(
         f"wrote {args.output}: lossless (checked by decoding it), {summary['encode_seconds']:.2f} s to encode, "
@@ -738,6 +739,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="1: BB-ANS, whose limit is -ELBO; K > 1: BB-IS with K importance samples, whose limit is the "
         "IWAE-K bound, for more initial bits (default: 1)",
+    )
+    p.add_argument(
+        "--coupled",
+        action="store_true",
+        help="with --particles K: the K particles from one popped uniform (McBits' BB-CIS), so the first image "
+        "needs one particle's initial bits, not K",
     )
     p.add_argument(
         "--order",

@@ -38,7 +38,6 @@ from vaelab.bitsback import (
     CategoricalBitsBack,
     LabelBitsBack,
     TwoLayerBitsBack,
-    initial_words,
     model_coder,
 )
 from vaelab.config import Config
@@ -130,9 +129,24 @@ def check_codable(config: Config, particles: int = 1) -> None:
     coding_levels(config)
 
 
-def check_order(config: Config, order: str | None) -> str:
-    """The order of a two-layer code: Bit-Swap where inference is bottom-up (the default there), else
-    BB-ANS (the default, and the only order of every other run)."""
+SCHEMES = ("bb-ans", "bit-swap", "bb-is", "bb-cis")  # a file's "coder"
+
+
+def check_scheme(config: Config, order: str | None, particles: int, coupled: bool) -> str:
+    """The coder of a run (one of :data:`SCHEMES`): BB-IS with ``particles`` > 1 (coupled: BB-CIS, for a
+    Gaussian latent); else the order of a two-layer code, Bit-Swap where inference is bottom-up (the
+    default there), else BB-ANS (the default, and the only order of every other run)."""
+    if coupled and particles == 1:
+        raise UserError("--coupled draws BB-IS's particles from one uniform; add --particles K (K > 1)")
+    if coupled and POSTERIORS[config.posterior].discrete:
+        raise UserError(
+            f"--coupled draws the particles of a Gaussian latent from one uniform; this run's z is categorical "
+            f"(--posterior {config.posterior}): drop --coupled (BB-IS pops its particles one by one)"
+        )
+    if particles > 1:
+        if order is not None:
+            raise UserError(f"--order sets how two latent layers are coded; with --particles {particles} drop it")
+        return "bb-cis" if coupled else "bb-is"
     bottom_up = FAMILIES[config.family].layers > 1 and config.inference == "bottom-up"
     if order is None:
         return "bit-swap" if bottom_up else "bb-ans"
@@ -343,9 +357,11 @@ def compress(
     iwae_k: int = 1000,
     overwrite: bool = False,
     order: str | None = None,
+    coupled: bool = False,
 ) -> dict:
     """``vaelab compress``: code ``images`` (a file or folder; default the run's ``split``) with the run's
-    model into ``out`` by BB-ANS (``particles`` 1) or BB-IS (``particles`` K > 1), check the file by
+    model into ``out`` by BB-ANS (``particles`` 1; two layers inferred bottom-up in Bit-Swap's ``order``)
+    or BB-IS (``particles`` K > 1; its K particles from one uniform if ``coupled``), check the file by
     decoding it, and return every number (bits per image, bits per dimension) beside the model's
     -ELBO, its IWAE estimate of -log2 p(x) and general-purpose coders."""
     out = Path(out)
@@ -360,7 +376,7 @@ def compress(
     run = Path(run)
     trained = open_trained(run)
     check_codable(trained.config, particles)
-    order = check_order(trained.config, order)
+    scheme = check_scheme(trained.config, order, particles, coupled)
     if POSTERIORS[trained.config.posterior].discrete and latent_bits is not None:
         raise UserError(
             f"--latent-bits sets the grid of a Gaussian latent; this run's z is {trained.config.latent_dim} "
@@ -370,16 +386,22 @@ def compress(
     data = images_of(trained, images, split)
     records = images is None and run.is_dir()  # the run's own split: its record goes into the run, for its report
     with rundir.lock(run, "compressing") if records else contextlib.nullcontext():  # taken once the input is good
-        summary = _compress(trained, data, run, out, latent_bits, particles, seed, iwae_k, order)
+        summary = _compress(trained, data, run, out, latent_bits, particles, seed, iwae_k, scheme)
         if records:
             record = {**summary, "split": split, "weights_sha256": weights_sha256(run)}
             atomic_write_text(run / RECORD, json.dumps(record, indent=1))
     return summary
 
 
-def _compress(trained, data: Images, run: Path, out: Path, latent_bits, particles, seed, iwae_k, order) -> dict:
+def scheme_coder(model, levels: int, latent_bits: int, particles: int, scheme: str) -> BitsBack:
+    """The coder of ``scheme`` (one of :data:`SCHEMES`, a file's "coder") for a model."""
+    order = scheme if scheme in ORDERS else "bb-ans"
+    return model_coder(model, levels, latent_bits, particles, order, coupled=scheme == "bb-cis")
+
+
+def _compress(trained, data: Images, run: Path, out: Path, latent_bits, particles, seed, iwae_k, scheme) -> dict:
     levels, N = data.levels, len(data.symbols)
-    coder = model_coder(trained.model, levels, latent_bits, particles, order)
+    coder = scheme_coder(trained.model, levels, latent_bits, particles, scheme)
     start = time.perf_counter()
     message, costs = coder.encode(data.symbols, seed)
     encode_s = time.perf_counter() - start
@@ -392,7 +414,7 @@ def _compress(trained, data: Images, run: Path, out: Path, latent_bits, particle
         )
     header = {
         "version": VERSION,
-        "coder": "bb-is" if particles > 1 else order,
+        "coder": scheme,
         "particles": particles,
         "run": str(Path(run).resolve()),
         "model": model_identity(trained.model, trained.config),
@@ -409,7 +431,8 @@ def _compress(trained, data: Images, run: Path, out: Path, latent_bits, particle
     }
     blob = pack(header, message)
     atomic_write_bytes(out, blob)
-    return {"file": str(out), **_summary(trained, data, coder, costs, message, blob, iwae_k, seed, encode_s, decode_s)}
+    summary = _summary(trained, data, coder, costs, message, blob, iwae_k, seed, encode_s, decode_s)
+    return {"file": str(out), "coder": scheme, **summary}
 
 
 def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_k, seed, encode_s, decode_s) -> dict:
@@ -448,7 +471,6 @@ def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_
         "latent_dim": coder.latent_dim,
         "layers": 2 if isinstance(coder, TwoLayerBitsBack | BitSwap | LabelBitsBack) else 1,
         "inference": trained.config.inference if isinstance(coder, TwoLayerBitsBack | BitSwap) else None,
-        "order": "bb-is" if particles > 1 else getattr(coder, "order", "bb-ans"),
         "label_classes": coder.classes if isinstance(coder, LabelBitsBack) else None,  # M2: y coded as a latent
         "latent_bits": coder.grid.bits,  # per dimension; log2 K for a categorical variable of K categories
         "categories": coder.grid.categories if isinstance(coder, CategoricalBitsBack) else None,
@@ -456,7 +478,7 @@ def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_
         "particles": particles,
         "iwae_k": iwae_k if "log_likelihood" in per else None,
         "bits_per_image": mean,
-        "initial_bits": 32 * len(initial_words(coder.latent_dim, seed, particles)),
+        "initial_bits": 32 * len(coder.initial_words(seed)),
         # what the stack had to hold before the first image: the initial bits this message needed
         "initial_bits_needed": costs.initial_bits_needed(),
         "message_bits": 32 * len(message),
@@ -491,9 +513,9 @@ def decompress(path, out, *, run=None, overwrite: bool = False) -> dict:
     particles = header.get("particles")
     if not isinstance(particles, int) or not 1 <= particles <= MAX_PARTICLES:
         raise UserError(f"{path} is damaged (its header names no number of particles); compress again")
-    if header.get("coder") not in ("bb-is", *ORDERS):
+    if header.get("coder") not in SCHEMES:
         raise UserError(f"{path} is damaged (its header names no known coder); compress again")
-    coder = model_coder(trained.model, levels, header["latent_bits"], particles, header["coder"])
+    coder = scheme_coder(trained.model, levels, header["latent_bits"], particles, header["coder"])
     start = time.perf_counter()
     symbols, returned = coder.decode(message, header["images"], header["seed"])
     seconds = time.perf_counter() - start
@@ -570,7 +592,11 @@ def format_summary(s: dict) -> str:
         per = bits if per_image else bits / N
         return f"  {label:<60} {per:>11.2f} {per / P:>9.4f}"
 
-    coder = "Bit-Swap" if s.get("order") == "bit-swap" else "BB-ANS" if K == 1 else f"BB-IS with {K} particles"
+    coder = {
+        "bit-swap": "Bit-Swap",
+        "bb-is": f"BB-IS with {K} particles",
+        "bb-cis": f"BB-IS with {K} coupled particles (BB-CIS)",
+    }.get(s.get("coder"), "BB-ANS")
     lines = [
         f"{coder}: {N} images {'x'.join(map(str, s['x_shape']))} from {s['where']}, {s['likelihood']} likelihood, "
         + latent_code(s),
