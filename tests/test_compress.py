@@ -340,6 +340,15 @@ def test_the_run_keeps_a_record_its_report_draws(runs, tmp_path):
     text = page.read_text()
     assert "The KL term as bits" in text and f"{summary['bits_per_image']['kl']:.2f}" in text
     assert any("kl-term-as-bits" in f.name for f in figures)
+    # the latent-bits sweep: nested grids, so z's expected net climbs with b and stays under the analytic KL
+    sweep = record["latent_bits_sweep"]
+    assert [row["latent_bits"] for row in sweep] == [2, 4, 6, 8, 10, 12]
+    z_net = [row["z_net"] for row in sweep]
+    assert all(a <= b + 1e-9 for a, b in zip(z_net, z_net[1:], strict=False)) and z_net[0] < z_net[-1]
+    assert z_net[-1] <= record["bits_per_image"]["kl"] + 1e-6
+    # the file's own grid (a batch of images through the encoder, not one by one: float32 rounding apart)
+    assert z_net[3] == pytest.approx(record["bits_per_image"]["z_net_expected"], rel=1e-6)
+    assert "a cheap z, dear pixels" in text and any("cheap-z" in f.name for f in figures)
     from fastapi.testclient import TestClient
 
     from vaelab.web.app import create_app

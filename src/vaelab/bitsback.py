@@ -45,6 +45,7 @@ from vaelab.models.vq import vq_posterior_of
 QUANTISATION_BITS = 24  # constriction's probability precision: no symbol costs more than 24 bits
 MAX_LATENT_BITS = 16
 FLOOR = 2.0**-QUANTISATION_BITS  # the least probability the coder gives a symbol
+SWEEP_BITS = (2, 4, 6, 8, 10, 12)  # the grids whose costs compress records (BitsBack.latent_bits_sweep)
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,31 @@ class BitsBack:
 
     def _p_x(self, z_index: np.ndarray) -> np.ndarray:
         return self._tables(z_index.reshape(1, -1))[0]
+
+    @torch.no_grad()
+    def latent_bits_sweep(self, symbols: np.ndarray, bits=SWEEP_BITS, seed: int = 0) -> list[dict[str, float]]:
+        """What BB-ANS pays per image on grids of 2^b buckets, b in ``bits``, as means over the images
+        ``symbols`` (N, pixels): the net bits for z that fair coin flips pay (exact: a sum over every bucket),
+        and the bits for x at one bucket per dimension drawn from Q (seeded: an estimate of E_Q -log2 p(x|z)).
+        Coarse grids make z cheap and x dear. The grids are nested (each bucket of 2^b is two of 2^(b+1)),
+        so z's expected net never falls as b grows, and never passes the analytic KL (data processing)."""
+        rng, rows = np.random.default_rng(seed), []
+        for b in bits:
+            grid, z_net, pixels = LatentGrid.of(b), [], []
+            chunk = max(1, min(100, 2**22 // (self.latent_dim * 2**b)))  # the masses of a chunk: at most 32 MiB
+            for start in range(0, len(symbols), chunk):
+                s = np.ascontiguousarray(symbols[start : start + chunk])
+                x = torch.from_numpy(s.astype(np.float32) / (self.levels - 1)).view(-1, *self.x_shape)
+                mu, sigma = self.posterior(x)
+                q = grid.masses(mu.reshape(len(s), -1), sigma.reshape(len(s), -1))  # (n, D, 2^b)
+                z_net.append((q * (torch.log2(q.clamp_min(1e-300)) + b)).sum((1, 2)))
+                u = torch.from_numpy(rng.random(q.shape[:2]))
+                index = (q.cumsum(-1) < u.unsqueeze(-1)).sum(-1).clamp(max=2**b - 1)  # a bucket drawn from Q
+                at = torch.from_numpy(s.astype(np.int64))
+                pixels.append(-torch.log2(self.pmf(grid.centres[index].float(), at).clamp_min(FLOOR)).sum(1))
+            z, xs = torch.cat(z_net).mean().item(), torch.cat(pixels).mean().item()
+            rows.append({"latent_bits": b, "z_net": z, "pixels": xs, "net": z + xs})
+        return rows
 
     def _weights(self, x: np.ndarray, particles: np.ndarray, q: np.ndarray) -> np.ndarray:
         """The normalised importance weights of the particles (K, D): p(x|z_k) P(z_k) / Q(z_k|x), (1, K);

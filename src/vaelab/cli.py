@@ -60,7 +60,7 @@ EXAMPLES = {
     ),
     "compress": (
         "examples:\n  vaelab compress runs/mnist-5k -o test.vbb\n  vaelab compress runs/mnist-5k digits.npy -o d.vbb\n"
-        "  vaelab compress runs/mnist-5k -o test.vbb --particles 50 --json numbers.json"
+        "  vaelab compress runs/mnist-5k -o test.vbb --particles 50 --coupled --json numbers.json"
     ),
     "explain": (
         "examples:\n  vaelab explain\n  vaelab explain --latent-dim 3 --data-dim 8 --json steps.json --html steps.html"

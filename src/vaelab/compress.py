@@ -462,6 +462,8 @@ def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_
     if "log_likelihood" in per:
         per_image["neg_log2_px"] = -per["log_likelihood"].double().numpy() * to_bits
     mean = {k: float(v.mean()) for k, v in per_image.items()}
+    # a Gaussian grid's costs at other grids (one layer): coarse buckets, a cheap latent and dear pixels
+    sweep = coder.latent_bits_sweep(data.symbols, seed=seed) if type(coder) is BitsBack and particles == 1 else None
     return {
         "images": N,
         "where": data.where,
@@ -484,6 +486,7 @@ def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_
         "message_bits": 32 * len(message),
         "file_bits": 8 * len(blob),
         "general_purpose_bits": general_purpose_bits(data),
+        "latent_bits_sweep": sweep,
         "encode_seconds": encode_s,
         "decode_seconds": decode_s,
         "per_image": {k: [round(float(v), 4) for v in values] for k, values in per_image.items()},
@@ -584,6 +587,13 @@ def latent_code(s: dict) -> str:
     return f"z of {s['latent_dim']} dimensions on a grid of 2^{s['latent_bits']} buckets each"
 
 
+def coder_name(s: dict) -> str:
+    """The coder of a compression's summary (or record), in words."""
+    K = s["particles"]
+    names = {"bit-swap": "Bit-Swap", "bb-is": f"BB-IS with {K} particles", "bb-cis": f"BB-CIS ({K} coupled particles)"}
+    return names.get(s.get("coder"), "BB-ANS" if K == 1 else f"BB-IS with {K} particles")  # records before "coder"
+
+
 def format_summary(s: dict) -> str:
     """The table ``vaelab compress`` prints: bits per image and per dimension, mean over the images."""
     b, P, N, K = s["bits_per_image"], s["dimensions"], s["images"], s["particles"]
@@ -592,11 +602,7 @@ def format_summary(s: dict) -> str:
         per = bits if per_image else bits / N
         return f"  {label:<60} {per:>11.2f} {per / P:>9.4f}"
 
-    coder = {
-        "bit-swap": "Bit-Swap",
-        "bb-is": f"BB-IS with {K} particles",
-        "bb-cis": f"BB-IS with {K} coupled particles (BB-CIS)",
-    }.get(s.get("coder"), "BB-ANS")
+    coder = coder_name(s)
     lines = [
         f"{coder}: {N} images {'x'.join(map(str, s['x_shape']))} from {s['where']}, {s['likelihood']} likelihood, "
         + latent_code(s),

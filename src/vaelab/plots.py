@@ -371,6 +371,28 @@ def bits_back(kl: np.ndarray, z_net: np.ndarray, neg_elbo: np.ndarray, net: np.n
     return fig
 
 
+def latent_bits_sweep(bits: np.ndarray, z_net: np.ndarray, pixels: np.ndarray, kl: float, neg_elbo: float) -> Figure:
+    """Bits per image against the latent grid's bits per dimension: left z's net bits against the analytic
+    KL, right x's bits and the total against -ELBO."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    left, right = axes
+    left.plot(bits, z_net, "o-", color=COLORS["q"], label="net bits for z (fair coin flips)")
+    left.axhline(kl, color="#444444", lw=1, ls="--", label=f"analytic KL {kl:.2f}")
+    left.set_title("z: coarse buckets are cheap", fontsize=9)
+    right.plot(bits, pixels, "o-", color=COLORS["posterior"], label="bits for x at a z drawn from q")
+    right.plot(bits, pixels + z_net, "s-", color="#444444", label="x + z")
+    right.axhline(neg_elbo, color="#444444", lw=1, ls="--", label=f"−ELBO {neg_elbo:.2f}")
+    right.set_title("x: coarse buckets make pixels dear", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("latent bits per dimension (2^b buckets)")
+        ax.set_ylabel("bits per image")
+        ax.set_xticks(bits)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def rate_distortion(
     labels: list[str],
     distortion: list[float],
