@@ -1,4 +1,4 @@
-"""The KL term as bits: vaelab compress (BB-ANS, BB-IS and Bit-Swap) against its limits (-ELBO, the
+"""The KL term as bits: vaelab compress (BB-ANS, BB-IS, coupled BB-IS and Bit-Swap) against its limits (-ELBO, the
 IWAE estimate of -log2 p(x)) and against general-purpose coders on the same images.
 
     python -m benchmarks.compression                 # two models trained 60 s each, then coded
@@ -60,6 +60,8 @@ def code_run(run: Path, work: Path, title: str, iwae_k: int) -> None:
     for k in PARTICLES:
         s = compress(run, work / f"is{k}.vbb", particles=k, iwae_k=0, overwrite=True)
         line(f"BB-IS, {k} particles", s)
+        s = compress(run, work / f"cis{k}.vbb", particles=k, coupled=True, iwae_k=0, overwrite=True)
+        line(f"BB-CIS, {k} coupled", s)
 
 
 def code_orders(run: Path, work: Path, title: str, iwae_k: int) -> None:
