@@ -170,7 +170,7 @@ class TextbookAsLatentModel:
         return bernoulli(logits.view(-1, 1, 28, 28), 3)
 
     def prior(self):
-        return standard_normal(self.m.fc21.out_features)
+        return standard_normal(self.m.fc21.out_features, device=self.m.fc21.weight.device)
 
 
 def mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:

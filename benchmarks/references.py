@@ -60,9 +60,9 @@ def textbook_loader(x: torch.Tensor, batch_size: int) -> DataLoader:
 
 def textbook_for(x: torch.Tensor, seconds: float, seed: int = 0) -> tuple[TextbookVAE, int]:
     """The textbook loop (Adam 1e-3, batch 128, dynamically binarised) on ``x`` for ``seconds`` of wall
-    time, whole epochs; returns the model and the epochs it ran."""
+    time, whole epochs, on ``x``'s device; returns the model and the epochs it ran."""
     torch.manual_seed(seed)
-    model = TextbookVAE()
+    model = TextbookVAE().to(x.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = textbook_loader(x, 128)
     start, epochs = time.perf_counter(), 0

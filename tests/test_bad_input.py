@@ -494,6 +494,11 @@ CATALOGUE = [
         ["--top-latent-dim", "--family hierarchical"],
     ),
     (
+        "evaluate on a GPU that is not there",
+        lambda t: ["evaluate", str(make_run(t)), "--device", "cuda", "--iwae-k", "0"],
+        ["--device cuda", "no CUDA GPU", "--device cpu"],
+    ),
+    (
         "an order of inference without the hierarchical family",
         lambda t: ["train", "--inference", "bottom-up"],
         ["--inference", "--family hierarchical"],

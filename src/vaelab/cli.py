@@ -451,6 +451,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         per_example=args.per_example is not None,
+        device=args.device,
     )
     if not is_rank_zero():
         return 0
@@ -675,6 +676,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="importance samples for log p(x); 0 skips it (default: 5000)",
     )
     p.add_argument("--batch-size", type=positive_int, default=100, help="examples per IWAE batch (default: 100)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to evaluate: auto, a CUDA GPU where PyTorch sees one (default), cpu or cuda",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of every sample drawn (default: 0)")
     p.add_argument(
         "--json", type=_output_path, metavar="FILE", help="write the record as JSON (also RUN/evaluation.json)"

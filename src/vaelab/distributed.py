@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vaelab.errors import UserError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -42,6 +44,23 @@ class Context:
     @property
     def active(self) -> bool:
         return self.world > 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: auto (a CUDA GPU where PyTorch sees one, else the CPU), cpu or cuda."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def rank_device(device: torch.device, ctx: Context) -> torch.device:
+    """This process's device: under torchrun on CUDA, the GPU of its local rank (made current)."""
+    if ctx.active and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    return device
 
 
 def setup(device_kind: str) -> Context:

@@ -46,6 +46,7 @@ from vaelab.kl import (
     kl_normal_normal,
     rng_from,
 )
+from vaelab.memory import available
 from vaelab.models.categorical import categorical_posterior_of, relaxed
 from vaelab.models.m2 import m2_of
 from vaelab.models.vq import vq_posterior_of
@@ -71,6 +72,17 @@ CHUNK_VALUES = 2**21
 
 
 @torch.no_grad()
+def iwae_chunk(x: Tensor, batch_size: int, k: int) -> int:
+    """How many of the k samples :func:`iwae_log_likelihood` draws at once: on the CPU, chunk x batch x
+    pixels about ``CHUNK_VALUES`` (the decoder's outputs stay in cache); on a GPU, as many as a quarter of
+    its free memory holds at 32 bytes per sample, example and pixel (the decoder's output, the likelihood's
+    terms and their gradients' room), at most k."""
+    per_sample = max(1, min(batch_size, len(x))) * x.shape[1:].numel()
+    if x.device.type != "cuda":
+        return max(1, CHUNK_VALUES // per_sample)
+    return max(1, min(k, available(x.device) // 4 // (32 * per_sample)))
+
+
 def iwae_log_likelihood(
     model, x: Tensor, k: int, batch_size: int = 100, chunk: int | None = None, y: Tensor | None = None
 ) -> Tensor:
@@ -85,7 +97,7 @@ def iwae_log_likelihood(
     in the CPU's cache.
     """
     if chunk is None:
-        chunk = max(1, CHUNK_VALUES // (max(1, min(batch_size, len(x))) * x.shape[1:].numel()))
+        chunk = iwae_chunk(x, batch_size, k)
     out = []
     for xb, yb in Batches(x, batch_size, 0, drop_last=False, y=y).epoch(0, shuffle=False):
         B, model_b = xb.shape[0], given(model, yb)
@@ -509,7 +521,7 @@ def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[
             kl_ceiling=posterior.variables * math.log(posterior.categories),
         )
     mean_kl = per["kl"].mean().item()
-    quantiles = torch.quantile(per["kl"].double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+    quantiles = torch.quantile(per["kl"].double().cpu(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
     record = Evaluation(
         examples=N,
         elbo=per["elbo"].mean().item(),
@@ -808,13 +820,24 @@ def open_trained(path: str | Path, data: str | None = None, data_dir: str | None
 
 
 def evaluate_run(
-    run, *, data=None, data_dir=None, split="test", iwae_k=5000, batch_size=100, seed=0, per_example=False
+    run,
+    *,
+    data=None,
+    data_dir=None,
+    split="test",
+    iwae_k=5000,
+    batch_size=100,
+    seed=0,
+    per_example=False,
+    device: str = "auto",
 ) -> tuple[Evaluation, str | None]:
-    """``vaelab evaluate``: load the run's model and data the way it was trained; evaluate one split."""
+    """``vaelab evaluate``: load the run's model and data the way it was trained; evaluate one split on
+    ``device`` (auto, cpu or cuda)."""
     if iwae_k < 0:
         raise UserError(f"--iwae-k must be >= 0, got {iwae_k}")
-    run = Path(run)
-    with distributed.session("cpu") as ctx, contextlib.ExitStack() as held:
+    run, device = Path(run), distributed.resolve_device(device)
+    with distributed.session(device.type) as ctx, contextlib.ExitStack() as held:
+        device = distributed.rank_device(device, ctx)
         trained = open_trained(run, data=data, data_dir=data_dir)
         model, config, splits, pixels, own_data = (
             trained.model,
@@ -829,9 +852,11 @@ def evaluate_run(
         writes = run.is_dir() and ctx.is_main and own_data  # the run's record is of the run's own data
         if writes:  # held from here: a run being trained (or evaluated) elsewhere is refused before the work
             held.enter_context(rundir.lock(run, "evaluating"))
+        x, y = x.to(device), None if y is None else y.to(device)
         record, per = evaluate_trained(
-            model, config, x, y, iwae_k=iwae_k, batch_size=batch_size, seed=seed, pixels=pixels
+            model.to(device), config, x, y, iwae_k=iwae_k, batch_size=batch_size, seed=seed, pixels=pixels
         )
+        per = {name: values.cpu() for name, values in per.items()}
         record = replace(
             record,
             data=splits.name,

@@ -39,15 +39,6 @@ from vaelab.training import (
     resolved_precision,
 )
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu or auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 CSV_BASE = [
     "epoch",
     "split",
@@ -373,7 +364,7 @@ def train_run(
     logs and writes, the others wait for it at barriers.
     """
     threads = set_threads(config.threads)
-    device = resolve_device(config.device)
+    device = distributed.resolve_device(config.device)
     if (auto_resume or resume) and out is None:
         raise UserError(f"{'--auto-resume' if auto_resume else '--resume'} needs --out: the run directory to continue")
     with distributed.session(device.type) as ctx, contextlib.ExitStack() as held:
@@ -383,9 +374,7 @@ def train_run(
 
 
 def _train(config, device, ctx, out, resume, overwrite, log, given, held, threads) -> tuple[Path, EpochRecord]:
-    if ctx.active and device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
-        torch.cuda.set_device(device)
+    device = distributed.rank_device(device, ctx)
     if not ctx.is_main:
         log = _silent
     resume_ckpt, changes = None, {}
