@@ -4,10 +4,13 @@
     python -m benchmarks.recipes --budget 30 --recipes textbook defaults cosine-2e-3-fp32
     python -m benchmarks.recipes --budget 600 --threads 1 --recipes textbook &   # side by side,
     python -m benchmarks.recipes --budget 600 --threads 1 --recipes defaults     # a core each
+    python -m benchmarks.recipes --mnist DIR --budget 120 --seeds 0 --recipes textbook defaults   # full MNIST
 
 Data: the bundled mnist-5k (5,000 real MNIST digits, 28 x 28): vaelab's own split for each seed
 (seeded 15 % test, 1/12 of the rest for validation), its test images binarised once and shared by
-every run of that seed. Each recipe runs ``vaelab train --time-budget BUDGET`` (its run directory, its
+every run of that seed; with ``--mnist DIR``, full MNIST from its IDX files in DIR (60,000 training
+images, 1,000 of them for validation, its 10,000 test images; a line says so and nothing runs when
+the files are not there). Each recipe runs ``vaelab train --time-budget BUDGET`` (its run directory, its
 validation and checkpoints counted in its time; the best weights by validation ELBO are scored);
 the textbook loop (``references.py``: DataLoader, sigmoid + BCE, Adam 1e-3, ``loss.item()`` per
 step, dynamically binarised batches) trains on train + validation for the same wall time. Both are
@@ -50,9 +53,14 @@ RECIPES = {  # each names every knob it measures, so that a change of the defaul
 K = 1000
 
 
-def test_set(seed: int) -> torch.Tensor:
+def data_config(mnist: str | None) -> Config:
+    """The data every run of the study trains on: mnist-5k, or full MNIST from the IDX files in ``mnist``."""
+    return Config() if mnist is None else Config(data="mnist", data_dir=mnist)
+
+
+def test_set(seed: int, base: Config) -> torch.Tensor:
     """The test split of seed ``seed``'s split (the seed splits the data too), binarised once."""
-    return binarize_static(load(Config(seed=seed)).test.x, 0, "test")
+    return binarize_static(load(base.replace(seed=seed)).test.x, 0, "test")
 
 
 def nll(model, x: torch.Tensor) -> float:
@@ -60,17 +68,18 @@ def nll(model, x: torch.Tensor) -> float:
     return -iwae_log_likelihood(model, x, K).mean().item()
 
 
-def textbook(budget: float, seed: int, test: torch.Tensor) -> tuple[float, int]:
+def textbook(budget: float, seed: int, test: torch.Tensor, base: Config) -> tuple[float, int]:
     """The textbook loop on vaelab's training and validation images (it holds none out)."""
-    splits = load(Config(seed=seed))
+    splits = load(base.replace(seed=seed))
     model, epochs = textbook_for(torch.cat([splits.train.x, splits.val.x]), budget, seed)
     return nll(OneLayer(TextbookAsLatentModel(model.eval())), test), epochs
 
 
-def recipe(name: str, budget: float, seed: int, test: torch.Tensor) -> tuple[float, int]:
+def recipe(name: str, budget: float, seed: int, test: torch.Tensor, base: Config) -> tuple[float, int]:
     if name == "textbook":
-        return textbook(budget, seed, test)
-    config = Config(time_budget=budget, epochs=100_000, seed=seed, threads=torch.get_num_threads(), **RECIPES[name])
+        return textbook(budget, seed, test, base)
+    knobs = dict(time_budget=budget, epochs=100_000, seed=seed, threads=torch.get_num_threads(), **RECIPES[name])
+    config = base.replace(**knobs)
     with tempfile.TemporaryDirectory() as tmp:
         out, record = train_run(config, Path(tmp) / "run", log=lambda line: None)
         model, _ = load_run(out)
@@ -84,17 +93,22 @@ def main(argv=None) -> int:
     names = ["textbook", *RECIPES]
     parser.add_argument("--recipes", nargs="+", choices=names, default=names)
     parser.add_argument("--threads", type=int, default=2, help="threads per run (default 2)")
+    parser.add_argument("--mnist", metavar="DIR", help="full MNIST: the folder of its IDX files")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    base = data_config(args.mnist)
+    if args.mnist is not None and not any(Path(args.mnist).glob("train-images-idx3-ubyte*")):
+        print(f"full MNIST: skipped, {args.mnist} holds no train-images-idx3-ubyte[.gz] (and t10k-…)")
+        return 0
     print(
-        f"CPU: {cpu_name()}; torch {torch.__version__}, {args.threads} thread(s); mnist-5k, {args.budget:g} s per "
+        f"CPU: {cpu_name()}; torch {torch.__version__}, {args.threads} thread(s); {base.data}, {args.budget:g} s per "
         f"run, k = {K}"
     )
     results: dict[str, list[tuple[float, int]]] = {}
     for seed in args.seeds:  # interleaved: each seed runs every recipe in turn
-        test = test_set(seed)
+        test = test_set(seed, base)
         for name in args.recipes:
-            results.setdefault(name, []).append(recipe(name, args.budget, seed, test))
+            results.setdefault(name, []).append(recipe(name, args.budget, seed, test, base))
             print(f"  seed {seed}: {name} {results[name][-1][0]:.2f} nats, {results[name][-1][1]} epochs", flush=True)
     reference = statistics.mean(v for v, _ in results["textbook"]) if "textbook" in results else math.nan
     print(f"{'recipe':<26} {'test NLL per seed (nats)':<28} {'mean':>8} {'vs textbook':>12}  epochs")
