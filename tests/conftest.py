@@ -12,6 +12,13 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
+class Boom:
+    """An object whose unpickling would run code (print): what a loader must refuse, never call."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
 def write_idx(path, array: np.ndarray, compress: bool = True) -> None:
     """An IDX file as the MNIST authors define it: 0x0000, dtype 0x08, ndim, big-endian dims, bytes."""
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)

@@ -13,16 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_idx
+from conftest import Boom, write_idx
 from vaelab.checkpoint import load_checkpoint
 from vaelab.cli import main
 
 FAST = ["--hidden", "16", "--latent-dim", "2", "--epochs", "1"]
-
-
-class Boom:
-    def __reduce__(self):
-        return (print, ("never",))
 
 
 def snapshot(root):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_idx
+from conftest import Boom, write_idx
 from vaelab.config import Config
 from vaelab.data import Batches, download, load
 from vaelab.data.sources import read_idx
@@ -194,11 +194,6 @@ def test_cifar10_tarball(tmp_path):
     _cifar_tarball(tmp_path / "cifar-10-python.tar.gz")
     s = load(Config(data="cifar10", data_dir=str(tmp_path)))
     assert s.x_shape == (3, 32, 32) and len(s.test) == 4 and len(s.train) + len(s.val) == 20
-
-
-class Boom:
-    def __reduce__(self):
-        return (print, ("this must never run",))
 
 
 def test_cifar10_refuses_code_in_pickles(tmp_path):

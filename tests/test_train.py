@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vaelab
+from conftest import Boom
 from vaelab import objectives
 from vaelab.checkpoint import load_checkpoint, load_model
 from vaelab.cli import main
@@ -228,11 +229,6 @@ def test_presets_configure_the_published_protocol(tmp_path):
     assert resolve(None, {"epochs": 2}, "burda2015-vae").epochs == 2
     with pytest.raises(UserError, match="unknown preset"):
         resolve(None, {}, "burda")
-
-
-class Boom:
-    def __reduce__(self):
-        return (print, ("this must never run",))
 
 
 @pytest.mark.parametrize(

@@ -237,10 +237,16 @@ def reparametrize(q: Distribution, eps: Tensor) -> Tensor:
     raise TypeError(f"no reparametrisation from standard-normal noise for {type(q).__name__}")
 
 
-def standard_normal(latent_dim: int, device=None, dtype=None) -> Independent:
-    """The prior p(z) = N(0, I)."""
-    zeros = torch.zeros(latent_dim, device=device, dtype=dtype)
+def standard_normal(latent_dim: int, device=None, dtype=None, batch: tuple[int, ...] = ()) -> Independent:
+    """N(0, I) over ``latent_dim`` dimensions with batch shape ``batch``: the prior p(z), and the noise a
+    lower layer reparametrises (``draw(standard_normal(D, batch=(B,)))``). vaelab's one builder of it."""
+    zeros = torch.zeros(*batch, latent_dim, device=device, dtype=dtype)
     return diag_normal(zeros, zeros)
+
+
+def standard_normal_like(t: Tensor) -> Independent:
+    """:func:`standard_normal` with the shape (batch..., D), device and dtype of ``t``."""
+    return standard_normal(t.shape[-1], t.device, t.dtype, tuple(t.shape[:-1]))
 
 
 def gaussian_mixture(logits: Tensor, mu: Tensor, log_var: Tensor) -> MixtureSameFamily:

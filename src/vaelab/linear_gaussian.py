@@ -281,8 +281,7 @@ class TwoLevelLinearGaussian:
             q1 = self.posterior_z1(x)
             z1 = draw(q1)
             q2 = self.posterior_z2(z1)
-            zeros = x.new_zeros(x.shape[0], self.A.shape[1])
-            z2 = reparametrize(q2, draw(diag_normal(zeros, zeros)))
+            z2 = reparametrize(q2, draw(standard_normal(self.A.shape[1], dtype=x.dtype, batch=(x.shape[0],))))
             p1 = Independent(Normal(z2 @ self.A.T + self.a, self.var1**0.5), 1)
             return [
                 LatentLayer("z2", q2, standard_normal(self.A.shape[1], dtype=x.dtype), z2),
@@ -292,8 +291,7 @@ class TwoLevelLinearGaussian:
         z2 = draw(q2)
         q1 = self.posterior_bottom(x, z2)
         p1 = Independent(Normal(z2 @ self.A.T + self.a, self.var1**0.5), 1)
-        zeros = x.new_zeros(x.shape[0], self.A.shape[0])
-        z1 = reparametrize(q1, draw(diag_normal(zeros, zeros)))
+        z1 = reparametrize(q1, draw(standard_normal(self.A.shape[0], dtype=x.dtype, batch=(x.shape[0],))))
         return [
             LatentLayer("z2", q2, standard_normal(self.A.shape[1], dtype=x.dtype), z2),
             LatentLayer("z1", q1, p1, z1),

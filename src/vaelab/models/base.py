@@ -125,7 +125,7 @@ class StandardNormalPrior(nn.Module):
         self.register_buffer("zeros", torch.zeros(latent_dim))
 
     def forward(self, encode) -> Distribution:
-        return dist.diag_normal(self.zeros, self.zeros)
+        return dist.standard_normal_like(self.zeros)
 
 
 class MixturePrior(nn.Module):

@@ -73,7 +73,7 @@ class ConditionalVAE(nn.Module):
         return self.likelihood(self._decoder_out(z, y).float())
 
     def prior(self) -> Distribution:
-        return dist.diag_normal(self.zeros, self.zeros)
+        return dist.standard_normal_like(self.zeros)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, y: Tensor) -> Tensor:

@@ -123,8 +123,8 @@ class HierarchicalVAE(nn.Module):
         q2 = dist.diagonal_posterior(self.q_top(h2).float())
         z2 = draw(q2)  # (B, D2), or (n, B, D2)
         q1, p1 = self._q_bottom(h1, z2), self._p_bottom(z2)
-        zeros = q2.base_dist.loc.new_zeros(x.shape[0], self.layer_dims["z1"])
-        eps = draw(dist.diag_normal(zeros, zeros))  # (B, D1) or (n, B, D1), N(0, I)
+        loc = q2.base_dist.loc
+        eps = draw(dist.standard_normal(self.layer_dims["z1"], loc.device, loc.dtype, (x.shape[0],)))  # (n,) B, D1
         z1 = dist.reparametrize(q1, eps)
         return [LatentLayer("z2", q2, self.prior(), z2), LatentLayer("z1", q1, p1, z1)]
 
@@ -135,8 +135,9 @@ class HierarchicalVAE(nn.Module):
         z1 = draw(q1)  # (B, D1), or (n, B, D1)
         q1 = q1.expand(z1.shape[:-1])  # its batch that of the samples, as the lower layer's is top-down
         q2 = self._q_z2(z1)
-        zeros = q1.base_dist.loc.new_zeros(x.shape[0], self.layer_dims["z2"])
-        z2 = dist.reparametrize(q2, draw(dist.diag_normal(zeros, zeros)))
+        loc = q1.base_dist.loc
+        eps = draw(dist.standard_normal(self.layer_dims["z2"], loc.device, loc.dtype, (x.shape[0],)))
+        z2 = dist.reparametrize(q2, eps)
         return [
             LatentLayer("z2", q2, self.prior(), z2),
             LatentLayer("z1", q1, self._p_bottom(z2), z1, closed_form=False),
@@ -156,7 +157,7 @@ class HierarchicalVAE(nn.Module):
 
     def prior(self) -> Distribution:
         """p(z2) = N(0, I)."""
-        return dist.diag_normal(self.zeros, self.zeros)
+        return dist.standard_normal_like(self.zeros)
 
     def decode(self, z2: Tensor) -> Distribution:
         """p(x | z1) at z1 = the mean of p(z1 | z2): a picture of what z2 encodes (not p(x | z2),

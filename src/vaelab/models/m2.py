@@ -73,8 +73,7 @@ class SemiSupervisedVAE(ConditionalVAE):
         y_draw = draw(q_y)  # one-hot (B, C), or (n, B, C)
         h = self.encoder(torch.cat([x.flatten(1).expand(*y_draw.shape[:-1], -1), y_draw.to(x.dtype)], -1))
         q_z = self.posterior(h.float())
-        zeros = self.zeros.expand(x.shape[0], -1)
-        eps = draw(dist.diag_normal(zeros, zeros))  # N(0, I): n draws of y get n of z, one each
+        eps = draw(dist.standard_normal_like(self.zeros.expand(x.shape[0], -1)))  # n draws of y get n of z, one each
         return [
             LatentLayer("y", q_y, self.label_prior(), y_draw),
             LatentLayer("z", q_z, self.prior(), dist.reparametrize(q_z, eps)),
@@ -97,8 +96,8 @@ class SemiSupervisedVAE(ConditionalVAE):
         every = torch.nn.functional.one_hot(labels, C).to(flat.dtype)[:, None].expand(C, B, C)  # each label, each row
         h = self.encoder(torch.cat([flat.expand(C, -1, -1), every], -1))
         q_z = self.posterior(h.float())  # batch (C, B)
-        zeros = self.zeros.expand(B, -1)
-        z = dist.reparametrize(q_z, noise.sample(dist.diag_normal(zeros, zeros), (C,)))  # (C, B, D)
+        eps = noise.sample(dist.standard_normal_like(self.zeros.expand(B, -1)), (C,))
+        z = dist.reparametrize(q_z, eps)  # (C, B, D)
         out = self.decoder(torch.cat([z, every.to(z.dtype)], -1).flatten(0, 1)).float()  # (C B, ...), label-major
         reconstruction = self.likelihood(out).log_prob(x.repeat(C, 1, 1, 1)).view(C, B)
         kl_z = kl_q_p(q_z, self.prior())  # (C, B), per dimension (C, B, D)
