@@ -475,6 +475,49 @@ def test_bf16_runs_the_networks_in_bfloat16_and_keeps_the_rest_in_float32():
     assert q.mean.dtype == torch.float32 and p_x.base_dist.logits.dtype == torch.float32
 
 
+def test_the_float32_boundary_is_in_the_builders():
+    """A network's bf16 output becomes float32 in the builders themselves (``at_least_float32``): every
+    posterior builder, every likelihood and the categoricals; float64 stays float64. A new family that never
+    casts gets float32 densities under bf16 autocast."""
+    from vaelab import distributions as dist
+    from vaelab.models.base import make_likelihood
+    from vaelab.parts import LIKELIHOODS
+
+    h = torch.randn(4, 3 * 5, dtype=torch.bfloat16)  # wide enough for every builder below, D = 3
+    for q in (
+        dist.diagonal_posterior(h[:, :6]),
+        dist.full_posterior(h[:, :9]),
+        dist.lowrank_posterior(h[:, :9], 3),
+        dist.Categoricals(h.view(4, 5, 3)),
+    ):
+        assert q.mean.dtype == torch.float32, type(q)
+    assert dist.diagonal_posterior(h[:, :6].double()).mean.dtype == torch.float64
+    for part in LIKELIHOODS:
+        out = torch.randn(2, part.params_per_pixel, 8, 8, dtype=torch.bfloat16)
+        p_x = make_likelihood(part.name, (1, 8, 8))(out)
+        assert p_x.log_prob(torch.rand(2, 1, 8, 8).round()).dtype == torch.float32, part.name
+
+    class Bare(torch.nn.Module):  # a family that never casts: encoder and decoder straight into the builders
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec, self.lik = (
+                torch.nn.Linear(64, 6),
+                torch.nn.Linear(3, 64),
+                make_likelihood("bernoulli", (1, 8, 8)),
+            )
+
+        def latents(self, x, draw):
+            q = dist.diagonal_posterior(self.enc(x.flatten(1)))
+            return [objectives.LatentLayer("z", q, dist.standard_normal(3), draw(q))]
+
+        def log_px_given_z(self, layers, x):
+            return self.lik(self.dec(layers[0].z).view(-1, 1, 8, 8)).log_prob(x)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = objectives.elbo(Bare(), (torch.rand(5, 1, 8, 8) > 0.5).float())
+    assert terms.kl.dtype == terms.reconstruction.dtype == torch.float32
+
+
 def test_auto_precision_follows_the_cpu_flags():
     from vaelab.training import native_bf16
 

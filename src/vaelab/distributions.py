@@ -33,6 +33,14 @@ LOG_VAR_MIN = -12.0
 LOG_VAR_MAX = 8.0
 
 
+def at_least_float32(t: Tensor) -> Tensor:
+    """``t`` in float32 where autocast left it in bfloat16 (or float16); float32 and float64 as they are.
+    The float32 boundary: every builder of a posterior, a likelihood or a categorical takes a network's
+    output through it, so the densities, the KL and the sums are never computed in bf16, whatever the
+    model family (a new one gets this without knowing about it)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def diag_normal(mu: Tensor, log_var: Tensor, clamp: bool = False) -> Independent:
     """N(mu, diag exp(log_var)) with the last dimension as the event dimension."""
     if clamp:
@@ -43,7 +51,7 @@ def diag_normal(mu: Tensor, log_var: Tensor, clamp: bool = False) -> Independent
 def diagonal_posterior(h: Tensor, latent_dim: int | None = None) -> Independent:
     """q(z|x) = N(mu, diag exp(log_var)) from the encoder's output h = (mu, log_var), (B, 2 D);
     log_var clamped (module docstring). The ``diagonal`` entry of ``parts.POSTERIORS``."""
-    mu, log_var = h.chunk(2, dim=-1)
+    mu, log_var = at_least_float32(h).chunk(2, dim=-1)
     return diag_normal(mu, log_var, clamp=True)
 
 
@@ -52,6 +60,7 @@ def full_posterior(h: Tensor, latent_dim: int | None = None) -> MultivariateNorm
     lower triangle of L row by row; L's diagonal is exp(log_var / 2) with log_var clamped as for
     the diagonal posterior, so a zero off-diagonal gives back exactly the diagonal family.
     The ``full`` entry of ``parts.POSTERIORS``."""
+    h = at_least_float32(h)
     B, width = h.shape
     D = int((math.isqrt(9 + 8 * width) - 3) // 2)  # width = D + D (D + 1) / 2
     mu, flat = h[:, :D], h[:, D:]
@@ -67,6 +76,7 @@ def lowrank_posterior(h: Tensor, latent_dim: int) -> MultivariateNormal:
     mu, log_var (clamped as for the diagonal family), then W row by row. Returned through the
     Cholesky factor of its covariance, so it reparametrises and has the closed-form KL of a full
     covariance. The ``lowrank`` entry of ``parts.POSTERIORS``."""
+    h = at_least_float32(h)
     B, width = h.shape
     D = latent_dim
     R = width // D - 2
@@ -93,7 +103,7 @@ class Categoricals(Distribution):
     has_enumerate_support = False
 
     def __init__(self, logits: Tensor, relaxation: tuple[float, bool] | None = None):
-        self.logits = logits
+        self.logits = logits = at_least_float32(logits)
         self.relaxation = relaxation
         self.variables, self.categories = logits.shape[-2:]
         super().__init__(logits.shape[:-2], torch.Size([self.variables * self.categories]), validate_args=False)

@@ -32,6 +32,11 @@ class Likelihood(nn.Module):
     def __init__(self, x_shape=None):
         super().__init__()
 
+    def __call__(self, out: Tensor) -> Distribution:
+        """p(x|z) from the decoder's output, taken through the float32 boundary first
+        (``distributions.at_least_float32``): under bf16 autocast the likelihood is float32 too."""
+        return super().__call__(dist.at_least_float32(out))
+
     def forward(self, out: Tensor) -> Distribution:
         raise NotImplementedError
 
@@ -58,7 +63,7 @@ class BernoulliLikelihood(Likelihood):
         r"""log Bern(x | sigmoid(l)) = sum_i [x_i l_i - softplus(l_i)]: the first sum is a matrix
         product of x with the logits of all n samples, so x is never copied n times and the
         only elementwise pass over the (n, B, pixels) logits is the softplus."""
-        logits = out.flatten(2)  # (B, n, P), contiguous: bmm needs no copy
+        logits = dist.at_least_float32(out).flatten(2)  # (B, n, P), contiguous: bmm needs no copy
         x_dot_l = torch.bmm(logits, x.flatten(1).unsqueeze(-1)).squeeze(-1)  # (B, n)
         # sums of hundreds of terms accumulate in float64, so the result does not depend on their order
         log_p = x_dot_l.double() - torch.nn.functional.softplus(logits).sum(-1, dtype=torch.float64)
@@ -184,11 +189,10 @@ class VAE(nn.Module):
 
     def encode(self, x: Tensor) -> Distribution:
         # the encoder's output (B, outputs(D)) -> q(z|x); float32 from here, whatever autocast ran the network in
-        return self.posterior(self.encoder(x).float())
+        return self.posterior(self.encoder(x))
 
     def decode(self, z: Tensor) -> Distribution:
-        out = self.decoder(z).float()  # (B, P C, H, W); the likelihood in float32 under bf16 autocast too
-        return self.likelihood(out)
+        return self.likelihood(self.decoder(z))  # (B, P C, H, W) -> p(x|z), in float32 under bf16 too
 
     def prior(self) -> Distribution:
         return self.prior_module(self.encode)
@@ -217,7 +221,7 @@ def decoder_log_prob(decoder: nn.Module, likelihood: Likelihood, z: Tensor, x: T
     samples per example, z (n, B, D), (n, B), the n decoded as one batch and scored by the
     likelihood's ``log_prob_samples`` (x is not copied n times for the Bernoulli)."""
     if z.dim() == 2:
-        return likelihood(decoder(z).float()).log_prob(x)  # the likelihood in float32 under bf16 autocast too
+        return likelihood(decoder(z)).log_prob(x)
     n, B = z.shape[:2]
-    out = decoder(z.transpose(0, 1).reshape(B * n, -1)).float()  # example-major: (B n, ...)
+    out = decoder(z.transpose(0, 1).reshape(B * n, -1))  # example-major: (B n, ...)
     return likelihood.log_prob_samples(out.view(B, n, *out.shape[1:]), x).T

@@ -66,11 +66,11 @@ class ConditionalVAE(nn.Module):
         """q(z | x, y)."""
         x = x.flatten(1)
         h = self.encoder(torch.cat([x, self._one_hot(y, x)], -1))
-        return self.posterior(h.float())
+        return self.posterior(h)
 
     def decode(self, z: Tensor, y: Tensor) -> Distribution:
         """p(x | z, y), z (B, D) and y (B,)."""
-        return self.likelihood(self._decoder_out(z, y).float())
+        return self.likelihood(self._decoder_out(z, y))
 
     def prior(self) -> Distribution:
         return dist.standard_normal_like(self.zeros)

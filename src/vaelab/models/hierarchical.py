@@ -98,19 +98,19 @@ class HierarchicalVAE(nn.Module):
     def _q_bottom(self, h1: Tensor, z2: Tensor) -> Distribution:
         """q(z1 | x, z2), batch (*S, B) for z2 (*S, B, D2)."""
         h1 = h1.expand(*z2.shape[:-1], h1.shape[-1])
-        return dist.diagonal_posterior(self.q_bottom(torch.cat([h1, z2.to(h1.dtype)], -1)).float())
+        return dist.diagonal_posterior(self.q_bottom(torch.cat([h1, z2.to(h1.dtype)], -1)))
 
     def _q_z1(self, x: Tensor) -> Distribution:
         """Bottom-up: q(z1 | x), batch (B,)."""
-        return dist.diagonal_posterior(self.q_bottom(self.bottom_up1(x.flatten(1))).float())
+        return dist.diagonal_posterior(self.q_bottom(self.bottom_up1(x.flatten(1))))
 
     def _q_z2(self, z1: Tensor) -> Distribution:
         """Bottom-up: q(z2 | z1), batch (*S, B) for z1 (*S, B, D1)."""
-        return dist.diagonal_posterior(self.q_top(z1).float())
+        return dist.diagonal_posterior(self.q_top(z1))
 
     def _p_bottom(self, z2: Tensor) -> Distribution:
         """p(z1 | z2), its log-variance clamped as the posteriors' are."""
-        return dist.diagonal_posterior(self.p_bottom(z2).float())
+        return dist.diagonal_posterior(self.p_bottom(z2))
 
     # -- the contract with the objectives --------------------------------------------------------
     def latents(self, x: Tensor, draw: Draw) -> list[LatentLayer]:
@@ -120,7 +120,7 @@ class HierarchicalVAE(nn.Module):
         if self.inference == "bottom-up":
             return self._latents_bottom_up(x, draw)
         h1, h2 = self._bottom_up(x)
-        q2 = dist.diagonal_posterior(self.q_top(h2).float())
+        q2 = dist.diagonal_posterior(self.q_top(h2))
         z2 = draw(q2)  # (B, D2), or (n, B, D2)
         q1, p1 = self._q_bottom(h1, z2), self._p_bottom(z2)
         loc = q2.base_dist.loc
@@ -153,7 +153,7 @@ class HierarchicalVAE(nn.Module):
         with no closed form: the pictures show this plug-in, and ``evaluate`` takes no KL split of it)."""
         if self.inference == "bottom-up":
             return self._q_z2(self._q_z1(x).base_dist.loc)
-        return dist.diagonal_posterior(self.q_top(self._bottom_up(x)[1]).float())
+        return dist.diagonal_posterior(self.q_top(self._bottom_up(x)[1]))
 
     def prior(self) -> Distribution:
         """p(z2) = N(0, I)."""
@@ -163,18 +163,18 @@ class HierarchicalVAE(nn.Module):
         """p(x | z1) at z1 = the mean of p(z1 | z2): a picture of what z2 encodes (not p(x | z2),
         which is an integral over z1)."""
         z1 = self._p_bottom(z2).base_dist.loc
-        return self.likelihood(self.decoder(z1).float())
+        return self.likelihood(self.decoder(z1))
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """The mean of p(x|z1) at z1 = the mean of q(z1 | x, z2), z2 = the mean of q(z2|x); bottom-up, at
         z1 = the mean of q(z1|x)."""
         if self.inference == "bottom-up":
-            return self.likelihood(self.decoder(self._q_z1(x).base_dist.loc).float()).mean
+            return self.likelihood(self.decoder(self._q_z1(x).base_dist.loc)).mean
         h1, h2 = self._bottom_up(x)
-        z2 = dist.diagonal_posterior(self.q_top(h2).float()).base_dist.loc
+        z2 = dist.diagonal_posterior(self.q_top(h2)).base_dist.loc
         z1 = self._q_bottom(h1, z2).base_dist.loc
-        return self.likelihood(self.decoder(z1).float()).mean
+        return self.likelihood(self.decoder(z1)).mean
 
 
 def build_hierarchical(config, x_shape) -> HierarchicalVAE:

@@ -56,7 +56,7 @@ class SemiSupervisedVAE(ConditionalVAE):
 
     def classify(self, x: Tensor) -> dist.Categoricals:
         """q(y|x), one categorical variable of C classes."""
-        return dist.Categoricals(self.classifier(x.flatten(1)).float().unsqueeze(-2))
+        return dist.Categoricals(self.classifier(x.flatten(1)).unsqueeze(-2))
 
     def label_prior(self) -> dist.Categoricals:
         return dist.Categoricals(self.zeros.new_zeros(1, self.classes))
@@ -72,7 +72,7 @@ class SemiSupervisedVAE(ConditionalVAE):
         q_y = self.classify(x)
         y_draw = draw(q_y)  # one-hot (B, C), or (n, B, C)
         h = self.encoder(torch.cat([x.flatten(1).expand(*y_draw.shape[:-1], -1), y_draw.to(x.dtype)], -1))
-        q_z = self.posterior(h.float())
+        q_z = self.posterior(h)
         eps = draw(dist.standard_normal_like(self.zeros.expand(x.shape[0], -1)))  # n draws of y get n of z, one each
         return [
             LatentLayer("y", q_y, self.label_prior(), y_draw),
@@ -95,10 +95,10 @@ class SemiSupervisedVAE(ConditionalVAE):
         flat = x.flatten(1)
         every = torch.nn.functional.one_hot(labels, C).to(flat.dtype)[:, None].expand(C, B, C)  # each label, each row
         h = self.encoder(torch.cat([flat.expand(C, -1, -1), every], -1))
-        q_z = self.posterior(h.float())  # batch (C, B)
+        q_z = self.posterior(h)  # batch (C, B)
         eps = noise.sample(dist.standard_normal_like(self.zeros.expand(B, -1)), (C,))
         z = dist.reparametrize(q_z, eps)  # (C, B, D)
-        out = self.decoder(torch.cat([z, every.to(z.dtype)], -1).flatten(0, 1)).float()  # (C B, ...), label-major
+        out = self.decoder(torch.cat([z, every.to(z.dtype)], -1).flatten(0, 1))  # (C B, ...), label-major
         reconstruction = self.likelihood(out).log_prob(x.repeat(C, 1, 1, 1)).view(C, B)
         kl_z = kl_q_p(q_z, self.prior())  # (C, B), per dimension (C, B, D)
         q_y = self.classify(x)
