@@ -29,10 +29,10 @@ import torch
 
 from benchmarks.references import TextbookVAE, straightforward_iwae, textbook_epoch, textbook_for, textbook_loader
 from vaelab.config import UNCAPPED_EPOCHS, Config
+from vaelab.contract import OneLayer
 from vaelab.distributions import bernoulli, diag_normal, standard_normal
 from vaelab.evaluation import iwae_log_likelihood
 from vaelab.models import build
-from vaelab.objectives import OneLayer
 from vaelab.training import TrainState, cpu_info, fit, make_optimizer, native_bf16
 
 MLP = Config(hidden=(400,), latent_dim=20, binarize="none", precision="fp32")  # the classic 784-400-20 model

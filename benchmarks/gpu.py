@@ -29,10 +29,10 @@ from benchmarks.__main__ import MLP, TextbookAsLatentModel, cpu_name, mnist_5k, 
 from benchmarks.references import textbook_for
 from vaelab.checkpoint import load_run
 from vaelab.config import Config
+from vaelab.contract import OneLayer
 from vaelab.data import binarize_static, load
 from vaelab.evaluation import iwae_log_likelihood
 from vaelab.models import build
-from vaelab.objectives import OneLayer
 from vaelab.runs import train_run
 from vaelab.training import TrainState, fit
 

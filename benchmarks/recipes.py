@@ -32,9 +32,9 @@ from benchmarks.__main__ import TextbookAsLatentModel, cpu_name
 from benchmarks.references import textbook_for
 from vaelab.checkpoint import load_run
 from vaelab.config import Config
+from vaelab.contract import OneLayer
 from vaelab.data import binarize_static, load
 from vaelab.evaluation import iwae_log_likelihood
-from vaelab.objectives import OneLayer
 from vaelab.runs import train_run
 
 RECIPES = {  # each names every knob it measures, so that a change of the defaults does not change it

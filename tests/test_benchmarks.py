@@ -51,7 +51,7 @@ def test_the_textbook_model_is_scored_by_the_same_estimator():
     """The time-to-quality row scores the textbook model through OneLayer and vaelab's IWAE estimator."""
     from benchmarks.__main__ import TextbookAsLatentModel
 
-    from vaelab.objectives import OneLayer
+    from vaelab.contract import OneLayer
 
     torch.manual_seed(0)
     textbook = TextbookVAE().eval()

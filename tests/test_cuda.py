@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from vaelab import objectives
+from vaelab import contract, objectives
 from vaelab.checkpoint import load_checkpoint
 from vaelab.cli import main
 from vaelab.config import Config
@@ -41,8 +41,8 @@ def epochs(run) -> list[str]:
 def test_noise_and_generators_draw_on_the_gpu():
     """Noise from a CUDA generator is drawn on the GPU, and is a pure function of the generator's seed."""
     q = diag_normal(torch.zeros(8, 3, device="cuda"), torch.zeros(8, 3, device="cuda"))
-    z = objectives.Noise(torch.Generator(device="cuda").manual_seed(0), 8).sample(q)
-    again = objectives.Noise(torch.Generator(device="cuda").manual_seed(0), 8).sample(q)
+    z = contract.Noise(torch.Generator(device="cuda").manual_seed(0), 8).sample(q)
+    again = contract.Noise(torch.Generator(device="cuda").manual_seed(0), 8).sample(q)
     assert z.device.type == "cuda" and torch.equal(z, again)
 
 
@@ -65,7 +65,7 @@ def test_bf16_autocast_on_cuda_trains_with_the_terms_in_float32():
         torch.manual_seed(0)
         model = build(config, (1, 28, 28)).cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            terms = objectives.elbo(model, x[:64], objectives.Noise(torch.Generator(device="cuda").manual_seed(0), 64))
+            terms = objectives.elbo(model, x[:64], contract.Noise(torch.Generator(device="cuda").manual_seed(0), 64))
         assert terms.kl.dtype == terms.reconstruction.dtype == torch.float32
         losses[precision] = -terms.elbo.mean().item()
         state = fit(model, x, None, config, state=TrainState(), progress=False)

@@ -9,10 +9,10 @@ import torch
 from vaelab import distributions as dist
 from vaelab.cli import main
 from vaelab.config import Config
+from vaelab.contract import OneLayer
 from vaelab.evaluation import activity, evaluate, iwae_log_likelihood, kl_split
 from vaelab.linear_gaussian import LinearGaussian
 from vaelab.models import build
-from vaelab.objectives import OneLayer
 from vaelab.training import fit
 
 F64 = torch.float64

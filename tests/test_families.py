@@ -16,7 +16,7 @@ from torch.distributions import Normal, kl_divergence
 
 import pngs
 import vaelab
-from vaelab import objectives
+from vaelab import contract, objectives
 from vaelab.cli import main
 from vaelab.config import PRESETS, Config, resolve
 from vaelab.evaluation import evaluate, kl_per_example
@@ -146,16 +146,16 @@ def test_hierarchical_kl_per_layer_against_torch():
     torch.distributions.kl_divergence; the IWAE bound with k = 1 is the single-sample ELBO."""
     model = hierarchical()
     x = (torch.rand(7, 1, 8, 8) > 0.5).float()
-    noise = objectives.Noise(torch.Generator().manual_seed(0), 7)
+    noise = contract.Noise(torch.Generator().manual_seed(0), 7)
     terms = objectives.elbo(model, x, noise)
-    layers = model.latents(x, objectives.Noise(torch.Generator().manual_seed(0), 7).sample)
+    layers = model.latents(x, contract.Noise(torch.Generator().manual_seed(0), 7).sample)
     for layer in layers:
         q, p = layer.q.base_dist, layer.p.base_dist
         witness = kl_divergence(Normal(q.loc, q.scale), Normal(p.loc.expand_as(q.loc), p.scale.expand_as(q.scale)))
         torch.testing.assert_close(terms.kl_per_layer[layer.name], witness.sum(-1))
     assert terms.kl_per_dim.shape == (7, 3 + 4)
     torch.testing.assert_close(terms.kl_per_dim.sum(-1), terms.kl)
-    single = objectives.iwae_bound(model, x, 1, objectives.Noise(torch.Generator().manual_seed(0), 7))
+    single = objectives.iwae_bound(model, x, 1, contract.Noise(torch.Generator().manual_seed(0), 7))
     log_joint = terms.reconstruction + sum(
         layer.p.log_prob(layer.z) - layer.q.log_prob(layer.z) for layer in layers
     )  # the single-sample ELBO with Monte Carlo KLs at the same z
@@ -168,8 +168,8 @@ def test_bottom_up_hierarchical_kl_per_layer_against_torch():
     the single-sample ELBO at the same noise; evaluate's KL per layer is the plain Monte Carlo mean over joint draws."""
     model = hierarchical(inference="bottom-up")
     x = (torch.rand(7, 1, 8, 8) > 0.5).float()
-    terms = objectives.elbo(model, x, objectives.Noise(torch.Generator().manual_seed(0), 7))
-    top, bottom = model.latents(x, objectives.Noise(torch.Generator().manual_seed(0), 7).sample)
+    terms = objectives.elbo(model, x, contract.Noise(torch.Generator().manual_seed(0), 7))
+    top, bottom = model.latents(x, contract.Noise(torch.Generator().manual_seed(0), 7).sample)
     q, p = top.q.base_dist, top.p.base_dist
     witness = kl_divergence(Normal(q.loc, q.scale), Normal(p.loc.expand_as(q.loc), p.scale.expand_as(q.scale)))
     torch.testing.assert_close(terms.kl_per_layer["z2"], witness.sum(-1))
@@ -177,7 +177,7 @@ def test_bottom_up_hierarchical_kl_per_layer_against_torch():
     per_dim = Normal(q.loc, q.scale).log_prob(bottom.z) - Normal(p.loc, p.scale).log_prob(bottom.z)
     torch.testing.assert_close(terms.kl_per_dim, torch.cat([witness, per_dim], -1))
     torch.testing.assert_close(terms.kl, terms.kl_per_dim.sum(-1))
-    single = objectives.iwae_bound(model, x, 1, objectives.Noise(torch.Generator().manual_seed(0), 7))
+    single = objectives.iwae_bound(model, x, 1, contract.Noise(torch.Generator().manual_seed(0), 7))
     log_joint = terms.reconstruction + sum(
         layer.p.log_prob(layer.z) - layer.q.log_prob(layer.z) for layer in (top, bottom)
     )
@@ -432,12 +432,12 @@ def test_conditional_kl_is_the_same_closed_form_given_y():
     model = build(Config(conditional=True, classes=10, hidden=(32,), latent_dim=3), (1, 8, 8))
     x = (torch.rand(6, 1, 8, 8) > 0.5).float()
     y = torch.arange(6)
-    terms = objectives.elbo(objectives.given(model, y), x)
+    terms = objectives.elbo(contract.given(model, y), x)
     q = model.encode(x, y).base_dist
     witness = kl_divergence(Normal(q.loc, q.scale), Normal(torch.zeros(3), torch.ones(3))).sum(-1)
     torch.testing.assert_close(terms.kl, witness)
     assert not torch.allclose(model.encode(x, y).mean, model.encode(x, (y + 1) % 10).mean)
-    k = objectives.iwae_log_weights(objectives.given(model, y), x, 7)  # n samples decode with their labels
+    k = objectives.iwae_log_weights(contract.given(model, y), x, 7)  # n samples decode with their labels
     assert k.shape == (7, 6) and torch.isfinite(k).all()
 
 

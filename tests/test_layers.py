@@ -1,4 +1,4 @@
-"""The architecture of shared/DESIGN.md: nothing imports upward.
+"""The layers of docs/architecture.md: nothing imports upward.
 
 L0 math core and the table of parts (torch and the standard library only) < L1 models, data,
 explain, plots, config < L2 training, runs, evaluation, checkpoint, distributed, inspection
@@ -15,6 +15,7 @@ LAYERS = {
     0: {
         "kl",
         "distributions",
+        "contract",  # the model contract's types (no estimator): what models/ builds on
         "objectives",
         "linear_gaussian",
         "errors",
@@ -65,7 +66,7 @@ def imports_of(path: Path) -> set[str]:
 
 def test_every_module_has_a_layer():
     missing = {top_module(p) for p in PACKAGE.rglob("*.py")} - set(LAYER_OF)
-    assert not missing, f"add these modules to a layer in DESIGN.md and here: {missing}"
+    assert not missing, f"add these modules to a layer in docs/architecture.md and here: {missing}"
 
 
 def test_nothing_imports_upward():
@@ -79,6 +80,12 @@ def test_nothing_imports_upward():
             if own == 0 and parts[0] not in L0_MAY_IMPORT | {"vaelab"}:
                 violations.append(f"{path.relative_to(PACKAGE)} is L0 (torch only) but imports {name}")
     assert not violations, "\n".join(violations)
+
+
+def test_models_build_on_the_contract_not_on_the_estimators():
+    """models/ imports the contract's types (contract.py), never the objectives' estimators."""
+    users = [p.name for p in (PACKAGE / "models").glob("*.py") if "vaelab.objectives" in imports_of(p)]
+    assert not users, f"models that import vaelab.objectives: {users}"
 
 
 def test_cli_imports_nothing_heavy_at_start_up():

@@ -17,12 +17,13 @@ import vaelab
 from conftest import round_trip
 from vaelab.cli import main
 from vaelab.config import Config
+from vaelab.contract import Noise
 from vaelab.data import semi_supervised
 from vaelab.errors import UserError
 from vaelab.evaluation import iwae_log_likelihood
 from vaelab.kl import kl_q_p
 from vaelab.models import build
-from vaelab.objectives import Noise, elbo
+from vaelab.objectives import elbo
 
 
 def small_m2(classes=3, latent_dim=2):

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 import vaelab
-from vaelab import parts
+from vaelab import contract, parts
 from vaelab.cli import main
 from vaelab.config import Config
 from vaelab.distributions import gaussian
 from vaelab.errors import UserError
-from vaelab.models import Likelihood
+from vaelab.models import Likelihood, build
 
 
 class UnitGaussian(Likelihood):
@@ -145,3 +145,33 @@ def test_the_priors_facts_match_what_they_compute():
         closed = kl_closed_form(model.encode(torch.rand(4, 1, 8, 8)), model.prior())
         assert (closed is not None) == part.closed_form_kl, part.name
         assert (closed is not None and closed.per_dim is not None) == part.factorises, part.name
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"posterior": "full"},
+        {"posterior": "iaf"},
+        {"posterior": "categorical"},
+        {"posterior": "vq"},
+        {"family": "hierarchical"},
+        {"family": "hierarchical", "inference": "bottom-up"},
+        {"conditional": True, "classes": 10},
+        {"labelled": 20, "classes": 10},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "vae",
+)
+def test_every_family_keeps_the_declared_contract(options):
+    """Every model vaelab builds is a contract.LatentVariableModel and has contract.ModelViews, what the
+    measures and the pictures read; a conditional model keeps them with its labels bound (Given), and its
+    views give what they say: q of the top layer's width, p(x|z) over the image, a reconstruction of it."""
+    model = build(Config(hidden=(16,), latent_dim=3, **options), (1, 8, 8))
+    bound = contract.given(model, torch.zeros(2, dtype=torch.long)) if "classes" in options else model
+    for m in (model, bound):
+        assert isinstance(m, contract.LatentVariableModel) and isinstance(m, contract.ModelViews)
+    x = torch.rand(2, 1, 8, 8).round()
+    assert tuple(bound.x_shape) == (1, 8, 8) and list(bound.layer_dims)[0] in ("z", "z2", "y")
+    assert bound.reconstruct(x).shape == x.shape
+    q = bound.encode(x)
+    assert q.batch_shape[0] == 2

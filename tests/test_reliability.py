@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from vaelab import fileio, objectives
+from vaelab import contract, fileio, objectives
 from vaelab.checkpoint import load_checkpoint
 from vaelab.cli import main
 
@@ -157,7 +157,7 @@ def _poison_steps(monkeypatch, steps):
         if model.training:
             calls["n"] += 1
             if calls["n"] in steps:
-                return objectives.ElboTerms(terms.reconstruction, terms.kl * float("inf"), terms.kl_per_dim, "analytic")
+                return contract.ElboTerms(terms.reconstruction, terms.kl * float("inf"), terms.kl_per_dim, "analytic")
         return terms
 
     monkeypatch.setattr(objectives, "elbo", poisoned)

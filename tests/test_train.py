@@ -10,7 +10,7 @@ import torch
 
 import vaelab
 from conftest import Boom
-from vaelab import objectives
+from vaelab import contract, objectives
 from vaelab.checkpoint import load_checkpoint, load_model
 from vaelab.cli import main
 from vaelab.config import Config, tomllib
@@ -162,7 +162,7 @@ def test_nan_stops_the_run_naming_step_and_term(tmp_path, capsys, monkeypatch):
         terms = real(model, x, noise)
         calls["n"] += 1
         if model.training and calls["n"] > 30:  # after the first epoch's checkpoint
-            return objectives.ElboTerms(terms.reconstruction * float("nan"), terms.kl, terms.kl_per_dim, "analytic")
+            return contract.ElboTerms(terms.reconstruction * float("nan"), terms.kl, terms.kl_per_dim, "analytic")
         return terms
 
     monkeypatch.setattr(objectives, "elbo", poisoned)
@@ -508,7 +508,7 @@ def test_the_float32_boundary_is_in_the_builders():
 
         def latents(self, x, draw):
             q = dist.diagonal_posterior(self.enc(x.flatten(1)))
-            return [objectives.LatentLayer("z", q, dist.standard_normal(3), draw(q))]
+            return [contract.LatentLayer("z", q, dist.standard_normal(3), draw(q))]
 
         def log_px_given_z(self, layers, x):
             return self.lik(self.dec(layers[0].z).view(-1, 1, 8, 8)).log_prob(x)

@@ -145,7 +145,7 @@ class Categoricals(Distribution):
 
     def from_normal(self, eps: Tensor) -> Tensor:
         """The draw for standard-normal noise ``eps`` (..., N K): Gumbel noise g = -log(-log Phi(eps)),
-        Phi(eps) uniform on (0, 1) (``objectives.Noise`` supplies eps), then relaxed or discrete."""
+        Phi(eps) uniform on (0, 1) (``contract.Noise`` supplies eps), then relaxed or discrete."""
         gumbel = -torch.log(-torch.special.log_ndtr(eps.unflatten(-1, (self.variables, self.categories))))
         scores = self.logits + gumbel
         hard = nn_functional.one_hot(scores.argmax(-1), self.categories).to(scores.dtype)

@@ -31,6 +31,7 @@ from torch.distributions import MultivariateNormal
 from vaelab import distributed, rundir
 from vaelab.checkpoint import check_identity, load_run
 from vaelab.config import Config
+from vaelab.contract import given
 from vaelab.data import Splits, binarize_static, labels_for, prepare_data
 from vaelab.data.batches import Batches, seeded, shard_rows
 from vaelab.decomposition import KLParts, decompose_categorical, decompose_full_data, full_data_mixture
@@ -56,7 +57,6 @@ from vaelab.objectives import (
     collapsed_layers,
     elbo,
     elbo_batches,
-    given,
     log_importance_weights,
 )
 from vaelab.parts import POSTERIORS

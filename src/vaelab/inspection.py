@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from vaelab.config import Config
+from vaelab.contract import given
 from vaelab.data.batches import seeded
 from vaelab.errors import UserError
 from vaelab.evaluation import (
@@ -29,7 +30,6 @@ from vaelab.evaluation import (
 )
 from vaelab.kl import KLResult, rng_from
 from vaelab.models.vq import vq_posterior_of
-from vaelab.objectives import given
 from vaelab.parts import POSTERIORS
 
 
@@ -100,7 +100,7 @@ class Run:
 
     def view(self, rows=slice(None)):
         """The model as the pictures see it: a conditional model with the labels of test images ``rows``
-        bound (``objectives.given``), any other model itself."""
+        bound (``contract.given``), any other model itself."""
         return given(self.model, None if self.model_y is None else self.model_y[rows])
 
     def metrics(self) -> list[dict]:

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 from torch.distributions import Independent, MultivariateNormal, Normal
 
+from vaelab.contract import Draw, LatentLayer
 from vaelab.distributions import diag_normal, reparametrize, standard_normal
 from vaelab.kl import kl_mvn
-from vaelab.objectives import Draw, LatentLayer
 
 
 @dataclass(frozen=True)
@@ -275,7 +275,7 @@ class TwoLevelLinearGaussian:
             quad = quad + delta @ torch.linalg.solve(C, delta)
         return (0.5 * quad).expand(x.shape[:-1])
 
-    # -- the model contract (objectives.LatentVariableModel), q = the exact posterior (shifted) --------
+    # -- the model contract (contract.LatentVariableModel), q = the exact posterior (shifted) --------
     def latents(self, x: Tensor, draw: Draw) -> list[LatentLayer]:
         if self.inference == "bottom-up":
             q1 = self.posterior_z1(x)
@@ -357,7 +357,7 @@ def beta_vae_optimum(cov: Tensor, noise_var: float, beta: float, latent_dim: int
 
 
 class LinearVAE(torch.nn.Module):
-    """The linear VAE of Lucas et al. 2019 as a model vaelab trains (``objectives.LatentVariableModel``):
+    """The linear VAE of Lucas et al. 2019 as a model vaelab trains (``contract.LatentVariableModel``):
     q(z|x) = N(V (x - m), diag exp(log_var)) (a variance that does not depend on x), p(z) = N(0, I),
     p(x|z) = N(W z + m, s^2 I) with s^2 fixed; m is the data's mean."""
 

@@ -115,7 +115,7 @@ class Posterior(Part):
 @final
 @dataclass(frozen=True)
 class Family(Part):
-    """A model family; ``build(config, x_shape)`` returns the model (``objectives.LatentVariableModel``).
+    """A model family; ``build(config, x_shape)`` returns the model (``contract.LatentVariableModel``).
 
     ``priors``, ``posteriors`` and ``architectures`` list the parts the family is built from
     (empty: any registered one); ``layers`` is its number of latent layers."""

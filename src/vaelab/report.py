@@ -15,6 +15,7 @@ import torch
 from vaelab import plots, rundir
 from vaelab.checkpoint import read_trained
 from vaelab.compress import coder_name, latent_code, read_record
+from vaelab.contract import given
 from vaelab.errors import UserError
 from vaelab.evaluation import Evaluation, evaluation_rows
 from vaelab.explain import Explanation
@@ -29,7 +30,7 @@ from vaelab.inspection import (
     traversals,
 )
 from vaelab.kl import correlation_kl
-from vaelab.objectives import collapse_warning, collapsed_layers, given
+from vaelab.objectives import collapse_warning, collapsed_layers
 from vaelab.parts import POSTERIORS, PRIORS
 
 CSS = """

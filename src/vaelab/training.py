@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from vaelab import distributed, objectives, parts
+from vaelab import contract, distributed, objectives, parts
 from vaelab.config import Config, lr_at
 from vaelab.data.batches import Batches, seeded, shard_rows
 from vaelab.errors import UserError
@@ -242,10 +242,10 @@ class Step:
 
     def __call__(
         self, x: Tensor, beta: float, step: int, y: Tensor | None = None
-    ) -> tuple[objectives.ElboTerms, str | None]:
+    ) -> tuple[contract.ElboTerms, str | None]:
         c = self.config
         # the step's noise is a function of (seed, step), drawn for the global batch
-        noise = objectives.Noise(seeded(c.seed, "noise", step, device=x.device), c.batch_size, self.rows.start)
+        noise = contract.Noise(seeded(c.seed, "noise", step, device=x.device), c.batch_size, self.rows.start)
         if self.relaxed is not None:  # the relaxation's temperature, a function of the step
             self.relaxed.temperature.fill_(temperature_at(c, step))
         with self.autocast:
@@ -274,11 +274,11 @@ class Objective(torch.nn.Module):
         self.own_loss = hasattr(model, "training_loss")  # a model with a loss of its own (M2: labels partly missing)
 
     def forward(
-        self, x: Tensor, noise: objectives.Noise, beta: float, y: Tensor | None = None
-    ) -> tuple[Tensor, objectives.ElboTerms]:
+        self, x: Tensor, noise: contract.Noise, beta: float, y: Tensor | None = None
+    ) -> tuple[Tensor, contract.ElboTerms]:
         if self.own_loss:
             return self.model.training_loss(x, noise, beta, self.config, self.dataset_size, y)
-        model = objectives.given(self.model, y)  # a conditional model gets the batch's labels
+        model = contract.given(self.model, y)  # a conditional model gets the batch's labels
         return self.objective(model, x, noise, beta, self.config, self.dataset_size)
 
 
@@ -290,7 +290,7 @@ class TermSums:
         self.kl_parts: dict[str, Tensor] = {}
         self.kl_layers: dict[str, Tensor] = {}
 
-    def add(self, terms: objectives.ElboTerms) -> None:
+    def add(self, terms: contract.ElboTerms) -> None:
         self.n += terms.kl.shape[0]
         self.rec = self.rec + terms.reconstruction.detach().sum()
         self.kl = self.kl + terms.kl.detach().sum()
@@ -383,7 +383,7 @@ class ProgressBar:
     def __init__(self, batches: int, config: Config):
         self.batches, self.config, self.bar, self.epoch = batches, config, None, None
 
-    def update(self, epoch: int, terms: objectives.ElboTerms, beta: float) -> None:
+    def update(self, epoch: int, terms: contract.ElboTerms, beta: float) -> None:
         if epoch != self.epoch:
             from tqdm import tqdm
 
@@ -477,7 +477,7 @@ def gradient_norm(params: list[Tensor], clip: float) -> Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
 
 
-def _nonfinite(loss: Tensor, terms: objectives.ElboTerms, grad_norm: Tensor, objective: str) -> str:
+def _nonfinite(loss: Tensor, terms: contract.ElboTerms, grad_norm: Tensor, objective: str) -> str:
     """Which part of the step is NaN or infinite."""
     if bool(torch.isfinite(loss)):
         if bool(torch.isfinite(grad_norm)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from vaelab import distributions as dist
 from vaelab import parts
 from vaelab.models.base import VAE, Likelihood, make_likelihood, make_prior
 
@@ -23,11 +24,22 @@ def build(config, x_shape):
 
 def make_posterior(config):
     """The function (or, for a family with parameters such as a flow, the module) that turns the
-    encoder's output into q(z|x): the entry ``config.posterior`` of ``parts.POSTERIORS``."""
+    encoder's output into q(z|x): the entry ``config.posterior`` of ``parts.POSTERIORS``, its input taken
+    through the float32 boundary (``distributions.at_least_float32``) first, a posterior of the user's too."""
     posterior = parts.POSTERIORS[config.posterior]
     if posterior.has_parameters:
-        return posterior.constructor()(config)
-    return partial(posterior.constructor(), latent_dim=config.latent_dim)
+        module = posterior.constructor()(config)
+        module.register_forward_pre_hook(_float32_input)
+        return module
+    return partial(_float32_posterior, posterior.constructor(), config.latent_dim)
+
+
+def _float32_input(module, args: tuple) -> tuple:
+    return (dist.at_least_float32(args[0]), *args[1:])
+
+
+def _float32_posterior(build, latent_dim: int, h):
+    return build(dist.at_least_float32(h), latent_dim=latent_dim)
 
 
 def build_vae(config, x_shape):

@@ -21,7 +21,7 @@ from torch.distributions import Distribution
 
 from vaelab import distributions as dist
 from vaelab import parts
-from vaelab.objectives import Draw, LatentLayer
+from vaelab.contract import Draw, LatentLayer
 
 
 # -- likelihoods p(x|z) ------------------------------------------------------------------------
@@ -204,7 +204,7 @@ class VAE(nn.Module):
         q = self.encode(x)
         return self.decode(q.mode if isinstance(q, dist.Categoricals) else dist.marginals(q)[0]).mean
 
-    # -- the contract with the objectives (objectives.LatentVariableModel) ----------------------
+    # -- the contract with the objectives (contract.LatentVariableModel) ----------------------
     def latents(self, x: Tensor, draw: Draw) -> list[LatentLayer]:
         """One latent layer: q(z|x), p(z) and z = draw(q(z|x))."""
         q_z = self.encode(x)

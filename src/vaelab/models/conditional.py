@@ -12,7 +12,7 @@ slant, thickness), which is why a conditional VAE's KL is usually smaller than a
 one's on the same data.
 
 y enters as a one-hot vector concatenated to the encoder's input and to z. The objectives see the
-plain contract through ``objectives.given(model, y)``, which binds a batch's labels.
+plain contract through ``contract.given(model, y)``, which binds a batch's labels.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from torch.nn.functional import one_hot
 
 from vaelab import distributions as dist
 from vaelab import parts
+from vaelab.contract import Draw, LatentLayer
 from vaelab.models.base import decoder_log_prob, make_likelihood
 from vaelab.models.mlp import MLPDecoder, mlp
-from vaelab.objectives import Draw, LatentLayer
 
 
 class ConditionalVAE(nn.Module):
@@ -80,7 +80,7 @@ class ConditionalVAE(nn.Module):
         mu, _ = dist.marginals(self.encode(x, y))
         return self.decode(mu, y).mean
 
-    # -- the contract, with the labels (objectives.given binds them) -----------------------------------
+    # -- the contract, with the labels (contract.given binds them) -----------------------------------
     def latents(self, x: Tensor, draw: Draw, y: Tensor) -> list[LatentLayer]:
         q_z = self.encode(x, y)
         return [LatentLayer("z", q_z, self.prior(), draw(q_z))]

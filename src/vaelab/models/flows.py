@@ -108,7 +108,7 @@ class IAFPosterior(nn.Module):
         self.steps = nn.ModuleList(MADE(D, D, hidden, reverse=t % 2 == 1) for t in range(steps))
 
     def forward(self, h: Tensor) -> Distribution:
-        D, h = self.latent_dim, dist.at_least_float32(h)
+        D = self.latent_dim
         base = dist.diagonal_posterior(h[..., : 2 * D])  # log_var clamped as for the diagonal family
         context = h[..., 2 * D :]
         return TransformedDistribution(base, [IAFStep(made, context) for made in self.steps], validate_args=False)

@@ -46,14 +46,14 @@ from torch.distributions import Distribution
 
 from vaelab import distributions as dist
 from vaelab import parts
+from vaelab.contract import Draw, LatentLayer
 from vaelab.models.base import Likelihood, decoder_log_prob, make_likelihood
 from vaelab.models.mlp import MLPDecoder, activation_module, mlp
-from vaelab.objectives import Draw, LatentLayer
 
 
 class HierarchicalVAE(nn.Module):
     """Two latent layers, z2 (top) and z1, inferred ``inference`` "top-down" or "bottom-up" (module
-    docstring); final. Implements ``objectives.LatentVariableModel``.
+    docstring); final. Implements ``contract.LatentVariableModel``.
 
     For the report and the page (which look at one latent layer) the model shows its top layer:
     ``encode(x)`` is q(z2|x), ``prior()`` is p(z2) and ``decode(z2)`` is p(x|z1) at z1 = the mean of
@@ -116,7 +116,7 @@ class HierarchicalVAE(nn.Module):
     def latents(self, x: Tensor, draw: Draw) -> list[LatentLayer]:
         """z2 ~ q(z2|x), then z1 ~ q(z1|x, z2) at that z2; top first. z1 is reparametrised from
         standard-normal noise that ``draw`` makes, so that n samples of z2 get n of z1 (one each)
-        and explicit noise (``objectives.Noise``) covers both layers."""
+        and explicit noise (``contract.Noise``) covers both layers."""
         if self.inference == "bottom-up":
             return self._latents_bottom_up(x, draw)
         h1, h2 = self._bottom_up(x)

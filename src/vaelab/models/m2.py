@@ -13,7 +13,7 @@ with KL(q(y|x) || Uniform(C)) = log C - H(q(y|x)) in closed form: it falls as th
 confident. The loss adds alpha times the classifier's cross-entropy on the labelled images, per image:
 the paper's alpha = 0.1 N over a sum of N bounds, written per example.
 
-Given a label (``objectives.given(model, y)``), the model is the conditional VAE it contains
+Given a label (``contract.given(model, y)``), the model is the conditional VAE it contains
 (``ConditionalVAE``): q(z|x, y), p(x|z, y), what the report and the page draw per class. Without one,
 its contract is the unlabelled model's, two layers top first, y ~ q(y|x) and z ~ q(z|x, y): the ELBO
 with y drawn estimates -U(x) without bias, and the IWAE bound over (y, z) estimates log p(x).
@@ -28,11 +28,11 @@ from torch import Tensor
 
 from vaelab import distributed, parts
 from vaelab import distributions as dist
+from vaelab.contract import Draw, ElboTerms, LatentLayer, Noise
 from vaelab.kl import kl_categorical, kl_q_p
 from vaelab.models.base import decoder_log_prob, make_likelihood
 from vaelab.models.conditional import ConditionalVAE
 from vaelab.models.mlp import mlp
-from vaelab.objectives import Draw, ElboTerms, LatentLayer, Noise
 
 
 class SemiSupervisedVAE(ConditionalVAE):
@@ -52,7 +52,7 @@ class SemiSupervisedVAE(ConditionalVAE):
         )
         self.classifier = mlp([math.prod(x_shape), *hidden, classes], activation)
         self.layer_dims = {"y": 1, "z": latent_dim}  # the unlabelled model's layers: y one variable of C
-        self.given_layer_dims = {"z": latent_dim}  # given y (objectives.Given): the conditional VAE's one layer
+        self.given_layer_dims = {"z": latent_dim}  # given y (contract.Given): the conditional VAE's one layer
 
     def classify(self, x: Tensor) -> dist.Categoricals:
         """q(y|x), one categorical variable of C classes."""

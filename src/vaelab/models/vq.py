@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional
 
 from vaelab import distributed
-from vaelab.distributions import Quantised, at_least_float32
+from vaelab.distributions import Quantised
 
 EMA_EPSILON = 1e-5  # Laplace smoothing of the codes' counts (the paper's Sonnet implementation)
 
@@ -46,7 +46,7 @@ class VQPosterior(nn.Module):
         self.register_buffer("usage", torch.full((positions, codes), 1.0 / codes))  # codes' frequencies per position
 
     def forward(self, h: Tensor) -> Quantised:
-        z_e = at_least_float32(h).unflatten(-1, (self.variables, self.code_dim))
+        z_e = h.unflatten(-1, (self.variables, self.code_dim))
         distance = z_e.square().sum(-1, keepdim=True) - 2 * z_e @ self.codebook.T + self.codebook.square().sum(-1)
         index = distance.argmin(-1)  # (B, N)
         if self.training and torch.is_grad_enabled():

@@ -27,11 +27,11 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from torch.distributions import Normal
 
 from vaelab.compress import read_record
+from vaelab.contract import given
 from vaelab.distributions import Categoricals, Quantised, marginals
 from vaelab.evaluation import evaluation_rows, kl_per_example
 from vaelab.inspection import Run, decode_mean, kl_parts, open_run
 from vaelab.kl import KLResult, correlation_kl, kl_full_normal_diag_normal, kl_normal_std_normal, log_ratio_samples
-from vaelab.objectives import given
 
 MAX_UPLOAD_BYTES = 1_000_000
 Z_RANGE = 5.0
