@@ -310,7 +310,7 @@ CATALOGUE = [
     ("empty data set", lambda t: ["train", "--data", npy(t, np.zeros((0, 4, 4)))], ["no images"]),
     ("batch larger than the data", lambda t: ["train", "--batch-size", "100000"], ["larger than the training set"]),
     ("latent dim 0", lambda t: ["train", "--latent-dim", "0"], ["--latent-dim", "at least 1"]),
-    ("negative epochs", lambda t: ["train", "--epochs", "-3"], ["--epochs", ">= 0"]),
+    ("negative epochs", lambda t: ["train", "--epochs", "-3"], ["--epochs", "at least 0"]),
     ("unknown option", lambda t: ["train", "--epoch", "3", "--lr-warmup"], ["unrecognized arguments"]),
     ("unknown option in TOML", lambda t: ["train", "--config", toml(t, "epohcs = 3\n")], ["unknown option 'epohcs'"]),
     (
@@ -411,7 +411,7 @@ CATALOGUE = [
     (
         "one category",
         lambda t: ["train", "--posterior", "categorical", "--categories", "1"],
-        ["categories must be at least 2"],
+        ["--categories", "must be at least 2"],
     ),
     (
         "a temperature of 0",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import sys
 import threading
 from pathlib import Path
 
+from vaelab.config import positive_int
 from vaelab.errors import UserError
 
 EXAMPLES = {
@@ -71,16 +73,6 @@ EXAMPLES = {
 def is_rank_zero() -> bool:
     """Whether this process prints: the only one, or rank 0 of those torchrun started."""
     return os.environ.get("RANK", "0") == "0"
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _output_path(text: str) -> Path:
@@ -193,216 +185,26 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.call([*cmd, *rest])
 
 
-def _hidden(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected sizes like 400 or 200,200, got {text!r}") from None
-    if any(v < 1 for v in sizes):
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return sizes
-
-
-def _non_negative(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value >= 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-
-    return parse
-
-
-def _described(what: str, table) -> str:
-    """'what: name (its help), ...' from a table of parts."""
-    return f"{what}: " + "; ".join(f"{part.name} ({part.help})" for part in table)
-
-
 def add_train_options(p: argparse.ArgumentParser) -> None:
-    from vaelab import parts
-    from vaelab.config import (
-        BINARIZE,
-        DEVICES,
-        INFERENCE,
-        LR_SCHEDULES,
-        PRECISIONS,
-        PRESETS,
-        TC_ESTIMATORS,
-        WARMUPS,
-        Config,
-    )
+    """``vaelab train``'s options: one per field of ``Config`` that declares one (``config.opt``: its help,
+    group, choices and least value), then the run's own options."""
+    from vaelab.config import OPTION_GROUPS, PRESETS, Config, choices_of, help_of, option_parser
 
-    d = Config()
-    groups = [p]
-
-    def group(title: str):
-        groups.append(p.add_argument_group(title))
-        return groups[-1]
-
+    groups = {name: p.add_argument_group(name) for name in OPTION_GROUPS}
     S = argparse.SUPPRESS  # unset options stay out of the namespace, so the --config file can supply them
-
-    def opt(flag, help, **kw):
-        dest = flag.lstrip("-").replace("-", "_")
-        default = getattr(d, dest)
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        groups[-1].add_argument(flag, dest=dest, default=S, help=f"{help} (default: {shown})", **kw)
-
-    g = group("data")
-    opt(
-        "--data",
-        "mnist-5k (bundled), digits (bundled, 8x8), mnist, fashion-mnist, kmnist, cifar10, a .npy/.npz file or "
-        "an image folder",
-        metavar="NAME",
-    )
-    opt("--data-dir", "folder holding the data set's files", metavar="DIR")
-    g.add_argument(
-        "--download",
-        dest="download",
-        action="store_true",
-        default=S,
-        help="download the data set into the cache (~/.cache/vaelab, or $VAELAB_CACHE)",
-    )
-    opt("--binarize", "binarise pixels: none, static (once) or dynamic (every batch)", choices=BINARIZE)
-    opt(
-        "--val-size",
-        "validation images held out of the training images; -1: 1/12 of them, at most 1,000; 0: none (train on "
-        "all, keep the last weights)",
-        type=int,
-        metavar="N",
-    )
-    g = group("model")
-    opt("--family", _described("the model family", parts.FAMILIES), choices=parts.FAMILIES.names())
-    g.add_argument(
-        "--conditional",
-        dest="conditional",
-        action="store_true",
-        default=S,
-        help="a conditional VAE, q(z|x, y) and p(x|z, y), given the data's labels y (one latent layer, MLPs)",
-    )
-    opt(
-        "--labelled",
-        "semi-supervised M2: keep N training labels (balanced over the classes), the rest latent; 0: off",
-        type=_non_negative(int),
-        metavar="N",
-    )
-    opt("--alpha", "--labelled: the weight of the classifier's loss per labelled image", type=float, metavar="A")
-    opt(
-        "--model",
-        "architecture; auto: conv for colour images, mlp otherwise",
-        choices=("auto", *parts.ARCHITECTURES.names()),
-    )
-    opt("--hidden", "hidden layer sizes, e.g. 400 or 200,200", type=_hidden, metavar="SIZES")
-    opt("--activation", "activation function", choices=parts.ACTIVATIONS.names())
-    opt(
-        "--latent-dim",
-        "dimension of z (hierarchical: of z1, the layer next to x; categorical: its variables)",
-        type=positive_int,
-        metavar="D",
-    )
-    opt("--top-latent-dim", "--family hierarchical: dimension of z2, the top layer", type=positive_int, metavar="D")
-    opt("--top-hidden", "--family hierarchical: hidden sizes between z1 and z2", type=_hidden, metavar="SIZES")
-    opt(
-        "--inference",
-        "--family hierarchical: top-down, q(z2|x) q(z1|x,z2), or bottom-up, q(z1|x) q(z2|z1) (Bit-Swap codes it)",
-        choices=INFERENCE,
-    )
-    opt("--posterior", _described("q(z|x)", parts.POSTERIORS), choices=parts.POSTERIORS.names())
-    opt("--posterior-rank", "the rank R of --posterior lowrank", type=positive_int, metavar="R")
-    opt("--flow-steps", "--posterior iaf: the number of flow steps K", type=positive_int, metavar="K")
-    opt("--likelihood", _described("p(x|z)", parts.LIKELIHOODS), choices=parts.LIKELIHOODS.names())
-    opt(
-        "--categories",
-        "--posterior categorical: the categories K of each of its --latent-dim variables; vq: the codes",
-        type=positive_int,
-        metavar="K",
-    )
-    opt(
-        "--temperature",
-        "--posterior categorical: the Gumbel-softmax temperature at step 0, annealed to "
-        "max(--temperature-min, T exp(-rate step)) (Jang et al. 2017)",
-        type=float,
-        metavar="T",
-    )
-    opt("--temperature-min", "--posterior categorical: the temperature's floor", type=float, metavar="T")
-    opt("--anneal-rate", "--posterior categorical: the temperature's decay per step", type=float, metavar="R")
-    g.add_argument(
-        "--straight-through",
-        dest="straight_through",
-        action="store_true",
-        default=S,
-        help="--posterior categorical: one-hot z in the forward pass, the relaxed gradient backward",
-    )
-    opt("--code-dim", "--posterior vq: the numbers of each codebook vector", type=positive_int, metavar="D")
-    opt("--commitment", "--posterior vq: the weight of the commitment loss", type=float, metavar="W")
-    opt("--ema-decay", "--posterior vq: the decay of the codebook's moving averages", type=float, metavar="G")
-    opt(
-        "--prior",
-        _described("p(z)", parts.PRIORS) + "; auto: uniform for --posterior categorical, else normal",
-        choices=("auto", *parts.PRIORS.names()),
-    )
-    opt("--prior-components", "components of the mixture / VampPrior", type=positive_int, metavar="K")
-    g = group("objective")
-    opt("--objective", _described("the loss", parts.OBJECTIVES), choices=parts.OBJECTIVES.names())
-    opt("--k", "importance samples for --objective iwae", type=positive_int)
-    opt("--beta", "weight of the KL term", type=_non_negative(float))
-    opt("--warmup", "beta schedule", choices=WARMUPS)
-    opt("--warmup-steps", "steps of the linear ramp, or of one cycle", type=_non_negative(int), metavar="N")
-    opt("--free-bits", "minimum KL per latent dimension, in nats", type=_non_negative(float), metavar="NATS")
-    opt(
-        "--target-rate",
-        "hold the rate (the KL term) at this many nats per example: the KL's weight, starting at --beta, is "
-        "adjusted every step and logged as beta; 0: off",
-        type=_non_negative(float),
-        metavar="NATS",
-    )
-    for part, what in (
-        ("mi", "the mutual information"),
-        ("tc", "the total correlation"),
-        ("dwkl", "the dimension-wise KL"),
-    ):
-        opt(f"--{part}-weight", f"--objective tc: weight of {what}", type=_non_negative(float), metavar="W")
-    opt(
-        "--tc-estimator",
-        "--objective tc: q(z) from the minibatch, stratified (mss) or weighted (mws)",
-        choices=TC_ESTIMATORS,
-    )
-    g = group("optimisation")
-    opt("--epochs", "passes over the training set", type=_non_negative(int))
-    opt("--batch-size", "examples per step", type=positive_int)
-    opt("--lr", "Adam learning rate", type=float)
-    opt(
-        "--lr-schedule",
-        "constant; cosine (to 0 at the end of the epochs, or of --time-budget); burda2015 (3^i epochs at lr 10^(-i/7))",
-        choices=LR_SCHEDULES,
-    )
-    opt(
-        "--time-budget",
-        "train until the run has taken this many seconds, validation and checkpoints included (then test); "
-        "--epochs, if given, caps it; 0: no budget",
-        type=_non_negative(float),
-        metavar="SECONDS",
-    )
-    opt("--adam-eps", "Adam's epsilon", type=float, metavar="EPS")
-    opt("--grad-clip", "clip the gradient norm to this; 0: off", type=_non_negative(float))
-    opt(
-        "--skip-nonfinite",
-        "skip up to N batches whose loss or gradient is NaN/Inf (counted in metrics.csv)",
-        type=_non_negative(int),
-        metavar="N",
-    )
-    opt("--seed", "seed of the split, the initialisation, the data order and every sample", type=int)
-    opt("--threads", "CPU threads; 0: PyTorch's default", type=_non_negative(int))
-    opt("--device", "where to train", choices=DEVICES)
-    opt(
-        "--precision",
-        "bf16: matrix products in bfloat16 (the likelihood, KL and optimiser stay float32); auto: bf16 where "
-        "the CPU (avx512_bf16, AMX) or GPU has it natively",
-        choices=PRECISIONS,
-    )
-    g = group("run")
+    for f in dataclasses.fields(Config):
+        if "help" not in f.metadata:
+            continue  # set by vaelab itself (classes)
+        flag, g = "--" + f.name.replace("_", "-"), groups[f.metadata["group"]]
+        if f.type == "bool":
+            g.add_argument(flag, dest=f.name, action="store_true", default=S, help=help_of(f))
+            continue
+        shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        kw = {"choices": choices_of(f)} if choices_of(f) else {"type": option_parser(f)}
+        if f.metadata.get("metavar"):
+            kw["metavar"] = f.metadata["metavar"]
+        g.add_argument(flag, dest=f.name, default=S, help=f"{help_of(f)} (default: {shown})", **kw)
+    g = groups["run"]
     g.add_argument("--config", metavar="FILE", help="a TOML file with any of the options above")
     g.add_argument("--preset", choices=PRESETS, help="a published protocol: " + ", ".join(PRESETS))
     g.add_argument("--out", type=Path, metavar="DIR", help="run directory (default: runs/DATA, never an existing one)")
@@ -413,13 +215,6 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         help="continue from --out's checkpoints/last.pt if it exists, else start the run: the same command "
         "restarted (torchrun --max-restarts, a scheduler) loses at most --checkpoint-every seconds or the epoch in "
         "progress",
-    )
-    opt(
-        "--checkpoint-every",
-        "write the checkpoints (taken after every epoch) at most this often, and at the run's end or stop; "
-        "0: every epoch",
-        type=_non_negative(float),
-        metavar="SECONDS",
     )
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     g.add_argument(

@@ -7,10 +7,12 @@ config is saved in each run directory as ``config.toml`` and is what ``load_mode
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -67,128 +69,335 @@ PRESETS = {
 }
 
 
+# -- each field's command-line option: one source for Config, `vaelab train`'s options and their help ----
+OPTION_GROUPS = ("data", "model", "objective", "optimisation", "run")  # of `vaelab train --help`, in order
+
+
+def opt(default: Any, help: str | Callable[[], str], *, group: str, choices=None, at_least=None, metavar=None):
+    """A Config field that is a command-line option of ``vaelab train``: ``--name-with-dashes``, with its help
+    (a callable where it lists a table of parts), its group, its choices (a tuple, or a callable reading a
+    table of ``parts``), the least value Config accepts (``at_least``), and its metavar. The option's type
+    follows the field's: a flag for a bool, sizes like 200,200 for a tuple, a checked number where there is a
+    least value."""
+    meta = {"help": help, "group": group, "choices": choices, "at_least": at_least, "metavar": metavar}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def choices_of(f: dataclasses.Field) -> tuple[str, ...] | None:
+    """A field's allowed values, or None for any."""
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
+
+
+def help_of(f: dataclasses.Field) -> str:
+    text = f.metadata["help"]
+    return text() if callable(text) else text
+
+
+def _described(what: str, table) -> str:
+    """'what: name (its help), ...' from a table of parts."""
+    return f"{what}: " + "; ".join(f"{part.name} ({part.help})" for part in table)
+
+
+def _data_sets() -> str:
+    bundled = [d.name for d in parts.DATASETS if "bundled" in d.help]
+    named = [d.name for d in parts.DATASETS if d.name not in bundled]
+    return f"{', '.join(bundled)} (bundled), {', '.join(named)}"
+
+
+def positive_int(text: str) -> int:
+    return _number(int, 1)(text)
+
+
+def non_negative(kind):
+    """A parser of numbers of ``kind`` that are at least 0."""
+    return _number(kind, 0)
+
+
+def _number(kind, least):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if not value >= least:
+            raise argparse.ArgumentTypeError(
+                f"must be at least {least}, got {text}" if kind is int else f"must be >= {least}, got {text}"
+            )
+        return value
+
+    return parse
+
+
+def hidden_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 400 or 200,200, got {text!r}") from None
+    if any(v < 1 for v in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return sizes
+
+
+def option_parser(f: dataclasses.Field):
+    """The command-line parser of a field's values, from its type and least value."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    least = f.metadata.get("at_least")
+    if kind.startswith("tuple"):
+        return hidden_sizes
+    if kind in ("int", "float"):
+        number = int if kind == "int" else float
+        return _number(number, least) if least is not None and least >= 0 else number
+    return str
+
+
 @dataclass(frozen=True)
 class Config:
     # data
-    data: str = "mnist-5k"  # a data set name, or a path to .npy/.npz or a folder of images
-    data_dir: str | None = None
-    download: bool = False
-    binarize: str = "dynamic"
+    data: str = opt(
+        "mnist-5k",
+        lambda: f"{_data_sets()}, a .npy/.npz file or an image folder",
+        group="data",
+        metavar="NAME",
+    )  # a data set name, or a path to .npy/.npz or a folder of images
+    data_dir: str | None = opt(None, "folder holding the data set's files", group="data", metavar="DIR")
+    download: bool = opt(
+        False, "download the data set into the cache (~/.cache/vaelab, or $VAELAB_CACHE)", group="data"
+    )
+    binarize: str = opt(
+        "dynamic", "binarise pixels: none, static (once) or dynamic (every batch)", group="data", choices=BINARIZE
+    )
     # validation images held out of the training images: -1: 1/12 of them, at most 1,000 (data.sources.VAL_AT_MOST);
     # 0: none, train on all of them and keep the last weights
-    val_size: int = -1
+    val_size: int = opt(
+        -1,
+        "validation images held out of the training images; -1: 1/12 of them, at most 1,000; 0: none (train on "
+        "all, keep the last weights)",
+        group="data",
+        at_least=-1,
+        metavar="N",
+    )
     # model
-    family: str = "vae"  # vae: one latent layer; hierarchical: two (parts.FAMILIES)
-    conditional: bool = False  # q(z|x, y) and p(x|z, y): the labels condition both networks
+    family: str = opt(  # vae: one latent layer; hierarchical: two (parts.FAMILIES)
+        "vae", lambda: _described("the model family", parts.FAMILIES), group="model", choices=parts.FAMILIES.names
+    )
+    conditional: bool = opt(  # q(z|x, y) and p(x|z, y): the labels condition both networks
+        False,
+        "a conditional VAE, q(z|x, y) and p(x|z, y), given the data's labels y (one latent layer, MLPs)",
+        group="model",
+    )
     classes: int = 0  # the number of labels of a conditional model, set from the data when it trains
     # semi-supervised M2 (models/m2.py): this many labelled training images, balanced over the classes, the rest
     # unlabelled; alpha weighs the classifier's loss per labelled image (Kingma et al. 2014's 0.1 N, per example)
-    labelled: int = 0
-    alpha: float = 0.1
-    model: str = "auto"  # auto: conv for colour images, mlp otherwise
-    hidden: tuple[int, ...] = (400,)
-    activation: str = "relu"
-    latent_dim: int = 20  # of z (one layer), or of z1, the layer next to x (hierarchical)
-    top_latent_dim: int = 10  # hierarchical: the dimension of z2, the top layer
-    top_hidden: tuple[int, ...] = (100, 100)  # hierarchical: hidden sizes between z1 and z2, both ways
+    labelled: int = opt(
+        0,
+        "semi-supervised M2: keep N training labels (balanced over the classes), the rest latent; 0: off",
+        group="model",
+        at_least=0,
+        metavar="N",
+    )
+    alpha: float = opt(
+        0.1,
+        "--labelled: the weight of the classifier's loss per labelled image",
+        group="model",
+        at_least=0,
+        metavar="A",
+    )
+    model: str = opt(  # auto: conv for colour images, mlp otherwise
+        "auto",
+        "architecture; auto: conv for colour images, mlp otherwise",
+        group="model",
+        choices=lambda: ("auto", *parts.ARCHITECTURES.names()),
+    )
+    hidden: tuple[int, ...] = opt((400,), "hidden layer sizes, e.g. 400 or 200,200", group="model", metavar="SIZES")
+    activation: str = opt("relu", "activation function", group="model", choices=parts.ACTIVATIONS.names)
+    latent_dim: int = opt(  # of z (one layer), or of z1, the layer next to x (hierarchical)
+        20,
+        "dimension of z (hierarchical: of z1, the layer next to x; categorical: its variables)",
+        group="model",
+        at_least=1,
+        metavar="D",
+    )
+    top_latent_dim: int = opt(
+        10, "--family hierarchical: dimension of z2, the top layer", group="model", at_least=1, metavar="D"
+    )
+    top_hidden: tuple[int, ...] = opt(
+        (100, 100), "--family hierarchical: hidden sizes between z1 and z2, both ways", group="model", metavar="SIZES"
+    )
     # hierarchical: top-down, q(z2|x) q(z1|x, z2); bottom-up, q(z1|x) q(z2|z1), which Bit-Swap codes
-    inference: str = "top-down"
-    posterior: str = "diagonal"
-    posterior_rank: int = 1  # the rank of W in --posterior lowrank
-    flow_steps: int = 2  # --posterior iaf: the number of inverse autoregressive flow steps
+    inference: str = opt(
+        "top-down",
+        "--family hierarchical: top-down, q(z2|x) q(z1|x,z2), or bottom-up, q(z1|x) q(z2|z1) (Bit-Swap codes it)",
+        group="model",
+        choices=INFERENCE,
+    )
+    posterior: str = opt(
+        "diagonal", lambda: _described("q(z|x)", parts.POSTERIORS), group="model", choices=parts.POSTERIORS.names
+    )
+    posterior_rank: int = opt(1, "the rank R of --posterior lowrank", group="model", at_least=1, metavar="R")
+    flow_steps: int = opt(2, "--posterior iaf: the number of flow steps K", group="model", at_least=1, metavar="K")
     # --posterior categorical: latent_dim variables of `categories` each, trained through the Gumbel-softmax
     # relaxation at temperature max(temperature_min, temperature exp(-anneal_rate step)) (Jang et al. 2017's
     # schedule, updated every step); straight_through: the one-hot draw forward, the relaxed gradient backward
-    categories: int = 10  # categorical: the categories of each variable; vq: the codebook's codes
+    categories: int = opt(
+        10,
+        "--posterior categorical: the categories K of each of its --latent-dim variables; vq: the codes",
+        group="model",
+        at_least=2,
+        metavar="K",
+    )
     # --posterior vq (VQ-VAE): each of latent_dim positions a code_dim vector, the commitment loss's weight, and
     # the decay of the codebook's moving averages
-    code_dim: int = 16
-    commitment: float = 0.25
-    ema_decay: float = 0.99
-    temperature: float = 1.0
-    temperature_min: float = 0.5
-    anneal_rate: float = 1e-3
-    straight_through: bool = False
-    likelihood: str = "bernoulli"
-    prior: str = "auto"  # auto: uniform for --posterior categorical, normal for every other posterior
-    prior_components: int = 10  # mixture components / VampPrior pseudo-inputs
+    code_dim: int = opt(
+        16, "--posterior vq: the numbers of each codebook vector", group="model", at_least=1, metavar="D"
+    )
+    commitment: float = opt(
+        0.25, "--posterior vq: the weight of the commitment loss", group="model", at_least=0, metavar="W"
+    )
+    ema_decay: float = opt(
+        0.99, "--posterior vq: the decay of the codebook's moving averages", group="model", metavar="G"
+    )
+    temperature: float = opt(
+        1.0,
+        "--posterior categorical: the Gumbel-softmax temperature at step 0, annealed to "
+        "max(--temperature-min, T exp(-rate step)) (Jang et al. 2017)",
+        group="model",
+        metavar="T",
+    )
+    temperature_min: float = opt(0.5, "--posterior categorical: the temperature's floor", group="model", metavar="T")
+    anneal_rate: float = opt(
+        1e-3, "--posterior categorical: the temperature's decay per step", group="model", at_least=0, metavar="R"
+    )
+    straight_through: bool = opt(
+        False, "--posterior categorical: one-hot z in the forward pass, the relaxed gradient backward", group="model"
+    )
+    likelihood: str = opt(
+        "bernoulli", lambda: _described("p(x|z)", parts.LIKELIHOODS), group="model", choices=parts.LIKELIHOODS.names
+    )
+    prior: str = opt(  # auto: uniform for --posterior categorical, normal for every other posterior
+        "auto",
+        lambda: _described("p(z)", parts.PRIORS) + "; auto: uniform for --posterior categorical, else normal",
+        group="model",
+        choices=lambda: ("auto", *parts.PRIORS.names()),
+    )
+    prior_components: int = opt(  # mixture components / VampPrior pseudo-inputs
+        10, "components of the mixture / VampPrior", group="model", at_least=1, metavar="K"
+    )
     # objective
-    objective: str = "elbo"
-    k: int = 5  # importance samples for --objective iwae
-    beta: float = 1.0
-    warmup: str = "constant"
-    warmup_steps: int = 0  # linear: steps of the ramp; cyclical: steps of one cycle
-    free_bits: float = 0.0  # nats per latent dimension
+    objective: str = opt(
+        "elbo", lambda: _described("the loss", parts.OBJECTIVES), group="objective", choices=parts.OBJECTIVES.names
+    )
+    k: int = opt(5, "importance samples for --objective iwae", group="objective", at_least=1)
+    beta: float = opt(1.0, "weight of the KL term", group="objective", at_least=0)
+    warmup: str = opt("constant", "beta schedule", group="objective", choices=WARMUPS)
+    warmup_steps: int = opt(  # linear: steps of the ramp; cyclical: steps of one cycle
+        0, "steps of the linear ramp, or of one cycle", group="objective", at_least=0, metavar="N"
+    )
+    free_bits: float = opt(  # nats per latent dimension
+        0.0, "minimum KL per latent dimension, in nats", group="objective", at_least=0, metavar="NATS"
+    )
     # nats per example: a multiplier of the KL term (in beta's place), adjusted every step, holds the rate
     # (the KL term) at this target (training.RateTarget); 0: off, beta as given
-    target_rate: float = 0.0
+    target_rate: float = opt(
+        0.0,
+        "hold the rate (the KL term) at this many nats per example: the KL's weight, starting at --beta, is "
+        "adjusted every step and logged as beta; 0: off",
+        group="objective",
+        at_least=0,
+        metavar="NATS",
+    )
     # --objective tc (beta-TCVAE): weights of the KL's three parts, and the minibatch estimator of q(z)
-    mi_weight: float = 1.0
-    tc_weight: float = 1.0
-    dwkl_weight: float = 1.0
-    tc_estimator: str = "mss"
+    mi_weight: float = opt(
+        1.0, "--objective tc: weight of the mutual information", group="objective", at_least=0, metavar="W"
+    )
+    tc_weight: float = opt(
+        1.0, "--objective tc: weight of the total correlation", group="objective", at_least=0, metavar="W"
+    )
+    dwkl_weight: float = opt(
+        1.0, "--objective tc: weight of the dimension-wise KL", group="objective", at_least=0, metavar="W"
+    )
+    tc_estimator: str = opt(
+        "mss",
+        "--objective tc: q(z) from the minibatch, stratified (mss) or weighted (mws)",
+        group="objective",
+        choices=TC_ESTIMATORS,
+    )
     # optimisation
-    epochs: int = 30
-    batch_size: int = 128
+    epochs: int = opt(30, "passes over the training set", group="optimisation", at_least=0)
+    batch_size: int = opt(128, "examples per step", group="optimisation", at_least=1)
     # lr 2e-3 with cosine decay and bf16 where native: the fastest of the recipes measured on mnist-5k
     # at a fixed wall time (benchmarks/recipes.py, README's Performance)
-    lr: float = 2e-3
-    lr_schedule: str = "cosine"  # cosine: to 0 at the end of the run; burda2015: 3^i epochs at lr 10^(-i/7)
-    adam_eps: float = 1e-8
-    grad_clip: float = 0.0  # max gradient norm; 0 turns clipping off
-    skip_nonfinite: int = 0  # batches with a NaN/Inf loss or gradient that may be skipped before stopping
-    time_budget: float = 0.0  # wall seconds (training, validation, checkpoints); ends after the step reaching it
+    lr: float = opt(2e-3, "Adam learning rate", group="optimisation")
+    lr_schedule: str = opt(  # cosine: to 0 at the end of the run; burda2015: 3^i epochs at lr 10^(-i/7)
+        "cosine",
+        "constant; cosine (to 0 at the end of the epochs, or of --time-budget); burda2015 (3^i epochs at lr 10^(-i/7))",
+        group="optimisation",
+        choices=LR_SCHEDULES,
+    )
+    adam_eps: float = opt(1e-8, "Adam's epsilon", group="optimisation", metavar="EPS")
+    grad_clip: float = opt(  # max gradient norm; 0 turns clipping off
+        0.0, "clip the gradient norm to this; 0: off", group="optimisation", at_least=0
+    )
+    skip_nonfinite: int = opt(  # batches with a NaN/Inf loss or gradient that may be skipped before stopping
+        0,
+        "skip up to N batches whose loss or gradient is NaN/Inf (counted in metrics.csv)",
+        group="optimisation",
+        at_least=0,
+        metavar="N",
+    )
+    time_budget: float = opt(  # wall seconds (training, validation, checkpoints); ends after the step reaching it
+        0.0,
+        "train until the run has taken this many seconds, validation and checkpoints included (then test); "
+        "--epochs, if given, caps it; 0: no budget",
+        group="optimisation",
+        at_least=0,
+        metavar="SECONDS",
+    )
     # wall seconds between checkpoint writes (taken after every epoch, written at most this often and at the
     # run's end or stop): what a killed process may lose, or its epoch; 0 writes every epoch
-    checkpoint_every: float = 10.0
-    seed: int = 0
-    threads: int = 0  # 0: vaelab's default policy (see runs.set_threads)
-    device: str = "auto"
+    checkpoint_every: float = opt(
+        10.0,
+        "write the checkpoints (taken after every epoch) at most this often, and at the run's end or stop; "
+        "0: every epoch",
+        group="run",
+        at_least=0,
+        metavar="SECONDS",
+    )
+    seed: int = opt(0, "seed of the split, the initialisation, the data order and every sample", group="optimisation")
+    threads: int = opt(  # 0: vaelab's default policy (see runs.set_threads)
+        0,
+        "CPU threads; 0: one per core that other work leaves free (OMP_NUM_THREADS wins where set)",
+        group="optimisation",
+        at_least=0,
+    )
+    device: str = opt("auto", "where to train", group="optimisation", choices=DEVICES)
     # bf16: the networks' matrix products under bfloat16 autocast (log-likelihoods, KL, sums and the
     # optimiser in float32); auto: bf16 where the hardware has it natively (CUDA, or a CPU with
     # avx512_bf16 / AMX), else fp32
-    precision: str = "auto"
+    precision: str = opt(
+        "auto",
+        "bf16: matrix products in bfloat16 (the likelihood, KL and optimiser stay float32); auto: bf16 where "
+        "the CPU (avx512_bf16, AMX) or GPU has it natively",
+        group="optimisation",
+        choices=PRECISIONS,
+    )
 
     def __post_init__(self) -> None:
-        choices = {
-            "binarize": BINARIZE,
-            "family": parts.FAMILIES.names(),
-            "inference": INFERENCE,
-            "model": ("auto", *parts.ARCHITECTURES.names()),
-            "activation": parts.ACTIVATIONS.names(),
-            "posterior": parts.POSTERIORS.names(),
-            "likelihood": parts.LIKELIHOODS.names(),
-            "prior": ("auto", *parts.PRIORS.names()),
-            "objective": parts.OBJECTIVES.names(),
-            "warmup": WARMUPS,
-            "device": DEVICES,
-            "lr_schedule": LR_SCHEDULES,
-            "tc_estimator": TC_ESTIMATORS,
-            "precision": PRECISIONS,
-        }
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise UserError(f"{name} = {value!r} is not one of {', '.join(allowed)}")
-        at_least = {
-            "latent_dim": 1,
-            "top_latent_dim": 1,
-            "flow_steps": 1,
-            "categories": 2,
-            "code_dim": 1,
-            "epochs": 0,
-            "batch_size": 1,
-            "k": 1,
-            "prior_components": 1,
-            "posterior_rank": 1,
-            "warmup_steps": 0,
-            "skip_nonfinite": 0,
-            "val_size": -1,
-            "labelled": 0,
-        }
-        for name, low in at_least.items():
-            if getattr(self, name) < low:
-                raise UserError(f"{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        for f in fields(self):  # the choices and least values the fields declare (``opt``); every float finite
+            value, allowed, least = getattr(self, f.name), choices_of(f), f.metadata.get("at_least")
+            if allowed is not None and value not in allowed:
+                raise UserError(f"{f.name} = {value!r} is not one of {', '.join(allowed)}")
+            if least is not None and value < least:
+                flag = f.name.replace("_", "-")
+                raise UserError(
+                    f"{flag} must be at least {least}, got {value}"
+                    if isinstance(value, int)
+                    else f"{flag} must be >= {least}, got {value}"
+                )
+            if f.type == "float" and not math.isfinite(value):
+                raise UserError(f"{f.name.replace('_', '-')} must be a finite number, got {value}")
         for name in ("hidden", "top_hidden"):
             sizes = getattr(self, name)
             if not sizes or any(h < 1 for h in sizes):
@@ -196,44 +405,8 @@ class Config:
                 raise UserError(f"{flag} sizes must be positive, got {','.join(map(str, sizes))}; e.g. --{flag} 400")
         if not self.lr > 0 or not self.adam_eps > 0:
             raise UserError(f"lr and adam-eps must be positive, got {self.lr} and {self.adam_eps}")
-        for name in (
-            "beta",
-            "free_bits",
-            "target_rate",
-            "grad_clip",
-            "mi_weight",
-            "tc_weight",
-            "dwkl_weight",
-            "time_budget",
-            "checkpoint_every",
-            "anneal_rate",
-            "commitment",
-            "alpha",
-        ):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.threads < 0:
-            raise UserError(f"threads must be >= 0, got {self.threads}")
         if not 0 <= self.seed < 2**63:
             raise UserError(f"seed must be a whole number from 0 to 2^63 - 1, got {self.seed}")
-        for name in (
-            "lr",
-            "adam_eps",
-            "beta",
-            "free_bits",
-            "target_rate",
-            "grad_clip",
-            "time_budget",
-            "checkpoint_every",
-            "temperature",
-            "temperature_min",
-            "anneal_rate",
-            "commitment",
-            "ema_decay",
-            "alpha",
-        ):
-            if not math.isfinite(getattr(self, name)):
-                raise UserError(f"{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if self.prior == "auto":  # frozen: the one field resolved here, so config.toml records the prior used
             object.__setattr__(self, "prior", auto_prior(self.posterior))
         objective, prior = parts.OBJECTIVES[self.objective], parts.PRIORS[self.prior]

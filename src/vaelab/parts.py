@@ -326,7 +326,8 @@ FAMILIES.register(Family("vae", "one latent layer z", "vaelab.models:build_vae")
 FAMILIES.register(
     Family(
         "hierarchical",
-        "two latent layers, top-down inference: q(z2|x) q(z1|x,z2), p(z2) p(z1|z2) p(x|z1)",
+        "two latent layers, p(z2) p(z1|z2) p(x|z1), inferred q(z2|x) q(z1|x,z2) or (--inference bottom-up) "
+        "q(z1|x) q(z2|z1)",
         "vaelab.models.hierarchical:build_hierarchical",
         layers=2,
         priors=("normal",),
