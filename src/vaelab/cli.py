@@ -408,26 +408,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"vaelab: error: {message}; see '{self.prog} --help'\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="vaelab",
-        description="Variational autoencoders with every term of the objective explicit and checked.",
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def add(name: str, help: str, func) -> argparse.ArgumentParser:
-        p = sub.add_parser(
-            name,
-            help=help,
-            description=help,
-            epilog=EXAMPLES.get(name),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        p.set_defaults(func=func)
-        return p
-
-    p = add("explain", "walk from D_KL[q||p(z|x)] to the ELBO and its closed form, every step checked", cmd_explain)
+def _explain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the model, x and the samples (default 0)")
     p.add_argument("--latent-dim", type=positive_int, default=2, help="dimension k of z (default 2)")
     p.add_argument("--data-dim", type=positive_int, default=5, help="dimension d of x (default 5)")
@@ -435,10 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=_output_path, metavar="FILE", help="write every number to this JSON file")
     p.add_argument("--html", type=_output_path, metavar="FILE", help="write a self-contained page")
 
-    p = add("train", "train a VAE and log the ELBO's terms (default: 5,000 bundled MNIST digits)", cmd_train)
-    add_train_options(p)
 
-    p = add("sweep", "train one run per value of a knob (or per point of a grid), --jobs at a time", cmd_sweep)
+def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.allow_abbrev = False  # the train options pass through to vaelab train as they were typed
     p.conflict_handler = "resolve"  # the knobs below take lists where train takes one value
     add_train_options(p)
@@ -453,12 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--print", action="store_true", help="write the vaelab train command lines instead, one per line")
 
-    p = add("rd", "runs on the rate-distortion plane: rate R (the KL term) against distortion D", cmd_rd)
+
+def _rd_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN_OR_DIR", help="run directories, or folders of runs")
     p.add_argument("--json", type=_output_path, metavar="FILE", help="every point as JSON")
     p.add_argument("--figure", type=_output_path, metavar="FILE.png", help="draw the plane into this PNG")
 
-    p = add("evaluate", "ELBO terms, IWAE log-likelihood, active units and the KL split of a trained run", cmd_evaluate)
+
+def _evaluate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, metavar="RUN", help="a run directory, or a checkpoint / model.safetensors file")
     p.add_argument("--data", metavar="NAME", help="data set (default: the run's)")
     p.add_argument("--data-dir", metavar="DIR", help="folder of the data set's files (default: the run's)")
@@ -490,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="share the IWAE estimate across N processes on this machine (torchrun)",
     )
 
-    p = add("report", "a self-contained HTML report of a run, with its figures as PNG files", cmd_report)
+
+def _report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "run",
         type=Path,
@@ -516,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="another run on the same data: a table of both runs' ELBO, log p(x) and the gap between them",
     )
 
-    p = add("compress", "code images losslessly with a run's model by bits-back: the KL term as bits", cmd_compress)
+
+def _compress_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, metavar="RUN", help="a run directory, or a checkpoint / model.safetensors file")
     p.add_argument(
         "images",
@@ -561,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=_output_path, metavar="FILE", help="every number, per image too, as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
 
-    p = add("decompress", "the images of a file vaelab compress wrote, exactly as they were", cmd_decompress)
+
+def _decompress_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", type=Path, metavar="FILE", help="a file vaelab compress wrote")
     p.add_argument(
         "-o", "--output", type=Path, required=True, metavar="OUT", help="a .npy file, or a folder for PNG files"
@@ -569,12 +553,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, metavar="RUN", help="the run it was coded with (default: the one it names)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (the .npy, or the PNGs in the folder)")
 
-    p = add("serve", "a local web page: KL explorer, image inspector, latent explorer", cmd_serve)
+
+def _serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "run", type=Path, metavar="RUN", help="a run directory, or a folder of runs: their rate-distortion plane"
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="vaelab",
+        description="Variational autoencoders with every term of the objective explicit and checked.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=EXAMPLES.get(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(func=func)
+        return p
+
+    _explain_options(
+        add("explain", "walk from D_KL[q||p(z|x)] to the ELBO and its closed form, every step checked", cmd_explain)
+    )
+    add_train_options(
+        add("train", "train a VAE and log the ELBO's terms (default: 5,000 bundled MNIST digits)", cmd_train)
+    )
+    _sweep_options(
+        add("sweep", "train one run per value of a knob (or per point of a grid), --jobs at a time", cmd_sweep)
+    )
+    _rd_options(add("rd", "runs on the rate-distortion plane: rate R (the KL term) against distortion D", cmd_rd))
+    _evaluate_options(
+        add("evaluate", "ELBO terms, IWAE log-likelihood, active units and the KL split of a trained run", cmd_evaluate)
+    )
+    _report_options(add("report", "a self-contained HTML report of a run, with its figures as PNG files", cmd_report))
+    _compress_options(
+        add("compress", "code images losslessly with a run's model by bits-back: the KL term as bits", cmd_compress)
+    )
+    _decompress_options(
+        add("decompress", "the images of a file vaelab compress wrote, exactly as they were", cmd_decompress)
+    )
+    _serve_options(add("serve", "a local web page: KL explorer, image inspector, latent explorer", cmd_serve))
     return parser
 
 
