@@ -388,23 +388,7 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held, thread
         resume_ckpt = checkpoint.load_checkpoint(out / "checkpoints" / "last.pt")
         config, changes = continued_config(resume_ckpt["config"], config, given)
     torch.manual_seed(config.seed)
-    splits, train_x, val_x, test_x, pixels = prepare_data(config, device)
-    if (config.conditional or config.labelled) and not config.classes:  # the labels' count, from every split
-        config = config.replace(classes=number_of_classes(splits))
-    train_y, val_y, test_y = (
-        data.labels_for(config, s, splits.name, device) for s in (splits.train, splits.val, splits.test)
-    )
-    if config.labelled:  # M2: some training labels kept, the rest -1; validation and test score it unlabelled
-        train_y, val_y, test_y = data.semi_supervised(config, train_y, splits.name), None, None
-    check_batch_size(config.batch_size, len(train_x), ctx.world)  # before anything is written
-    if parts.OBJECTIVES[config.objective].splits_kl_by_dimension and config.batch_size // ctx.world < 2:
-        raise UserError(  # each rank's rows are the minibatch that estimates q(z)
-            f"--objective {config.objective} estimates q(z) from each process's rows of a batch, and --batch-size "
-            f"{config.batch_size} gives {ctx.world} processes {config.batch_size // ctx.world} each; use --batch-size "
-            f"{2 * ctx.world} or more"
-        )
-    check_memory(config, splits.x_shape, device)
-    check_target_rate(config, splits)
+    config, splits, (train_x, val_x, test_x), (train_y, val_y, test_y), pixels = _prepared(config, device, ctx.world)
     if resume_ckpt is None and config.epochs == 0:
         raise UserError("--epochs 0 trains nothing and a new run would have no model; give --epochs 1 or more")
     out = Path(out) if out else default_out(splits.name)
@@ -420,16 +404,7 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held, thread
     model = models.build(config, splits.x_shape).to(device)
     optimizer = make_optimizer(model, config)
     if resume_ckpt is not None:
-        checkpoint.load_state(model, resume_ckpt["model"], out / "checkpoints" / "last.pt")
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        checkpoint.set_rng_state(resume_ckpt["rng"])
-        state = TrainState(
-            resume_ckpt["epoch"],
-            resume_ckpt["step"],
-            resume_ckpt["best_elbo"],
-            elapsed=resume_ckpt.get("elapsed", 0.0),
-            rate=RateTarget(**resume_ckpt["rate"]) if resume_ckpt.get("rate") else None,
-        )
+        state = _restore(resume_ckpt, model, optimizer, out)
         log(f"resuming {out} at epoch {state.epoch + 1}")
         if changes:
             said = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
@@ -445,17 +420,10 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held, thread
         )
         hooks.append(writer)
     n_params = sum(p.numel() for p in model.parameters())
-    what = f"{models.architecture_for(config.model, splits.x_shape)} VAE"
-    if config.conditional:
-        what = f"conditional mlp VAE ({config.classes} classes)"
-    if len(model.layer_dims) > 1:
-        what = f"{config.family} VAE (" + ", ".join(f"{n} of {d}" for n, d in model.layer_dims.items()) + " dims)"
-    if config.labelled:
-        what = f"semi-supervised M2 ({config.labelled} of {len(train_x)} training images labelled, "
-        what += f"{config.classes} classes; y, and z of {config.latent_dim} dims)"
     log(
         f"{splits.name}: {len(train_x)} train / {len(val_x)} val / {len(test_x)} test images of shape "
-        f"{splits.x_shape}; {what}, {config.posterior} posterior, {n_params:,} parameters, "
+        f"{splits.x_shape}; {_described(config, model, splits.x_shape, len(train_x))}, {config.posterior} "
+        f"posterior, {n_params:,} parameters, "
         f"{config.likelihood} likelihood, {config.prior} prior, on {device}; {precision[0]} ({precision[1]}), "
         f"{threads[0]} thread{'s' * (threads[0] > 1)} ({threads[1]})"
     )
@@ -487,21 +455,71 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held, thread
     if config.time_budget and state.elapsed >= config.time_budget:
         log(f"time budget of {config.time_budget:g} s reached after {state.step} steps, in epoch {state.epoch}")
     if hooks:  # how this process's time went (metrics.csv has it per epoch: `seconds` of each row)
-        training = sum(r.seconds for r in state.history if r.split == "train")
-        validation = sum(r.seconds for r in state.history if r.split == "val")
-        log(
-            f"time: {state.elapsed:.1f} s in all: training {training:.1f} s, validation {validation:.1f} s and "
-            f"checkpoints {writer.checkpoint_seconds:.1f} s in this process"
-        )
+        log(_time_line(state, writer.checkpoint_seconds))
     distributed.barrier()  # rank 0's last checkpoint is on disk
-    best = (
-        checkpoint.load_checkpoint(out / "checkpoints" / "best.pt")
-        if (out / "checkpoints" / "best.pt").exists()
-        else None
-    )
-    if best is not None:
-        model.load_state_dict(best["model"])
+    if (out / "checkpoints" / "best.pt").exists():
+        model.load_state_dict(checkpoint.load_checkpoint(out / "checkpoints" / "best.pt")["model"])
     return out, evaluate_terms(model, test_x, 1024, state.epoch, "test", pixels, config.seed, y=test_y)
+
+
+def _prepared(config: Config, device, world: int):
+    """The run's data on ``device`` as it trains on them, their labels (M2: the kept ones, -1 elsewhere) and
+    the config with the labels' count; every check that needs the data, made before anything is written:
+    (config, splits, (train, val, test) images, their labels, pixels per image)."""
+    splits, train_x, val_x, test_x, pixels = prepare_data(config, device)
+    if (config.conditional or config.labelled) and not config.classes:  # the labels' count, from every split
+        config = config.replace(classes=number_of_classes(splits))
+    labels = tuple(data.labels_for(config, s, splits.name, device) for s in (splits.train, splits.val, splits.test))
+    if config.labelled:  # M2: some training labels kept, the rest -1; validation and test score it unlabelled
+        labels = (data.semi_supervised(config, labels[0], splits.name), None, None)
+    check_batch_size(config.batch_size, len(train_x), world)
+    if parts.OBJECTIVES[config.objective].splits_kl_by_dimension and config.batch_size // world < 2:
+        raise UserError(  # each rank's rows are the minibatch that estimates q(z)
+            f"--objective {config.objective} estimates q(z) from each process's rows of a batch, and --batch-size "
+            f"{config.batch_size} gives {world} processes {config.batch_size // world} each; use --batch-size "
+            f"{2 * world} or more"
+        )
+    check_memory(config, splits.x_shape, device)
+    check_target_rate(config, splits)
+    return config, splits, (train_x, val_x, test_x), labels, pixels
+
+
+def _time_line(state: TrainState, checkpoint_seconds: float) -> str:
+    training = sum(r.seconds for r in state.history if r.split == "train")
+    validation = sum(r.seconds for r in state.history if r.split == "val")
+    return (
+        f"time: {state.elapsed:.1f} s in all: training {training:.1f} s, validation {validation:.1f} s and "
+        f"checkpoints {checkpoint_seconds:.1f} s in this process"
+    )
+
+
+def _restore(ckpt: dict, model, optimizer, out: Path) -> TrainState:
+    """The model's, the optimiser's and the random streams' state from a resumed run's checkpoint, and
+    the loop's."""
+    checkpoint.load_state(model, ckpt["model"], out / "checkpoints" / "last.pt")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    checkpoint.set_rng_state(ckpt["rng"])
+    return TrainState(
+        ckpt["epoch"],
+        ckpt["step"],
+        ckpt["best_elbo"],
+        elapsed=ckpt.get("elapsed", 0.0),
+        rate=RateTarget(**ckpt["rate"]) if ckpt.get("rate") else None,
+    )
+
+
+def _described(config: Config, model, x_shape, train_images: int) -> str:
+    """The model in the run's first line: its architecture, family, layers or labels."""
+    if config.labelled:
+        return (
+            f"semi-supervised M2 ({config.labelled} of {train_images} training images labelled, "
+            f"{config.classes} classes; y, and z of {config.latent_dim} dims)"
+        )
+    if len(model.layer_dims) > 1:
+        return f"{config.family} VAE (" + ", ".join(f"{n} of {d}" for n, d in model.layer_dims.items()) + " dims)"
+    if config.conditional:
+        return f"conditional mlp VAE ({config.classes} classes)"
+    return f"{models.architecture_for(config.model, x_shape)} VAE"
 
 
 def memory_needed(config: Config, x_shape) -> int:
