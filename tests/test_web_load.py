@@ -1,4 +1,4 @@
-"""A bounded load test of `vaelab serve` on loopback: 1000 requests to each endpoint, 20 at a
+"""A bounded load test of `vaelab serve` on loopback: 500 requests to each endpoint, 20 at a
 time, and malformed uploads in the mix. No request may fail (the malformed ones get their 4xx),
 and the server's memory may not grow by more than 64 MiB."""
 
@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from tests.pngs import bad_checksum_png, grey_png, truncated_png
 
-REQUESTS, CONCURRENCY, MEMORY_BOUND_MIB = 1000, 20, 64
+REQUESTS, CONCURRENCY, MEMORY_BOUND_MIB = 500, 20, 64
 
 
 def rss_mib() -> float:  # the server runs in this process (a thread)
