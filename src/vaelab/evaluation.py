@@ -442,19 +442,11 @@ def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[
     reconstruction = torch.cat([t.reconstruction for t in elbo_batches(model, x, 1024, seed, y)])
     kl = kl_per_example(model, x, seed=seed, y=y)
     per = {"elbo": reconstruction - kl.value, "reconstruction": reconstruction, "kl": kl.value}
-    if kl.std_error is not None:
-        per["kl_std_error"] = kl.std_error
-    if kl.per_dim is not None:
-        per["kl_per_dim"] = kl.per_dim
-    for name, value in (kl.per_layer or {}).items():
-        per[f"kl_{name}"] = value
+    per |= {name: v for name, v in (("kl_std_error", kl.std_error), ("kl_per_dim", kl.per_dim)) if v is not None}
+    per |= {f"kl_{name}": value for name, value in (kl.per_layer or {}).items()}
     likelihood = {}
     if iwae_k > 0:
-        ctx = distributed.current()  # under torchrun each rank estimates its share of the examples
-        torch.manual_seed(seed + ctx.rank)
-        mine = shard_rows(N, ctx.rank, ctx.world)
-        ll = iwae_log_likelihood(model, x[mine], iwae_k, batch_size, y=None if y is None else y[mine])
-        per["log_likelihood"] = ll = distributed.all_gather_cat(ll)
+        per["log_likelihood"] = ll = _shared_iwae(model, x, iwae_k, batch_size, seed, y)
         likelihood = dict(
             log_likelihood=ll.mean().item(),
             log_likelihood_std_error=ll.std().item() / math.sqrt(N),
@@ -462,7 +454,58 @@ def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[
             log_likelihood_bits_per_dim=bits_per_dim(ll.mean().item(), pixels) if pixels else None,
         )
     posterior, vq, m2 = categorical_posterior_of(model), vq_posterior_of(model), m2_of(model)
-    codebook = {}
+    act, acts, means, top, log_probs, codebook = _activities(model, x, seed, y)
+    layered = {}
+    if len(means) > 1:  # each layer's KL and active units; a layer whose KL is ~0 has collapsed
+        kl_layers = {name: v.mean().item() for name, v in kl.per_layer.items()}
+        layered = dict(
+            kl_per_layer=kl_layers,
+            active_units_per_layer={name: int((a > ACTIVE_THRESHOLD).sum()) for name, a in acts.items()},
+            collapsed_layers=collapsed_layers(kl_layers),
+        )
+    split_parts, relaxation = {}, {}
+    # VQ-VAE's KL is N log K for every image: nothing to take apart; bottom-up inference has no q(z2|x) to split
+    if split_kl and vq is None and getattr(model, "inference", "top-down") == "top-down":
+        with rng_from(seeded(seed, "kl-split")):
+            split_parts = (  # a categorical top layer (categorical variables, M2's label) by its own estimator
+                _split_of_the_top_layer(model, x, kl, top)
+                if posterior is None and m2 is None
+                else _split_record(kl, *kl_split_categorical(log_probs))
+            )
+    if posterior is not None:  # the relaxed model that trained, beside the discrete one evaluated
+        relaxation = _relaxation(model, x, posterior, seed)
+    mean_kl = per["kl"].mean().item()
+    quantiles = torch.quantile(per["kl"].double().cpu(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+    record = Evaluation(
+        examples=N,
+        elbo=per["elbo"].mean().item(),
+        reconstruction=per["reconstruction"].mean().item(),
+        kl=mean_kl,
+        kl_method=kl.method,
+        kl_per_dim=per["kl_per_dim"].mean(0).tolist() if "kl_per_dim" in per else None,
+        # the Monte Carlo error of the mean KL: independent draws per example
+        kl_std_error=None if kl.std_error is None else (kl.std_error.square().sum().sqrt() / N).item(),
+        bits_per_dim=bits_per_dim(per["elbo"].mean().item(), pixels) if pixels else None,
+        activity=act.tolist(),
+        active_units=int((act > ACTIVE_THRESHOLD).sum()),
+        kl_per_image_quantiles=dict(zip(("10%", "50%", "90%"), quantiles, strict=True)),
+        **likelihood,
+        **layered,
+        **split_parts,
+        **relaxation,
+        **codebook,
+    )
+    return record, per
+
+
+def _activities(model, x: Tensor, seed: int, y: Tensor | None):
+    """Each latent's activity Cov_x(E_q[z | x]) for the kind of latent the model has (categorical
+    variables, VQ-VAE's positions, M2's label over z, or Gaussian layers), drawn from the ``posterior``
+    stream: (activity of every unit, of each layer's units by name, each layer's means (None where the
+    latent is discrete), the top layer's posterior parameters (Gaussian), the categorical log
+    probabilities, and a VQ-VAE's codebook fields)."""
+    posterior, vq, m2 = categorical_posterior_of(model), vq_posterior_of(model), m2_of(model)
+    N, acts, top, log_probs, codebook = x.shape[0], {}, None, None, {}
     if posterior is not None:  # q(z_j = k | x), no draws; a variable's activity is the sum of its categories'
         log_probs = categorical_log_probs(model, x)
         act = activity(log_probs.exp().flatten(1)).view(log_probs.shape[1:]).sum(-1)
@@ -491,57 +534,33 @@ def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[
             means = layer_means(model, x, top[0], y=y)  # E_q[z_l | x] per layer
         acts = {name: activity(m) for name, m in means.items()}
         act = torch.cat(list(acts.values()))
-    layered = {}
-    if len(means) > 1:  # each layer's KL and active units; a layer whose KL is ~0 has collapsed
-        kl_layers = {name: v.mean().item() for name, v in kl.per_layer.items()}
-        layered = dict(
-            kl_per_layer=kl_layers,
-            active_units_per_layer={name: int((a > ACTIVE_THRESHOLD).sum()) for name, a in acts.items()},
-            collapsed_layers=collapsed_layers(kl_layers),
-        )
-    split_parts, relaxation = {}, {}
-    # VQ-VAE's KL is N log K for every image: nothing to take apart; bottom-up inference has no q(z2|x) to split
-    if split_kl and vq is None and getattr(model, "inference", "top-down") == "top-down":
-        with rng_from(seeded(seed, "kl-split")):
-            split_parts = (  # a categorical top layer (categorical variables, M2's label) by its own estimator
-                _split_of_the_top_layer(model, x, kl, top)
-                if posterior is None and m2 is None
-                else _split_record(kl, *kl_split_categorical(log_probs))
-            )
-    if posterior is not None:  # the relaxed model that trained, beside the discrete one evaluated
-        relaxed_elbo = None  # straight-through trained on one-hot z in the forward pass: no relaxed model
-        if not posterior.straight_through:
-            with relaxed(model), rng_from(seeded(seed, "relaxed")):
-                values = torch.cat([elbo(model, x[i : i + 1024]).elbo for i in range(0, N, 1024)])
-            relaxed_elbo = values.mean().item()
-        relaxation = dict(
-            relaxed_elbo=relaxed_elbo,
-            temperature=float(posterior.temperature),
-            categories=posterior.categories,
-            kl_ceiling=posterior.variables * math.log(posterior.categories),
-        )
-    mean_kl = per["kl"].mean().item()
-    quantiles = torch.quantile(per["kl"].double().cpu(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
-    record = Evaluation(
-        examples=N,
-        elbo=per["elbo"].mean().item(),
-        reconstruction=per["reconstruction"].mean().item(),
-        kl=mean_kl,
-        kl_method=kl.method,
-        kl_per_dim=per["kl_per_dim"].mean(0).tolist() if "kl_per_dim" in per else None,
-        # the Monte Carlo error of the mean KL: independent draws per example
-        kl_std_error=None if kl.std_error is None else (kl.std_error.square().sum().sqrt() / N).item(),
-        bits_per_dim=bits_per_dim(per["elbo"].mean().item(), pixels) if pixels else None,
-        activity=act.tolist(),
-        active_units=int((act > ACTIVE_THRESHOLD).sum()),
-        kl_per_image_quantiles=dict(zip(("10%", "50%", "90%"), quantiles, strict=True)),
-        **likelihood,
-        **layered,
-        **split_parts,
-        **relaxation,
-        **codebook,
+    return act, acts, means, top, log_probs, codebook
+
+
+def _shared_iwae(model, x: Tensor, k: int, batch_size: int, seed: int, y: Tensor | None) -> Tensor:
+    """The IWAE-k estimate of every example's log p(x); under torchrun each rank estimates its share of the
+    examples (drawing from ``seed`` + rank) and all gather them."""
+    ctx = distributed.current()
+    torch.manual_seed(seed + ctx.rank)
+    mine = shard_rows(x.shape[0], ctx.rank, ctx.world)
+    ll = iwae_log_likelihood(model, x[mine], k, batch_size, y=None if y is None else y[mine])
+    return distributed.all_gather_cat(ll)
+
+
+def _relaxation(model, x: Tensor, posterior, seed: int) -> dict:
+    """A categorical posterior's record fields: the relaxed model's ELBO (the model that trained; none for
+    straight-through, which trained on one-hot z), its temperature, categories and the KL's ceiling."""
+    relaxed_elbo = None
+    if not posterior.straight_through:
+        with relaxed(model), rng_from(seeded(seed, "relaxed")):
+            values = torch.cat([elbo(model, x[i : i + 1024]).elbo for i in range(0, x.shape[0], 1024)])
+        relaxed_elbo = values.mean().item()
+    return dict(
+        relaxed_elbo=relaxed_elbo,
+        temperature=float(posterior.temperature),
+        categories=posterior.categories,
+        kl_ceiling=posterior.variables * math.log(posterior.categories),
     )
-    return record, per
 
 
 def _split_of_the_top_layer(model, x: Tensor, kl: KLResult, top: tuple[Tensor, Tensor, Tensor | None]) -> dict:
