@@ -134,11 +134,7 @@ def fit(
             if config.lr_schedule == "cosine":  # per step: the share of the run done so far
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(config, epoch, clock.progress(clock.elapsed()))
-            if config.target_rate:
-                state.rate = state.rate or RateTarget(config.target_rate, config.beta)
-                beta = state.rate.beta
-            else:
-                beta = objectives.beta_at(state.step, config.warmup, config.beta, config.warmup_steps)
+            beta = _kl_weight(config, state)
             terms, problem = step(x, beta, state.step, y)
             if problem is None:
                 sums.add(terms)
@@ -156,26 +152,19 @@ def fit(
                 bar.update(epoch, terms, beta)
             if clock.out_of_time(clock.elapsed()):  # the run ends after the step that reaches the budget
                 break
-        seconds = time.perf_counter() - start
         if skipped and not sums.n:  # nothing was learnt from this epoch: the run has diverged
             raise NonFiniteError(
                 f"every batch of epoch {epoch + 1} was NaN or infinite and skipped ({skipped}); the run has diverged "
                 "and checkpoints of earlier epochs are kept. Try a lower --lr or --grad-clip 100"
             )
-        records = [sums.record(epoch, "train", beta, seconds, pixels, state.step, skipped, clock.elapsed())]
+        train = sums.record(
+            epoch, "train", beta, time.perf_counter() - start, pixels, state.step, skipped, clock.elapsed()
+        )
         if step.relaxed is not None:  # the train terms are the relaxed model's, at this temperature
-            records[0].temperature = temperature_at(config, state.step - 1)
-        if val_x is not None:
-            records.append(
-                evaluate_terms(
-                    model, val_x, 1024, epoch, "val", pixels, config.seed, beta, state.step, clock.elapsed(), val_y
-                )
-            )
-        if not math.isfinite(records[-1].elbo):  # weights that give NaN on held-out images are not checkpointed
-            raise NonFiniteError(
-                f"the validation ELBO of epoch {epoch + 1} is NaN or infinite: the run has diverged; checkpoints "
-                "of earlier epochs are kept. Try a lower --lr or --grad-clip 100"
-            )
+            train.temperature = temperature_at(config, state.step - 1)
+        records = [train, *_validation(model, val_x, val_y, epoch, pixels, config, beta, state.step, clock)]
+        if not math.isfinite(records[-1].elbo):  # without validation images, the training terms say it
+            raise NonFiniteError(f"the ELBO of epoch {epoch + 1} is NaN or infinite: the run has diverged")
         state.elapsed = records[-1].elapsed  # what a checkpoint written by the hooks below keeps
         state.history += records
         state.epoch = epoch + 1
@@ -186,6 +175,29 @@ def fit(
     if bar is not None:
         bar.close()
     return state
+
+
+def _kl_weight(config: Config, state: TrainState) -> float:
+    """The KL's weight at this step: the rate target's multiplier (``--target-rate``), or beta by its
+    warm-up schedule."""
+    if config.target_rate:
+        state.rate = state.rate or RateTarget(config.target_rate, config.beta)
+        return state.rate.beta
+    return objectives.beta_at(state.step, config.warmup, config.beta, config.warmup_steps)
+
+
+def _validation(model, val_x, val_y, epoch: int, pixels, config: Config, beta: float, step: int, clock) -> list:
+    """The epoch's validation record (none without validation images); weights that give a NaN or an
+    infinite ELBO on held-out images end the run before any hook checkpoints them."""
+    if val_x is None:
+        return []
+    record = evaluate_terms(model, val_x, 1024, epoch, "val", pixels, config.seed, beta, step, clock.elapsed(), val_y)
+    if not math.isfinite(record.elbo):
+        raise NonFiniteError(
+            f"the validation ELBO of epoch {epoch + 1} is NaN or infinite: the run has diverged; checkpoints "
+            "of earlier epochs are kept. Try a lower --lr or --grad-clip 100"
+        )
+    return [record]
 
 
 class Clock:
