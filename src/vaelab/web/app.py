@@ -294,16 +294,8 @@ def create_runs_app(folder: str | Path, host: str = "127.0.0.1") -> FastAPI:
     return app
 
 
-def create_app(run_dir: str | Path, host: str = "127.0.0.1") -> FastAPI:
-    """The app over one run: the page, its static files, and the JSON API the page calls; answering
-    requests addressed to ``host`` (the address ``vaelab serve`` binds) or a loopback name."""
-    run = open_run(run_dir)
-    model, (C, H, W) = run.model, run.model.x_shape
-    summary = describe_run(run)
-    coded = coded_bits(run)
-    app = FastAPI(title="vaelab", docs_url=None, redoc_url=None)
-    app.add_middleware(Guard)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host))  # outermost: checked first
+def _page_and_explorer(app: FastAPI) -> None:
+    """The routes that need no run: the page, its static files and the KL explorer's closed forms."""
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
@@ -339,6 +331,20 @@ def create_app(run_dir: str | Path, host: str = "127.0.0.1") -> FastAPI:
         rho: float = Query(0.0, ge=-0.99, le=0.99),
     ) -> dict:
         return kl_correlated(mu1, s1, mu2, s2, rho)
+
+
+def create_app(run_dir: str | Path, host: str = "127.0.0.1") -> FastAPI:
+    """The app over one run: the page, its static files, and the JSON API the page calls; answering
+    requests addressed to ``host`` (the address ``vaelab serve`` binds) or a loopback name."""
+    run = open_run(run_dir)
+    model, (C, H, W) = run.model, run.model.x_shape
+    summary = describe_run(run)
+    coded = coded_bits(run)
+    app = FastAPI(title="vaelab", docs_url=None, redoc_url=None)
+    app.add_middleware(Guard)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host))  # outermost: checked first
+
+    _page_and_explorer(app)
 
     @app.get("/api/model")
     def describe() -> dict:
