@@ -700,7 +700,13 @@ def evaluation_rows(r: Evaluation) -> list[Row]:
                 note=f"sd {est['single_sample_std_dev']:.3f} per example",
             )
         )
-    D = len(r.activity)
+    return rows + _unit_rows(r)
+
+
+def _unit_rows(r: Evaluation) -> list[Row]:
+    """:func:`evaluation_rows`' last rows: the active units (variables, positions), the KL per dimension, a
+    VQ-VAE's codebook, what was not measured and why, and the collapsed layers."""
+    rows, D = [], len(r.activity)
     if r.codebook_usage is not None:
         rows.append(Row(f"active positions (sum_d Var_x z_q[j,d] > {r.active_threshold})", r.active_units, f"of {D}"))
     elif r.categories:
@@ -723,7 +729,8 @@ def evaluation_rows(r: Evaluation) -> list[Row]:
     elif r.mutual_information is None:
         rows.append(
             Row(
-                "the KL split (MI + TC + dimension-wise KL) needs a Gaussian or categorical q(z|x), not a flow",
+                "the KL split (MI + TC + dimension-wise KL) needs a density of q(z|x)'s top layer: a Gaussian or "
+                "categorical one, not a flow's nor bottom-up inference's (a mixture over the layer below)",
                 None,
             )
         )
