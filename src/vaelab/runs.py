@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Collection
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import tomli_w
@@ -428,21 +428,13 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held, thread
         f"{threads[0]} thread{'s' * (threads[0] > 1)} ({threads[1]})"
     )
 
-    def print_epoch(record: EpochRecord, model, state) -> None:
-        if record.split == epoch_split(len(val_x)):
-            log(
-                f"epoch {record.epoch + 1:3d}/{config.epochs}  "
-                + summary_line(record).strip()
-                + f"  beta {record.beta:.2f}"
-            )
-
     try:
         fit(
             model,
             train_x,
             val_x if len(val_x) else None,  # --val-size 0: no validation
             config,
-            hooks=[*hooks, print_epoch],
+            hooks=[*hooks, EpochPrinter(log, config.epochs, epoch_split(len(val_x)))],
             state=state,
             optimizer=optimizer,
             pixels=pixels,
@@ -482,6 +474,20 @@ def _prepared(config: Config, device, world: int):
     check_memory(config, splits.x_shape, device)
     check_target_rate(config, splits)
     return config, splits, (train_x, val_x, test_x), labels, pixels
+
+
+@dataclass(frozen=True)
+class EpochPrinter:
+    """Hook: a line per epoch, of the record that stands for it (validation's, or training's without it)."""
+
+    log: Callable[[str], None]
+    epochs: int
+    split: str
+
+    def __call__(self, record: EpochRecord, model, state) -> None:
+        if record.split == self.split:
+            line = summary_line(record).strip()
+            self.log(f"epoch {record.epoch + 1:3d}/{self.epochs}  {line}  beta {record.beta:.2f}")
 
 
 def _time_line(state: TrainState, checkpoint_seconds: float) -> str:

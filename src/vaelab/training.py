@@ -119,29 +119,25 @@ def fit(
     batches = Batches(train_x, config.batch_size, config.seed, dynamic=config.binarize == "dynamic", y=train_y)
     step = Step(model, optimizer, config, dataset_size=len(train_x))
     show = (sys.stderr.isatty() if progress is None else progress) and ctx.is_main
-    bar = ProgressBar(len(batches), config) if show else None
+    bar = ProgressBar(len(batches), config) if show else None  # (rank 0's, on a terminal)
     clock = Clock(config, state, total_steps=config.epochs * len(batches))
     for epoch in range(state.epoch, config.epochs):
         # the seconds the last checkpoint holds, not the live clock: a resume of a spent budget stops here,
         # and a budget that ran out during validation or a checkpoint still ends on a step, checkpointed
         if clock.out_of_time(state.elapsed):
             break
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(config, epoch)
+        _set_lr(optimizer, lr_at(config, epoch))
         model.train()
         sums, skipped, beta, start = TermSums(), 0, config.beta, time.perf_counter()
         for x, y in batches.epoch(epoch, shard=(ctx.rank, ctx.world)):
             if config.lr_schedule == "cosine":  # per step: the share of the run done so far
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(config, epoch, clock.progress(clock.elapsed()))
+                _set_lr(optimizer, lr_at(config, epoch, clock.progress(clock.elapsed())))
             beta = _kl_weight(config, state)
             terms, problem = step(x, beta, state.step, y)
             if problem is None:
                 sums.add(terms)
-                if state.rate is not None:  # the rate of the whole batch, every process's share of it
-                    kl = terms.kl.detach()
-                    total, n = distributed.all_reduce_sum(torch.stack([kl.sum(), kl.new_tensor(len(kl))])).tolist()
-                    state.rate.update(total / n)
+                if state.rate is not None:
+                    state.rate.update(_batch_rate(terms))
             elif state.skipped < config.skip_nonfinite:  # --skip-nonfinite: drop this batch, count it, go on
                 skipped += 1
                 state.skipped += 1  # the budget is the run's (this process's part of it), not an epoch's
@@ -152,11 +148,7 @@ def fit(
                 bar.update(epoch, terms, beta)
             if clock.out_of_time(clock.elapsed()):  # the run ends after the step that reaches the budget
                 break
-        if skipped and not sums.n:  # nothing was learnt from this epoch: the run has diverged
-            raise NonFiniteError(
-                f"every batch of epoch {epoch + 1} was NaN or infinite and skipped ({skipped}); the run has diverged "
-                "and checkpoints of earlier epochs are kept. Try a lower --lr or --grad-clip 100"
-            )
+        _check_learnt(epoch, skipped, sums.n)
         train = sums.record(
             epoch, "train", beta, time.perf_counter() - start, pixels, state.step, skipped, clock.elapsed()
         )
@@ -175,6 +167,27 @@ def fit(
     if bar is not None:
         bar.close()
     return state
+
+
+def _check_learnt(epoch: int, skipped: int, batches: int) -> None:
+    """An epoch whose every batch was skipped (NaN or infinite) learnt nothing: the run has diverged."""
+    if skipped and not batches:
+        raise NonFiniteError(
+            f"every batch of epoch {epoch + 1} was NaN or infinite and skipped ({skipped}); the run has diverged "
+            "and checkpoints of earlier epochs are kept. Try a lower --lr or --grad-clip 100"
+        )
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _batch_rate(terms: contract.ElboTerms) -> float:
+    """The mean KL of the whole batch, every process's share of it (one small all-reduce under torchrun)."""
+    kl = terms.kl.detach()
+    total, n = distributed.all_reduce_sum(torch.stack([kl.sum(), kl.new_tensor(len(kl))])).tolist()
+    return total / n
 
 
 def _kl_weight(config: Config, state: TrainState) -> float:
