@@ -213,13 +213,13 @@ def test_checkpoints_are_taken_every_epoch_and_written_every_n_seconds(tmp_path,
     # (val ELBO, elapsed seconds): the best epochs are 1, 2, 4 and 6
     for epoch, (elbo, elapsed) in enumerate([(-100, 0.5), (-90, 1.0), (-95, 2.1), (-80, 2.5), (-85, 3.0), (-70, 4.2)]):
         state.epoch, state.elapsed = epoch + 1, elapsed
-        writer(_val_record(epoch, elbo, elapsed), model, state)
+        writer(records=[_val_record(epoch, elbo, elapsed)], model=model, state=state)
         if epoch == 2:  # 2.1 s: the first write, with the best of epoch 2
             assert writes == [("checkpoints/best.pt", 2), ("model.safetensors", None), ("checkpoints/last.pt", 3)]
     # 4.2 s: 2.1 s since the last write; epoch 4's best was overtaken by epoch 6's before it was written
     assert writes[3:] == [("checkpoints/best.pt", 6), ("model.safetensors", None), ("checkpoints/last.pt", 6)]
     state.epoch, state.elapsed = 7, 5.0
-    writer(_val_record(6, -75, 5.0), model, state)
+    writer(records=[_val_record(6, -75, 5.0)], model=model, state=state)
     assert len(writes) == 6  # 0.8 s since the last write: taken, not written
     writer.close()
     assert writes[6:] == [("checkpoints/last.pt", 7)]

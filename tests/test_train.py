@@ -343,7 +343,7 @@ def test_the_skip_budget_is_the_runs_not_an_epochs(monkeypatch):
     x = (torch.rand(120, 1, 8, 8) > 0.5).float()
     monkeypatch.setattr(_NaNGradient, "armed", 1)
 
-    def arm_again(record, model, state):  # one NaN batch in every epoch
+    def arm_again(*, records, model, state):  # one NaN batch in every epoch
         _NaNGradient.armed = 1
 
     with pytest.raises(NonFiniteError, match="epoch 2"):
@@ -431,9 +431,9 @@ def test_a_budget_spent_during_validation_or_a_checkpoint_still_ends_checkpointe
     x = (torch.rand(256, 1, 8, 8) > 0.5).float()
     seen = []
 
-    def slow_checkpoint(record, model, state):
+    def slow_checkpoint(*, records, model, state):
         seen.append((state.epoch, state.step, state.elapsed))  # what a checkpoint written here keeps
-        if record.split == "train" and state.epoch == 1:
+        if state.epoch == 1:
             _time.sleep(0.4)  # the budget runs out here, after epoch 0's steps
 
     model = vaelab.build_model(Config(hidden=(16,), latent_dim=2), (1, 8, 8))

@@ -207,7 +207,16 @@ class RunWriter:
         except ImportError:  # pragma: no cover - tensorboard is a dependency; keep training without it
             pass
 
-    def __call__(self, record: EpochRecord, model, state: TrainState) -> None:
+    def __call__(self, *, records: list[EpochRecord], model, state: TrainState) -> None:
+        """Every record of the epoch into metrics.csv and TensorBoard; then the checkpoints, taken after the
+        record that stands for the epoch."""
+        for record in records:
+            self._log(record)
+        for record in records:
+            if record.split == self.split:
+                self._checkpoint(record, model, state)
+
+    def _log(self, record: EpochRecord) -> None:
         row = {k: getattr(record, k) for k in CSV_BASE}
         if self.layer_columns:
             row.update({f"kl_{name}": v for name, v in record.kl_per_layer.items()})
@@ -232,8 +241,8 @@ class RunWriter:
                 for name, value in record.kl_per_layer.items():
                     self.tb.add_scalar(f"{record.split}/kl_{name}", value, record.step)
             self.tb.flush()
-        if record.split != self.split:
-            return
+
+    def _checkpoint(self, record: EpochRecord, model, state: TrainState) -> None:
         start = time.perf_counter()
         improved = not self.val_images or record.elbo > state.best_elbo
         if improved:
@@ -484,10 +493,11 @@ class EpochPrinter:
     epochs: int
     split: str
 
-    def __call__(self, record: EpochRecord, model, state) -> None:
-        if record.split == self.split:
-            line = summary_line(record).strip()
-            self.log(f"epoch {record.epoch + 1:3d}/{self.epochs}  {line}  beta {record.beta:.2f}")
+    def __call__(self, *, records: list[EpochRecord], model, state) -> None:
+        for record in records:
+            if record.split == self.split:
+                line = summary_line(record).strip()
+                self.log(f"epoch {record.epoch + 1:3d}/{self.epochs}  {line}  beta {record.beta:.2f}")
 
 
 def _time_line(state: TrainState, checkpoint_seconds: float) -> str:

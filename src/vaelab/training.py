@@ -86,7 +86,9 @@ class RateTarget:
         self.beta = min(1e3, max(1e-3, self.beta * math.exp(self.RATE * self.average)))
 
 
-Hook = Callable[[EpochRecord, object, TrainState], None]
+# called once after each epoch (its training record, then its validation record where there is one), with
+# named arguments: hook(records=[...], model=model, state=state); `state` is what a checkpoint keeps
+Hook = Callable[..., None]
 
 
 def fit(
@@ -108,7 +110,8 @@ def fit(
 
     ``config`` (or keyword ``options`` such as ``epochs=5, lr=1e-3, beta=4``) sets every knob.
     ``train_y`` and ``val_y``: the labels (N,) that a conditional model is given.
-    ``hooks`` are called after each epoch's validation as ``hook(record, model, state)``;
+    ``hooks`` are called once after each epoch's validation as ``hook(records=..., model=..., state=...)``,
+    with the epoch's records (training, then validation);
     ``pixels`` per image turns on bits/dim (a discrete likelihood).
     """
     config = (config or Config()).replace(**options)
@@ -160,9 +163,8 @@ def fit(
         state.elapsed = records[-1].elapsed  # what a checkpoint written by the hooks below keeps
         state.history += records
         state.epoch = epoch + 1
-        for record in records:
-            for hook in hooks:
-                hook(record, model, state)
+        for hook in hooks:
+            hook(records=records, model=model, state=state)
     state.elapsed = clock.elapsed()
     if bar is not None:
         bar.close()
