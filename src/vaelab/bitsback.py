@@ -209,7 +209,17 @@ class BitsBack:
         return float((q * (torch.log2(q.clamp_min(1e-300)) + self.grid.bits)).sum())
 
     def _p_x(self, z_index: np.ndarray) -> np.ndarray:
-        return self._tables(z_index.reshape(1, -1))[0]
+        return self._pixels(self._values(z_index.reshape(1, -1)))
+
+    def _pixels(self, values: Tensor, *given) -> np.ndarray:
+        """p(x|z) of one latent's ``values`` (1, D) (and what else the decoder is ``given``: M2's label) as the
+        coder's table, (pixels, levels)."""
+        return floored(self.pmf(values, *given).reshape(-1, self.levels).numpy())
+
+    def _table(self, params: tuple[Tensor, Tensor]) -> np.ndarray:
+        """A diagonal Gaussian's (mu, sigma) masses of the grid's buckets, per dimension, as the coder's table."""
+        mu, sigma = params
+        return floored(self.grid.masses(mu.reshape(-1), sigma.reshape(-1)).numpy())
 
     @torch.no_grad()
     def latent_bits_sweep(self, symbols: np.ndarray, bits=SWEEP_BITS, seed: int = 0) -> list[dict[str, float]]:
@@ -463,8 +473,7 @@ class TwoLayerBitsBack(BitsBack):
         return self.grid.centres[torch.from_numpy(z2.astype(np.int64))].float().view(1, -1)
 
     def _q_top(self, x: np.ndarray) -> np.ndarray:
-        mu, sigma = self.posterior(self._image(x), None)
-        return floored(self.grid.masses(mu.reshape(-1), sigma.reshape(-1)).numpy())
+        return self._table(self.posterior(self._image(x), None))
 
     def _bottom(self, x: np.ndarray | None, z2: np.ndarray) -> tuple[np.ndarray | None, Tensor, Tensor]:
         """Q(z1|x, z2)'s masses of the buckets of equal p(z1|z2) mass (None without x), and p(z1|z2)'s
@@ -478,7 +487,7 @@ class TwoLayerBitsBack(BitsBack):
 
     def _p_x_bottom(self, z1: np.ndarray, mu_p: Tensor, sigma_p: Tensor) -> np.ndarray:
         values = mu_p + sigma_p * self.grid.centres[torch.from_numpy(z1.astype(np.int64))]
-        return floored(self.pmf(values.float().view(1, -1)).reshape(-1, self.levels).numpy())
+        return self._pixels(values.float().view(1, -1))
 
     @torch.no_grad()
     def encode(self, symbols: np.ndarray, seed: int = 0) -> tuple[np.ndarray, Costs]:
@@ -559,12 +568,10 @@ class BitSwap(BitsBack):
         self.top_posterior, self.prior, self.dims, self.order = top_posterior, prior, dims, order
         self.z1_loc, self.z1_scale = z1_moments
 
-    def _table(self, params: tuple[Tensor, Tensor], standard: bool = False) -> np.ndarray:
-        """Masses of a diagonal Gaussian's buckets: on z2's grid, or (``standard``) on z1's."""
+    def _z1_table(self, params: tuple[Tensor, Tensor]) -> np.ndarray:
+        """A diagonal Gaussian's masses of z1's buckets (the grid in the units of z1's N(m, s^2))."""
         mu, sigma = (t.reshape(-1).double() for t in params)
-        if standard:
-            mu, sigma = (mu - self.z1_loc) / self.z1_scale, sigma / self.z1_scale
-        return floored(self.grid.masses(mu, sigma).numpy())
+        return self._table(((mu - self.z1_loc) / self.z1_scale, sigma / self.z1_scale))
 
     def _z1(self, index: np.ndarray) -> Tensor:
         """z1's value for its bucket indices (D1,): (1, D1)."""
@@ -572,10 +579,7 @@ class BitSwap(BitsBack):
         return (self.z1_loc + self.z1_scale * centres).float()[None]
 
     def _q1(self, x: np.ndarray) -> np.ndarray:
-        return self._table(self.posterior(self._image(x)), standard=True)
-
-    def _pixels(self, z1_value: Tensor) -> np.ndarray:
-        return floored(self.pmf(z1_value).reshape(-1, self.levels).numpy())
+        return self._z1_table(self.posterior(self._image(x)))
 
     @torch.no_grad()
     def encode(self, symbols: np.ndarray, seed: int = 0) -> tuple[np.ndarray, Costs]:
@@ -595,7 +599,7 @@ class BitSwap(BitsBack):
                 z2 = coder.decode(self._categorical, q2)  # pop z2 with Q(z2|z1)
                 if not swap:
                     coder.encode_reverse(x, self._categorical, p_x)  # push x with p(x|z1)
-                p1 = self._table(self.prior(self._values(z2[None])), standard=True)
+                p1 = self._z1_table(self.prior(self._values(z2[None])))
                 coder.encode_reverse(z1, self._categorical, p1)  # push z1 with P(z1|z2)
                 coder.encode_reverse(z2, self._uniform)  # push z2 with P(z2)
                 coded = p_x[np.arange(len(x)), x]
@@ -613,7 +617,7 @@ class BitSwap(BitsBack):
         with one_thread():
             for i in reversed(range(n)):
                 z2 = coder.decode(self._uniform, self.dims[1])  # pop z2 with P(z2)
-                p1 = self._table(self.prior(self._values(z2[None])), standard=True)
+                p1 = self._z1_table(self.prior(self._values(z2[None])))
                 z1 = coder.decode(self._categorical, p1)  # pop z1 with P(z1|z2)
                 z1_value = self._z1(z1)
                 q2 = self._table(self.top_posterior(z1_value))
@@ -658,12 +662,10 @@ class LabelBitsBack(BitsBack):
         return floored(self.classify(self._image(x)).double().numpy()[None])  # (1, C)
 
     def _q_z(self, x: np.ndarray, y: int) -> np.ndarray:
-        mu, sigma = self.posterior(self._image(x), torch.tensor([y]))
-        return floored(self.grid.masses(mu.reshape(-1), sigma.reshape(-1)).numpy())
+        return self._table(self.posterior(self._image(x), torch.tensor([y])))
 
     def _p_x_given(self, z: np.ndarray, y: int) -> np.ndarray:
-        values = self._values(z.reshape(1, -1))
-        return floored(self.pmf(values, torch.tensor([y])).reshape(-1, self.levels).numpy())
+        return self._pixels(self._values(z.reshape(1, -1)), torch.tensor([y]))
 
     @torch.no_grad()
     def encode(self, symbols: np.ndarray, seed: int = 0) -> tuple[np.ndarray, Costs]:
