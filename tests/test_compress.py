@@ -324,6 +324,14 @@ def test_coupled_particles_round_trip_pay_their_bound_and_need_one_particle_s_in
     assert np.array_equal(np.load(tmp_path / "c.npy"), (x[:, 0].numpy() * 255).astype(np.uint8))
 
 
+def test_each_grid_of_the_sweep_draws_from_its_own_stream(runs):
+    """The sweep's figure for 8 latent bits is the same alone as after the coarser grids' draws."""
+    t = open_trained(runs["bernoulli"])
+    symbols = t.split("test")[0].flatten(1).round().int().numpy()
+    coder = model_coder(t.model, 2, 8)
+    assert coder.latent_bits_sweep(symbols, bits=(8,))[0] == coder.latent_bits_sweep(symbols)[3]
+
+
 def test_the_run_keeps_a_record_its_report_draws(runs, tmp_path):
     """Coding the run's own split leaves RUN/compression.json (of these weights), which the report
     draws; coding other images leaves the run as it was."""

@@ -225,12 +225,13 @@ class BitsBack:
     def latent_bits_sweep(self, symbols: np.ndarray, bits=SWEEP_BITS, seed: int = 0) -> list[dict[str, float]]:
         """What BB-ANS pays per image on grids of 2^b buckets, b in ``bits``, as means over the images
         ``symbols`` (N, pixels): the net bits for z that fair coin flips pay (exact: a sum over every bucket),
-        and the bits for x at one bucket per dimension drawn from Q (seeded: an estimate of E_Q -log2 p(x|z)).
+        and the bits for x at one bucket per dimension drawn from Q (seeded by ``seed`` and b: an estimate of
+        E_Q -log2 p(x|z)).
         Coarse grids make z cheap and x dear. The grids are nested (each bucket of 2^b is two of 2^(b+1)),
         so z's expected net never falls as b grows, and never passes the analytic KL (data processing)."""
-        rng, rows = np.random.default_rng(seed), []
-        for b in bits:
-            grid, z_net, pixels = LatentGrid.of(b), [], []
+        rows = []
+        for b in bits:  # each grid's draws from its own stream: a grid's figure does not follow the others'
+            rng, grid, z_net, pixels = np.random.default_rng([seed, b]), LatentGrid.of(b), [], []
             chunk = max(1, min(100, 2**22 // (self.latent_dim * 2**b)))  # the masses of a chunk: at most 32 MiB
             for start in range(0, len(symbols), chunk):
                 s = np.ascontiguousarray(symbols[start : start + chunk])
