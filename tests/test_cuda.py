@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from conftest import train_options
 from vaelab import contract, objectives
 from vaelab.checkpoint import load_checkpoint
 from vaelab.cli import main
@@ -29,7 +30,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bash scripts/gpu-check.sh runs these)"),
 ]
 
-SMALL = ["--data", "digits", "--hidden", "64", "--latent-dim", "4", "--lr-schedule", "constant"]
+SMALL = train_options(data="digits", hidden=64, latent_dim=4, lr_schedule="constant")
 
 
 def epochs(run) -> list[str]:

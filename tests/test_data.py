@@ -15,6 +15,7 @@ from PIL import Image
 
 from conftest import Boom, write_idx
 from vaelab.config import Config
+from vaelab.contract import Examples
 from vaelab.data import Batches, download, load
 from vaelab.data.sources import read_idx
 from vaelab.errors import UserError
@@ -248,7 +249,7 @@ def test_download_offline_says_what_to_do(tmp_path, monkeypatch):
 def test_data_order_is_a_function_of_seed_and_epoch():
     x = torch.arange(100.0).view(100, 1, 1, 1) / 100
     y = torch.arange(100)
-    b = Batches(x, 10, seed=3, y=y)
+    b = Batches(Examples(x, y), 10, seed=3)
 
     def images(epoch, batches=b):
         return torch.cat([xb for xb, _ in batches.epoch(epoch)])
@@ -288,12 +289,12 @@ def test_random_streams_never_share_a_generator():
 
 
 def test_dynamic_binarisation_draws_bernoulli_p():
-    """batches.bernoulli: each pixel is 1 with probability p. 200,000 draws per value of p; each
+    """batches.bernoulli_draw: each pixel is 1 with probability p. 200,000 draws per value of p; each
     frequency within 5 standard errors (false alarm < 1e-5 for the 11), and p = 0 and 1 exact."""
-    from vaelab.data.batches import bernoulli, seeded
+    from vaelab.data.batches import bernoulli_draw, seeded
 
     p = torch.linspace(0, 1, 11)
-    draws = bernoulli(p.expand(200_000, 11).contiguous(), seeded(0, "binarize", 0))
+    draws = bernoulli_draw(p.expand(200_000, 11).contiguous(), seeded(0, "binarize", 0))
     assert set(draws.unique().tolist()) <= {0.0, 1.0} and draws.dtype == p.dtype
     freq = draws.mean(0)
     se = (p * (1 - p) / 200_000).sqrt()
@@ -304,8 +305,8 @@ def test_dynamic_binarisation_draws_bernoulli_p():
 def test_dynamic_binarisation_draws_what_torch_bernoulli_draws():
     """The same pixels as torch.bernoulli from the same generator state: a run binarised by either
     is the same run, and checkpoints written before keep resuming exactly."""
-    from vaelab.data.batches import bernoulli, seeded
+    from vaelab.data.batches import bernoulli_draw, seeded
 
     p = torch.rand(128, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     expected = torch.bernoulli(p, generator=seeded(3, "binarize", 7))
-    assert torch.equal(bernoulli(p, seeded(3, "binarize", 7)), expected)
+    assert torch.equal(bernoulli_draw(p, seeded(3, "binarize", 7)), expected)

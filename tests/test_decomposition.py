@@ -186,7 +186,7 @@ def test_beta_tcvae_total_correlation_falls_as_its_weight_grows(tmp_path):
     It asserts weight 6 ends more than 8 combined standard errors below weight 1."""
     import vaelab
     from vaelab.config import Config
-    from vaelab.evaluation import kl_split, posterior_params
+    from vaelab.evaluation import decompose_kl, posterior_params
 
     x = blobs(3000, seed=0)
     tc = {}
@@ -200,8 +200,8 @@ def test_beta_tcvae_total_correlation_falls_as_its_weight_grows(tmp_path):
         assert record.total_correlation is not None and math.isfinite(parts)
         mu, log_var, _ = posterior_params(model.eval(), x[:2000])
         torch.manual_seed(0)
-        split, _ = kl_split(model, mu, log_var)
-        tc[weight, estimator] = split["total_correlation"], split["total_correlation_std_error"]
+        split, _ = decompose_kl(model, mu, log_var)
+        tc[weight, estimator] = split.total_correlation, split.total_correlation_std_error
     (low, low_se), (high, high_se) = tc[6.0, "mss"], tc[1.0, "mss"]
     assert low < high - 8 * math.hypot(low_se, high_se), tc
     assert tc[6.0, "mws"][0] < high, tc  # the weighted estimator pushes the same way

@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 
+from conftest import train_options
 from vaelab.checkpoint import load_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -62,7 +63,7 @@ def single(tmp_path_factory):
     "family",
     [
         ["--family", "hierarchical", "--top-latent-dim", "2", "--top-hidden", "16"],
-        ["--conditional"],
+        ["--family", "conditional"],
         ["--posterior", "iaf", "--flow-steps", "2"],
         ["--posterior", "categorical", "--categories", "3", "--anneal-rate", "0.01"],
         ["--posterior", "vq", "--categories", "6", "--code-dim", "2"],
@@ -152,7 +153,7 @@ def test_evaluate_shares_the_iwae_estimate(single, tmp_path):
     assert abs(d.mean()) <= 4 * d.std() / math.sqrt(len(d)), (d.mean(), d.std())
 
 
-TINY = ["--hidden", "32", "--latent-dim", "3", "--batch-size", "64", "--epochs", "1"]
+TINY = train_options(hidden=32, latent_dim=3, batch_size=64, epochs=1)
 
 
 def test_two_process_runs_end_cleanly_every_time(tmp_path):

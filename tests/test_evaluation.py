@@ -10,7 +10,7 @@ from vaelab import distributions as dist
 from vaelab.cli import main
 from vaelab.config import Config
 from vaelab.contract import OneLayer
-from vaelab.evaluation import activity, evaluate, iwae_log_likelihood, kl_split
+from vaelab.evaluation import activity, decompose_kl, evaluate, iwae_log_likelihood
 from vaelab.linear_gaussian import LinearGaussian
 from vaelab.models import build
 from vaelab.training import fit
@@ -122,14 +122,14 @@ def test_kl_split_matches_closed_form_mutual_information():
         def prior(self):
             return dist.standard_normal(2)
 
-    out, single = kl_split(Prior(), mu, log_var)
+    out, single = decompose_kl(Prior(), mu, log_var)
     assert single.shape == (N,)
     exact_mi = math.log((a * a + s * s) / (s * s))
-    assert out["mutual_information"] == pytest.approx(exact_mi, abs=0.05)
+    assert out.mutual_information == pytest.approx(exact_mi, abs=0.05)
     # marginal KL: KL(N(0, 1.25 I) || N(0, I)) in closed form
     exact_marginal = 2 * 0.5 * (1.25 - 1 - math.log(1.25))
-    assert out["marginal_kl"] == pytest.approx(exact_marginal, abs=0.05)
-    assert out["mutual_information"] + out["marginal_kl"] == pytest.approx(out["kl_monte_carlo"], abs=1e-4)
+    assert out.marginal_kl == pytest.approx(exact_marginal, abs=0.05)
+    assert out.mutual_information + out.marginal_kl == pytest.approx(out.kl_monte_carlo, abs=1e-4)
 
 
 def test_evaluate_record_adds_up():
@@ -166,22 +166,22 @@ def test_kl_split_against_the_linear_encoder_oracle():
         def prior(self):
             return dist.standard_normal(3, dtype=torch.float64)
 
-    out, _ = kl_split(Prior(), mu, log_var)
+    out, _ = decompose_kl(Prior(), mu, log_var)
     for key, exact in (
         ("mutual_information", oracle.mutual_information),
         ("total_correlation", oracle.total_correlation),
         ("dimension_wise_kl", oracle.dimension_wise_kl_per_dim.sum().item()),
     ):
-        assert abs(out[key] - exact) <= 4 * out[f"{key}_std_error"] + 0.02, (key, out[key], exact)
+        assert abs(getattr(out, key) - exact) <= 4 * getattr(out, f"{key}_std_error") + 0.02, (key, exact)
 
 
 def test_the_split_without_a_factorising_prior_is_mi_and_marginal_kl():
     torch.manual_seed(0)
     model = build(Config(hidden=(16,), latent_dim=2, prior="mixture", prior_components=3), (1, 8, 8))
     mu, log_var = torch.randn(200, 2), torch.randn(200, 2) * 0.1
-    out, single = kl_split(model, mu, log_var)
-    assert "total_correlation" not in out
-    assert out["mutual_information"] + out["marginal_kl"] == pytest.approx(single.mean().item(), abs=1e-4)
+    out, single = decompose_kl(model, mu, log_var)
+    assert out.total_correlation is None and out.dimension_wise_kl is None and out.adds_up
+    assert out.mutual_information + out.marginal_kl == pytest.approx(single.mean().item(), abs=1e-4)
 
 
 def test_evaluate_command_on_a_run(tmp_path, capsys):
@@ -280,3 +280,14 @@ def test_the_rows_say_the_mi_ceiling_and_the_per_image_kl(trained_run):
     saturated = replace(record, mutual_information=ceiling - 0.05)
     assert "at its ceiling" in {r.name: r.note for r in evaluation_rows(saturated)}["mutual information I(x; z)"]
     assert "at its ceiling log N" in format_table(saturated)
+
+
+def test_one_layer_is_a_one_entry_record_of_layers():
+    """The KL per example names its layers whether there is one or several: a one-layer model's record has
+    one entry, its layer's KL, the total itself; it is not `layered`."""
+    from vaelab.evaluation import kl_per_example
+
+    model = build(Config(hidden=(16,), latent_dim=3), (1, 8, 8))
+    kl = kl_per_example(model, torch.rand(10, 1, 8, 8))
+    assert list(kl.per_layer) == ["z"] and torch.equal(kl.per_layer["z"], kl.value) and not kl.layered
+    assert not kl[2:4].layered and torch.equal(kl[2:4].per_layer["z"], kl.value[2:4])

@@ -16,9 +16,10 @@ from torch.distributions import Normal, kl_divergence
 
 import pngs
 import vaelab
-from vaelab import contract, objectives
+from vaelab import contract, objectives, parts
 from vaelab.cli import main
 from vaelab.config import PRESETS, Config, resolve
+from vaelab.contract import Examples
 from vaelab.evaluation import evaluate, kl_per_example
 from vaelab.kl import kl_mvn
 from vaelab.linear_gaussian import LinearGaussian, TwoLevelLinearGaussian, mean_field_kl
@@ -422,14 +423,25 @@ def test_the_flow_trains_evaluates_and_reports(tmp_path, capsys):
 
 
 # -- the conditional VAE --------------------------------------------------------------------------------
-COND = ["--data", "digits", "--lr-schedule", "constant", "--conditional", "--hidden", "64", "--latent-dim", "4"]
+COND = [
+    "--data",
+    "digits",
+    "--lr-schedule",
+    "constant",
+    "--family",
+    "conditional",
+    "--hidden",
+    "64",
+    "--latent-dim",
+    "4",
+]
 
 
 def test_conditional_kl_is_the_same_closed_form_given_y():
     """KL(q(z|x, y) || N(0, I)) is eq. 7's diagonal form at mu(x, y), sigma(x, y): against torch, and the
     labels change q (the encoder is told y)."""
     torch.manual_seed(0)
-    model = build(Config(conditional=True, classes=10, hidden=(32,), latent_dim=3), (1, 8, 8))
+    model = build(Config(family="conditional", classes=10, hidden=(32,), latent_dim=3), (1, 8, 8))
     x = (torch.rand(6, 1, 8, 8) > 0.5).float()
     y = torch.arange(6)
     terms = objectives.elbo(contract.given(model, y), x)
@@ -457,7 +469,9 @@ def test_conditional_trains_and_uses_its_labels(tmp_path, capsys):
     splits, _, _, test_x, _ = prepare_data(config, "cpu")
     y = labels_for(config, splits.test, splits.name)
     torch.manual_seed(0)
-    d = iwae_log_likelihood(model, test_x, 20, y=y) - iwae_log_likelihood(model, test_x, 20, y=(y + 1) % 10)
+    d = iwae_log_likelihood(model, Examples(test_x, y), 20) - iwae_log_likelihood(
+        model, Examples(test_x, (y + 1) % 10), 20
+    )
     assert d.mean().item() > 4 * d.std().item() / math.sqrt(len(d))
     assert main(["evaluate", str(out), "--iwae-k", "10"]) == 0
     assert "log p(x|y), IWAE k=10" in capsys.readouterr().out
@@ -476,8 +490,8 @@ def test_conditional_trains_and_uses_its_labels(tmp_path, capsys):
 def test_conditional_from_python():
     x = (torch.rand(200, 1, 8, 8) > 0.5).float()
     y = torch.randint(0, 3, (200,))
-    model = build(Config(conditional=True, classes=3, hidden=(16,), latent_dim=2), (1, 8, 8))
-    state = vaelab.fit(model, x, x[:50], epochs=2, batch_size=50, train_y=y, val_y=y[:50], progress=False)
+    model = build(Config(family="conditional", classes=3, hidden=(16,), latent_dim=2), (1, 8, 8))
+    state = vaelab.fit(model, Examples(x, y), Examples(x[:50], y[:50]), epochs=2, batch_size=50, progress=False)
     assert math.isfinite(state.history[-1].elbo)
 
 
@@ -500,3 +514,19 @@ def test_the_page_of_a_conditional_model_takes_a_label(tmp_path):
     assert client.post("/api/inspect", files={"file": ("x.png", png)}).status_code == 422  # no label
     answer = client.post("/api/inspect", files={"file": ("x.png", png)}, data={"label": "4"})
     assert answer.status_code == 200 and answer.json()["kl_total"] > 0
+
+
+def test_a_run_written_with_the_conditional_flag_reads_as_the_conditional_family():
+    """Before the conditional VAE was an entry of parts.FAMILIES it was a flag, ``conditional = true`` in
+    config.toml and in a checkpoint's config: both read as ``family = "conditional"``; the flag's false
+    is dropped; a file that sets it beside another family is refused rather than read as one of them."""
+    from vaelab.checkpoint import config_from_dict
+    from vaelab.config import parse_toml
+    from vaelab.errors import UserError
+
+    assert parse_toml("conditional = true\nlatent_dim = 4\n", "t") == {"latent_dim": 4, "family": "conditional"}
+    assert parse_toml("conditional = false\n", "t") == {}
+    config = config_from_dict({"conditional": True, "classes": 10}, "a checkpoint")
+    assert config.family == "conditional" and config.uses_labels and parts.FAMILIES[config.family].labels
+    with pytest.raises(UserError, match="sets both conditional and family 'hierarchical'"):
+        parse_toml('conditional = true\nfamily = "hierarchical"\n', "t")

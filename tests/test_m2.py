@@ -17,7 +17,7 @@ import vaelab
 from conftest import round_trip
 from vaelab.cli import main
 from vaelab.config import Config
-from vaelab.contract import Noise
+from vaelab.contract import Examples, Noise
 from vaelab.data import semi_supervised
 from vaelab.errors import UserError
 from vaelab.evaluation import iwae_log_likelihood
@@ -141,7 +141,7 @@ def test_m2_trains_evaluates_reports_and_resumes(tmp_path, capsys):
 
 def test_m2_options_are_checked():
     for message, options in {
-        "--conditional needs every label": dict(labelled=10, conditional=True),
+        "--family conditional needs every label": dict(labelled=10, family="conditional"),
         "built with --prior normal": dict(labelled=10, prior="mixture"),
         "built with --family vae": dict(labelled=10, family="hierarchical"),
         "add --labelled N": dict(alpha=1.0),
@@ -182,7 +182,7 @@ def test_m2_from_python():
     x = images(120, seed=9)
     y = torch.full((120,), -1)
     y[:6] = torch.tensor([0, 1, 2, 0, 1, 2])
-    state = vaelab.fit(model, x, x[:30], config.replace(epochs=2, batch_size=30), train_y=y, progress=False)
+    state = vaelab.fit(model, Examples(x, y), x[:30], config.replace(epochs=2, batch_size=30), progress=False)
     assert set(state.history[0].kl_per_layer) == {"y", "z"} and math.isfinite(state.history[-1].elbo)
     assert 0 <= state.history[-1].kl_per_layer["y"] <= math.log(3) + 1e-6
 
@@ -212,7 +212,7 @@ def test_m2_compresses_with_the_label_as_a_latent(tmp_path):
     out = tmp_path / "m2"
     assert main(["train", *M2, "--epochs", "2", "--out", str(out)]) == 0
     t = open_trained(out)
-    x, _ = t.split("test")
+    x = t.examples("test").x
     symbols = x.flatten(1).round().int().numpy()
     coder = model_coder(t.model, 2, 8)
     message, costs = round_trip(coder, symbols)

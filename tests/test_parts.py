@@ -9,10 +9,10 @@ from vaelab.cli import main
 from vaelab.config import Config
 from vaelab.distributions import gaussian
 from vaelab.errors import UserError
-from vaelab.models import Likelihood, build
+from vaelab.models import PixelLikelihood, build
 
 
-class UnitGaussian(Likelihood):
+class UnitGaussian(PixelLikelihood):
     """A toy likelihood written by a user: N(decoder output, 1) per pixel."""
 
     def forward(self, out):
@@ -157,7 +157,7 @@ def test_the_priors_facts_match_what_they_compute():
         {"posterior": "vq"},
         {"family": "hierarchical"},
         {"family": "hierarchical", "inference": "bottom-up"},
-        {"conditional": True, "classes": 10},
+        {"family": "conditional", "classes": 10},
         {"labelled": 20, "classes": 10},
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "vae",

@@ -1,6 +1,8 @@
 """`vaelab report`: every section, its PNG files, and nothing loaded from the network."""
 
+import html
 import json
+import math
 import re
 
 from PIL import Image
@@ -78,6 +80,10 @@ def test_the_command_line_the_report_and_the_page_show_one_record(tmp_path, caps
     assert main(["report", str(run)]) == 0
     page = (run / "report.html").read_text()
     assert f"{mi:.3f} nats" in page and f"{tc:.3f} nats" in page and f"{active} of 3." in page
+    # the KL-taken-apart figure's top bar is the record's KL, and its MI names the ceiling log N
+    text = html.unescape(page)
+    assert f"its KL ({record['kl']:.2f} nats) is the model's own term" in text
+    assert f"at most log N = {math.log(record['examples']):.2f} on N = {record['examples']} examples" in text
     model = TestClient(create_app(run), base_url="http://127.0.0.1").get("/api/model").json()
     assert model["kl_parts"]["mutual_information"] == mi and model["kl_parts"]["total_correlation"] == tc
     rows = {row["name"]: row["value"] for row in model["evaluation"]}
@@ -85,3 +91,17 @@ def test_the_command_line_the_report_and_the_page_show_one_record(tmp_path, caps
     assert main([*train[:-2], "--epochs", "3", "--out", str(run), "--resume"]) == 0  # new weights
     model = TestClient(create_app(run), base_url="http://127.0.0.1").get("/api/model").json()
     assert model["measured_here"] and model["kl_parts"]["mutual_information"] != mi
+
+
+def test_the_kl_figure_adds_the_models_kl_not_its_estimate():
+    """The top bar of "The KL taken apart" is -reconstruction + the model's KL (the evaluation's -ELBO); the
+    parts' sum, a one-z-per-image estimate, is the lower bar's title."""
+    from vaelab import plots
+
+    parts = {"mutual information": 6.59, "total correlation": 3.0, "dimension-wise KL": 12.06}
+    fig = plots.kl_decomposition(parts, reconstruction=-95.83, kl=21.77, per_dim=None)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [
+        "−ELBO = 117.60 nats",
+        "KL taken apart: its parts add up to 21.65 nats, a one-z-per-image estimate",
+    ]

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from conftest import train_options
 from vaelab import rundir
 from vaelab.checkpoint import load_checkpoint
 from vaelab.cli import main
@@ -21,7 +22,7 @@ from vaelab.config import read_toml
 from vaelab.fileio import atomic_write_text
 from vaelab.runs import signals_held
 
-FAST = ["--data", "digits", "--hidden", "16", "--latent-dim", "2", "--epochs", "1", "--threads", "1"]
+FAST = train_options(data="digits", hidden=16, latent_dim=2, epochs=1, threads=1)
 
 
 def train(out, *options):

@@ -12,11 +12,12 @@ import time
 
 import pytest
 
+from conftest import train_options
 from vaelab.cli import main
 from vaelab.evaluation import Evaluation
 from vaelab.sweep import finished
 
-QUICK = ["--data", "digits", "--hidden", "16"]
+QUICK = train_options(data="digits", hidden=16)
 
 
 def test_print_writes_one_train_command_per_point(tmp_path, capsys):

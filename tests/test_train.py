@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vaelab
-from conftest import Boom
+from conftest import Boom, train_options
 from vaelab import contract, objectives
 from vaelab.checkpoint import load_checkpoint, load_model
 from vaelab.cli import main
@@ -17,7 +17,7 @@ from vaelab.config import Config, tomllib
 from vaelab.errors import UserError
 from vaelab.training import NonFiniteError
 
-FAST = ["--data", "digits", "--hidden", "32", "--latent-dim", "3", "--batch-size", "64"]
+FAST = train_options(data="digits", hidden=32, latent_dim=3, batch_size=64)
 
 
 def read_rows(path):
@@ -596,3 +596,33 @@ def test_the_run_says_what_precision_and_threads_it_resolved(tmp_path, capsys):
     assert resolved["precision"] == expected and f"{expected} ({resolved['precision_why']})" in first
     assert f"{resolved['threads']} thread" in first and resolved["threads_why"] in first
     assert "resolved" not in read_toml(out / "config.toml")  # a record, not an option, when the file is reused
+
+
+def test_weight_decay_is_adamws_and_a_resume_can_change_it():
+    """``--weight-decay``: the update of torch.optim.AdamW (decoupled decay; an independent, unfused
+    implementation) on the same gradients; 0 is plain Adam. A checkpoint's optimizer state carries its
+    weight decay, so a resume that changes the option sets it again (``set_weight_decay``)."""
+    import copy
+
+    from vaelab.training import make_optimizer, set_weight_decay
+
+    torch.manual_seed(0)
+    model = vaelab.build_model(Config(hidden=(8,), latent_dim=2), (1, 4, 4))
+    reference = copy.deepcopy(model)
+    ours = make_optimizer(model, Config(lr=1e-2, weight_decay=0.1))
+    theirs = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-8, foreach=False)
+    for step in range(3):
+        for m in (model, reference):
+            torch.manual_seed(step)
+            for p in m.parameters():
+                p.grad = torch.randn_like(p)
+        ours.step()
+        theirs.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    plain = make_optimizer(model, Config())
+    assert plain.param_groups[0]["weight_decay"] == 0 and not plain.param_groups[0]["decoupled_weight_decay"]
+    plain.load_state_dict(ours.state_dict())  # the state of a run with decay, resumed without it
+    assert plain.param_groups[0]["weight_decay"] == 0.1
+    set_weight_decay(plain, Config())
+    assert plain.param_groups[0]["weight_decay"] == 0 and not plain.param_groups[0]["decoupled_weight_decay"]

@@ -126,7 +126,7 @@ def test_a_vq_vae_trains_evaluates_reports_resumes_and_compresses(tmp_path, caps
     assert main(["report", str(out), "--compare", str(tmp_path / "fresh"), "--out", str(tmp_path / "c.html")]) == 0
     assert "not defined: q(z|x) is a point mass" in (tmp_path / "c.html").read_text()  # no IWAE to ask for
     t = open_trained(out)
-    x, _ = t.split("test")
+    x = t.examples("test").x
     symbols = x.flatten(1).round().int().numpy()
     coder = model_coder(t.model, 2, 8)
     message, costs = round_trip(coder, symbols)

@@ -12,8 +12,9 @@ _LAZY = {
     "fit": ("vaelab.training", "fit"),
     "load_model": ("vaelab.checkpoint", "load_model"),
     "elbo": ("vaelab.objectives", "elbo"),
-    "given": ("vaelab.objectives", "given"),
-    "ElboTerms": ("vaelab.objectives", "ElboTerms"),
+    "given": ("vaelab.contract", "given"),
+    "Examples": ("vaelab.contract", "Examples"),
+    "ElboTerms": ("vaelab.contract", "ElboTerms"),
 }
 __all__ = list(_LAZY)
 

@@ -23,7 +23,7 @@ from safetensors.torch import save as st_save
 
 import vaelab
 from vaelab import rundir
-from vaelab.config import Config, coerce, parse_toml
+from vaelab.config import Config, coerce, parse_toml, upgraded
 from vaelab.errors import UserError
 
 FORMAT = 1
@@ -107,18 +107,26 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"{path} is not a vaelab checkpoint (not a PyTorch zip archive); give checkpoints/last.pt")
     try:
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" in str(err):
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError):
+        unsafe = _unsafe_globals(blob)
+        if unsafe:
             raise UserError(
-                f"{path} needs arbitrary pickle to load, which can run code; vaelab refuses it. "
-                "Use a checkpoint written by vaelab"
+                f"{path} needs arbitrary pickle to load ({', '.join(unsafe[:3])}), which can run code; vaelab "
+                "refuses it. Use a checkpoint written by vaelab"
             ) from None
-        raise UserError(f"{path} is truncated or corrupt; use checkpoints/best.pt or retrain") from None
-    except (RuntimeError, EOFError, ValueError, OSError):
         raise UserError(f"{path} is truncated or corrupt; use checkpoints/best.pt or retrain") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise UserError(f"{path} is not a vaelab checkpoint")
     return state
+
+
+def _unsafe_globals(blob: bytes) -> list[str]:
+    """The classes and functions a torch.save archive's pickle would import beyond what ``weights_only``
+    loading allows (PyTorch's own scan of the pickle, which runs none of it); [] for a torn archive."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(blob))
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError):
+        return []
 
 
 def weights_bytes(model, config: Config, x_shape, identity: dict[str, str] | None = None) -> bytes:
@@ -135,7 +143,7 @@ def weights_bytes(model, config: Config, x_shape, identity: dict[str, str] | Non
 
 
 def config_from_dict(values: dict, where: str) -> Config:
-    return Config(**{k: coerce(k, v, where) for k, v in values.items()})
+    return Config(**{k: coerce(k, v, where) for k, v in upgraded(values, where).items()})
 
 
 def read_trained(path: str | Path) -> tuple[Config, tuple[int, ...], dict]:
@@ -206,7 +214,7 @@ def check_identity(path: str | Path, config: Config, splits, given_data: bool = 
             f"{owner[:8]}); put the run's own weights back, or give that file's own run directory"
         )
     own = found.get("fingerprint", splits.fingerprint) == splits.fingerprint
-    if config.conditional or config.labelled:
+    if config.uses_labels:
         own = own and found.get("label_fingerprint", splits.label_fingerprint) == splits.label_fingerprint
     if not own and not given_data:
         raise UserError(

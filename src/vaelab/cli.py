@@ -38,7 +38,7 @@ EXAMPLES = {
         "examples:\n  vaelab train                                  # 5,000 MNIST digits, bundled, seconds on 2 cores\n"
         "  vaelab train --time-budget 60 --lr-schedule cosine   # one minute of training\n"
         "  vaelab train --family hierarchical --warmup linear --warmup-steps 500 --free-bits 0.1\n"
-        "  vaelab train --conditional --posterior iaf\n"
+        "  vaelab train --family conditional --posterior iaf\n"
         "  vaelab train --data mnist --data-dir DIR --binarize dynamic --epochs 5\n"
         "  vaelab train --data mnist --download --likelihood continuous-bernoulli --binarize none\n"
         "  vaelab train --data images/ --model conv --latent-dim 32 --out runs/mine\n"
@@ -204,6 +204,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         if f.metadata.get("metavar"):
             kw["metavar"] = f.metadata["metavar"]
         g.add_argument(flag, dest=f.name, default=S, help=f"{help_of(f)} (default: {shown})", **kw)
+    groups["model"].add_argument("--conditional", action=Renamed, nargs=0, const="--family conditional", help=S)
     g = groups["run"]
     g.add_argument("--config", metavar="FILE", help="a TOML file with any of the options above")
     g.add_argument("--preset", choices=PRESETS, help="a published protocol: " + ", ".join(PRESETS))
@@ -406,6 +407,13 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"vaelab: error: {message}; see '{self.prog} --help'\n")
+
+
+class Renamed(argparse.Action):
+    """An option that vaelab has renamed (``const``): a usage error that names the new spelling."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.const}; use that")
 
 
 def _explain_options(p: argparse.ArgumentParser) -> None:

@@ -78,7 +78,8 @@ def model_identity(model: torch.nn.Module, config: Config) -> str:
     # a discrete posterior's categories and code size too (only there: a file of a Gaussian run keeps its identity)
     names = MODEL_FIELDS + (("categories", "code_dim") if POSTERIORS[config.posterior].discrete else ())
     names += ("inference",) if config.inference != "top-down" else ()  # (top-down files keep their identity)
-    h = hashlib.sha256(json.dumps({k: config.to_dict().get(k) for k in names}, sort_keys=True).encode())
+    values = config.to_dict() | {"conditional": FAMILIES[config.family].labels}  # once a field: files keep their id
+    h = hashlib.sha256(json.dumps({k: values.get(k) for k in names}, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
@@ -113,8 +114,8 @@ def check_codable(config: Config, particles: int = 1) -> None:
             "(--labelled) codes its label and z; use --particles 1"
         )
     problems = []
-    if config.conditional:  # (M2's labels are latents: coded by bits-back like z)
-        problems.append("--conditional (the labels would have to be coded too)")
+    if FAMILIES[config.family].labels:  # (M2's labels are latents: coded by bits-back like z)
+        problems.append(f"--family {config.family} (the labels would have to be coded too)")
     posterior = POSTERIORS[config.posterior]
     if not posterior.factorises or not (posterior.gaussian or posterior.discrete):
         problems.append(f"--posterior {config.posterior}")
@@ -260,8 +261,7 @@ def images_of(trained, images: Path | None, split: str) -> Images:
     """The images to code: the run's own ``split`` as the model sees them, or the file or folder ``images``."""
     levels, model, config = coding_levels(trained.config), trained.model, trained.config
     if images is None:
-        x, _ = trained.split(split)
-        x = x.numpy()
+        x = trained.examples(split).x.numpy()
         C = x.shape[1]
         where, dtype, layout = f"{trained.splits.name} ({split} split)", "uint8", "NHW" if C == 1 else "NHWC"
         raw = None
@@ -439,7 +439,7 @@ def _summary(trained, data: Images, coder: BitsBack, costs, message, blob, iwae_
     """Every number of a compression: per image and their means, in bits."""
     N, P, particles = len(data.symbols), data.symbols.shape[1], coder.particles
     x = data.x()
-    record, per = evaluate(trained.model, x, iwae_k=iwae_k, pixels=P, split_kl=False, seed=seed)
+    record, per = evaluate(trained.model, x, iwae_k=iwae_k, pixels=P, take_kl_apart=False, seed=seed)
     to_bits = 1 / math.log(2)
     q_grid = (  # several latents, one below another: no single sum over one grid
         np.array([coder.expected_z_net(x[i : i + 1]) for i in range(len(x))])

@@ -180,15 +180,10 @@ class Config:
         metavar="N",
     )
     # model
-    family: str = opt(  # vae: one latent layer; hierarchical: two (parts.FAMILIES)
+    family: str = opt(  # vae: one latent layer; conditional: given labels; hierarchical: two (parts.FAMILIES)
         "vae", lambda: _described("the model family", parts.FAMILIES), group="model", choices=parts.FAMILIES.names
     )
-    conditional: bool = opt(  # q(z|x, y) and p(x|z, y): the labels condition both networks
-        False,
-        "a conditional VAE, q(z|x, y) and p(x|z, y), given the data's labels y (one latent layer, MLPs)",
-        group="model",
-    )
-    classes: int = 0  # the number of labels of a conditional model, set from the data when it trains
+    classes: int = 0  # the number of labels of a model given labels (``uses_labels``), set from the data
     # semi-supervised M2 (models/m2.py): this many labelled training images, balanced over the classes, the rest
     # unlabelled; alpha weighs the classifier's loss per labelled image (Kingma et al. 2014's 0.1 N, per example)
     labelled: int = opt(
@@ -337,6 +332,9 @@ class Config:
         choices=LR_SCHEDULES,
     )
     adam_eps: float = opt(1e-8, "Adam's epsilon", group="optimisation", metavar="EPS")
+    weight_decay: float = opt(  # AdamW's: the weights shrink by lr * weight_decay each step, apart from the gradient
+        0.0, "decoupled weight decay (AdamW, Loshchilov & Hutter 2019); 0: off", group="optimisation", at_least=0
+    )
     grad_clip: float = opt(  # max gradient norm; 0 turns clipping off
         0.0, "clip the gradient norm to this; 0: off", group="optimisation", at_least=0
     )
@@ -470,14 +468,11 @@ class Config:
                 f"--objective {self.objective} takes apart the KL of one latent layer; --family {self.family} has "
                 f"{family.layers}: use --objective elbo or iwae"
             )
-        if self.conditional:
-            if family.layers > 1 or self.model not in ("auto", "mlp") or self.prior != "normal":
-                raise UserError(
-                    "--conditional is a one-layer VAE with MLPs and the normal prior; drop --family, --model and "
-                    "--prior, or --conditional"
-                )
-        elif self.classes and not self.labelled:
-            raise UserError("classes is set by --conditional from the data's labels; remove it, or add --conditional")
+        if self.classes and not self.uses_labels:
+            raise UserError(
+                "classes is set from the data's labels for --family conditional or --labelled N; remove it, "
+                "or use one of them"
+            )
         self._check_labelled(defaults)
         # an option that only another part reads would be ignored: refuse it (a fact of each part, parts.py)
         for table, chosen in (
@@ -506,10 +501,10 @@ class Config:
                     "--alpha weighs the classifier of semi-supervised M2; add --labelled N, or drop --alpha"
                 )
             return
-        if self.conditional:
+        if parts.FAMILIES[self.family].labels:
             raise UserError(
-                "--labelled trains semi-supervised M2, whose labels are latent where missing; --conditional needs "
-                "every label: drop one of them"
+                f"--labelled trains semi-supervised M2, whose labels are latent where missing; --family "
+                f"{self.family} needs every label: drop one of them"
             )
         held = [("--family", self.family, "vae"), ("--prior", self.prior, "normal")]
         held += [("--posterior", self.posterior, "diagonal"), ("--objective", self.objective, "elbo")]
@@ -572,6 +567,28 @@ class Config:
                 "annealing starts; give a floor at or below the start"
             )
 
+    # the loop's knobs as facts, each string compared here once
+    @property
+    def binarized(self) -> bool:
+        """Pixels are binarised (``--binarize static`` or ``dynamic``)."""
+        return self.binarize != "none"
+
+    @property
+    def binarized_per_batch(self) -> bool:
+        """Training pixels are drawn anew for each batch (``--binarize dynamic``); static: once."""
+        return self.binarize == "dynamic"
+
+    @property
+    def lr_per_step(self) -> bool:
+        """The learning rate follows the share of the run done, step by step (``cosine``); else per epoch."""
+        return self.lr_schedule == "cosine"
+
+    @property
+    def uses_labels(self) -> bool:
+        """The model is given the data's labels: a family that takes them, or M2 (``--labelled``: its labels
+        are latent where missing)."""
+        return parts.FAMILIES[self.family].labels or self.labelled > 0
+
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes``; a prior that ``auto`` chose follows a new posterior (categorical or not)."""
         if "posterior" in changes and "prior" not in changes and self.prior == auto_prior(self.posterior):
@@ -597,6 +614,17 @@ def auto_prior(posterior: str) -> str:
 
 
 FIELD_TYPES = typing.get_type_hints(Config)
+
+
+def upgraded(values: dict, source: str) -> dict:
+    """Option values as an earlier vaelab wrote them, in today's names: ``conditional = true`` was the
+    conditional family before it was one (``family = "conditional"``)."""
+    values = dict(values)
+    if values.pop("conditional", False) is True:
+        if values.get("family", "vae") != "vae":
+            raise UserError(f"{source} sets both conditional and family {values['family']!r}; keep one")
+        values["family"] = "conditional"
+    return values
 
 
 def coerce(name: str, value: Any, source: str) -> Any:
@@ -644,7 +672,8 @@ def parse_toml(text: str, where: str) -> dict:
         raise UserError(f"{where} is not valid TOML: {err}") from None
     # a run's config.toml ends with its history of resumes ([[resumed]] tables, runs.config_toml): not options
     # and what auto resolved to ([resolved], the record of one process): not options either
-    return {name: coerce(name, value, where) for name, value in raw.items() if name not in ("resumed", "resolved")}
+    raw = upgraded({name: value for name, value in raw.items() if name not in ("resumed", "resolved")}, where)
+    return {name: coerce(name, value, where) for name, value in raw.items()}
 
 
 def read_toml(path: str | Path) -> dict:
@@ -683,7 +712,7 @@ def lr_at(config: Config, epoch: int, progress: float = 0.0) -> float:
     - ``cosine``: lr (1 + cos(pi progress)) / 2, from lr to 0 at the end of the run (Loshchilov & Hutter 2017).
     - ``burda2015``: 3^i epochs at lr 10^(-i/7), i = 0 .. 7 (Burda et al. 2015).
     """
-    if config.lr_schedule == "cosine":
+    if config.lr_per_step:
         return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
     if config.lr_schedule == "burda2015":
         start = 0

@@ -6,12 +6,14 @@ A model (:class:`LatentVariableModel`) hands over its latent layers, each with q
 (:class:`LatentLayer`), and log p(x|z) for them; the measures and the pictures use its views too
 (:class:`ModelViews`: the layers' sizes, the image shape, the top layer's q, p(x|z), p(z) and a
 reconstruction). ``OneLayer`` makes the contract of a model written as encode / decode / prior;
-``Given`` binds a conditional model's labels, so nothing downstream sees them.
+``Given`` binds a conditional model's labels, so nothing downstream sees them: the data travel as
+:class:`Examples` (images and the labels the model is given), whose :meth:`Examples.batches` binds
+each batch's labels, the one place a measure meets them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, final, runtime_checkable
 
@@ -138,6 +140,36 @@ def given(model, y: Tensor | None):
     """``model`` with the labels ``y`` bound (:class:`Given`), or ``model`` itself when there are none
     (every model that is not conditional)."""
     return model if y is None else Given(model, y)
+
+
+@final
+@dataclass(frozen=True)
+class Examples:
+    """Images (N, ...) and the labels (N,) the model is given with them; ``y`` None for a model that takes
+    none. What the measures and the training loop take: the labels travel with their images."""
+
+    x: Tensor
+    y: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, rows) -> Examples:
+        return Examples(self.x[rows], None if self.y is None else self.y[rows])
+
+    def to(self, device) -> Examples:
+        return Examples(self.x.to(device), None if self.y is None else self.y.to(device))
+
+    def batches(self, model, size: int) -> Iterator[tuple[Tensor, object]]:
+        """``(x, model)`` for each batch of ``size`` in order, the model with the batch's labels bound."""
+        for start in range(0, len(self), size):
+            part = self[start : start + size]
+            yield part.x, given(model, part.y)
+
+
+def examples(data: Tensor | Examples) -> Examples:
+    """``data`` as :class:`Examples`: images alone have no labels."""
+    return data if isinstance(data, Examples) else Examples(data)
 
 
 @dataclass(frozen=True)

@@ -104,10 +104,10 @@ def mixture_log_densities(
     return log_q_z, log_q_zj
 
 
-Prior = tuple[Tensor, Tensor] | None  # a diagonal Gaussian prior's (loc, log_var); None: N(0, I)
+DiagonalPrior = tuple[Tensor, Tensor] | None  # a diagonal Gaussian prior's (loc, log_var); None: N(0, I)
 
 
-def _parts(z, mu_own, log_var_own, log_q_z, log_q_zj, prior: Prior, log_q_own: Tensor | None = None) -> KLParts:
+def _parts(z, mu_own, log_var_own, log_q_z, log_q_zj, prior: DiagonalPrior, log_q_own: Tensor | None = None) -> KLParts:
     loc, log_var = (torch.zeros_like(z), torch.zeros_like(z)) if prior is None else prior
     log_q_z_given_x = gaussian_log_density(z, mu_own, log_var_own).sum(-1) if log_q_own is None else log_q_own
     return KLParts(log_q_z_given_x, log_q_z, log_q_zj, gaussian_log_density(z, loc, log_var))
@@ -117,7 +117,12 @@ PairDensities = Callable[[slice], Tensor] | None  # rows -> log q(z_rows | x_m) 
 
 
 def decompose_full_data(
-    z: Tensor, mu: Tensor, log_var: Tensor, chunk: int = 256, prior: Prior = None, log_q_pairs: PairDensities = None
+    z: Tensor,
+    mu: Tensor,
+    log_var: Tensor,
+    chunk: int = 256,
+    prior: DiagonalPrior = None,
+    log_q_pairs: PairDensities = None,
 ) -> KLParts:
     """The full-data estimator: z_n ~ q(z|x_n) (N, D), and q(z) the mixture of all N posteriors
     with weights 1/N. O(N^2 D) time, in chunks of rows. ``log_q_pairs``: the joint densities of
@@ -164,7 +169,7 @@ MINIBATCH_ESTIMATORS = {"mss": mss_log_weights, "mws": mws_log_weights}
 
 
 def decompose_minibatch(
-    z: Tensor, mu: Tensor, log_var: Tensor, dataset_size: int, method: str, prior: Prior = None
+    z: Tensor, mu: Tensor, log_var: Tensor, dataset_size: int, method: str, prior: DiagonalPrior = None
 ) -> KLParts:
     """The minibatch estimator ``method`` ('mss' or 'mws') for a batch: z (M, D) with z_i ~ q(z|x_i),
     the batch's own posteriors (mu, log_var) as the mixture's components."""

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.distributions import MultivariateNormal
+from torch.distributions import Distribution, MultivariateNormal
 
 from vaelab import distributed, rundir
 from vaelab.checkpoint import check_identity, load_run
 from vaelab.config import Config
-from vaelab.contract import given
+from vaelab.contract import Examples, examples, given
 from vaelab.data import Splits, binarize_static, labels_for, prepare_data
-from vaelab.data.batches import Batches, seeded, shard_rows
+from vaelab.data.batches import seeded, shard_rows
 from vaelab.decomposition import KLParts, decompose_categorical, decompose_full_data, full_data_mixture
 from vaelab.distributions import diag_normal, marginals
 from vaelab.errors import UserError
@@ -56,10 +56,9 @@ from vaelab.objectives import (
     collapse_warning,
     collapsed_layers,
     elbo,
-    elbo_batches,
     log_importance_weights,
 )
-from vaelab.parts import POSTERIORS
+from vaelab.parts import FAMILIES, POSTERIORS
 
 ACTIVE_THRESHOLD = 0.01
 
@@ -84,10 +83,10 @@ def iwae_chunk(x: Tensor, batch_size: int, k: int) -> int:
 
 
 def iwae_log_likelihood(
-    model, x: Tensor, k: int, batch_size: int = 100, chunk: int | None = None, y: Tensor | None = None
+    model, data: Tensor | Examples, k: int, batch_size: int = 100, chunk: int | None = None
 ) -> Tensor:
-    """IWAE-k estimate of log p(x) (of log p(x|y) for a conditional model, labels ``y``) per example,
-    shape (N,), float64.
+    """IWAE-k estimate of log p(x) per example of ``data`` (images, or :class:`contract.Examples`: of
+    log p(x|y) for a conditional model given the labels y), shape (N,), float64.
 
     Draws the k samples ``chunk`` at a time (the joint weights over every latent layer,
     :func:`objectives.log_importance_weights`) and folds each chunk into a running
@@ -96,13 +95,13 @@ def iwae_log_likelihood(
     pixel), so that the decoder's last matrix product writes them, and the likelihood reads them,
     in the CPU's cache.
     """
+    data = examples(data)
     if chunk is None:
-        chunk = iwae_chunk(x, batch_size, k)
+        chunk = iwae_chunk(data.x, batch_size, k)
     out = []
-    for xb, yb in Batches(x, batch_size, 0, drop_last=False, y=y).epoch(0, shuffle=False):
-        B, model_b = xb.shape[0], given(model, yb)
+    for xb, model_b in data.batches(model, batch_size):
         # float64 from here: log p(x) is hundreds of nats, where float32's spacing is 6e-5
-        running = torch.full((B,), -math.inf, device=x.device, dtype=torch.float64)
+        running = torch.full((xb.shape[0],), -math.inf, device=xb.device, dtype=torch.float64)
         done = 0
         while done < k:
             n = min(chunk, k - done)
@@ -115,10 +114,10 @@ def iwae_log_likelihood(
 
 @torch.no_grad()
 def kl_per_example(
-    model, x: Tensor, samples: int = 256, seed: int = 0, batch_size: int = 100, y: Tensor | None = None
+    model, data: Tensor | Examples, samples: int = 256, seed: int = 0, batch_size: int = 100
 ) -> KLResult:
-    """The model's own KL term for each example of ``x`` (with its labels ``y``, for a conditional
-    model), drawn from a generator seeded by ``seed``.
+    """The model's own KL term for each example of ``data`` (images, or :class:`contract.Examples` with
+    a conditional model's labels), drawn from a generator seeded by ``seed``.
 
     One latent layer, KL(q(z|x) || p(z)): the closed form where the pair has one (per dimension too
     where both factorise), else the mean of ``samples`` draws of log q(z|x) - log p(z) with its
@@ -129,27 +128,31 @@ def kl_per_example(
     ``std_error`` is the standard error of that average, ``per_layer`` each layer's part.
     """
     generator = torch.Generator().manual_seed(seed)
-    parts = []
-    for xb, yb in Batches(x, batch_size, 0, drop_last=False, y=y).epoch(0, shuffle=False):
-        model_b = given(model, yb)
-        if len(model.layer_dims) > 1:
-            parts.append(_kl_of_layers(model_b, xb, samples, generator))
-            continue
-        q_z, p_z = model_b.encode(xb), model_b.prior()
-        part = kl_closed_form(q_z, p_z)
-        if part is None:
-            value, std_error = kl_monte_carlo(q_z, p_z, samples, generator)
-            part = KLResult(value, "monte_carlo", std_error=std_error)
-        parts.append(part)
+    data = examples(data)
+    layers = list(given(model, data.y).layer_dims)
+    return _cat_kl([_kl_of_batch(m, xb, samples, generator, layers) for xb, m in data.batches(model, batch_size)])
+
+
+def _kl_of_batch(model, x: Tensor, samples: int, generator: torch.Generator, layers: list[str]) -> KLResult:
+    """:func:`kl_per_example` of one batch (``model``: its labels bound; ``layers``: the names of the layers
+    the measure sees, top first), each layer's part by name: one entry for one layer."""
+    if len(layers) > 1:
+        return _kl_of_layers(model, x, samples, generator)
+    q_z, p_z = model.encode(x), model.prior()
+    part = kl_closed_form(q_z, p_z)
+    if part is None:
+        value, std_error = kl_monte_carlo(q_z, p_z, samples, generator)
+        part = KLResult(value, "monte_carlo", std_error=std_error)
+    return replace(part, per_layer={layers[0]: part.value})
+
+
+def _cat_kl(parts: list[KLResult]) -> KLResult:
+    """The KL of every example from the batches' ``parts`` (each with its layers' parts)."""
 
     def cat(name: str) -> Tensor | None:
         return None if getattr(parts[0], name) is None else torch.cat([getattr(r, name) for r in parts])
 
-    layers = (
-        None
-        if parts[0].per_layer is None
-        else {k: torch.cat([r.per_layer[k] for r in parts]) for k in parts[0].per_layer}
-    )
+    layers = {k: torch.cat([r.per_layer[k] for r in parts]) for k in parts[0].per_layer}
     return KLResult(cat("value"), parts[0].method, cat("per_dim"), cat("std_error"), layers)
 
 
@@ -175,35 +178,82 @@ def _kl_of_layers(model, x: Tensor, samples: int, generator: torch.Generator) ->
 
 @torch.no_grad()
 def layer_means(
-    model, x: Tensor, top: Tensor, samples: int = 16, batch_size: int = 1000, y: Tensor | None = None
+    model, data: Tensor | Examples, top: Tensor, samples: int = 16, batch_size: int = 1000
 ) -> dict[str, Tensor]:
-    """E_q[z_l | x] of each latent layer for every example, (N, D_l) each, by name, top first: ``top``
-    for the top layer (its posterior means, :func:`posterior_params`), and for each layer below the
+    """E_q[z_l | x] of each latent layer for every example of ``data``, (N, D_l) each, by name, top first:
+    ``top`` for the top layer (its posterior means, :func:`posterior_params`), and for each layer below the
     mean of q(z_l | x, z_>l) averaged over ``samples`` draws of the layers above (global RNG)."""
-    top_name, *below = given(model, y).layer_dims  # given labels, M2's layers are the conditional VAE's
-    means: dict[str, list[Tensor]] = {name: [] for name in below}
-    if below:
-        for xb, yb in Batches(x, batch_size, 0, drop_last=False, y=y).epoch(0, shuffle=False):
-            for layer in given(model, yb).latents(xb, lambda q: q.sample((samples,)))[1:]:
-                means[layer.name].append(marginals(layer.q)[0].mean(0))  # (samples, B, D) -> (B, D)
-    return {top_name: top, **{name: torch.cat(m) for name, m in means.items()}}
+    data = examples(data)
+    top_name, *below = given(model, data.y).layer_dims  # given labels, M2's layers are the conditional VAE's
+    parts = [_lower_means(m, xb, samples) for xb, m in data.batches(model, batch_size)] if below else []
+    return {top_name: top, **{name: torch.cat([p[name] for p in parts]) for name in below}}
+
+
+def _lower_means(model, x: Tensor, samples: int) -> dict[str, Tensor]:
+    """E_q[z_l | x] of each layer below the top, (B, D_l), averaged over ``samples`` draws of the layers above."""
+    layers = model.latents(x, lambda q: q.sample((samples,)))[1:]
+    return {layer.name: marginals(layer.q)[0].mean(0) for layer in layers}  # (samples, B, D) -> (B, D)
 
 
 @torch.no_grad()
-def posterior_params(
-    model, x: Tensor, batch_size: int = 1000, y: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(mu, log_var) of each marginal q(z_j|x) (of the top latent layer; q(z_j|x, y) with labels ``y``)
-    for every example, each (N, D), and the Cholesky factors (N, D, D) of a full-covariance q (None
-    for a diagonal one)."""
-    mus, log_vars, trils = [], [], []
-    for xb, yb in Batches(x, batch_size, 0, drop_last=False, y=y).epoch(0, shuffle=False):
-        q = given(model, yb).encode(xb)
-        mu, var = marginals(q)
-        mus.append(mu)
-        log_vars.append(var.log())
-        trils.append(q.scale_tril if isinstance(q, MultivariateNormal) else None)
+def posterior_params(model, data: Tensor | Examples, batch_size: int = 1000) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(mu, log_var) of each marginal q(z_j|x) (of the top latent layer; q(z_j|x, y) given labels) for
+    every example of ``data``, each (N, D), and the Cholesky factors (N, D, D) of a full-covariance q
+    (None for a diagonal one)."""
+    return _cat_params([_posterior_params(m.encode(xb)) for xb, m in examples(data).batches(model, batch_size)])
+
+
+def _posterior_params(q: Distribution) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(mu, log_var) of q's marginals, (B, D) each, and its Cholesky factors (B, D, D) (None: diagonal)."""
+    mu, var = marginals(q)
+    return mu, var.log(), q.scale_tril if isinstance(q, MultivariateNormal) else None
+
+
+def _cat_params(parts: list[tuple[Tensor, Tensor, Tensor | None]]) -> tuple[Tensor, Tensor, Tensor | None]:
+    mus, log_vars, trils = zip(*parts, strict=True)
     return torch.cat(mus), torch.cat(log_vars), None if trils[0] is None else torch.cat(trils)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What :func:`measure` takes from one pass over the examples, per example."""
+
+    reconstruction: Tensor  # E_q[log p(x|z)] at one z ~ q, (N,)
+    kl: KLResult  # the model's KL term (:func:`kl_per_example`)
+    top: tuple[Tensor, Tensor, Tensor | None] | None  # the top layer's (mu, log_var, scale_tril); None: not asked
+    means: dict[str, Tensor] | None  # E_q[z_l | x] of each layer, top first; None: not asked
+
+
+@torch.no_grad()
+def measure(
+    model, data: Tensor | Examples, seed: int = 0, posteriors: bool = True, batch_size: int = 1024, samples: int = 256
+) -> Measured:
+    """One pass over ``data`` (each batch's labels bound once) for the per-example measures of a Gaussian
+    latent model: the reconstruction at one z ~ q (drawn from the global RNG seeded by ``seed``), the KL term
+    (:func:`kl_per_example`, its ``samples`` draws from a generator seeded by ``seed``) and, with
+    ``posteriors``, the top layer's posterior parameters (:func:`posterior_params`) and each layer's mean
+    (:func:`layer_means`), drawn from the named stream ``posterior``. Each measure draws from its own
+    stream; the caller's RNG and the model's mode are left as they were."""
+    data, was_training = examples(data), model.training
+    kl_draws, posterior_draws = torch.Generator().manual_seed(seed), seeded(seed, "posterior")
+    layers = list(given(model, data.y).layer_dims)
+    reconstruction, kls, params, means = [], [], [], []
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[data.x.device] if data.x.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for xb, model_b in data.batches(model, batch_size):
+                reconstruction.append(elbo(model_b, xb).reconstruction)
+                kls.append(_kl_of_batch(model_b, xb, samples, kl_draws, layers))
+                if posteriors:
+                    with rng_from(posterior_draws):  # a flow's moments; the layers below the top
+                        params.append(_posterior_params(model_b.encode(xb)))
+                        means.append(_lower_means(model_b, xb, 16))
+    finally:
+        model.train(was_training)
+    top = _cat_params(params) if posteriors else None
+    layer_means = {layers[0]: top[0], **{n: torch.cat([m[n] for m in means]) for n in layers[1:]}} if top else None
+    return Measured(torch.cat(reconstruction), _cat_kl(kls), top, layer_means)
 
 
 def activity(mu: Tensor) -> Tensor:
@@ -212,9 +262,9 @@ def activity(mu: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def kl_split(
+def decompose_kl(
     model, mu: Tensor, log_var: Tensor, chunk: int = 256, scale_tril: Tensor | None = None
-) -> tuple[dict, Tensor]:
+) -> tuple[KLSplit, Tensor]:
     r"""Take the average KL apart, with one sample z_n ~ q(z|x_n) per example and the aggregate
     posterior q(z) = 1/N sum_m q(z|x_m) over all N evaluated examples (``decomposition.py``):
 
@@ -230,7 +280,7 @@ def kl_split(
     ``scale_tril``: the Cholesky factors of full-covariance posteriors (mu, log_var then hold
     their marginals): the joint densities come from them, the marginal mixtures from the marginals.
 
-    Returns the summary and the per-example single-sample KL ``log q(z_n|x_n) - log p(z_n)``.
+    Returns the :class:`KLSplit` and the per-example single-sample KL ``log q(z_n|x_n) - log p(z_n)``.
     """
     q_all = diag_normal(mu, log_var) if scale_tril is None else MultivariateNormal(mu, scale_tril=scale_tril)
     z = q_all.sample()  # (N, D), one z_n per example
@@ -240,55 +290,72 @@ def kl_split(
 
     if prior is not None:  # p(z) = prod_j p(z_j): MI + TC + dimension-wise KL
         parts = decompose_full_data(z, mu, log_var, chunk, tuple(t.expand_as(z) for t in prior), log_q_pairs)
-        return _summary(parts.mutual_information, parts.kl, parts), parts.kl
+        return KLSplit.of(parts.mutual_information, parts.kl, parts), parts.kl
     # a prior that does not factorise: MI + marginal KL
     log_q_own = q_all.log_prob(z)
     log_q_z, _, _ = full_data_mixture(z, mu, log_var, chunk, log_q_pairs)
     total = log_q_own - p_z.log_prob(z)
-    return _summary(log_q_own - log_q_z, total), total
+    return KLSplit.of(log_q_own - log_q_z, total), total
 
 
 @torch.no_grad()
-def kl_split_categorical(log_probs: Tensor, chunk: int = 256) -> tuple[dict, Tensor]:
-    """:func:`kl_split` for categorical posteriors, log q(z_j = k | x_n) (N, V, K), against the uniform
+def decompose_kl_categorical(log_probs: Tensor, chunk: int = 256) -> tuple[KLSplit, Tensor]:
+    """:func:`decompose_kl` for categorical posteriors, log q(z_j = k | x_n) (N, V, K), against the uniform
     prior: one z_n ~ q(z|x_n) per example (global RNG), q(z) the mixture of the N posteriors, its
     marginals q(z_j) exact (``decomposition.decompose_categorical``): MI + TC + dimension-wise KL."""
     index = torch.distributions.Categorical(logits=log_probs).sample()  # (N, V)
     parts = decompose_categorical(index, log_probs, log_probs, chunk)
-    return _summary(parts.mutual_information, parts.kl, parts), parts.kl
+    return KLSplit.of(parts.mutual_information, parts.kl, parts), parts.kl
 
 
-def _summary(mi: Tensor, total: Tensor, parts: KLParts | None = None) -> dict:
-    """The KL split's record from each example's MI and single-sample KL, and, where the prior
-    factorises, the :class:`KLParts` that add up to them; with standard errors over the N examples."""
-    N = len(total)
+@dataclass(frozen=True)
+class KLSplit:
+    """The average KL of N examples taken apart (:func:`decompose_kl`): each part's mean and its standard
+    error over the examples. ``total_correlation`` and ``dimension_wise_kl`` (they add up to
+    ``marginal_kl``) only where the prior factorises."""
 
-    def se(t: Tensor) -> float:
-        return t.std().item() / math.sqrt(N)
+    mutual_information: float
+    mutual_information_std_error: float
+    marginal_kl: float
+    marginal_kl_std_error: float
+    kl_monte_carlo: float  # the single-sample estimate of the average KL that the parts add up to
+    kl_monte_carlo_std_error: float
+    examples: int
+    total_correlation: float | None = None
+    total_correlation_std_error: float | None = None
+    dimension_wise_kl: float | None = None
+    dimension_wise_kl_std_error: float | None = None
+    dimension_wise_kl_per_dim: list[float] | None = None
 
-    terms = {}
-    if parts is not None:
-        tc, dwkl = parts.total_correlation, parts.dimension_wise_kl_per_dim
-        terms = {
-            "total_correlation": tc.mean().item(),
-            "total_correlation_std_error": se(tc),
-            "dimension_wise_kl": dwkl.sum(-1).mean().item(),
-            "dimension_wise_kl_std_error": se(dwkl.sum(-1)),
-            "dimension_wise_kl_per_dim": dwkl.mean(0).tolist(),
-        }
-    marginal = total - mi
-    return {
-        "mutual_information": mi.mean().item(),
-        "mutual_information_std_error": se(mi),
-        "marginal_kl": marginal.mean().item(),
-        "marginal_kl_std_error": se(marginal),
-        **terms,
-        "kl_monte_carlo": total.mean().item(),
-        "kl_monte_carlo_std_error": se(total),
-        "estimator": "full data: q(z) over the N evaluated examples, one z per example",
-        "examples": N,
-        "upper_bound_log_n": math.log(N),
-    }
+    @property
+    def adds_up(self) -> bool:
+        """MI + TC + dimension-wise KL (MI + marginal KL without them) = the single-sample KL, to 1e-3 nats."""
+        rest = self.marginal_kl if self.total_correlation is None else self.total_correlation + self.dimension_wise_kl
+        return abs(self.mutual_information + rest - self.kl_monte_carlo) < 1e-3
+
+    @classmethod
+    def of(cls, mi: Tensor, total: Tensor, parts: KLParts | None = None) -> KLSplit:
+        """From each example's MI and single-sample KL, and, where the prior factorises, the
+        :class:`KLParts` that add up to them."""
+        N = len(total)
+
+        def se(t: Tensor) -> float:
+            return t.std().item() / math.sqrt(N)
+
+        terms = {}
+        if parts is not None:
+            tc, dwkl = parts.total_correlation, parts.dimension_wise_kl_per_dim
+            terms = dict(
+                total_correlation=tc.mean().item(),
+                total_correlation_std_error=se(tc),
+                dimension_wise_kl=dwkl.sum(-1).mean().item(),
+                dimension_wise_kl_std_error=se(dwkl.sum(-1)),
+                dimension_wise_kl_per_dim=dwkl.mean(0).tolist(),
+            )
+        marginal = total - mi
+        return cls(
+            mi.mean().item(), se(mi), marginal.mean().item(), se(marginal), total.mean().item(), se(total), N, **terms
+        )
 
 
 @torch.no_grad()
@@ -317,7 +384,7 @@ class Evaluation:
     # the KL split (of the top layer's KL), where the posterior is Gaussian
     mutual_information: float | None = None  # I_q(x; z)
     marginal_kl: float | None = None  # KL(q(z) || p(z)) = total correlation + dimension-wise KL
-    kl_split: dict | None = None  # the split's estimator, its checks and their standard errors
+    kl_split: dict | None = None  # the decomposition's estimator, its checks and their standard errors
     kl_estimator: dict | None = None  # the analytic KL beside a single-sample Monte Carlo one
     # a full-covariance q against a diagonal prior: KL = sum_j KL(q(z_j|x) || p(z_j)) + correlation_kl
     kl_of_marginals_per_dim: list[float] | None = None
@@ -400,19 +467,19 @@ def _is(value, kind) -> bool:
 @torch.no_grad()
 def evaluate(
     model,
-    x: Tensor,
+    data: Tensor | Examples,
     *,
     iwae_k: int = 5000,
     batch_size: int = 100,
     seed: int = 0,
     pixels: int | None = None,
-    split_kl: bool = True,
-    y: Tensor | None = None,
+    take_kl_apart: bool = True,
 ) -> tuple[Evaluation, dict[str, Tensor]]:
-    """Every metric for data ``x`` (already binarised where the likelihood needs it), with its labels
-    ``y`` for a conditional model (then the likelihood is log p(x|y) and the KL is of q(z|x, y)).
+    """Every metric for ``data``: images (already binarised where the likelihood needs it), or
+    :class:`contract.Examples` with the labels a conditional model is given (then the likelihood is
+    log p(x|y) and the KL is of q(z|x, y)).
 
-    ``split_kl``: take the KL apart (:func:`kl_split`, :func:`kl_split_categorical`); it needs Gaussian
+    ``take_kl_apart``: take the KL apart (:func:`decompose_kl`, :func:`decompose_kl_categorical`); it needs Gaussian
     or categorical posteriors, whose aggregate has a density (not a flow's); a VQ-VAE's constant KL is
     never split. With several latent layers it takes apart the top layer's KL, KL(q(z_top|x) || p(z_top)),
     where inference is top-down (bottom-up, q(z2|x) is a mixture over z1 without a density to split).
@@ -420,41 +487,44 @@ def evaluate(
     Returns the record and per-example tensors (elbo, reconstruction, kl, kl_std_error,
     log_likelihood, kl_per_dim, where the run has them) for ``--per-example``.
     """
-    was_training = model.training
+    data, was_training = examples(data), model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            return _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y)
+        with torch.random.fork_rng(devices=[data.x.device] if data.x.device.type == "cuda" else []):
+            return _evaluate(model, data, iwae_k, batch_size, seed, pixels, take_kl_apart)
     finally:  # the caller's RNG state (forked above) and the model's mode are as they were
         model.train(was_training)
 
 
-def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[Evaluation, dict[str, Tensor]]:
+def _evaluate(
+    model, data: Examples, iwae_k, batch_size, seed, pixels, take_kl_apart
+) -> tuple[Evaluation, dict[str, Tensor]]:
     """:func:`evaluate`'s measures, each drawing from its own stream: the ELBO's terms and the KL from
     ``seed``; the IWAE estimate from ``seed`` + rank; the posteriors' parameters and the KL split from
     the named streams ``posterior`` and ``kl-split``, so that neither depends on ``--iwae-k`` or on
     the number of processes."""
     torch.manual_seed(seed)
-    N = x.shape[0]
+    N, x = len(data), data.x
     if vq_posterior_of(model) is not None:  # a point-mass q: every importance weight is the same, IWAE = ELBO
         iwae_k = 0
-    # E_q[log p(x|z)] with one z per example; the KL in closed form, or from many samples where it has none
-    reconstruction = torch.cat([t.reconstruction for t in elbo_batches(model, x, 1024, seed, y)])
-    kl = kl_per_example(model, x, seed=seed, y=y)
+    posterior, vq, m2 = categorical_posterior_of(model), vq_posterior_of(model), m2_of(model)
+    # one pass: E_q[log p(x|z)] at one z per example; the KL in closed form, or from many samples where it has
+    # none; a Gaussian top layer's posteriors and each layer's means
+    measured = measure(model, data, seed, posteriors=posterior is None and vq is None and m2 is None)
+    reconstruction, kl = measured.reconstruction, measured.kl
     per = {"elbo": reconstruction - kl.value, "reconstruction": reconstruction, "kl": kl.value}
     per |= {name: v for name, v in (("kl_std_error", kl.std_error), ("kl_per_dim", kl.per_dim)) if v is not None}
-    per |= {f"kl_{name}": value for name, value in (kl.per_layer or {}).items()}
+    per |= {f"kl_{name}": value for name, value in kl.per_layer.items()} if kl.layered else {}
     likelihood = {}
     if iwae_k > 0:
-        per["log_likelihood"] = ll = _shared_iwae(model, x, iwae_k, batch_size, seed, y)
+        per["log_likelihood"] = ll = _shared_iwae(model, data, iwae_k, batch_size, seed)
         likelihood = dict(
             log_likelihood=ll.mean().item(),
             log_likelihood_std_error=ll.std().item() / math.sqrt(N),
             iwae_k=iwae_k,
             log_likelihood_bits_per_dim=bits_per_dim(ll.mean().item(), pixels) if pixels else None,
         )
-    posterior, vq, m2 = categorical_posterior_of(model), vq_posterior_of(model), m2_of(model)
-    act, acts, means, top, log_probs, codebook = _activities(model, x, seed, y)
+    act, acts, means, top, log_probs, codebook = _activities(model, data, seed, measured)
     layered = {}
     if len(means) > 1:  # each layer's KL and active units; a layer whose KL is ~0 has collapsed
         kl_layers = {name: v.mean().item() for name, v in kl.per_layer.items()}
@@ -465,12 +535,12 @@ def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[
         )
     split_parts, relaxation = {}, {}
     # VQ-VAE's KL is N log K for every image: nothing to take apart; bottom-up inference has no q(z2|x) to split
-    if split_kl and vq is None and getattr(model, "inference", "top-down") == "top-down":
+    if take_kl_apart and vq is None and getattr(model, "inference", "top-down") == "top-down":
         with rng_from(seeded(seed, "kl-split")):
             split_parts = (  # a categorical top layer (categorical variables, M2's label) by its own estimator
-                _split_of_the_top_layer(model, x, kl, top)
+                _decompose_top_layer(model, x, kl, top)
                 if posterior is None and m2 is None
-                else _split_record(kl, *kl_split_categorical(log_probs))
+                else _decomposition_fields(kl, *decompose_kl_categorical(log_probs))
             )
     if posterior is not None:  # the relaxed model that trained, beside the discrete one evaluated
         relaxation = _relaxation(model, x, posterior, seed)
@@ -498,14 +568,15 @@ def _evaluate(model, x, iwae_k, batch_size, seed, pixels, split_kl, y) -> tuple[
     return record, per
 
 
-def _activities(model, x: Tensor, seed: int, y: Tensor | None):
+def _activities(model, data: Examples, seed: int, measured: Measured):
     """Each latent's activity Cov_x(E_q[z | x]) for the kind of latent the model has (categorical
     variables, VQ-VAE's positions, M2's label over z, or Gaussian layers), drawn from the ``posterior``
     stream: (activity of every unit, of each layer's units by name, each layer's means (None where the
     latent is discrete), the top layer's posterior parameters (Gaussian), the categorical log
     probabilities, and a VQ-VAE's codebook fields)."""
     posterior, vq, m2 = categorical_posterior_of(model), vq_posterior_of(model), m2_of(model)
-    N, acts, top, log_probs, codebook = x.shape[0], {}, None, None, {}
+    x, acts, top, log_probs, codebook = data.x, {}, None, None, {}
+    N = len(x)
     if posterior is not None:  # q(z_j = k | x), no draws; a variable's activity is the sum of its categories'
         log_probs = categorical_log_probs(model, x)
         act = activity(log_probs.exp().flatten(1)).view(log_probs.shape[1:]).sum(-1)
@@ -528,22 +599,19 @@ def _activities(model, x: Tensor, seed: int, y: Tensor | None):
             means = layer_means(model, x, log_probs.exp().flatten(1))
         acts = {"y": activity(means["y"]).sum(-1, keepdim=True), "z": activity(means["z"])}
         act = torch.cat(list(acts.values()))
-    else:
-        with rng_from(seeded(seed, "posterior")):
-            top = posterior_params(model, x, y=y)  # the top layer's q: its means, and the KL split's parameters
-            means = layer_means(model, x, top[0], y=y)  # E_q[z_l | x] per layer
+    else:  # the top layer's q (its means, and the KL split's parameters) and E_q[z_l | x] per layer: measured
+        top, means = measured.top, measured.means
         acts = {name: activity(m) for name, m in means.items()}
         act = torch.cat(list(acts.values()))
     return act, acts, means, top, log_probs, codebook
 
 
-def _shared_iwae(model, x: Tensor, k: int, batch_size: int, seed: int, y: Tensor | None) -> Tensor:
+def _shared_iwae(model, data: Examples, k: int, batch_size: int, seed: int) -> Tensor:
     """The IWAE-k estimate of every example's log p(x); under torchrun each rank estimates its share of the
     examples (drawing from ``seed`` + rank) and all gather them."""
     ctx = distributed.current()
     torch.manual_seed(seed + ctx.rank)
-    mine = shard_rows(x.shape[0], ctx.rank, ctx.world)
-    ll = iwae_log_likelihood(model, x[mine], k, batch_size, y=None if y is None else y[mine])
+    ll = iwae_log_likelihood(model, data[shard_rows(len(data), ctx.rank, ctx.world)], k, batch_size)
     return distributed.all_gather_cat(ll)
 
 
@@ -563,7 +631,7 @@ def _relaxation(model, x: Tensor, posterior, seed: int) -> dict:
     )
 
 
-def _split_of_the_top_layer(model, x: Tensor, kl: KLResult, top: tuple[Tensor, Tensor, Tensor | None]) -> dict:
+def _decompose_top_layer(model, x: Tensor, kl: KLResult, top: tuple[Tensor, Tensor, Tensor | None]) -> dict:
     """The KL split's fields of the evaluation record, for the top latent layer (the only one of a
     one-layer model; ``top``: its :func:`posterior_params`), checked against that layer's KL on the
     same examples."""
@@ -575,34 +643,45 @@ def _split_of_the_top_layer(model, x: Tensor, kl: KLResult, top: tuple[Tensor, T
             kl_of_marginals_per_dim=kl_normal_normal(mu, log_var, *prior).mean(0).tolist(),
             correlation_kl=correlation_kl(scale_tril).mean().item(),
         )
-    split, single = kl_split(model, mu, log_var, scale_tril=scale_tril)  # single: one-sample Monte Carlo KL per example
-    return _split_record(kl, split, single, full_split)
+    split, single = decompose_kl(
+        model, mu, log_var, scale_tril=scale_tril
+    )  # single: one-sample Monte Carlo KL per example
+    return _decomposition_fields(kl, split, single, full_split)
 
 
-def _split_record(kl: KLResult, split: dict, single: Tensor, full_split: dict | None = None) -> dict:
-    """The evaluation record's fields of a KL split (:func:`kl_split`'s ``split`` and per-example
-    single-sample KL ``single``), checked against the layer's KL ``kl`` on the same examples."""
+def _decomposition_fields(kl: KLResult, split: KLSplit, single: Tensor, full_split: dict | None = None) -> dict:
+    """The evaluation record's fields of a KL split (:func:`decompose_kl`'s ``split`` and per-example
+    single-sample KL ``single``), checked against the layer's KL ``kl`` on the same examples: the parts, and
+    ``kl_split``, the estimator with its standard errors and checks."""
     N = len(single)
-    parts = ("mutual_information", "total_correlation", "dimension_wise_kl")
-    parts = parts if "total_correlation" in split else ("mutual_information", "marginal_kl")
-    split["adds_up"] = abs(sum(split[k] for k in parts) - split["kl_monte_carlo"]) < 1e-3
-    top = kl.value if kl.per_layer is None else next(iter(kl.per_layer.values()))
-    if kl.per_layer is not None:
-        split["layer"] = next(iter(kl.per_layer))
+    top = next(iter(kl.per_layer.values()))  # the top layer's KL: the one taken apart
     # paired on the same examples: the single-sample KL minus the layer's KL; its mean is 0 in expectation
     difference = single.double() - top.double()
-    split["difference_std_error"] = (difference.std() / math.sqrt(N)).item()
-    # |mean| <= 4 standard errors: a false alarm about 6e-5 of the time (normal approximation)
-    split["agrees_with_kl_within_4_std_errors"] = abs(difference.mean().item()) <= 4 * split["difference_std_error"]
+    difference_std_error = (difference.std() / math.sqrt(N)).item()
+    errors = [f"{name}_std_error" for name in ("mutual_information", "marginal_kl", "total_correlation")]
+    errors += ["dimension_wise_kl_std_error"]
+    estimator = {name: getattr(split, name) for name in errors if getattr(split, name) is not None}
+    estimator |= dict(
+        kl_monte_carlo=split.kl_monte_carlo,
+        kl_monte_carlo_std_error=split.kl_monte_carlo_std_error,
+        estimator="full data: q(z) over the N evaluated examples, one z per example",
+        examples=split.examples,
+        upper_bound_log_n=math.log(split.examples),
+        adds_up=split.adds_up,
+        **({"layer": next(iter(kl.per_layer))} if kl.layered else {}),
+        difference_std_error=difference_std_error,
+        # |mean| <= 4 standard errors: a false alarm about 6e-5 of the time (normal approximation)
+        agrees_with_kl_within_4_std_errors=abs(difference.mean().item()) <= 4 * difference_std_error,
+    )
     return dict(
-        mutual_information=split.pop("mutual_information"),
-        marginal_kl=split.pop("marginal_kl"),
-        total_correlation=split.pop("total_correlation", None),
-        dimension_wise_kl=split.pop("dimension_wise_kl", None),
-        dimension_wise_kl_per_dim=split.pop("dimension_wise_kl_per_dim", None),
-        kl_split=split,
+        mutual_information=split.mutual_information,
+        marginal_kl=split.marginal_kl,
+        total_correlation=split.total_correlation,
+        dimension_wise_kl=split.dimension_wise_kl,
+        dimension_wise_kl_per_dim=split.dimension_wise_kl_per_dim,
+        kl_split=estimator,
         kl_estimator={
-            "analytic": kl.value.mean().item() if kl.method == "analytic" and kl.per_layer is None else None,
+            "analytic": kl.value.mean().item() if kl.method == "analytic" and not kl.layered else None,
             "single_sample_monte_carlo": single.mean().item(),
             "single_sample_std_dev": single.std().item(),
             "single_sample_std_error": single.std().item() / math.sqrt(N),
@@ -780,25 +859,23 @@ def per_example_csv(per: dict[str, Tensor]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_trained(
-    model, config: Config, x: Tensor, y: Tensor | None, **options
-) -> tuple[Evaluation, dict[str, Tensor]]:
-    """:func:`evaluate` of a trained run's images ``x`` with the labels its model is given ``y``, as the run's
+def evaluate_trained(model, config: Config, data: Examples, **options) -> tuple[Evaluation, dict[str, Tensor]]:
+    """:func:`evaluate` of a trained run's examples (images with the labels its model is given), as the run's
     config says: the KL split wherever q is Gaussian or discrete (not a flow); M2 scored without the labels
     (y summed out), which grade its classifier instead. ``options``: :func:`evaluate`'s."""
     posterior = POSTERIORS[config.posterior]
-    split_kl = posterior.gaussian or posterior.discrete
+    take_kl_apart = posterior.gaussian or posterior.discrete
     if not config.labelled:
-        return evaluate(model, x, split_kl=split_kl, y=y, **options)
-    record, per = evaluate(model, x, split_kl=split_kl, **options)
-    return replace(record, **classifier_accuracy(model, x, y, config.labelled)), per
+        return evaluate(model, data, take_kl_apart=take_kl_apart, **options)
+    record, per = evaluate(model, data.x, take_kl_apart=take_kl_apart, **options)
+    return replace(record, **classifier_accuracy(model, data, config.labelled)), per
 
 
 @torch.no_grad()
-def classifier_accuracy(model, x: Tensor, labels: Tensor, labelled: int) -> dict:
-    """M2's classifier on labelled images: the share whose most probable class under q(y|x) is theirs."""
-    predicted = torch.cat([model.classify(x[i : i + 1000]).probs[:, 0].argmax(-1) for i in range(0, len(x), 1000)])
-    return dict(accuracy=(predicted == labels).double().mean().item(), labelled=labelled)
+def classifier_accuracy(model, data: Examples, labelled: int) -> dict:
+    """M2's classifier on labelled examples: the share whose most probable class under q(y|x) is theirs."""
+    predicted = torch.cat([model.classify(xb).probs[:, 0].argmax(-1) for xb, _ in data.batches(model, 1000)])
+    return dict(accuracy=(predicted == data.y).double().mean().item(), labelled=labelled)
 
 
 def weights_sha256(run_dir: Path) -> str:
@@ -819,12 +896,12 @@ class Trained:
     pixels: int | None  # per image, for bits/dim (a discrete likelihood), else None
     own_data: bool  # False: other data given on purpose (evaluate --data)
 
-    def split(self, name: str) -> tuple[Tensor, Tensor | None]:
-        """The images of split ``name`` and the labels the model is given (None unless it is conditional)."""
+    def examples(self, name: str) -> Examples:
+        """The images of data split ``name`` and the labels the model is given (none unless it takes them)."""
         x = self.images[name]
         if not len(x):
             raise UserError(f"the run has no {name} images (it trained with --val-size 0); use --split test")
-        return x, labels_for(self.config, getattr(self.splits, name), self.splits.name)
+        return Examples(x, labels_for(self.config, getattr(self.splits, name), self.splits.name))
 
 
 def open_trained(path: str | Path, data: str | None = None, data_dir: str | None = None) -> Trained:
@@ -872,15 +949,14 @@ def evaluate_run(
             trained.pixels,
             trained.own_data,
         )
-        x, y = trained.split(split)
-        if split == "train" and config.binarize == "dynamic":
-            x = binarize_static(x, config.seed, "train")  # the static draw a static run trains on
+        data = trained.examples(split)
+        if split == "train" and config.binarized_per_batch:  # the static draw a static run trains on
+            data = replace(data, x=binarize_static(data.x, config.seed, "train"))
         writes = run.is_dir() and ctx.is_main and own_data  # the run's record is of the run's own data
         if writes:  # held from here: a run being trained (or evaluated) elsewhere is refused before the work
             held.enter_context(rundir.lock(run, "evaluating"))
-        x, y = x.to(device), None if y is None else y.to(device)
         record, per = evaluate_trained(
-            model.to(device), config, x, y, iwae_k=iwae_k, batch_size=batch_size, seed=seed, pixels=pixels
+            model.to(device), config, data.to(device), iwae_k=iwae_k, batch_size=batch_size, seed=seed, pixels=pixels
         )
         per = {name: values.cpu() for name, values in per.items()}
         record = replace(
@@ -891,7 +967,7 @@ def evaluate_run(
             seed=seed,
             likelihood=config.likelihood,
             prior=config.prior,
-            conditional=config.conditional or None,
+            conditional=FAMILIES[config.family].labels or None,
             weights_sha256=weights_sha256(run) if run.is_dir() else None,
         )
         if writes:

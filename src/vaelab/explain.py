@@ -520,7 +520,7 @@ def _family_steps(p: Problem, seed: int, samples: int) -> list[Step]:
             EXACT_TOL,
             "exact",
             "p(x|z,y) = N(Wz + b + V y, s² I): conditioning moves p(x|z) and p(z|x,y); the KL to p(z) is still "
-            "½ Σ_j (μ_j² + σ_j² − 1 − log σ_j²), μ and σ now functions of (x, y) (what --conditional computes)",
+            "½ Σ_j (μ_j² + σ_j² − 1 − log σ_j²), μ and σ now functions of (x, y) (what --family conditional computes)",
         ),
     ]
 

@@ -17,18 +17,15 @@ import torch
 
 from vaelab.config import Config
 from vaelab.contract import given
-from vaelab.data.batches import seeded
 from vaelab.errors import UserError
 from vaelab.evaluation import (
     Evaluation,
     evaluate_trained,
-    kl_per_example,
-    layer_means,
+    measure,
     open_trained,
-    posterior_params,
     weights_sha256,
 )
-from vaelab.kl import KLResult, rng_from
+from vaelab.kl import KLResult
 from vaelab.models.vq import vq_posterior_of
 from vaelab.parts import POSTERIORS
 
@@ -88,7 +85,7 @@ class Run:
     @property
     def model_y(self) -> torch.Tensor | None:
         """The labels a conditional model is given (the test labels); None for any other model."""
-        return self.test_y if self.config.conditional or self.config.labelled else None
+        return self.test_y if self.config.uses_labels else None
 
     @property
     def dims_by_kl(self) -> list[int]:
@@ -141,27 +138,23 @@ def open_run(path: str | Path, max_examples: int = 2000) -> Run:
     path = Path(path)
     trained = open_trained(path)
     model, config, splits, pixels = trained.model, trained.config, trained.splits, trained.pixels
-    test_x, model_y = trained.split("test")
-    test_x = test_x[:max_examples]
-    test_y = None if splits.test.y is None else splits.test.y[:max_examples]
-    model_y = None if model_y is None else model_y[:max_examples]
-    with rng_from(seeded(0, "posterior")):  # a flow's moments, the lower layers' means: evaluate's draws
-        mu, log_var, scale_tril = posterior_params(model, test_x, y=model_y)
-        means = layer_means(model, test_x, mu, y=model_y)
-    kl = kl_per_example(model, test_x, y=model_y)
+    test = trained.examples("test")[:max_examples]  # with the labels the model is given
+    test_y = None if splits.test.y is None else splits.test.y[:max_examples]  # the data's, for the pictures
+    one_pass = measure(model, test)  # the KL, the top layer's q and each layer's means, drawn as evaluate draws them
+    (mu, log_var, scale_tril), means, kl = one_pass.top, one_pass.means, one_pass.kl
     measured = read_evaluation(path) if path.is_dir() else None
     here = measured is None or measured.split != "test" or measured.weights_sha256 not in (None, weights_sha256(path))
     if here:
-        measured, _ = evaluate_trained(model, config, test_x, model_y, iwae_k=0, pixels=pixels)
+        measured, _ = evaluate_trained(model, config, test, iwae_k=0, pixels=pixels)
         measured = replace(measured, data=splits.name, split="test", binarize=config.binarize, seed=0)
-    return Run(path, model, config, test_x, test_y, mu, log_var, scale_tril, kl, means, measured, here)
+    return Run(path, model, config, test.x, test_y, mu, log_var, scale_tril, kl, means, measured, here)
 
 
 KL_PARTS = ("mutual_information", "total_correlation", "dimension_wise_kl")
 
 
 def kl_parts(run: Run) -> tuple[dict[str, float], list[float] | None] | None:
-    """The test set's average KL taken apart, as the run's record has it (``evaluation.kl_split``,
+    """The test set's average KL taken apart, as the run's record has it (``evaluation.decompose_kl``,
     the full-data estimator): MI + TC + dimension-wise KL where the prior factorises, else MI +
     marginal KL; and the dimension-wise KL of each dimension (or None). With several latent layers
     these are the top layer's parts, and each lower layer's KL follows as one part (``kl_z1``), so

@@ -235,7 +235,12 @@ class KLResult:
     method: str  # "analytic" or "monte_carlo"
     per_dim: Tensor | None = None  # (B, D)
     std_error: Tensor | None = None  # (B,)
-    per_layer: dict[str, Tensor] | None = None  # (B,) each: a model with several latent layers
+    per_layer: dict[str, Tensor] | None = None  # (B,) each, by layer name, top first; one entry for one layer
+
+    @property
+    def layered(self) -> bool:
+        """Several latent layers, each with its part of the KL."""
+        return self.per_layer is not None and len(self.per_layer) > 1
 
     def __getitem__(self, index) -> KLResult:
         """The same record for the examples ``index`` selects (an int keeps a batch of one)."""

@@ -31,9 +31,10 @@ from torch.distributions import Distribution
 from vaelab.contract import (  # the contract's types, re-exported for the objectives' callers
     Draw,
     ElboTerms,
+    Examples,
     LatentVariableModel,
     Noise,
-    given,
+    examples,
 )
 from vaelab.decomposition import decompose_minibatch
 from vaelab.kl import diag_normal_params
@@ -57,19 +58,16 @@ def elbo(model: LatentVariableModel, x: Tensor, noise: Noise | None = None) -> E
 
 @torch.no_grad()
 def elbo_batches(
-    model: LatentVariableModel, x: Tensor, batch_size: int, seed: int = 0, y: Tensor | None = None
+    model: LatentVariableModel, data: Tensor | Examples, batch_size: int, seed: int = 0
 ) -> list[ElboTerms]:
-    """The ELBO's terms for a whole data set ``x`` (with its labels ``y``, for a conditional model),
-    batch by batch, in eval mode, one z per example drawn from the global RNG seeded by ``seed``
-    (forked: the caller's RNG state and the model's mode are restored)."""
+    """The ELBO's terms for a whole data set (images, or :class:`contract.Examples` with the labels a
+    conditional model is given), batch by batch, in eval mode, one z per example drawn from the global RNG
+    seeded by ``seed`` (forked: the caller's RNG state and the model's mode are restored)."""
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        out = [
-            elbo(given(model, None if y is None else y[i : i + batch_size]), x[i : i + batch_size])
-            for i in range(0, x.shape[0], batch_size)
-        ]
+        out = [elbo(model_b, xb) for xb, model_b in examples(data).batches(model, batch_size)]
     model.train(was_training)
     return out
 

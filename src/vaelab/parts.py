@@ -118,9 +118,11 @@ class Family(Part):
     """A model family; ``build(config, x_shape)`` returns the model (``contract.LatentVariableModel``).
 
     ``priors``, ``posteriors`` and ``architectures`` list the parts the family is built from
-    (empty: any registered one); ``layers`` is its number of latent layers."""
+    (empty: any registered one); ``layers`` is its number of latent layers; ``labels``: its models are
+    given the data's labels (the batches carry them, ``contract.given`` binds them)."""
 
     layers: int = 1
+    labels: bool = False  # the model is given each image's label y: q(z|x, y), p(x|z, y)
     priors: tuple[str, ...] = ()
     posteriors: tuple[str, ...] = ()
     architectures: tuple[str, ...] = ()
@@ -323,6 +325,16 @@ POSTERIORS.register(
 )
 
 FAMILIES.register(Family("vae", "one latent layer z", "vaelab.models:build_vae"))
+FAMILIES.register(
+    Family(
+        "conditional",
+        "one latent layer z given the data's labels y, q(z|x, y) and p(x|z, y) (Sohn et al. 2015)",
+        "vaelab.models.conditional:build_conditional",
+        labels=True,
+        priors=("normal",),
+        architectures=("mlp",),
+    )
+)
 FAMILIES.register(
     Family(
         "hierarchical",

@@ -288,13 +288,13 @@ def categorical_posteriors(images: np.ndarray, probs: np.ndarray, variables: lis
     return fig
 
 
-def kl_decomposition(parts: dict[str, float], reconstruction: float, per_dim: np.ndarray | None) -> Figure:
-    """Left: the negative ELBO as a stacked bar, -E_q[log p(x|z)] + KL, and below it, on its own scale,
-    the KL as a stacked bar of its parts (``parts``: name -> nats, in order). Right, where given: the
-    dimension-wise KL of each dimension, largest first."""
+def kl_decomposition(parts: dict[str, float], reconstruction: float, kl: float, per_dim: np.ndarray | None) -> Figure:
+    """Left: the negative ELBO as a stacked bar, -E_q[log p(x|z)] + KL (``kl``: the model's own KL term),
+    and below it, on its own scale, the KL's estimate from its parts (``parts``: name -> nats, in order) as
+    a stacked bar. Right, where given: the dimension-wise KL of each dimension, largest first."""
     fig = plt.figure(figsize=(11 if per_dim is not None else 6, 3.4))
     grid = fig.add_gridspec(2, 2 if per_dim is not None else 1, width_ratios=[1, 1] if per_dim is not None else [1])
-    kl = sum(parts.values())
+    estimate = sum(parts.values())
     colors = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a"]
     for row, (title, pieces, palette) in enumerate(
         (
@@ -303,7 +303,7 @@ def kl_decomposition(parts: dict[str, float], reconstruction: float, per_dim: np
                 {"−reconstruction": -reconstruction, "KL": kl},
                 ["#bbbbbb", "#444444"],
             ),
-            (f"KL = {kl:.2f} nats, taken apart", parts, colors),
+            (f"KL taken apart: its parts add up to {estimate:.2f} nats, a one-z-per-image estimate", parts, colors),
         )
     ):
         ax = fig.add_subplot(grid[row, 0])

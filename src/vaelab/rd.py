@@ -113,7 +113,7 @@ def plane(paths: list[Path]) -> list[Point]:
     runs = runs_in(paths)
     trained = [read_trained(run)[:2] for run in runs]  # (config, x_shape), read once
     configs = [config for config, _ in trained]
-    kinds = {(c.data, c.likelihood, c.binarize != "none") for c in configs}
+    kinds = {(c.data, c.likelihood, c.binarized) for c in configs}
     if len(kinds) > 1:
         first, other = sorted(kinds, key=str)[:2]
         raise UserError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import html
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from vaelab.checkpoint import read_trained
 from vaelab.compress import coder_name, latent_code, read_record
 from vaelab.contract import given
 from vaelab.errors import UserError
-from vaelab.evaluation import Evaluation, evaluation_rows
+from vaelab.evaluation import MI_CEILING_MARGIN, Evaluation, evaluation_rows, mi_ceiling
 from vaelab.explain import Explanation
 from vaelab.fileio import atomic_write_bytes, atomic_write_text
 from vaelab.inspection import (
@@ -460,8 +461,12 @@ def _kl_decomposition(run) -> Section | None:
     if taken_apart is None:  # a flow: no density of the aggregate posterior to evaluate
         return None
     parts, per_dim = taken_apart
-    parts = {KL_PART_LABELS.get(name, f"KL of {name.removeprefix('kl_')}"): value for name, value in parts.items()}
-    reconstruction = run.measured.reconstruction
+    e = run.measured
+    ceiling = math.log(e.examples)  # the full-data MI estimate on N examples is at most log N
+    at = e.mutual_information is not None and e.mutual_information >= ceiling - MI_CEILING_MARGIN
+    bound = f"at its ceiling, log N = {ceiling:.2f}" if at else f"≤ log N = {ceiling:.2f}"
+    labels = KL_PART_LABELS | {"mutual_information": f"mutual information ({bound})"}
+    parts = {labels.get(name, f"KL of {name.removeprefix('kl_')}"): value for name, value in parts.items()}
     if per_dim is not None:
         per_dim = np.array(per_dim)
         caption = (
@@ -482,7 +487,12 @@ def _kl_decomposition(run) -> Section | None:
             f" With several latent layers the split is of the top layer {top}'s KL; each layer below adds its "
             "own KL as one more part."
         )
-    return Section("The KL taken apart", caption, plots.kl_decomposition(parts, reconstruction, per_dim))
+    caption += (
+        f" The top bar is the evaluation's: its KL ({e.kl:.2f} nats) is the model's own term; the parts below "
+        "estimate it with one z per image, so their sum differs from it by their Monte Carlo error. The mutual "
+        f"information is {mi_ceiling(e)}."
+    )
+    return Section("The KL taken apart", caption, plots.kl_decomposition(parts, e.reconstruction, e.kl, per_dim))
 
 
 def _correlations(run) -> Section | None:
@@ -696,7 +706,7 @@ def _comparison(run, other: Path) -> str:
     rows = []
     for path, e in records.items():
         config = read_trained(path)[0]
-        model = f"{config.family}, {config.posterior} posterior" + (", conditional" if config.conditional else "")
+        model = f"{config.family}, {config.posterior} posterior"
         if e.log_likelihood is None:  # a point-mass q (VQ-VAE): the IWAE estimate would be its ELBO
             estimate, gap = "not defined: q(z|x) is a point mass", ""
         else:

@@ -25,6 +25,7 @@ import torch
 
 from vaelab import checkpoint, data, distributed, memory, models, parts, rundir
 from vaelab.config import Config, tomllib
+from vaelab.contract import Examples
 from vaelab.data import prepare_data
 from vaelab.errors import UserError
 from vaelab.fileio import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
@@ -37,6 +38,7 @@ from vaelab.training import (
     fit,
     make_optimizer,
     resolved_precision,
+    set_weight_decay,
 )
 
 CSV_BASE = [
@@ -397,7 +399,7 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held, thread
         resume_ckpt = checkpoint.load_checkpoint(out / "checkpoints" / "last.pt")
         config, changes = continued_config(resume_ckpt["config"], config, given)
     torch.manual_seed(config.seed)
-    config, splits, (train_x, val_x, test_x), (train_y, val_y, test_y), pixels = _prepared(config, device, ctx.world)
+    config, splits, (train, val, test), pixels = _prepared(config, device, ctx.world)
     if resume_ckpt is None and config.epochs == 0:
         raise UserError("--epochs 0 trains nothing and a new run would have no model; give --epochs 1 or more")
     out = Path(out) if out else default_out(splits.name)
@@ -414,6 +416,7 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held, thread
     optimizer = make_optimizer(model, config)
     if resume_ckpt is not None:
         state = _restore(resume_ckpt, model, optimizer, out)
+        set_weight_decay(optimizer, config)  # the loaded state carries the run's; a resume may change it
         log(f"resuming {out} at epoch {state.epoch + 1}")
         if changes:
             said = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
@@ -425,13 +428,13 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held, thread
         resolved["threads_why"] = threads[1]
         atomic_write_text(out / "config.toml", config_toml(out, config, changes, state.epoch, resolved))
         writer = RunWriter(
-            out, config, optimizer, splits.x_shape, identity(out, splits), model.layer_dims, state, len(val_x)
+            out, config, optimizer, splits.x_shape, identity(out, splits), model.layer_dims, state, len(val)
         )
         hooks.append(writer)
     n_params = sum(p.numel() for p in model.parameters())
     log(
-        f"{splits.name}: {len(train_x)} train / {len(val_x)} val / {len(test_x)} test images of shape "
-        f"{splits.x_shape}; {_described(config, model, splits.x_shape, len(train_x))}, {config.posterior} "
+        f"{splits.name}: {len(train)} train / {len(val)} val / {len(test)} test images of shape "
+        f"{splits.x_shape}; {_described(config, model, splits.x_shape, len(train))}, {config.posterior} "
         f"posterior, {n_params:,} parameters, "
         f"{config.likelihood} likelihood, {config.prior} prior, on {device}; {precision[0]} ({precision[1]}), "
         f"{threads[0]} thread{'s' * (threads[0] > 1)} ({threads[1]})"
@@ -440,15 +443,13 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held, thread
     try:
         fit(
             model,
-            train_x,
-            val_x if len(val_x) else None,  # --val-size 0: no validation
+            train,
+            val if len(val) else None,  # --val-size 0: no validation
             config,
-            hooks=[*hooks, EpochPrinter(log, config.epochs, epoch_split(len(val_x)))],
+            hooks=[*hooks, EpochPrinter(log, config.epochs, epoch_split(len(val)))],
             state=state,
             optimizer=optimizer,
             pixels=pixels,
-            train_y=train_y,
-            val_y=val_y,
         )
     finally:
         for hook in hooks:
@@ -460,19 +461,20 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held, thread
     distributed.barrier()  # rank 0's last checkpoint is on disk
     if (out / "checkpoints" / "best.pt").exists():
         model.load_state_dict(checkpoint.load_checkpoint(out / "checkpoints" / "best.pt")["model"])
-    return out, evaluate_terms(model, test_x, 1024, state.epoch, "test", pixels, config.seed, y=test_y)
+    return out, evaluate_terms(model, test, 1024, state.epoch, "test", pixels, config.seed)
 
 
 def _prepared(config: Config, device, world: int):
-    """The run's data on ``device`` as it trains on them, their labels (M2: the kept ones, -1 elsewhere) and
-    the config with the labels' count; every check that needs the data, made before anything is written:
-    (config, splits, (train, val, test) images, their labels, pixels per image)."""
+    """The run's data on ``device`` as it trains on them, each data split's images with the labels the model
+    is given (M2: the kept ones, -1 elsewhere), and the config with the labels' count; every check that
+    needs the data, made before anything is written: (config, splits, (train, val, test) examples, pixels
+    per image)."""
     splits, train_x, val_x, test_x, pixels = prepare_data(config, device)
-    if (config.conditional or config.labelled) and not config.classes:  # the labels' count, from every split
+    if config.uses_labels and not config.classes:  # the labels' count, from every split
         config = config.replace(classes=number_of_classes(splits))
-    labels = tuple(data.labels_for(config, s, splits.name, device) for s in (splits.train, splits.val, splits.test))
+    labels = [data.labels_for(config, s, splits.name, device) for s in (splits.train, splits.val, splits.test)]
     if config.labelled:  # M2: some training labels kept, the rest -1; validation and test score it unlabelled
-        labels = (data.semi_supervised(config, labels[0], splits.name), None, None)
+        labels = [data.semi_supervised(config, labels[0], splits.name), None, None]
     check_batch_size(config.batch_size, len(train_x), world)
     if parts.OBJECTIVES[config.objective].splits_kl_by_dimension and config.batch_size // world < 2:
         raise UserError(  # each rank's rows are the minibatch that estimates q(z)
@@ -482,7 +484,8 @@ def _prepared(config: Config, device, world: int):
         )
     check_memory(config, splits.x_shape, device)
     check_target_rate(config, splits)
-    return config, splits, (train_x, val_x, test_x), labels, pixels
+    examples = tuple(Examples(x, y) for x, y in zip((train_x, val_x, test_x), labels, strict=True))
+    return config, splits, examples, pixels
 
 
 @dataclass(frozen=True)
@@ -533,8 +536,8 @@ def _described(config: Config, model, x_shape, train_images: int) -> str:
         )
     if len(model.layer_dims) > 1:
         return f"{config.family} VAE (" + ", ".join(f"{n} of {d}" for n, d in model.layer_dims.items()) + " dims)"
-    if config.conditional:
-        return f"conditional mlp VAE ({config.classes} classes)"
+    if config.uses_labels:
+        return f"{config.family} mlp VAE ({config.classes} classes)"
     return f"{models.architecture_for(config.model, x_shape)} VAE"
 
 
@@ -651,7 +654,7 @@ def config_toml(out: Path, config: Config, changes: dict, epoch: int, resolved: 
 def check_target_rate(config: Config, splits) -> None:
     """A rate above what an image holds (C H W log L nats for L pixel levels) is no point of the plane:
     the latent would carry more than the data has."""
-    levels = 2 if config.binarize != "none" or splits.binary else splits.levels
+    levels = 2 if config.binarized or splits.binary else splits.levels
     if config.target_rate and levels:
         most = math.prod(splits.x_shape) * math.log(levels)
         if config.target_rate > most:

@@ -1,7 +1,7 @@
 """The training loop: one explicit loop over ``objective(model, batch) -> (loss, ElboTerms)``.
 
 :func:`fit` knows nothing of files: it trains and hands each epoch's records to hooks (plain
-callables). One optimiser step is :class:`Step`; the epoch's batch means are
+callables). One optimiser step is :class:`OptimiserStep`; the epoch's batch means are
 :class:`TermSums`. The run directory, resume and ``vaelab train`` live in ``runs.py``.
 """
 
@@ -93,8 +93,8 @@ Hook = Callable[..., None]
 
 def fit(
     model,
-    train_x: Tensor,
-    val_x: Tensor | None = None,
+    train: Tensor | contract.Examples,
+    val: Tensor | contract.Examples | None = None,
     config: Config | None = None,
     *,
     hooks: Sequence[Hook] = (),
@@ -102,14 +102,13 @@ def fit(
     optimizer: torch.optim.Optimizer | None = None,
     pixels: int | None = None,
     progress: bool | None = None,
-    train_y: Tensor | None = None,
-    val_y: Tensor | None = None,
     **options,
 ) -> TrainState:
-    """Train ``model`` on ``train_x`` (N, C, H, W) in [0, 1]; return the state with the history.
+    """Train ``model`` on the images ``train`` (N, C, H, W) in [0, 1], or on :class:`contract.Examples`
+    (the images with the labels a conditional model is given); validate on ``val`` each epoch; return
+    the state with the history.
 
     ``config`` (or keyword ``options`` such as ``epochs=5, lr=1e-3, beta=4``) sets every knob.
-    ``train_y`` and ``val_y``: the labels (N,) that a conditional model is given.
     ``hooks`` are called once after each epoch's validation as ``hook(records=..., model=..., state=...)``,
     with the epoch's records (training, then validation);
     ``pixels`` per image turns on bits/dim (a discrete likelihood).
@@ -118,9 +117,9 @@ def fit(
     state = state or TrainState()
     optimizer = optimizer or make_optimizer(model, config)
     ctx = distributed.current()
-    check_batch_size(config.batch_size, len(train_x), ctx.world)
-    batches = Batches(train_x, config.batch_size, config.seed, dynamic=config.binarize == "dynamic", y=train_y)
-    step = Step(model, optimizer, config, dataset_size=len(train_x))
+    check_batch_size(config.batch_size, len(train), ctx.world)
+    batches = Batches(train, config.batch_size, config.seed, dynamic=config.binarized_per_batch)
+    step = OptimiserStep(model, optimizer, config, dataset_size=len(train))
     show = (sys.stderr.isatty() if progress is None else progress) and ctx.is_main
     bar = ProgressBar(len(batches), config) if show else None  # (rank 0's, on a terminal)
     clock = Clock(config, state, total_steps=config.epochs * len(batches))
@@ -133,10 +132,10 @@ def fit(
         model.train()
         sums, skipped, beta, start = TermSums(), 0, config.beta, time.perf_counter()
         for x, y in batches.epoch(epoch, shard=(ctx.rank, ctx.world)):
-            if config.lr_schedule == "cosine":  # per step: the share of the run done so far
+            if config.lr_per_step:  # the share of the run done so far
                 _set_lr(optimizer, lr_at(config, epoch, clock.progress(clock.elapsed())))
             beta = _kl_weight(config, state)
-            terms, problem = step(x, beta, state.step, y)
+            terms, problem = step(x, y, beta, state.step)
             if problem is None:
                 sums.add(terms)
                 if state.rate is not None:
@@ -152,12 +151,12 @@ def fit(
             if clock.out_of_time(clock.elapsed()):  # the run ends after the step that reaches the budget
                 break
         _check_learnt(epoch, skipped, sums.n)
-        train = sums.record(
+        record = sums.record(
             epoch, "train", beta, time.perf_counter() - start, pixels, state.step, skipped, clock.elapsed()
         )
         if step.relaxed is not None:  # the train terms are the relaxed model's, at this temperature
-            train.temperature = temperature_at(config, state.step - 1)
-        records = [train, *_validation(model, val_x, val_y, epoch, pixels, config, beta, state.step, clock)]
+            record.temperature = temperature_at(config, state.step - 1)
+        records = [record, *_validation(model, val, epoch, pixels, config, beta, state.step, clock)]
         if not math.isfinite(records[-1].elbo):  # without validation images, the training terms say it
             raise NonFiniteError(f"the ELBO of epoch {epoch + 1} is NaN or infinite: the run has diverged")
         state.elapsed = records[-1].elapsed  # what a checkpoint written by the hooks below keeps
@@ -201,12 +200,12 @@ def _kl_weight(config: Config, state: TrainState) -> float:
     return objectives.beta_at(state.step, config.warmup, config.beta, config.warmup_steps)
 
 
-def _validation(model, val_x, val_y, epoch: int, pixels, config: Config, beta: float, step: int, clock) -> list:
+def _validation(model, val, epoch: int, pixels, config: Config, beta: float, step: int, clock) -> list:
     """The epoch's validation record (none without validation images); weights that give a NaN or an
     infinite ELBO on held-out images end the run before any hook checkpoints them."""
-    if val_x is None:
+    if val is None:
         return []
-    record = evaluate_terms(model, val_x, 1024, epoch, "val", pixels, config.seed, beta, step, clock.elapsed(), val_y)
+    record = evaluate_terms(model, val, 1024, epoch, "val", pixels, config.seed, beta, step, clock.elapsed())
     if not math.isfinite(record.elbo):
         raise NonFiniteError(
             f"the validation ELBO of epoch {epoch + 1} is NaN or infinite: the run has diverged; checkpoints "
@@ -247,7 +246,7 @@ class Clock:
         return out
 
 
-class Step:
+class OptimiserStep:
     """One optimiser step on a batch: loss and terms, backward, the gradient check, the update.
 
     Returns ``(terms, problem)``: ``problem`` names what became NaN or infinite, and then no
@@ -257,7 +256,7 @@ class Step:
 
     def __init__(self, model, optimizer: torch.optim.Optimizer, config: Config, dataset_size: int):
         self.optimizer, self.config, self.ctx = optimizer, config, distributed.current()
-        self.objective = Objective(model, config, dataset_size)
+        self.objective = Loss(model, config, dataset_size)
         if self.ctx.active:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -267,16 +266,14 @@ class Step:
         self.rows = shard_rows(config.batch_size, self.ctx.rank, self.ctx.world)  # this rank's rows of a batch
         self.relaxed = categorical_posterior_of(model)  # whose relaxation's temperature each step sets
 
-    def __call__(
-        self, x: Tensor, beta: float, step: int, y: Tensor | None = None
-    ) -> tuple[contract.ElboTerms, str | None]:
+    def __call__(self, x: Tensor, y: Tensor | None, beta: float, step: int) -> tuple[contract.ElboTerms, str | None]:
         c = self.config
         # the step's noise is a function of (seed, step), drawn for the global batch
         noise = contract.Noise(seeded(c.seed, "noise", step, device=x.device), c.batch_size, self.rows.start)
         if self.relaxed is not None:  # the relaxation's temperature, a function of the step
             self.relaxed.temperature.fill_(temperature_at(c, step))
         with self.autocast:
-            loss, terms = self.objective(x, noise, beta, y)
+            loss, terms = self.objective(x, y, noise, beta)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # on every rank, whatever the loss: DDP's all-reduce needs all of them
         grad_norm = gradient_norm(self.params, c.grad_clip)
@@ -289,7 +286,7 @@ class Step:
         return terms, None
 
 
-class Objective(torch.nn.Module):
+class Loss(torch.nn.Module):
     """The loss of a batch and its ELBO terms, as a module: what DistributedDataParallel wraps.
     The loss is the objective registered as ``config.objective`` in ``parts.OBJECTIVES``, or the model's
     own ``training_loss`` where it has one (M2, whose batches mix labelled and unlabelled images)."""
@@ -301,11 +298,12 @@ class Objective(torch.nn.Module):
         self.own_loss = hasattr(model, "training_loss")  # a model with a loss of its own (M2: labels partly missing)
 
     def forward(
-        self, x: Tensor, noise: contract.Noise, beta: float, y: Tensor | None = None
+        self, x: Tensor, y: Tensor | None, noise: contract.Noise, beta: float
     ) -> tuple[Tensor, contract.ElboTerms]:
+        """The loss of the images ``x`` with their labels ``y`` (None: a model that takes none)."""
         if self.own_loss:
             return self.model.training_loss(x, noise, beta, self.config, self.dataset_size, y)
-        model = contract.given(self.model, y)  # a conditional model gets the batch's labels
+        model = contract.given(self.model, y)  # the one place the loop binds a batch's labels
         return self.objective(model, x, noise, beta, self.config, self.dataset_size)
 
 
@@ -383,7 +381,7 @@ class TermSums:
 @torch.no_grad()
 def evaluate_terms(
     model,
-    x: Tensor,
+    data: Tensor | contract.Examples,
     batch_size: int,
     epoch: int = 0,
     split: str = "val",
@@ -392,14 +390,13 @@ def evaluate_terms(
     beta: float = 1.0,
     step: int = 0,
     elapsed: float = 0.0,
-    y: Tensor | None = None,
 ) -> EpochRecord:
-    """The ELBO's terms averaged over ``x`` (already binarised where the likelihood needs it; with its
-    labels ``y`` for a conditional model); the z ~ q draws are seeded by ``seed``, the same every
-    epoch, so epochs compare."""
+    """The ELBO's terms averaged over ``data`` (images already binarised where the likelihood needs it, or
+    :class:`contract.Examples` with a conditional model's labels); the z ~ q draws are seeded by ``seed``,
+    the same every epoch, so epochs compare."""
     sums = TermSums()
     start = time.perf_counter()
-    for terms in objectives.elbo_batches(model, x, batch_size, seed, y):
+    for terms in objectives.elbo_batches(model, data, batch_size, seed):
         sums.add(terms)
     return sums.record(epoch, split, beta, time.perf_counter() - start, pixels, step, elapsed=elapsed)
 
@@ -489,8 +486,17 @@ def check_batch_size(batch_size: int, examples: int, world: int) -> None:
 
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
-    # fused Adam on CPU and CUDA: one kernel for the whole update
-    return torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps, fused=True)
+    """Fused Adam on CPU and CUDA (one kernel for the whole update); AdamW's decoupled weight decay with
+    ``--weight-decay``."""
+    decay = {"weight_decay": config.weight_decay, "decoupled_weight_decay": True} if config.weight_decay else {}
+    return torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps, fused=True, **decay)
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, config: Config) -> None:
+    """The weight decay ``config`` asks for, on an optimizer whose state (and so its hyperparameters) was
+    loaded from a checkpoint: a resume that changes ``--weight-decay`` gets the new one."""
+    for group in optimizer.param_groups:
+        group["weight_decay"], group["decoupled_weight_decay"] = config.weight_decay, bool(config.weight_decay)
 
 
 def gradient_norm(params: list[Tensor], clip: float) -> Tensor:

@@ -19,8 +19,7 @@ def prepare_data(config, device) -> tuple[Splits, Tensor, Tensor, Tensor, int | 
     test tensors, and the number of pixels per image where bits/dim apply (a discrete likelihood)."""
     splits = load(config)
     likelihood = LIKELIHOODS[config.likelihood]
-    binarized = config.binarize != "none"
-    if likelihood.binary_only and not binarized and not splits.binary:
+    if likelihood.binary_only and not config.binarized and not splits.binary:
         raise UserError(
             f"{splits.name} has grey-level pixels, and a {likelihood.name} likelihood is only a likelihood for "
             "binary data; use --binarize dynamic (or static), or --likelihood continuous-bernoulli"
@@ -31,11 +30,11 @@ def prepare_data(config, device) -> tuple[Splits, Tensor, Tensor, Tensor, int | 
             f"{splits.levels or 'continuous'} levels. Use --likelihood continuous-bernoulli or gaussian"
         )
     train_x, val_x, test_x = (s.x.to(device) for s in (splits.train, splits.val, splits.test))
-    if binarized:
+    if config.binarized:
         # validation and test are binarised once (fixed), so their numbers compare across epochs
         val_x = binarize_static(val_x.cpu(), config.seed, "val").to(device)
         test_x = binarize_static(test_x.cpu(), config.seed, "test").to(device)
-        if config.binarize == "static":
+        if not config.binarized_per_batch:
             train_x = binarize_static(train_x.cpu(), config.seed, "train").to(device)
     pixels = splits.train.x[0].numel() if likelihood.discrete else None
     return splits, train_x, val_x, test_x, pixels
@@ -44,17 +43,17 @@ def prepare_data(config, device) -> tuple[Splits, Tensor, Tensor, Tensor, int | 
 def labels_for(config, split, name: str, device="cpu") -> Tensor | None:
     """The labels (N,) of one split (``ImageData``) that a conditional model is given (M2 too: it draws per
     class given the labels; it trains on ``semi_supervised`` ones); None for any other model."""
-    if not (config.conditional or config.labelled):
+    if not config.uses_labels:
         return None
     if split.y is None:
         raise UserError(
-            f"--{'conditional' if config.conditional else 'labelled'} needs labels, and {name} has none; "
+            f"{'--labelled' if config.labelled else f'--family {config.family}'} needs labels, and {name} has none; "
             "use a data set with labels (mnist, fashion-mnist, "
             "kmnist, cifar10, digits, an .npz with key y, or an image folder with one sub-folder per class)"
         )
     if config.classes and len(split.y) and int(split.y.max()) >= config.classes:
         raise UserError(
-            f"{name} has a label {int(split.y.max())}, and the conditional model knows {config.classes} classes "
+            f"{name} has a label {int(split.y.max())}, and the model knows {config.classes} classes "
             f"(0 to {config.classes - 1}); use data with the run's labels"
         )
     return split.y.to(device)

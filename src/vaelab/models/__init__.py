@@ -6,7 +6,7 @@ from functools import partial
 
 from vaelab import distributions as dist
 from vaelab import parts
-from vaelab.models.base import VAE, Likelihood, make_likelihood, make_prior
+from vaelab.models.base import VAE, PixelLikelihood, make_likelihood, make_prior
 
 
 def architecture_for(model: str, x_shape) -> str:
@@ -43,16 +43,11 @@ def _float32_posterior(build, latent_dim: int, h):
 
 
 def build_vae(config, x_shape):
-    """The one-layer VAE (family ``vae``) that ``config`` describes; with ``config.conditional``, the
-    conditional VAE (``models.conditional``)."""
+    """The one-layer VAE (family ``vae``) that ``config`` describes; with ``--labelled``, M2 (``models.m2``)."""
     if config.labelled:
         from vaelab.models.m2 import build_m2
 
         return build_m2(config, x_shape)
-    if config.conditional:
-        from vaelab.models.conditional import build_conditional
-
-        return build_conditional(config, x_shape, make_posterior(config))
     architecture = parts.ARCHITECTURES[architecture_for(config.model, x_shape)]
     if architecture.grid:
         from vaelab.models.conv import check_grid
@@ -73,7 +68,7 @@ def build_vae(config, x_shape):
 
 __all__ = [
     "VAE",
-    "Likelihood",
+    "PixelLikelihood",
     "build",
     "build_vae",
     "architecture_for",

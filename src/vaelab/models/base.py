@@ -25,7 +25,7 @@ from vaelab.contract import Draw, LatentLayer
 
 
 # -- likelihoods p(x|z) ------------------------------------------------------------------------
-class Likelihood(nn.Module):
+class PixelLikelihood(nn.Module):
     """Turns the decoder's output (B, P C, H, W) into p(x|z); P and the likelihood's other facts
     are its entry in ``parts.LIKELIHOODS``. Built as ``cls(x_shape)``."""
 
@@ -55,7 +55,7 @@ class Likelihood(nn.Module):
         return self(out.flatten(0, 1)).log_prob(x_rep).view(B, n)
 
 
-class BernoulliLikelihood(Likelihood):
+class BernoulliLikelihood(PixelLikelihood):
     def forward(self, out):
         return dist.bernoulli(out, 3)
 
@@ -75,12 +75,12 @@ class BernoulliLikelihood(Likelihood):
         return table if at is None else table.gather(-1, at.expand(len(table), -1).unsqueeze(-1)).squeeze(-1)
 
 
-class ContinuousBernoulliLikelihood(Likelihood):
+class ContinuousBernoulliLikelihood(PixelLikelihood):
     def forward(self, out):
         return dist.continuous_bernoulli(out, 3)
 
 
-class GaussianLikelihood(Likelihood):
+class GaussianLikelihood(PixelLikelihood):
     """N(mean, sigma^2) per pixel with a learned per-pixel log-variance shared across examples."""
 
     def __init__(self, x_shape):
@@ -91,7 +91,7 @@ class GaussianLikelihood(Likelihood):
         return dist.gaussian(out, self.log_var, 3)
 
 
-class LogisticLikelihood(Likelihood):
+class LogisticLikelihood(PixelLikelihood):
     """Discretised logistic over 256 levels: the decoder outputs a location and a log-scale per pixel."""
 
     def forward(self, out):
@@ -117,7 +117,7 @@ class LogisticLikelihood(Likelihood):
         return torch.where(lo > 0, torch.sigmoid(-lo) - torch.sigmoid(-hi), torch.sigmoid(hi) - torch.sigmoid(lo))
 
 
-def make_likelihood(name: str, x_shape) -> Likelihood:
+def make_likelihood(name: str, x_shape) -> PixelLikelihood:
     """The likelihood registered as ``name`` in ``parts.LIKELIHOODS``."""
     return parts.LIKELIHOODS[name].constructor()(tuple(x_shape))
 
@@ -176,7 +176,7 @@ class VAE(nn.Module):
         decoder: nn.Module,
         latent_dim: int,
         x_shape: tuple[int, int, int],
-        likelihood: Likelihood,
+        likelihood: PixelLikelihood,
         prior: nn.Module,
         posterior: Callable[[Tensor], Distribution] = dist.diagonal_posterior,
     ):
@@ -216,7 +216,7 @@ class VAE(nn.Module):
         return decoder_log_prob(self.decoder, self.likelihood, layer.z, x)
 
 
-def decoder_log_prob(decoder: nn.Module, likelihood: Likelihood, z: Tensor, x: Tensor) -> Tensor:
+def decoder_log_prob(decoder: nn.Module, likelihood: PixelLikelihood, z: Tensor, x: Tensor) -> Tensor:
     """log p(x | z) summed over pixels, p(x|z) = likelihood(decoder(z)): (B,) for z (B, D), and for n
     samples per example, z (n, B, D), (n, B), the n decoded as one batch and scored by the
     likelihood's ``log_prob_samples`` (x is not copied n times for the Bernoulli)."""

@@ -27,6 +27,7 @@ from torch.nn.functional import one_hot
 from vaelab import distributions as dist
 from vaelab import parts
 from vaelab.contract import Draw, LatentLayer
+from vaelab.models import make_posterior
 from vaelab.models.base import decoder_log_prob, make_likelihood
 from vaelab.models.mlp import MLPDecoder, mlp
 
@@ -93,15 +94,15 @@ class ConditionalVAE(nn.Module):
         return decoder_log_prob(lambda z: self._decoder_out(z, rows), self.likelihood, layer.z, x)
 
 
-def build_conditional(config, x_shape, posterior) -> ConditionalVAE:
-    """The conditional VAE that ``config`` describes (``config.classes`` labels), with ``posterior``."""
+def build_conditional(config, x_shape) -> ConditionalVAE:
+    """The conditional VAE (family ``conditional``) that ``config`` describes (``config.classes`` labels)."""
     return ConditionalVAE(
         x_shape,
         config.hidden,
         config.latent_dim,
         config.classes,
         make_likelihood(config.likelihood, x_shape),
-        posterior,
+        make_posterior(config),
         parts.POSTERIORS[config.posterior].outputs(config),
         parts.LIKELIHOODS[config.likelihood].params_per_pixel,
         config.activation,

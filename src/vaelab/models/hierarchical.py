@@ -47,7 +47,7 @@ from torch.distributions import Distribution
 from vaelab import distributions as dist
 from vaelab import parts
 from vaelab.contract import Draw, LatentLayer
-from vaelab.models.base import Likelihood, decoder_log_prob, make_likelihood
+from vaelab.models.base import PixelLikelihood, decoder_log_prob, make_likelihood
 from vaelab.models.mlp import MLPDecoder, activation_module, mlp
 
 
@@ -67,7 +67,7 @@ class HierarchicalVAE(nn.Module):
         latent_dim: int,
         top_hidden: tuple[int, ...],
         top_latent_dim: int,
-        likelihood: Likelihood,
+        likelihood: PixelLikelihood,
         params_per_pixel: int = 1,
         activation: str = "relu",
         inference: str = "top-down",

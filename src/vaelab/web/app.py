@@ -27,7 +27,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from torch.distributions import Normal
 
 from vaelab.compress import read_record
-from vaelab.contract import given
+from vaelab.contract import Examples, given
 from vaelab.distributions import Categoricals, Quantised, marginals
 from vaelab.evaluation import evaluation_rows, kl_per_example
 from vaelab.inspection import Run, decode_mean, kl_parts, open_run
@@ -134,14 +134,14 @@ def inspect_image(model, x: torch.Tensor, kl: KLResult) -> dict:
         "kl_total": kl.value[0].item(),
         "kl_std_error": None if kl.std_error is None else kl.std_error[0].item(),
         "kl_method": kl.method,
-        "kl_per_layer": None if kl.per_layer is None else {k: v[0].item() for k, v in kl.per_layer.items()},
+        "kl_per_layer": {k: v[0].item() for k, v in kl.per_layer.items()} if kl.layered else None,
         "kl_how": kl_how(kl),
     }
 
 
 def kl_how(kl: KLResult) -> str:
     """How the page's KL was obtained, in words."""
-    if kl.per_layer is not None:
+    if kl.layered:
         se = "" if kl.std_error is None else f" ± {kl.std_error[0].item():.3f} (standard error over the draws)"
         layers = ", ".join(f"{name} {v[0].item():.3f}" for name, v in kl.per_layer.items())
         return f"{se}: the sum over layers ({layers}), each in closed form at 256 draws of the layers above"
@@ -368,7 +368,7 @@ def create_app(run_dir: str | Path, host: str = "127.0.0.1") -> FastAPI:
         arr = read_png(blob, (H, W), "L" if C == 1 else "RGB")
         x = torch.from_numpy(arr[None] if C == 1 else arr.transpose(2, 0, 1).copy())
         with SEEDED:  # a Monte Carlo KL's draws
-            kl = kl_per_example(model, x[None], y=y)
+            kl = kl_per_example(model, Examples(x[None], y))
         return inspect_image(given(model, y), x, kl)
 
     @app.get("/api/decode")
