@@ -47,10 +47,11 @@ RECIPES = {  # each names every knob it measures, so that a change of the defaul
     "cosine-2e-3-fp32-batch-256": {"lr": 2e-3, "lr_schedule": "cosine", "precision": "fp32", "batch_size": 256},
     "cosine-3e-3-bf16": {"lr": 3e-3, "lr_schedule": "cosine", "precision": "bf16"},
     "cosine-3e-3-bf16-batch-256": {"lr": 3e-3, "lr_schedule": "cosine", "precision": "bf16", "batch_size": 256},
-    # for small data: AdamW's decay, a smaller network, the IWAE bound with two samples (all fp32)
+    # for small data: AdamW's decay, a smaller network, the IWAE bound with two samples
     "cosine-2e-3-fp32-wd-0.01": {"lr": 2e-3, "lr_schedule": "cosine", "precision": "fp32", "weight_decay": 0.01},
     "cosine-2e-3-fp32-wd-0.1": {"lr": 2e-3, "lr_schedule": "cosine", "precision": "fp32", "weight_decay": 0.1},
     "cosine-2e-3-fp32-hidden-200": {"lr": 2e-3, "lr_schedule": "cosine", "precision": "fp32", "hidden": (200,)},
+    "cosine-2e-3-bf16-wd-0.01": {"lr": 2e-3, "lr_schedule": "cosine", "precision": "bf16", "weight_decay": 0.01},
     "cosine-2e-3-fp32-iwae-k2": {"lr": 2e-3, "lr_schedule": "cosine", "precision": "fp32", "objective": "iwae", "k": 2},
     "checkpoint-every-epoch": {"checkpoint_every": 0.0},  # the cadence before: every epoch written
     "no-validation": {"val_size": 0},  # every training image, the last weights

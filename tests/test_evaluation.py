@@ -291,3 +291,26 @@ def test_one_layer_is_a_one_entry_record_of_layers():
     kl = kl_per_example(model, torch.rand(10, 1, 8, 8))
     assert list(kl.per_layer) == ["z"] and torch.equal(kl.per_layer["z"], kl.value) and not kl.layered
     assert not kl[2:4].layered and torch.equal(kl[2:4].per_layer["z"], kl.value[2:4])
+
+
+def test_an_evaluation_reads_the_examples_once_and_the_iwae_bound_once_more(monkeypatch):
+    """`evaluate` of a Gaussian model: one pass for every per-example measure (the ELBO's terms, the KL,
+    the posteriors, the layers' means), one more for the IWAE bound; no other loop over the examples."""
+    from vaelab import contract
+
+    passes = []
+    original = contract.Examples.batches
+
+    def counted(self, model, size):
+        passes.append(size)
+        return original(self, model, size)
+
+    monkeypatch.setattr(contract.Examples, "batches", counted)
+    for family in ("vae", "hierarchical"):
+        model = build(Config(family=family, hidden=(16,), latent_dim=3), (1, 8, 8))
+        passes.clear()
+        evaluate(model, torch.rand(40, 1, 8, 8).bernoulli(), iwae_k=0)
+        assert len(passes) == 1, family
+        passes.clear()
+        evaluate(model, torch.rand(40, 1, 8, 8).bernoulli(), iwae_k=3)
+        assert len(passes) == 2, family

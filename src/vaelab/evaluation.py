@@ -228,8 +228,8 @@ class Measured:
 def measure(
     model, data: Tensor | Examples, seed: int = 0, posteriors: bool = True, batch_size: int = 1024, samples: int = 256
 ) -> Measured:
-    """One pass over ``data`` (each batch's labels bound once) for the per-example measures of a Gaussian
-    latent model: the reconstruction at one z ~ q (drawn from the global RNG seeded by ``seed``), the KL term
+    """One pass over ``data`` (each batch's labels bound once) for the per-example measures of a model:
+    the reconstruction at one z ~ q (drawn from the global RNG seeded by ``seed``), the KL term
     (:func:`kl_per_example`, its ``samples`` draws from a generator seeded by ``seed``) and, with
     ``posteriors``, the top layer's posterior parameters (:func:`posterior_params`) and each layer's mean
     (:func:`layer_means`), drawn from the named stream ``posterior``. Each measure draws from its own

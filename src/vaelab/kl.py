@@ -201,7 +201,8 @@ def log_ratio_samples(
 
 
 class rng_from:
-    """Context manager: draw from the global RNG seeded by ``generator`` (no-op for None)."""
+    """Context manager: draw from the global RNG (the CPU's, and the GPU's where one is in use) seeded by
+    ``generator`` (no-op for None); on leaving, both are as they were."""
 
     def __init__(self, generator: torch.Generator | None):
         self.generator = generator
@@ -211,7 +212,9 @@ class rng_from:
         if self.generator is None:
             return None
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
-        devices = [self.generator.device] if self.generator.device.type == "cuda" else []
+        # torch.manual_seed below seeds the GPU's generator too: fork it as well, so that draws on the GPU
+        # after this block are the caller's, whichever generator seeded the block
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         self._fork = torch.random.fork_rng(devices=devices)
         self._fork.__enter__()
         torch.manual_seed(seed)

@@ -38,7 +38,6 @@ from vaelab.training import (
     fit,
     make_optimizer,
     resolved_precision,
-    set_weight_decay,
 )
 
 CSV_BASE = [
@@ -416,7 +415,6 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held, thread
     optimizer = make_optimizer(model, config)
     if resume_ckpt is not None:
         state = _restore(resume_ckpt, model, optimizer, out)
-        set_weight_decay(optimizer, config)  # the loaded state carries the run's; a resume may change it
         log(f"resuming {out} at epoch {state.epoch + 1}")
         if changes:
             said = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())

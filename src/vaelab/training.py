@@ -492,13 +492,6 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps, fused=True, **decay)
 
 
-def set_weight_decay(optimizer: torch.optim.Optimizer, config: Config) -> None:
-    """The weight decay ``config`` asks for, on an optimizer whose state (and so its hyperparameters) was
-    loaded from a checkpoint: a resume that changes ``--weight-decay`` gets the new one."""
-    for group in optimizer.param_groups:
-        group["weight_decay"], group["decoupled_weight_decay"] = config.weight_decay, bool(config.weight_decay)
-
-
 def gradient_norm(params: list[Tensor], clip: float) -> Tensor:
     """The global L2 norm of the gradients (one fused reduction), clipping them to ``clip`` when > 0.
 
