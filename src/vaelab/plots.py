@@ -341,9 +341,11 @@ def correlation_matrices(images: np.ndarray, correlations: np.ndarray) -> Figure
     return fig
 
 
-def bits_back(kl: np.ndarray, z_net: np.ndarray, neg_elbo: np.ndarray, net: np.ndarray) -> Figure:
-    """Per image, in bits: left the net bits bits-back coding paid for z against the analytic KL, right
-    the net code length against -ELBO; the identity line on both."""
+def bits_back(kl: np.ndarray, z_net: np.ndarray, neg_elbo: np.ndarray, net: np.ndarray, latents: str = "z") -> Figure:
+    """Per image, in bits: left the net bits bits-back coding paid for the latents (``latents``: their
+    names, "z" for one layer) against the analytic KL, right the net code length against -ELBO; the
+    identity line on both."""
+    kl_of = "KL(q(z|x) ‖ p(z))" if latents == "z" else f"KL of {latents}, summed"
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (x, y, xlabel, ylabel, title) in zip(
         axes,
@@ -351,8 +353,8 @@ def bits_back(kl: np.ndarray, z_net: np.ndarray, neg_elbo: np.ndarray, net: np.n
             (
                 kl,
                 z_net,
-                "analytic KL(q(z|x) ‖ p(z)), bits",
-                "net bits for z (pushed − got back)",
+                f"analytic {kl_of}, bits",
+                f"net bits for {latents} (pushed − got back)",
                 "the KL term as bits",
             ),
             (neg_elbo, net, "−ELBO, bits", "net code length, bits", "the code length is −ELBO"),

@@ -410,18 +410,20 @@ def _bits_back(run, record: dict | None) -> Section | None:
             f"{run.path} -o FILE again"
         ) from None
     on = "" if record.get("categories") else " on this grid"
+    names = list(run.model.layer_dims)  # one layer z; two (z2, z1); M2's label and z
+    z = "z" if names == ["z"] else " and ".join(names)
     # several latents (two layers, M2's label and z) have no single sum over one grid to expect
     expected = f" ({b['z_net_expected']:.2f} expected for fair coin flips{on})" if "z_net_expected" in b else ""
     return Section(
         "The KL term as bits",
         f"vaelab compress coded the {images} {record['split']} images losslessly by bits-back coding ({coder}, "
-        f"{latent_code(record)}): it pops z from the message with q(z|x), getting "
-        f"bits back, and pushes x with p(x|z) and z with p(z). The net bits for z average {b['z_net']:.2f} against "
-        f"the analytic KL's {b['kl']:.2f}{expected}; "
+        f"{latent_code(record)}): it pops {z} from the message with q, getting bits back, and pushes x with "
+        f"p(x|{z}) and {z} with p. The net bits for {z} average {b['z_net']:.2f} against the analytic KL's "
+        f"{b['kl']:.2f}{' (every latent)' * (z != 'z')}{expected}; "
         f"the code is {b['net'] / P:.4f} bits per dimension against the model's −ELBO of {b['neg_elbo'] / P:.4f}"
         + (f" and −log2 p(x) of {b['neg_log2_px'] / P:.4f} (IWAE)" if "neg_log2_px" in b else "")
         + f"; the best general-purpose coder, {best}, needs {others[best] / images / P:.4f}.",
-        plots.bits_back(kl, z_net, neg_elbo, net),
+        plots.bits_back(kl, z_net, neg_elbo, net, z),
     )
 
 
