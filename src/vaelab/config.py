@@ -109,11 +109,6 @@ def positive_int(text: str) -> int:
     return _number(int, 1)(text)
 
 
-def non_negative(kind):
-    """A parser of numbers of ``kind`` that are at least 0."""
-    return _number(kind, 0)
-
-
 def _number(kind, least):
     def parse(text: str):
         try:

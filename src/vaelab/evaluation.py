@@ -57,6 +57,7 @@ from vaelab.objectives import (
     collapsed_layers,
     elbo,
     log_importance_weights,
+    rsample,
 )
 from vaelab.parts import FAMILIES, POSTERIORS
 
@@ -133,12 +134,15 @@ def kl_per_example(
     return _cat_kl([_kl_of_batch(m, xb, samples, generator, layers) for xb, m in data.batches(model, batch_size)])
 
 
-def _kl_of_batch(model, x: Tensor, samples: int, generator: torch.Generator, layers: list[str]) -> KLResult:
+def _kl_of_batch(
+    model, x: Tensor, samples: int, generator: torch.Generator, layers: list[str], q: Distribution | None = None
+) -> KLResult:
     """:func:`kl_per_example` of one batch (``model``: its labels bound; ``layers``: the names of the layers
-    the measure sees, top first), each layer's part by name: one entry for one layer."""
+    the measure sees, top first; ``q``: q(z|x) of a one-layer model where the caller has it), each layer's part
+    by name: one entry for one layer."""
     if len(layers) > 1:
         return _kl_of_layers(model, x, samples, generator)
-    q_z, p_z = model.encode(x), model.prior()
+    q_z, p_z = model.encode(x) if q is None else q, model.prior()
     part = kl_closed_form(q_z, p_z)
     if part is None:
         value, std_error = kl_monte_carlo(q_z, p_z, samples, generator)
@@ -243,11 +247,13 @@ def measure(
         with torch.random.fork_rng(devices=[data.x.device] if data.x.device.type == "cuda" else []):
             torch.manual_seed(seed)
             for xb, model_b in data.batches(model, batch_size):
-                reconstruction.append(elbo(model_b, xb).reconstruction)
-                kls.append(_kl_of_batch(model_b, xb, samples, kl_draws, layers))
+                drawn = model_b.latents(xb, rsample)  # the ELBO's z, one per example
+                reconstruction.append(model_b.log_px_given_z(drawn, xb))
+                q = drawn[0].q if len(layers) == 1 else None  # one layer: the q the KL and posteriors read
+                kls.append(_kl_of_batch(model_b, xb, samples, kl_draws, layers, q))
                 if posteriors:
                     with rng_from(posterior_draws):  # a flow's moments; the layers below the top
-                        params.append(_posterior_params(model_b.encode(xb)))
+                        params.append(_posterior_params(model_b.encode(xb) if q is None else q))
                         means.append(_lower_means(model_b, xb, 16))
     finally:
         model.train(was_training)

@@ -214,7 +214,7 @@ class rng_from:
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
         # torch.manual_seed below seeds the GPU's generator too: fork it as well, so that draws on the GPU
         # after this block are the caller's, whichever generator seeded the block
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
         self._fork = torch.random.fork_rng(devices=devices)
         self._fork.__enter__()
         torch.manual_seed(seed)
