@@ -52,6 +52,17 @@ def test_iwae_with_the_exact_posterior_is_log_px_for_any_k(lg_data):
         torch.testing.assert_close(ll, lg.log_px(x), atol=1e-4, rtol=0)
 
 
+def test_iwae_keeps_no_graph_whoever_calls_it():
+    """An estimate, not a loss: called with gradients on (a benchmark, a notebook) it keeps no autograd
+    graph, whose decoder outputs for every chunk and batch would fill the memory on 10,000 images."""
+    torch.manual_seed(0)
+    model = build(Config(hidden=(8,), latent_dim=2), (1, 4, 4))
+    x = (torch.rand(30, 1, 4, 4) > 0.5).float()
+    assert torch.is_grad_enabled() and all(p.requires_grad for p in model.parameters())
+    ll = iwae_log_likelihood(model, x, 50, batch_size=10, chunk=5)
+    assert ll.grad_fn is None and not ll.requires_grad
+
+
 def test_iwae_approaches_log_px_from_below(lg_data):
     lg, x = lg_data
     torch.manual_seed(0)

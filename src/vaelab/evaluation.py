@@ -83,6 +83,7 @@ def iwae_chunk(x: Tensor, batch_size: int, k: int) -> int:
     return max(1, min(k, available(x.device) // 4 // (32 * per_sample)))
 
 
+@torch.no_grad()
 def iwae_log_likelihood(
     model, data: Tensor | Examples, k: int, batch_size: int = 100, chunk: int | None = None
 ) -> Tensor:
@@ -94,7 +95,8 @@ def iwae_log_likelihood(
     logsumexp: memory is O(batch_size * chunk * pixels), whatever k. By default chunk x batch x
     pixels is about ``CHUNK_VALUES`` (the decoder's outputs, for a likelihood with one parameter per
     pixel), so that the decoder's last matrix product writes them, and the likelihood reads them,
-    in the CPU's cache.
+    in the CPU's cache. Without gradients, whoever calls it: a graph kept across the chunks and batches
+    would hold every decoder output, memory growing with N x k.
     """
     data = examples(data)
     if chunk is None:
