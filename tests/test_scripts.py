@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Boom
 
+from conftest import Boom
 from vaelab.data.sources import read_idx
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
