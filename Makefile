@@ -15,13 +15,13 @@ demo: setup
 
 test: setup
 	bash scripts/install-browser.sh
-	.venv/bin/ruff check src tests benchmarks
-	.venv/bin/ruff format --check src tests benchmarks
+	.venv/bin/ruff check src tests benchmarks scripts
+	.venv/bin/ruff format --check src tests benchmarks scripts
 	.venv/bin/python -m pytest -q
 
 bench: setup
 	.venv/bin/python -m benchmarks
 
 lint: setup
-	.venv/bin/ruff check --fix src tests benchmarks
-	.venv/bin/ruff format src tests benchmarks
+	.venv/bin/ruff check --fix src tests benchmarks scripts
+	.venv/bin/ruff format src tests benchmarks scripts
