@@ -40,12 +40,15 @@ ROWS: list[tuple[str, str, str, str]] = []
 
 
 def cpu_name() -> str:
-    """The CPU's model name and the vector features that matter here, from /proc/cpuinfo."""
+    """The CPU's model name and the vector features that matter here, from /proc/cpuinfo, and the code path
+    PyTorch was held to, where ``ATEN_CPU_CAPABILITY`` holds it below what the CPU has."""
     info = cpu_info()
     if info is None:
         return platform.processor() or platform.machine()
     features = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in info["flags"]]
-    return f"{info['model name']} ({', '.join(features) or 'no AVX2'})"
+    held = os.environ.get("ATEN_CPU_CAPABILITY")
+    path = f"; PyTorch's kernels held to {held} by ATEN_CPU_CAPABILITY" if held else ""
+    return f"{info['model name']} ({', '.join(features) or 'no AVX2'}{path})"
 
 
 def row(name: str, measured: str, ratio: str, target: str) -> None:

@@ -60,14 +60,49 @@ def test_the_textbook_model_is_scored_by_the_same_estimator():
     assert ll.shape == (3,) and torch.isfinite(ll).all()
 
 
+def test_the_recipe_study_states_both_goals():
+    """Equal time: at least 1.5 nats under the textbook's mean at the same budget; time to target: the
+    recipe's run of B / 2 at or under the textbook's mean at B."""
+    from benchmarks.recipes import goals
+
+    results = {
+        60.0: {"textbook": [(101.0, 9), (101.5, 9)], "defaults": [(99.75, 9), (99.75, 9)]},
+        120.0: {"textbook": [(100.0, 9), (99.5, 9)], "defaults": [(98.5, 9), (98.0, 9)], "other": [(99.5, 9)]},
+    }
+    assert goals(results) == [
+        "defaults at 60 s: +1.50 nats at equal time (met)",
+        "defaults at 120 s: +1.50 nats at equal time (met); in 60 s +0.00 against the textbook's 120 s (met)",
+        "other at 120 s: +0.25 nats at equal time (missed)",
+    ]
+    results[60.0]["defaults"] = [(99.76, 9)]
+    assert goals(results)[0].endswith("+1.49 nats at equal time (missed)")
+    assert goals(results)[1].endswith("-0.01 against the textbook's 120 s (missed)")
+
+
 def test_the_recipe_study_runs_on_mnist_idx_files(mnist_dir, capsys):
     """python -m benchmarks.recipes --mnist DIR trains the textbook loop and a recipe on MNIST-format IDX
     files (here a tiny generated set) and scores both; a folder without them is skipped with a line."""
     from benchmarks import recipes
 
-    argv = ["--mnist", str(mnist_dir), "--budget", "0.5", "--seeds", "0", "--recipes", "textbook", "defaults"]
+    argv = ["--mnist", str(mnist_dir), "--budget", "0.25", "0.5", "--seeds", "0", "--recipes", "textbook", "defaults"]
     assert recipes.main(argv) == 0
     out = capsys.readouterr().out
-    assert "mnist, 0.5 s per run" in out and "seed 0: textbook" in out and "seed 0: defaults" in out
+    assert "mnist, 0.25 and 0.5 s per run" in out
+    assert "seed 0, 0.5 s: textbook" in out and "seed 0, 0.25 s: defaults" in out
+    # the goals: equal time at both budgets, and the half-time run against the textbook's longer one
+    assert "defaults at 0.25 s: " in out and "at equal time" in out
+    assert "defaults at 0.5 s: " in out and "in 0.25 s " in out and "against the textbook's 0.5 s" in out
     assert recipes.main(["--mnist", str(mnist_dir / "nothing")]) == 0
     assert "full MNIST: skipped" in capsys.readouterr().out
+
+
+def test_the_cpu_line_says_when_pytorch_is_held_to_a_lower_code_path(monkeypatch):
+    """A study run with ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU says so beside the CPU's own features."""
+    from benchmarks.__main__ import cpu_name
+
+    from vaelab.training import cpu_info
+
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert "held to" not in cpu_name()
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert "PyTorch's kernels held to avx2 by ATEN_CPU_CAPABILITY" in cpu_name() or cpu_info() is None

@@ -518,9 +518,11 @@ def test_the_float32_boundary_is_in_the_builders():
     assert terms.kl.dtype == terms.reconstruction.dtype == torch.float32
 
 
-def test_auto_precision_follows_the_cpu_flags():
+def test_auto_precision_follows_the_cpu_flags(monkeypatch):
     from vaelab.training import native_bf16
 
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
     with open("/proc/cpuinfo") as f:
         flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
     native = "avx512_bf16" in flags or "amx_bf16" in flags
@@ -529,6 +531,36 @@ def test_auto_precision_follows_the_cpu_flags():
     same_as, _ = _trained("bf16" if native else "fp32")
     for a, b in zip(auto.parameters(), same_as.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_auto_precision_stays_fp32_where_onednn_may_not_use_the_bf16_instructions(monkeypatch):
+    """A CPU with avx512_bf16 whose oneDNN is held below it (ONEDNN_MAX_CPU_ISA=AVX2, as a study of AVX2
+    code paths sets it) multiplies bf16 on a reference path, about 100 times slower than fp32: ``auto``
+    stays fp32 there and says why; so it does where PyTorch's oneDNN backend is off."""
+    from vaelab import training
+
+    monkeypatch.setattr(training, "cpu_info", lambda: {"model name": "x", "flags": ["avx2", "avx512_bf16"]})
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    cpu = torch.device("cpu")
+    if torch.backends.mkldnn.is_available():
+        assert training.resolved_precision("auto", cpu) == ("bf16", "native bf16 on this CPU: avx512_bf16")
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert training.resolved_precision("auto", cpu) == (
+                "fp32",
+                "this CPU has avx512_bf16, but PyTorch's oneDNN backend is off",
+            )
+    for name, value in (("ONEDNN_MAX_CPU_ISA", "avx2"), ("DNNL_MAX_CPU_ISA", "AVX512_CORE")):
+        monkeypatch.setenv(name, value)
+        precision, why = training.resolved_precision("auto", cpu)
+        assert precision == "fp32" and f"{name}={value.upper()} keeps oneDNN's bf16 products off it" in why
+        assert not training.native_bf16(cpu)
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # a limit at or above bf16 holds nothing back
+    assert training.resolved_precision("auto", cpu)[0] == ("bf16" if torch.backends.mkldnn.is_available() else "fp32")
+    monkeypatch.setattr(training, "cpu_info", lambda: {"model name": "x", "flags": ["avx2"]})
+    assert training.resolved_precision("auto", cpu) == ("fp32", "no native bf16 on this CPU")
+    assert training.resolved_precision("bf16", cpu) == ("bf16", "--precision bf16")  # asked for: done as asked
 
 
 def test_the_validation_split_is_a_twelfth_of_the_training_images_at_most_a_thousand():
