@@ -545,11 +545,15 @@ def test_auto_precision_stays_fp32_where_onednn_may_not_use_the_bf16_instruction
     cpu = torch.device("cpu")
     if torch.backends.mkldnn.is_available():
         assert training.resolved_precision("auto", cpu) == ("bf16", "native bf16 on this CPU: avx512_bf16")
-        with torch.backends.mkldnn.flags(enabled=False):
+        enabled = torch.backends.mkldnn.set_flags(False, _fp32_precision=None)[0]  # only the switch, no TF32 flag
+        try:
             assert training.resolved_precision("auto", cpu) == (
                 "fp32",
                 "this CPU has avx512_bf16, but PyTorch's oneDNN backend is off",
             )
+        finally:
+            torch.backends.mkldnn.set_flags(enabled, _fp32_precision=None)
+        assert torch.backends.mkldnn.enabled
     for name, value in (("ONEDNN_MAX_CPU_ISA", "avx2"), ("DNNL_MAX_CPU_ISA", "AVX512_CORE")):
         monkeypatch.setenv(name, value)
         precision, why = training.resolved_precision("auto", cpu)
