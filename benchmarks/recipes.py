@@ -15,7 +15,7 @@ validation and checkpoints counted in its time; the best weights by validation E
 the textbook loop (``references.py``: DataLoader, sigmoid + BCE, Adam 1e-3, ``loss.item()`` per
 step, dynamically binarised batches) trains on train + validation for the same wall time. Both are
 scored by one estimator, vaelab's IWAE with k = 1000, on the same test images. 2 threads, or
-``--threads``. Given several budgets, it ends with the issue's goals: each recipe's lead over the
+``--threads``. Given several budgets, it ends with the two goals: each recipe's lead over the
 textbook at equal time, and its time to target, whether it reaches the textbook's NLL at B in half
 the time (its run of budget B / 2, where that budget was run too).
 """
@@ -109,7 +109,7 @@ def table(results: dict[str, list[tuple[float, int]]]) -> None:
 
 
 def goals(results: Results) -> list[str]:
-    """The issue's two goals per recipe, in lines: at least 1.5 nats better than the textbook at equal
+    """The two goals per recipe, in lines: at least 1.5 nats better than the textbook at equal
     time, and the textbook's NLL at budget B reached in B / 2 (where both budgets ran)."""
     lines = []
     for budget, runs in results.items():

