@@ -13,6 +13,7 @@ import textwrap
 import time
 
 import pytest
+import torch
 
 from conftest import train_options
 from vaelab import rundir
@@ -20,7 +21,7 @@ from vaelab.checkpoint import load_checkpoint
 from vaelab.cli import main
 from vaelab.config import read_toml
 from vaelab.fileio import atomic_write_text
-from vaelab.runs import signals_held
+from vaelab.training import signals_held
 
 FAST = train_options(data="digits", hidden=16, latent_dim=2, epochs=1, threads=1)
 
@@ -120,6 +121,78 @@ def test_signals_held_delays_a_stop_until_the_write_is_done():
         time.sleep(0.05)
         done.append("the write finished")  # not interrupted: the signal waits for the block's end
     assert done == ["the write finished"]
+
+
+def _tiny_fit(**options):
+    import vaelab
+    from vaelab.training import TrainState
+
+    model = vaelab.build_model(vaelab.Config(hidden=(8,), latent_dim=2), (1, 8, 8))
+    state = TrainState()
+    options = {"epochs": 3, "batch_size": 20, "progress": False, **options}
+    return state, lambda: vaelab.fit(model, torch.rand(60, 1, 8, 8), state=state, **options)
+
+
+def test_a_stop_during_a_hook_is_acted_on_when_the_hooks_are_done():
+    """A Ctrl-C that arrives while a hook writes (TensorBoard's writer, a checkpoint) does not cut it off: it
+    stops the run after the hooks, before the next epoch. Raised inside TensorBoard's writer, a stop could
+    leave its queue's lock held and the run's last flush waiting for ever."""
+    done = []
+
+    def hook(records, model, state):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        done.append(state.epoch)
+
+    state, fit = _tiny_fit(hooks=[hook])
+    with pytest.raises(KeyboardInterrupt):
+        fit()
+    assert done == [1] and state.epoch == 1 and state.step == 3
+
+
+def test_a_stop_during_a_step_is_acted_on_after_its_update(monkeypatch):
+    """A Ctrl-C in the middle of an optimiser step lets the step finish (the model updated, the step counted),
+    then stops the run: nothing else runs between two steps."""
+    from vaelab import training
+
+    real = training.OptimiserStep.__call__
+    steps = []
+
+    def interrupted(self, *args):
+        os.kill(os.getpid(), signal.SIGINT)
+        result = real(self, *args)
+        steps.append("finished")
+        return result
+
+    monkeypatch.setattr(training.OptimiserStep, "__call__", interrupted)
+    state, fit = _tiny_fit()
+    with pytest.raises(KeyboardInterrupt):
+        fit()
+    assert steps == ["finished"] and state.step == 1 and not state.history
+
+
+def test_a_held_sigterm_with_no_handler_ends_the_process_between_steps():
+    """A Python program that calls fit() without handling SIGTERM: the signal ends it as before, by the
+    signal, but after the step it arrived in (the step's line after the kill runs)."""
+    script = textwrap.dedent(
+        """
+        import os, signal, torch, vaelab
+        from vaelab import training
+        real = training.OptimiserStep.__call__
+        def step(self, *args):
+            os.kill(os.getpid(), signal.SIGTERM)
+            result = real(self, *args)
+            print("the step finished", flush=True)
+            return result
+        training.OptimiserStep.__call__ = step
+        model = vaelab.build_model(vaelab.Config(hidden=(8,), latent_dim=2), (1, 8, 8))
+        vaelab.fit(model, torch.rand(60, 1, 8, 8), epochs=3, batch_size=20, progress=False)
+        print("fit returned")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGTERM, done.stderr
+    assert done.stdout == "the step finished\n"
 
 
 def test_sigterm_stops_like_ctrl_c_and_keeps_the_checkpoint(tmp_path):

@@ -13,8 +13,6 @@ import csv
 import io
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, fields
@@ -38,6 +36,7 @@ from vaelab.training import (
     fit,
     make_optimizer,
     resolved_precision,
+    signals_held,
 )
 
 CSV_BASE = [
@@ -289,12 +288,14 @@ class RunWriter:
         self.checkpoint_seconds += time.perf_counter() - start
 
     def close(self):
-        """The run's end, or a stop: write the checkpoints not yet written."""
-        try:
-            self.save()
-        finally:
-            if self.tb is not None:
-                self.tb.close()
+        """The run's end, or a stop: write the checkpoints not yet written, and close TensorBoard's writer
+        (a second stop now waits for both)."""
+        with signals_held():
+            try:
+                self.save()
+            finally:
+                if self.tb is not None:
+                    self.tb.close()
 
 
 def _epoch_of(row: dict) -> float:
@@ -304,32 +305,6 @@ def _epoch_of(row: dict) -> float:
         return int(row.get("epoch") or "")
     except (TypeError, ValueError):
         return float("inf")
-
-
-@contextlib.contextmanager
-def signals_held():
-    """Hold SIGINT and SIGTERM back for the ``with`` block: one that arrives is noted, and acted on
-    (by the handler that was in place) when the block ends, so a second Ctrl-C during the last
-    checkpoint write waits for the write instead of losing it. Handlers, not thread signal masks:
-    PyTorch's threads would take a process signal that the main thread masks."""
-    if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's
-        yield
-        return
-    caught: list[int] = []
-    previous = {
-        s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if caught:
-            handler = previous[caught[0]]
-            if callable(handler):
-                handler(caught[0], None)
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(caught[0])
 
 
 def epoch_split(val_images: int) -> str:

@@ -149,6 +149,8 @@ def run_sweep(points: list[Point], jobs: int, log=print) -> list[tuple[Point, st
     """Train every unfinished point, ``jobs`` processes at a time; returns each point with what became
     of it ("done before", "trained", or "failed (exit N)"). SIGTERM or Ctrl-C stops the processes
     (each writes its checkpoint) and then the sweep."""
+    from vaelab.training import signals_held
+
     outcome: dict[Path, str] = {}
     todo = []
     for p in points:
@@ -158,37 +160,45 @@ def run_sweep(points: list[Point], jobs: int, log=print) -> list[tuple[Point, st
         else:
             todo.append(p)
     running: dict[subprocess.Popen, tuple[Point, object]] = {}
-    try:
-        while todo or running:
-            while todo and len(running) < jobs:
-                p = todo.pop(0)
-                output = tempfile.TemporaryFile()  # noqa: SIM115 (closed when it ends); unnamed: no file of the sweep
-                log(f"{p.label}: training into {p.out}")
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "vaelab", *p.argv], stdout=output, stderr=subprocess.STDOUT
-                )
-                running[proc] = (p, output)
-            time.sleep(0.2)
-            for proc in [q for q in running if q.poll() is not None]:
-                p, output = running.pop(proc)
-                if proc.returncode == 0:
-                    outcome[p.out] = "trained"
-                    log(f"{p.label}: done")
-                else:
-                    output.seek(0)
-                    tail = [line for line in output.read().decode(errors="replace").splitlines() if line.strip()]
-                    outcome[p.out] = f"failed (exit {proc.returncode})"
-                    log(f"{p.label}: failed with exit {proc.returncode}; its last lines:")
-                    for line in tail[-5:]:
-                        log(f"    {line}")
+    # a stop is acted on between polls: raised inside Popen, it would leave a started process unknown to the sweep
+    with signals_held() as stop:
+        try:
+            while todo or running:
+                while todo and len(running) < jobs:
+                    p = todo.pop(0)
+                    output = tempfile.TemporaryFile()  # noqa: SIM115 (closed when it ends); unnamed: no file of the sweep
+                    log(f"{p.label}: training into {p.out}")
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "vaelab", *p.argv], stdout=output, stderr=subprocess.STDOUT
+                    )
+                    running[proc] = (p, output)
+                time.sleep(0.2)
+                stop.check()
+                _collect(running, outcome, log)
+        finally:
+            for proc in running:  # stopped: each writes its checkpoint and exits
+                proc.send_signal(signal.SIGTERM)
+            for proc, (_, output) in running.items():
+                proc.wait()
                 output.close()
-    finally:
-        for proc in running:  # stopped: each writes its checkpoint and exits
-            proc.send_signal(signal.SIGTERM)
-        for proc, (_, output) in running.items():
-            proc.wait()
-            output.close()
     return [(p, outcome[p.out]) for p in points]
+
+
+def _collect(running: dict, outcome: dict[Path, str], log) -> None:
+    """What became of each process that has ended: "trained", or "failed (exit N)" with its last lines."""
+    for proc in [q for q in running if q.poll() is not None]:
+        p, output = running.pop(proc)
+        if proc.returncode == 0:
+            outcome[p.out] = "trained"
+            log(f"{p.label}: done")
+        else:
+            output.seek(0)
+            tail = [line for line in output.read().decode(errors="replace").splitlines() if line.strip()]
+            outcome[p.out] = f"failed (exit {proc.returncode})"
+            log(f"{p.label}: failed with exit {proc.returncode}; its last lines:")
+            for line in tail[-5:]:
+                log(f"    {line}")
+        output.close()
 
 
 def threads_per_job(jobs: int) -> int:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +89,52 @@ class RateTarget:
         self.beta = min(1e3, max(1e-3, self.beta * math.exp(self.RATE * self.average)))
 
 
+class signals_held:  # noqa: N801 (used as a context manager, like contextlib's)
+    """Hold SIGINT and SIGTERM back for the ``with`` block: one that arrives is noted, and acted on (by the
+    handler that was in place: Ctrl-C's KeyboardInterrupt, ``vaelab``'s SIGTERM) at :meth:`check` or at
+    the block's end, never on a line in between. A stop raised on any line may land inside a library that
+    holds a lock: raised inside TensorBoard's writer, it left its queue's lock held, and the run's last
+    flush waited for ever. Handlers, not thread signal masks: PyTorch's threads would take a process
+    signal that the main thread masks. Outside the main thread (whose handlers these are) nothing is held."""
+
+    def __enter__(self) -> signals_held:
+        self.caught: list[int] = []
+        self.previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            try:
+                for s in (signal.SIGINT, signal.SIGTERM):
+                    self.previous[s] = signal.signal(s, self._note)
+            except BaseException:  # a stop between the two: the handler set is put back before it goes on
+                self._restore()
+                raise
+        return self
+
+    def _note(self, signum, frame) -> None:
+        self.caught.append(signum)
+
+    def _restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def check(self) -> None:
+        """Act on the first stop noted so far, here (its handler raises KeyboardInterrupt, or ``vaelab``'s
+        Terminated); what follows in the block then does not run."""
+        if self.caught:
+            signum = self.caught[0]
+            self.caught.clear()
+            handler = self.previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:  # the process ends as the signal ends it
+                self._restore()
+                signal.raise_signal(signum)
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+        if self.caught:
+            self.check()
+
+
 # called once after each epoch (its training record, then its validation record where there is one), with
 # named arguments: hook(records=[...], model=model, state=state); `state` is what a checkpoint keeps
 Hook = Callable[..., None]
@@ -124,51 +172,62 @@ def fit(
     show = (sys.stderr.isatty() if progress is None else progress) and ctx.is_main
     bar = ProgressBar(len(batches), config) if show else None  # (rank 0's, on a terminal)
     clock = Clock(config, state, total_steps=config.epochs * len(batches))
-    for epoch in range(state.epoch, config.epochs):
-        # the seconds the last checkpoint holds, not the live clock: a resume of a spent budget stops here,
-        # and a budget that ran out during validation or a checkpoint still ends on a step, checkpointed
-        if clock.out_of_time(state.elapsed):
-            break
-        _set_lr(optimizer, lr_at(config, epoch))
-        model.train()
-        sums, skipped, beta, start = TermSums(), 0, config.beta, time.perf_counter()
-        for x, y in batches.epoch(epoch, shard=(ctx.rank, ctx.world)):
-            if config.lr_per_step:  # the share of the run done so far
-                _set_lr(optimizer, lr_at(config, epoch, clock.progress(clock.elapsed())))
-            beta = _kl_weight(config, state)
-            terms, problem = step(x, y, beta, state.step)
-            if problem is None:
-                sums.add(terms)
-                if state.rate is not None:
-                    state.rate.update(_batch_rate(terms))
-            elif state.skipped < config.skip_nonfinite:  # --skip-nonfinite: drop this batch, count it, go on
-                skipped += 1
-                state.skipped += 1  # the budget is the run's (this process's part of it), not an epoch's
-            else:
-                raise NonFiniteError(_nonfinite_message(problem, epoch, state.step))
-            state.step += 1
-            if bar is not None:
-                bar.update(epoch, terms, beta)
-            if clock.out_of_time(clock.elapsed()):  # the run ends after the step that reaches the budget
+    with signals_held() as stop:  # a Ctrl-C or SIGTERM stops the run between two steps, or after the hooks
+        for epoch in range(state.epoch, config.epochs):
+            # the seconds the last checkpoint holds, not the live clock: a resume of a spent budget stops here,
+            # and a budget that ran out during validation or a checkpoint still ends on a step, checkpointed
+            if clock.out_of_time(state.elapsed):
                 break
-        _check_learnt(epoch, skipped, sums.n)
-        record = sums.record(
-            epoch, "train", beta, time.perf_counter() - start, pixels, state.step, skipped, clock.elapsed()
-        )
-        if step.relaxed is not None:  # the train terms are the relaxed model's, at this temperature
-            record.temperature = temperature_at(config, state.step - 1)
-        records = [record, *_validation(model, val, epoch, pixels, config, beta, state.step, clock)]
-        if not math.isfinite(records[-1].elbo):  # without validation images, the training terms say it
-            raise NonFiniteError(f"the ELBO of epoch {epoch + 1} is NaN or infinite: the run has diverged")
-        state.elapsed = records[-1].elapsed  # what a checkpoint written by the hooks below keeps
-        state.history += records
-        state.epoch = epoch + 1
-        for hook in hooks:
-            hook(records=records, model=model, state=state)
+            _set_lr(optimizer, lr_at(config, epoch))
+            model.train()
+            sums, skipped, beta, start = TermSums(), 0, config.beta, time.perf_counter()
+            for x, y in batches.epoch(epoch, shard=(ctx.rank, ctx.world)):
+                if config.lr_per_step:  # the share of the run done so far
+                    _set_lr(optimizer, lr_at(config, epoch, clock.progress(clock.elapsed())))
+                beta = _kl_weight(config, state)
+                terms, problem = step(x, y, beta, state.step)
+                skipped += _tally(terms, problem, sums, state, config, epoch)
+                state.step += 1
+                if bar is not None:
+                    bar.update(epoch, terms, beta)
+                stop.check()
+                if clock.out_of_time(clock.elapsed()):  # the run ends after the step that reaches the budget
+                    break
+            _check_learnt(epoch, skipped, sums.n)
+            record = sums.record(
+                epoch, "train", beta, time.perf_counter() - start, pixels, state.step, skipped, clock.elapsed()
+            )
+            if step.relaxed is not None:  # the train terms are the relaxed model's, at this temperature
+                record.temperature = temperature_at(config, state.step - 1)
+            records = [record, *_validation(model, val, epoch, pixels, config, beta, state.step, clock)]
+            if not math.isfinite(records[-1].elbo):  # without validation images, the training terms say it
+                raise NonFiniteError(f"the ELBO of epoch {epoch + 1} is NaN or infinite: the run has diverged")
+            state.elapsed = records[-1].elapsed  # what a checkpoint written by the hooks below keeps
+            state.history += records
+            state.epoch = epoch + 1
+            for hook in hooks:
+                hook(records=records, model=model, state=state)
+            stop.check()
     state.elapsed = clock.elapsed()
     if bar is not None:
         bar.close()
     return state
+
+
+def _tally(
+    terms: contract.ElboTerms, problem: str | None, sums: TermSums, state: TrainState, config: Config, epoch: int
+) -> int:
+    """A step's terms into the epoch's sums (and the rate target's multiplier); a NaN or infinite step is
+    skipped (returns 1) while --skip-nonfinite allows, and stops the run after."""
+    if problem is None:
+        sums.add(terms)
+        if state.rate is not None:
+            state.rate.update(_batch_rate(terms))
+        return 0
+    if state.skipped < config.skip_nonfinite:  # --skip-nonfinite: drop this batch, count it, go on
+        state.skipped += 1  # the budget is the run's (this process's part of it), not an epoch's
+        return 1
+    raise NonFiniteError(_nonfinite_message(problem, epoch, state.step))
 
 
 def _check_learnt(epoch: int, skipped: int, batches: int) -> None:
