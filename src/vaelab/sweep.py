@@ -160,9 +160,9 @@ def run_sweep(points: list[Point], jobs: int, log=print) -> list[tuple[Point, st
         else:
             todo.append(p)
     running: dict[subprocess.Popen, tuple[Point, object]] = {}
-    # a stop is acted on between polls: raised inside Popen, it would leave a started process unknown to the sweep
-    with signals_held() as stop:
-        try:
+    try:
+        # a stop is acted on between polls: raised inside Popen, it would leave a started process unknown to the sweep
+        with signals_held() as stop:
             while todo or running:
                 while todo and len(running) < jobs:
                     p = todo.pop(0)
@@ -175,12 +175,13 @@ def run_sweep(points: list[Point], jobs: int, log=print) -> list[tuple[Point, st
                 time.sleep(0.2)
                 stop.check()
                 _collect(running, outcome, log)
-        finally:
-            for proc in running:  # stopped: each writes its checkpoint and exits
+    finally:  # stopped: each process writes its checkpoint and exits
+        with signals_held():  # every process is told before a second stop may end the sweep
+            for proc in running:
                 proc.send_signal(signal.SIGTERM)
-            for proc, (_, output) in running.items():
-                proc.wait()
-                output.close()
+        for proc, (_, output) in running.items():  # a second Ctrl-C ends this wait, not the processes
+            proc.wait()
+            output.close()
     return [(p, outcome[p.out]) for p in points]
 
 

@@ -161,6 +161,8 @@ def fit(
     ``hooks`` are called once after each epoch's validation as ``hook(records=..., model=..., state=...)``,
     with the epoch's records (training, then validation);
     ``pixels`` per image turns on bits/dim (a discrete likelihood).
+    A Ctrl-C or SIGTERM is acted on between two steps, or when the epoch's hooks are done, never inside
+    them: its KeyboardInterrupt (or the handler in place) is raised there.
     """
     config = (config or Config()).replace(**options)
     state = state or TrainState()
