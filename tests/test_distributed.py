@@ -5,6 +5,7 @@ ones the mean of the whole batch; they differ only in the order of float32 summa
 (about 1e-7 relative), so parameters after a few dozen Adam steps agree to 1e-5.
 """
 
+import contextlib
 import csv
 import json
 import math
@@ -259,3 +260,39 @@ def test_a_killed_rank_costs_at_most_the_epoch_in_progress(tmp_path):
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert [row["epoch"] for row in rows(out) if row["split"] == "val"] == [str(e) for e in range(10)]
+
+
+@pytest.mark.parametrize(
+    ("send", "code", "said"),
+    [
+        (lambda proc: proc.send_signal(signal.SIGTERM), 143, "vaelab: stopped by SIGTERM"),  # kill, docker stop
+        (lambda proc: os.killpg(proc.pid, signal.SIGINT), 130, "vaelab: interrupted"),  # Ctrl-C: the terminal's group
+    ],
+    ids=["sigterm-to-vaelab", "ctrl-c"],
+)
+def test_a_stop_of_vaelab_nproc_stops_every_process_and_keeps_the_checkpoint(tmp_path, send, code, said):
+    """SIGTERM to `vaelab train --nproc 2` alone, or Ctrl-C: torchrun is told, each rank stops as a single run
+    does, rank 0 writes the checkpoint it held back, and vaelab exits only when they have all ended (on
+    SIGTERM it used to end at once, leaving torchrun training on, the run locked and nothing written)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vaelab", "train", "--nproc", "2", *COMMON, "--epochs", "100000"]
+    cmd += ["--checkpoint-every", "100000", "--out", str(out)]
+    # its own process group, so that whatever it leaves running is ended below, whatever the test's outcome
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and (not (out / "metrics.csv").exists() or len(rows(out)) < 6):
+            time.sleep(0.05)
+        assert not (out / "checkpoints" / "last.pt").exists()  # written only at the end, or at a stop
+        send(proc)
+        printed, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == code, err.decode()[-3000:]
+    assert err.decode().count(said) == 3  # each rank, then vaelab itself
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] >= 3
+    from vaelab import rundir
+
+    with rundir.lock(out, "a test"):  # nothing of the run holds its lock any more
+        pass

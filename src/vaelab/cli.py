@@ -182,7 +182,36 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
             rest.append(argv[i])
         i += 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "vaelab"]
-    return subprocess.call([*cmd, *rest])
+    proc = subprocess.Popen([*cmd, *rest])
+    # torchrun stops its processes on a signal and waits for them: SIGTERM, sent to this process alone (kill,
+    # docker stop), is passed on; Ctrl-C reaches torchrun and its processes from the terminal itself. Either
+    # way this process waits for torchrun, so that nothing of the run goes on after it has ended
+    got: list[int] = []
+
+    def stop(signum, frame):
+        got.append(signum)
+        if signum == signal.SIGTERM:
+            proc.send_signal(signum)
+
+    with _signals_to(stop):
+        code = proc.wait()
+    if got and code != 0:  # torchrun ends with 1 when a signal stops it; say which, as a single process does
+        raise Terminated() if signal.SIGTERM in got else KeyboardInterrupt()
+    return code
+
+
+@contextlib.contextmanager
+def _signals_to(handler):
+    """``handler`` for SIGINT and SIGTERM in the ``with`` block (in the main thread; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
