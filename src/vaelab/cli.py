@@ -156,17 +156,9 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
-@contextlib.contextmanager
 def stop_on_sigterm():
     """SIGTERM (kill, docker stop, Slurm preemption, torchrun) stops the block as Ctrl-C does."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return _handled(_terminate, signal.SIGTERM)
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
@@ -193,7 +185,7 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
         if signum == signal.SIGTERM:
             proc.send_signal(signum)
 
-    with _signals_to(stop):
+    with _handled(stop, signal.SIGINT, signal.SIGTERM):
         code = proc.wait()
     if got and code != 0:  # torchrun ends with 1 when a signal stops it; say which, as a single process does
         raise Terminated() if signal.SIGTERM in got else KeyboardInterrupt()
@@ -201,12 +193,13 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
 
 
 @contextlib.contextmanager
-def _signals_to(handler):
-    """``handler`` for SIGINT and SIGTERM in the ``with`` block (in the main thread; elsewhere nothing changes)."""
+def _handled(handler, *signals: int):
+    """``handler`` for ``signals`` in the ``with`` block; outside the main thread (which alone takes signals)
+    nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
