@@ -114,7 +114,8 @@ class signals_held:  # noqa: N801 (used as a context manager, like contextlib's)
 
     def _restore(self) -> None:
         for s, handler in self.previous.items():
-            signal.signal(s, handler)
+            if handler is not None:  # (None: a handler set outside Python, which cannot be put back)
+                signal.signal(s, handler)
 
     def check(self) -> None:
         """Act on the first stop noted so far, here (its handler raises KeyboardInterrupt, or ``vaelab``'s
