@@ -17,7 +17,7 @@ test: setup
 	bash scripts/install-browser.sh
 	.venv/bin/ruff check src tests benchmarks scripts
 	.venv/bin/ruff format --check src tests benchmarks scripts
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=15
 
 bench: setup
 	.venv/bin/python -m benchmarks
