@@ -6,6 +6,9 @@ import gzip
 import html
 import json
 import math
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -217,6 +220,31 @@ def test_a_folder_of_pngs_comes_back_pixel_for_pixel(runs, tmp_path):
     decompress(tmp_path / "f.vbb", tmp_path / "out")
     back = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "out").glob("*.png"))])
     assert np.array_equal(back, pictures)
+
+
+def test_sigterm_while_pngs_are_written_leaves_nothing_behind(runs, tmp_path):
+    """SIGTERM stops `vaelab decompress` as Ctrl-C does: exit 143, and the folder of PNGs it was writing goes
+    (SIGTERM's default action ended the process on the spot, leaving a hidden folder of the first images)."""
+    file = tmp_path / "f.vbb"
+    compress(runs["bernoulli"], file, iwae_k=0)
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from vaelab import compress
+        real, written = compress.atomic_write_bytes, []
+        def write(path, data):  # the third image written, then a SIGTERM
+            real(path, data)
+            written.append(path)
+            if len(written) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+        compress.atomic_write_bytes = write
+        from vaelab.cli import main
+        raise SystemExit(main(["decompress", {str(file)!r}, "-o", {str(tmp_path / "pngs")!r}]))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143 and "vaelab: stopped by SIGTERM" in done.stderr, done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["f.vbb"]
 
 
 def test_the_file_names_the_model_and_the_images(runs, tmp_path):

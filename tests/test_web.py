@@ -159,6 +159,34 @@ def test_serve_refuses_a_taken_port(trained_run, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+def test_serve_takes_a_port_its_last_server_has_just_left(trained_run, monkeypatch):
+    """A port whose last connection waits out TCP's TIME_WAIT (a server stopped a moment after serving a
+    page) can be listened on again, as uvicorn sets SO_REUSEADDR; vaelab's check of the port refused it,
+    so `vaelab serve` started again at once said the port was taken."""
+    import socket
+
+    import uvicorn
+
+    from vaelab.cli import main
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    connection, _ = server.accept()
+    connection.close()  # the server's side closes first: it is its end that waits out TIME_WAIT
+    client.close()
+    server.close()
+    with socket.socket() as plain, pytest.raises(OSError):  # the case: a plain bind is refused
+        plain.bind(("127.0.0.1", port))
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append(options["port"]))
+    assert main(["serve", str(trained_run), "--port", str(port)]) == 0
+    assert served == [port]
+
+
 @pytest.fixture(scope="module")
 def vamp_run(tmp_path_factory):
     from vaelab.cli import main

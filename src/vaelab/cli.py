@@ -126,15 +126,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k in names}
     config = resolve(args.config, options, args.preset)
     given = {*options, *(read_toml(args.config) if args.config else ()), *(PRESETS[args.preset] if args.preset else ())}
-    with stop_on_sigterm():
-        out, test = train_run(
-            config,
-            out=args.out,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            auto_resume=args.auto_resume,
-            given=given,
-        )
+    out, test = train_run(
+        config, out=args.out, resume=args.resume, overwrite=args.overwrite, auto_resume=args.auto_resume, given=given
+    )
     if not is_rank_zero():
         return 0
     print(summary_line(test))
@@ -157,7 +151,8 @@ def _terminate(signum, frame):
 
 
 def stop_on_sigterm():
-    """SIGTERM (kill, docker stop, Slurm preemption, torchrun) stops the block as Ctrl-C does."""
+    """SIGTERM (kill, docker stop, Slurm preemption, torchrun) stops the block as Ctrl-C does: a run writes
+    its pending checkpoint, a file being written is removed, and the command exits with 143."""
     return _handled(_terminate, signal.SIGTERM)
 
 
@@ -307,6 +302,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from vaelab.web.app import create_app, create_runs_app
 
     with socket.socket() as probe:  # say a taken port in one line, before loading the model
+        # as uvicorn binds: a port whose last connections wait out TCP's TIME_WAIT is free to listen on
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((args.host, args.port))
         except OSError as err:
@@ -386,8 +383,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print("\n".join(command_line(p) for p in points))
         return 0
     print(f"vaelab sweep: {len(points)} runs into {args.out}/, {args.jobs} at a time")
-    with stop_on_sigterm():
-        outcome = run_sweep(points, args.jobs)
+    outcome = run_sweep(points, args.jobs)
     failed = [p for p, what in outcome if what.startswith("failed")]
     if failed:
         print(f"vaelab sweep: {len(failed)} of {len(points)} runs failed; run the sweep again to retry them")
@@ -649,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # --nproc runs the same command line again under torchrun
     try:
-        return args.func(args)
+        with stop_on_sigterm():  # every command: its partial outputs go, as on Ctrl-C
+            return args.func(args)
     except UserError as err:
         if args.debug:
             raise
