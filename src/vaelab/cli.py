@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from vaelab.config import positive_int
@@ -169,21 +170,19 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
             rest.append(argv[i])
         i += 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "vaelab"]
-    proc = subprocess.Popen([*cmd, *rest])
     # torchrun stops its processes on a signal and waits for them: SIGTERM, sent to this process alone (kill,
-    # docker stop), is passed on; Ctrl-C reaches torchrun and its processes from the terminal itself. Either
+    # docker stop), is passed on, once; Ctrl-C reaches torchrun and its processes from the terminal itself. Either
     # way this process waits for torchrun, so that nothing of the run goes on after it has ended
-    got: list[int] = []
-
-    def stop(signum, frame):
-        got.append(signum)
-        if signum == signal.SIGTERM:
-            proc.send_signal(signum)
-
-    with _handled(stop, signal.SIGINT, signal.SIGTERM):
-        code = proc.wait()
-    if got and code != 0:  # torchrun ends with 1 when a signal stops it; say which, as a single process does
-        raise Terminated() if signal.SIGTERM in got else KeyboardInterrupt()
+    told: list[int] = []
+    with _handled(lambda signum, frame: told.append(signum), signal.SIGINT, signal.SIGTERM):
+        proc, passed_on = subprocess.Popen([*cmd, *rest]), False
+        while (code := proc.poll()) is None:
+            if signal.SIGTERM in told and not passed_on:
+                proc.send_signal(signal.SIGTERM)
+                passed_on = True
+            time.sleep(0.1)
+    if told and code != 0:  # torchrun ends with 1 when a signal stops it; say which, as a single process does
+        raise Terminated() if signal.SIGTERM in told else KeyboardInterrupt()
     return code
 
 
