@@ -278,13 +278,13 @@ class RunWriter:
 
     def save(self) -> None:
         """Write the checkpoints taken since the last write: the best weights first, then last.pt, so
-        that a kill between the writes leaves a last.pt no newer than the best weights it knows of."""
+        that a kill between the writes leaves a last.pt no newer than the best weights it knows of. Its
+        callers hold a Ctrl-C or SIGTERM back until it is done (``fit`` around its hooks, :meth:`close`)."""
         start = time.perf_counter()
-        with signals_held():  # a Ctrl-C or SIGTERM now is acted on after the write, not in it
-            for name in ("checkpoints/best.pt", "model.safetensors", "checkpoints/last.pt"):
-                if name in self.pending:
-                    atomic_write_bytes(self.out / name, self.pending[name])
-                    del self.pending[name]
+        for name in ("checkpoints/best.pt", "model.safetensors", "checkpoints/last.pt"):
+            if name in self.pending:
+                atomic_write_bytes(self.out / name, self.pending[name])
+                del self.pending[name]
         self.checkpoint_seconds += time.perf_counter() - start
 
     def close(self):
