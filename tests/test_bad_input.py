@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,6 +272,253 @@ def runs_of_two_data_sets(tmp_path):
     second = tmp_path / "digits"
     assert main(["train", *FAST, "--data", "digits", "--out", str(second)]) == 0
     return ["rd", str(first), str(second)]
+
+
+def lying_npz(tmp_path):
+    """An .npz whose x declares 931 GiB of float32 in a 128-byte member."""
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (250_000_000_000,)})
+    with zipfile.ZipFile(tmp_path / "lie.npz", "w") as archive:
+        archive.writestr("x.npy", buf.getvalue().ljust(128, b"\0"))
+    return str(tmp_path / "lie.npz")
+
+
+def nan_weights(tmp_path):
+    """A run whose model.safetensors holds NaN weights (its metadata intact)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run = make_run(tmp_path)
+    with safe_open(str(run / "model.safetensors"), "pt") as f:
+        meta, weights = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    first = sorted(weights)[0]
+    weights[first] = torch.full_like(weights[first], float("nan"))
+    save_file(weights, run / "model.safetensors", metadata=meta)
+    return str(run)
+
+
+def checkpoint_without_config(tmp_path):
+    torch.save({"format": 1, "model": {}}, tmp_path / "bare.pt")
+    return str(tmp_path / "bare.pt")
+
+
+def edited_header(**changes):
+    """A file ``compress`` wrote, its header edited as ``changes`` say (None: the key removed; a bytes
+    value: the raw header) and its checksum computed again, as anyone can."""
+    import json
+    import struct
+
+    from vaelab.compress import MAGIC
+
+    def build(tmp_path):
+        file = compressed(tmp_path)
+        blob = Path(file).read_bytes()
+        (n,) = struct.unpack("<I", blob[len(MAGIC) : len(MAGIC) + 4])
+        header = json.loads(blob[len(MAGIC) + 4 : len(MAGIC) + 4 + n])
+        raw = changes.get("raw")
+        if raw is None:
+            for key, value in changes.items():
+                header[key] = value
+            header = {k: v for k, v in header.items() if v is not None}
+            raw = json.dumps(header).encode()
+        body = MAGIC + struct.pack("<I", len(raw)) + raw + blob[len(MAGIC) + 4 + n : -32]
+        Path(file).write_bytes(body + hashlib.sha256(body).digest())
+        return ["decompress", file, "-o", str(tmp_path / "back.npy")]
+
+    return build
+
+
+def one_class_labels(tmp_path):
+    return ["train", *FAST, "--data", labelled(tmp_path, np.zeros(40, dtype=np.int64)), "--labelled", "10"]
+
+
+def hard_linked_lock(tmp_path):
+    run = make_run(tmp_path)
+    (tmp_path / "notes.txt").write_text("my notes")
+    (run / ".vaelab-lock").unlink()
+    os.link(tmp_path / "notes.txt", run / ".vaelab-lock")
+    return ["evaluate", str(run), "--iwae-k", "0"]
+
+
+def copied_marker(tmp_path):
+    """A user's folder holding a run's marker, copied in: --overwrite must delete nothing of it."""
+    run = make_run(tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    shutil.copy(run / ".vaelab-run", mine / ".vaelab-run")
+    for name in ("config.toml", "metrics.csv", "report.html"):
+        (mine / name).write_text("the user's own")
+    return ["train", *FAST, "--out", str(mine), "--overwrite"]
+
+
+def record_with(tmp_path, name, edit):
+    import json
+
+    run = make_run(tmp_path)
+    if name == "evaluation.json":
+        assert main(["evaluate", str(run), "--iwae-k", "0"]) == 0
+    else:
+        assert main(["compress", str(run), "-o", str(tmp_path / "f.vbb"), "--iwae-k", "0"]) == 0
+    record = json.loads((run / name).read_text())
+    edit(record)
+    (run / name).write_text(json.dumps(record))  # Python writes NaN where asked: not JSON
+    return str(run)
+
+
+def png_folder(tmp_path, array):
+    d = tmp_path / "pngs"
+    d.mkdir()
+    for i in range(3):
+        Image.fromarray(array).save(d / f"{i}.png")
+    return str(d)
+
+
+def folder_of_others(tmp_path):
+    file = compressed(tmp_path)
+    d = tmp_path / "pngs"
+    d.mkdir()
+    (d / "000000.png").write_bytes(b"a PNG of decompress's name")
+    (d / "holiday.jpg").write_bytes(b"the user's photo")
+    return ["decompress", file, "-o", str(d), "--overwrite"]
+
+
+def sweep_again_with(*options):
+    def build(tmp_path):
+        out = str(tmp_path / "S")
+        assert main(["sweep", "--beta", "0.5", *FAST, "--data", "digits", "--out", out]) == 0
+        return ["sweep", "--beta", "0.5", *FAST, "--data", "digits", "--out", out, *options]
+
+    return build
+
+
+def idx_bomb(tmp_path):
+    """A gzipped IDX file whose header declares one 28x28 image and which inflates to 256 MiB."""
+    import struct
+
+    path = tmp_path / "bomb-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">3I", 1, 28, 28))
+        f.write(bytes(2**28))
+    return str(path)
+
+
+def idx_wrapping(tmp_path):
+    import struct
+
+    path = tmp_path / "wrap-idx3-ubyte"
+    path.write_bytes(bytes([0, 0, 8, 5]) + struct.pack(">5I", *[2**32 - 1] * 4, 5))
+    return str(path)
+
+
+HOSTILE = [  # issue 33's catalogue: a traceback, a wrong success or a loss where one line belongs
+    ("an .npz whose header lies about its size", lambda t: ["train", "--data", lying_npz(t)], ["declares", "holds"]),
+    ("an .npz of a 0-d array", lambda t: ["train", "--data", npz0(t)], ["0-d"]),
+    ("evaluate with a seed beyond 64 bits", lambda t: ["evaluate", "x", "--seed", str(10**23)], ["--seed", "2^63"]),
+    ("compress with a negative seed", lambda t: ["compress", "x", "-o", "y", "--seed", "-1"], ["--seed", "at least 0"]),
+    ("explain with a seed beyond 64 bits", lambda t: ["explain", "--seed", str(2**63)], ["--seed", "2^63"]),
+    ("a sweep of seeds beyond 64 bits", lambda t: ["sweep", "--seed", str(2**64), "--out", str(t / "s")], ["2^63"]),
+    ("evaluate of NaN weights", lambda t: ["evaluate", nan_weights(t), "--iwae-k", "0"], ["NaN or infinite weights"]),
+    ("a checkpoint without a config", lambda t: ["evaluate", checkpoint_without_config(t)], ["lacks", "config"]),
+    (
+        "a tc batch that leaves each of 2 processes one row",
+        lambda t: ["train", "--data", "digits", "--objective", "tc", "--batch-size", "2", "--nproc", "2"],
+        ["2 processes 1 each", "--batch-size 4"],
+    ),
+    (
+        "CUDA without a GPU, under torchrun",
+        lambda t: ["evaluate", str(t), "--device", "cuda", "--nproc", "2"],
+        ["no CUDA GPU"],
+    ),
+    (
+        "a temperature float32 cannot hold",
+        lambda t: ["train", "--posterior", "categorical", "--temperature", "1e300"],
+        ["float32", "temperature"],
+    ),
+    (
+        "a config nested 3,000 deep",
+        lambda t: ["train", "--config", toml(t, "hidden = " + "[" * 3000 + "]" * 3000)],
+        ["deep"],
+    ),
+    ("a header that is a list", edited_header(raw=b"[1, 2]"), ["not a JSON object"]),
+    ("a header nested 100,000 deep", edited_header(raw=b"[" * 100_000 + b"]" * 100_000), ["not JSON"]),
+    ("a header without its run", edited_header(run=None), ["'run'"]),
+    ("a header of images as text", edited_header(images="50"), ["'images'"]),
+    ("a header of -1 images", edited_header(images=-1), ["'images'"]),
+    ("a header of 10^12 images", edited_header(images=10**12), ["GiB of memory"]),
+    ("a header of 0 latent bits", edited_header(latent_bits=0), ["'latent_bits'"]),
+    ("a header of 30 latent bits", edited_header(latent_bits=30), ["'latent_bits'"]),
+    ("a header of 3 levels", edited_header(levels=3), ["'levels'"]),
+    ("a header of seed -1", edited_header(seed=-1), ["'seed'"]),
+    ("a header whose image shape lies", edited_header(x_shape=[1, 28, 27]), ["image shape"]),
+    ("a header naming /dev/zero as its run", edited_header(run="/dev/zero"), ["not a run directory"]),
+    ("decompress of /dev/zero", lambda t: ["decompress", "/dev/zero", "-o", str(t / "z.npy")], ["not a regular"]),
+    (
+        "compress with one file for both outputs",
+        lambda t: ["compress", str(make_run(t)), "-o", str(t / "a"), "--json", str(t / "a")],
+        ["another output"],
+    ),
+    ("rd with one file for both outputs", lambda t: ["rd", str(t), "--json", "x", "--figure", "x"], ["another output"]),
+    (
+        "uint8 images of 0 and 1",
+        lambda t: ["train", "--data", npy(t, (np.arange(40 * 64).reshape(40, 8, 8) % 2).astype(np.uint8))],
+        ["uint8 pixels of 0 and 1", "multiply by 255"],
+    ),
+    (
+        "an IDX file that inflates past its header",
+        lambda t: ["compress", str(make_run(t)), idx_bomb(t), "-o", "f"],
+        ["more"],
+    ),
+    ("an IDX shape past 2^64", lambda t: ["compress", str(make_run(t)), idx_wrapping(t), "-o", "f"], ["GiB of memory"]),
+    ("M2 with one class", one_class_labels, ["--labelled", "1 class", "2 or more"]),
+    ("a lock that is a hard link", hard_linked_lock, ["hard link"]),
+    ("overwrite of a folder with a copied marker", copied_marker, ["marker of its own", "refusing to delete"]),
+    (
+        "rd of an evaluation record holding NaN",
+        lambda t: ["rd", record_with(t, "evaluation.json", lambda r: r.update(kl=float("nan")))],
+        ["torn or was edited"],
+    ),
+    (
+        "report of a compression record without per-image numbers",
+        lambda t: ["report", record_with(t, "compression.json", lambda r: r.update(per_image={}))],
+        ["torn or was edited"],
+    ),
+    (
+        "16-bit grey PNGs coded with an 8-bit model",
+        lambda t: [
+            "compress",
+            str(make_run(t, "--likelihood", "logistic", "--binarize", "none")),
+            png_folder(t, np.full((28, 28), 1543, np.uint16)),
+            "-o",
+            str(t / "f.vbb"),
+        ],
+        ["16-bit", "8 bits cannot hold"],
+    ),
+    (
+        "grey PNGs with transparency",
+        lambda t: [
+            "compress",
+            str(make_run(t, "--likelihood", "logistic", "--binarize", "none")),
+            png_folder(t, np.stack([np.zeros((28, 28), np.uint8), np.full((28, 28), 7, np.uint8)], -1)),
+            "-o",
+            str(t / "f.vbb"),
+        ],
+        ["transparency"],
+    ),
+    ("decompress over a folder of other files", folder_of_others, ["holiday.jpg", "did not write"]),
+    ("a sweep started again with other layers", sweep_again_with("--hidden", "32"), ["hidden: (16,) -> (32,)"]),
+    (
+        "a sweep printed with a line break in its folder",
+        lambda t: ["sweep", "--beta", "1", "--out", str(t / "a\nb"), "--print"],
+        ["line break"],
+    ),
+]
+
+
+def npz0(tmp_path):
+    np.savez(tmp_path / "zero.npz", x=np.array(3.0))
+    return str(tmp_path / "zero.npz")
 
 
 CATALOGUE = [
@@ -894,9 +1142,12 @@ CATALOGUE = [
 ]
 
 
+CATALOGUE += HOSTILE
+
+
 @pytest.mark.parametrize("name,build,words", CATALOGUE, ids=[c[0] for c in CATALOGUE])
 def test_bad_input(tmp_path, capsys, monkeypatch, name, build, words):
-    if name == "CUDA without a GPU" and torch.cuda.is_available():
+    if name.startswith("CUDA without a GPU") and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")  # the message is for machines without one
     monkeypatch.chdir(tmp_path)  # default run directories land here
     argv = build(tmp_path)

@@ -3,12 +3,14 @@ discrete likelihood and every way images come in, the initial bits returned, the
 checked against exact sums, and the KL term recovered as the net bits for z."""
 
 import gzip
+import hashlib
 import html
 import json
 import math
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,7 +253,11 @@ def test_the_file_names_the_model_and_the_images(runs, tmp_path):
     compress(runs["bernoulli"], tmp_path / "f.vbb", iwae_k=0)
     header, message = unpack(tmp_path / "f.vbb")
     assert header["images"] == 40 and header["x_shape"] == [1, 28, 28] and header["levels"] == 2
-    assert len(header["model"]) == 64 and len(header["images_sha256"]) == 64 and message.dtype == np.uint32
+    assert len(header["model"]) == 64 and len(header["images_check"]) == 64 and message.dtype == np.uint32
+    # nothing of the sender's machine: the run relative to the file, no versions, no plain hash of the images
+    assert not Path(header["run"]).is_absolute() and "coded_on" not in header and "images_sha256" not in header
+    decompress(tmp_path / "f.vbb", tmp_path / "back.npy")
+    assert header["images_check"] != hashlib.sha256(np.load(tmp_path / "back.npy").tobytes()).hexdigest()
 
 
 def test_other_arithmetic_on_decoding_writes_nothing(runs, tmp_path, monkeypatch):
@@ -265,7 +271,7 @@ def test_other_arithmetic_on_decoding_writes_nothing(runs, tmp_path, monkeypatch
         return p * np.where(np.arange(p.shape[0])[:, None] % 7 == 0, [1.3, 0.7], 1.0)
 
     monkeypatch.setattr(bitsback.BitsBack, "_p_x", other)
-    with pytest.raises(UserError, match="other images than were coded"):
+    with pytest.raises(UserError, match="does not give back the images that were coded"):
         decompress(tmp_path / "f.vbb", tmp_path / "out.npy")
     assert not (tmp_path / "out.npy").exists()
 

@@ -54,3 +54,12 @@ def test_a_resumed_run_continues_the_multiplier_exactly(tmp_path):
     assert main(["train", "--epochs", "4", "--out", str(resumed), "--resume"]) == 0
     assert [r["beta"] for r in train_rows(resumed)] == [r["beta"] for r in train_rows(straight)]
     assert [r["kl"] for r in train_rows(resumed)] == [r["kl"] for r in train_rows(straight)]
+
+
+def test_a_tiny_target_moves_the_weight_to_its_ceiling_without_overflow():
+    """A target of 1e-10 nats makes the relative constraint about 1e11: the step in log beta is clipped."""
+    r = RateTarget(target=1e-10, beta=1.0)
+    r.update(50.0)
+    assert r.beta == pytest.approx(1e3)
+    r.update(0.0)  # below the target now: the average stays huge, the weight stays at its ceiling
+    assert 1e-3 <= r.beta <= 1e3

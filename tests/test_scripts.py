@@ -74,3 +74,20 @@ def test_make_mnist_idx_unpickles_arrays_and_nothing_else(tmp_path, monkeypatch,
     monkeypatch.setattr(make, "SOURCE_SHA256", "0" * 64)
     with pytest.raises(SystemExit, match="SHA-256"):  # and a file that is not the one checked is not read at all
         make.main(str(wheel), str(tmp_path / "out"))
+
+
+def test_make_mnist_idx_refuses_what_is_no_wheel_in_one_line_and_reads_a_bomb_only_to_its_bound(tmp_path, monkeypatch):
+    make = script("make-mnist-idx")
+    (tmp_path / "notes.txt").write_text("not a zip")
+    with pytest.raises(SystemExit, match="not a readable wheel"):
+        make.main(str(tmp_path / "notes.txt"), str(tmp_path / "out"))
+    with zipfile.ZipFile(tmp_path / "other.whl", "w") as wheel:
+        wheel.writestr("something/else.txt", "hello")
+    with pytest.raises(SystemExit, match="has no mnist/data/mnist.pkl.gz"):
+        make.main(str(tmp_path / "other.whl"), str(tmp_path / "out"))
+    monkeypatch.setattr(make, "SOURCE_AT_MOST", 2**20)  # a member that inflates to 4 MiB stops at the bound
+    with zipfile.ZipFile(tmp_path / "bomb.whl", "w", zipfile.ZIP_DEFLATED) as wheel:
+        wheel.writestr(make.SOURCE, bytes(4 * 2**20))
+    with pytest.raises(SystemExit, match="inflates past 1 MiB"):
+        make.main(str(tmp_path / "bomb.whl"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -63,13 +63,15 @@ def test_a_sweep_killed_in_the_middle_resumes_where_it_stopped(tmp_path):
     proc.send_signal(signal.SIGTERM)
     text = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 143, text
-    assert not finished(run)
-    from vaelab.checkpoint import load_checkpoint
+    from vaelab.checkpoint import config_from_dict, load_checkpoint
 
-    stopped_at = load_checkpoint(run / "checkpoints" / "last.pt")["epoch"]
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    config = config_from_dict(state["config"], "the run")
+    assert not finished(run, config)
+    stopped_at = state["epoch"]
     assert 0 < stopped_at < 150
     assert main(argv) == 0
-    assert finished(run)
+    assert finished(run, config)
     with open(run / "metrics.csv") as f:
         val = [int(row["epoch"]) for row in csv.DictReader(f) if row["split"] == "val"]
     assert val == list(range(150))  # each epoch once: resumed, not restarted

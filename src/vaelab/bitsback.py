@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vaelab.errors import UserError
 from vaelab.models.categorical import categorical_posterior_of
 from vaelab.models.m2 import m2_of
 from vaelab.models.vq import vq_posterior_of
@@ -187,6 +188,18 @@ class BitsBack:
         """The message's initial bits: room for the first image's pops (:func:`initial_words`)."""
         return initial_words(self.latent_dim, seed, self.particles)
 
+    @staticmethod
+    def _left(coder, i: int) -> None:
+        """Refuse a message that is used up with image ``i`` (decoding runs from the last) still to decode.
+        An honest stack never falls under 32 valid bits: before image i it is the encoder's after image i,
+        which keeps the initial bits' 64 spare bits (:func:`initial_words`) below what the images pushed. An
+        exhausted one would go on decoding made-up images, for as many as the header claims."""
+        if coder.num_valid_bits() < 32:
+            raise UserError(
+                f"the message ends with {i + 1} images still to decode: the file's header claims more images than "
+                "it holds (it was edited); compress again"
+            )
+
     def _returned(self, coder, seed: int) -> bool:
         """Whether what is left on the stack after decoding is exactly the initial bits."""
         left, initial = coder.get_compressed(), self.initial_words(seed)
@@ -301,6 +314,7 @@ class BitsBack:
         out = np.zeros((n, math.prod(self.x_shape)), dtype=np.int32)
         with one_thread():
             for i in reversed(range(n)):
+                self._left(coder, i)
                 j = int(coder.decode(self._index, 1)[0]) if K > 1 else 0  # pop the index
                 z = coder.decode(self._uniform, D)  # pop z_j with P(z)
                 out[i] = x = coder.decode(self._categorical, self._p_x(z))  # pop x with p(x|z_j)
@@ -399,6 +413,7 @@ class CoupledBitsBack(BitsBack):
         out = np.zeros((n, math.prod(self.x_shape)), dtype=np.int32)
         with one_thread():
             for i in reversed(range(n)):
+                self._left(coder, i)
                 z = coder.decode(self._uniform, D).astype(np.int64)  # pop z_j with P(z)
                 out[i] = x = coder.decode(self._categorical, self._p_x(z))  # pop x with p(x|z_j)
                 j = int(coder.decode(self._index, 1)[0])  # pop j
@@ -518,6 +533,7 @@ class TwoLayerBitsBack(BitsBack):
         out = np.zeros((n, math.prod(self.x_shape)), dtype=np.int32)
         with one_thread():
             for i in reversed(range(n)):
+                self._left(coder, i)
                 z2 = coder.decode(self._uniform, self.dims[0])  # pop z2 with P(z2)
                 z1 = coder.decode(self._uniform, self.dims[1])  # pop z1 with P(z1|z2)
                 _, mu_p, sigma_p = self._bottom(None, z2)
@@ -617,6 +633,7 @@ class BitSwap(BitsBack):
         swap = self.order == "bit-swap"
         with one_thread():
             for i in reversed(range(n)):
+                self._left(coder, i)
                 z2 = coder.decode(self._uniform, self.dims[1])  # pop z2 with P(z2)
                 p1 = self._z1_table(self.prior(self._values(z2[None])))
                 z1 = coder.decode(self._categorical, p1)  # pop z1 with P(z1|z2)
@@ -695,6 +712,7 @@ class LabelBitsBack(BitsBack):
         out = np.zeros((n, math.prod(self.x_shape)), dtype=np.int32)
         with one_thread():
             for i in reversed(range(n)):
+                self._left(coder, i)
                 y = int(coder.decode(self._label, 1)[0])  # pop y with p(y)
                 z = coder.decode(self._uniform, self.dims)  # pop z with p(z)
                 out[i] = x = coder.decode(self._categorical, self._p_x_given(z, y))  # pop x with p(x|y, z)

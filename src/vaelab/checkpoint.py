@@ -99,6 +99,8 @@ def checkpoint_bytes(
 
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is not a checkpoint file (a folder, a device or a pipe); give checkpoints/last.pt")
     try:
         blob = path.read_bytes()
     except FileNotFoundError:
@@ -117,7 +119,25 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"{path} is truncated or corrupt; use checkpoints/best.pt or retrain") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise UserError(f"{path} is not a vaelab checkpoint")
+    missing = [key for key, kind in REQUIRED.items() if not isinstance(state.get(key), kind)]
+    if missing or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        what = f"lacks {', '.join(missing)} or holds them" if missing else "holds weights that are not tensors"
+        raise UserError(f"{path} {what} in another form than vaelab writes; use the run's own checkpoints/last.pt")
     return state
+
+
+# what every vaelab checkpoint holds, and in which form (the later additions are read with .get)
+REQUIRED = {
+    "model": dict,
+    "optimizer": dict,
+    "config": dict,
+    "x_shape": list,
+    "epoch": int,
+    "step": int,
+    "best_elbo": float,
+    "fingerprint": str,
+    "rng": dict,
+}
 
 
 def _unsafe_globals(blob: bytes) -> list[str]:
@@ -155,6 +175,8 @@ def read_trained(path: str | Path) -> tuple[Config, tuple[int, ...], dict]:
         path = path / "model.safetensors"
         if not path.exists():
             raise UserError(f"{path.parent} has no model.safetensors: is it a vaelab run directory?")
+    if not path.is_file():  # a device (/dev/zero reads for ever), a pipe, a socket
+        raise UserError(f"{path} is not a run directory or a model file; give a run directory, a .pt or .safetensors")
     if path.suffix != ".safetensors":
         ckpt = load_checkpoint(path)
         return config_from_dict(ckpt["config"], str(path)), _x_shape(ckpt["x_shape"], path), ckpt["model"]
@@ -202,17 +224,23 @@ def identity_of(path: str | Path) -> dict[str, str]:
     return {k: found[k] for k in IDENTITY if isinstance(found.get(k), str) and found[k]}
 
 
-def check_identity(path: str | Path, config: Config, splits, given_data: bool = False) -> bool:
-    """Refuse weights in a run directory that another run wrote, and data that are not the ones the
-    weights were trained on, unless ``given_data`` (``evaluate --data``: other data on purpose).
-    Returns whether the data are the run's own (only then is the run's evaluation.json rewritten)."""
-    path, found = Path(path), identity_of(path)
+def check_owner(path: Path, found: dict[str, str] | None = None) -> None:
+    """Refuse weights in a run directory that another run wrote (``found``: :func:`identity_of` the path)."""
+    found = identity_of(path) if found is None else found
     owner = rundir.run_id(path) if path.is_dir() else None
     if owner and found.get("run_id", owner) != owner:
         raise UserError(
             f"{path / 'model.safetensors'} was written by another run than {path}'s (run ids {found['run_id'][:8]} and "
             f"{owner[:8]}); put the run's own weights back, or give that file's own run directory"
         )
+
+
+def check_identity(path: str | Path, config: Config, splits, given_data: bool = False) -> bool:
+    """Refuse weights in a run directory that another run wrote, and data that are not the ones the
+    weights were trained on, unless ``given_data`` (``evaluate --data``: other data on purpose).
+    Returns whether the data are the run's own (only then is the run's evaluation.json rewritten)."""
+    path, found = Path(path), identity_of(path)
+    check_owner(path, found)
     own = found.get("fingerprint", splits.fingerprint) == splits.fingerprint
     if config.uses_labels:
         own = own and found.get("label_fingerprint", splits.label_fingerprint) == splits.label_fingerprint
@@ -250,6 +278,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
 
 def load_state(model, state: dict, where) -> None:
+    """``state`` into ``model``: refused in one line when its shapes are another architecture's or a weight
+    is NaN or infinite (a run that diverged, or a damaged file), which every later step would carry on."""
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UserError(
+            f"{where} holds NaN or infinite weights ({bad}): the training diverged or the file was damaged; use "
+            "checkpoints/best.pt, or retrain (a lower --lr, or --grad-clip)"
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from vaelab.config import positive_int
+from vaelab.config import positive_int, seed_int
 from vaelab.errors import UserError
 
 EXAMPLES = {
@@ -53,7 +53,8 @@ EXAMPLES = {
     "sweep": (
         "examples:\n  vaelab sweep --beta 0.1,0.25,0.5,1,2,4,8 --out runs/beta --jobs 2\n"
         "  vaelab sweep --beta 0.5,1,4 --latent-dim 2,10 --epochs 50 --out runs/grid     # a grid: 6 runs\n"
-        "  vaelab sweep --seed 0,1,2 --data mnist --download --out runs/seeds --print | xargs -P 3 -I{} sh -c {}\n\n"
+        "  vaelab sweep --seed 0,1,2 --data mnist --download --out runs/seeds --print \\\n"
+        "      | xargs -d '\\n' -P 3 -I{} sh -c {}      # one command per line, run as printed\n\n"
         "Any vaelab train option may follow; a run is named by its values (runs/beta/beta-0.5). Started again,\n"
         "a sweep skips its finished runs and resumes the others from their last checkpoints."
     ),
@@ -91,9 +92,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from vaelab.fileio import atomic_write_text
     from vaelab.rundir import check_output
 
-    for option, path in (("--json", args.json), ("--html", args.html)):
+    for option, path, before in (("--json", args.json, ()), ("--html", args.html, (args.json,))):
         if path is not None:
-            check_output(path, option)
+            check_output(path, option, outputs=before)
 
     result = explain(seed=args.seed, latent_dim=args.latent_dim, data_dim=args.data_dim, samples=args.samples)
     print(format_text(result))
@@ -113,20 +114,27 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    if args.nproc > 1:
-        return launch_torchrun(args.nproc, args.argv)
-    from dataclasses import fields
-
+def train_config(args: argparse.Namespace):
+    """The config ``vaelab train``'s options resolve to, and the names of the options the user set (on
+    the command line, in the --config file or through the --preset)."""
     from vaelab.config import PRESETS, Config, read_toml, resolve
-    from vaelab.runs import summary_line, train_run
 
-    if args.resume and args.auto_resume:
-        raise UserError("--resume and --auto-resume: give one (--auto-resume also starts a run that has no checkpoint)")
-    names = {f.name for f in fields(Config)}  # options the user set: argparse leaves the others out
+    names = {f.name for f in dataclasses.fields(Config)}  # options the user set: argparse leaves the others out
     options = {k: v for k, v in vars(args).items() if k in names}
     config = resolve(args.config, options, args.preset)
     given = {*options, *(read_toml(args.config) if args.config else ()), *(PRESETS[args.preset] if args.preset else ())}
+    return config, given
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vaelab.runs import check_before_launch, summary_line, train_run
+
+    if args.resume and args.auto_resume:
+        raise UserError("--resume and --auto-resume: give one (--auto-resume also starts a run that has no checkpoint)")
+    config, given = train_config(args)
+    if args.nproc > 1:  # what each process would refuse, refused once, before torchrun starts them
+        check_before_launch(config, args.nproc, args.out, args.resume, args.overwrite, args.auto_resume)
+        return launch_torchrun(args.nproc, args.argv)
     out, test = train_run(
         config, out=args.out, resume=args.resume, overwrite=args.overwrite, auto_resume=args.auto_resume, given=given
     )
@@ -245,14 +253,20 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.nproc > 1:
+        from vaelab.distributed import resolve_device
+
+        resolve_device(args.device)  # refused once, before torchrun starts the processes
         return launch_torchrun(args.nproc, args.argv)
     from vaelab.evaluation import evaluate_run, format_table
     from vaelab.fileio import atomic_write_text
     from vaelab.rundir import check_output
 
-    for option, path, may_be in (("--json", args.json, "evaluation.json"), ("--per-example", args.per_example, None)):
+    for option, path, may_be, before in (
+        ("--json", args.json, "evaluation.json", ()),
+        ("--per-example", args.per_example, None, (args.json,)),
+    ):
         if path is not None:
-            check_output(path, option, also=(args.run,), may_be=may_be)
+            check_output(path, option, also=(args.run,), may_be=may_be, outputs=before)
 
     record, per_example_csv = evaluate_run(
         args.run,
@@ -322,7 +336,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     check_output(args.output, "-o", also=tuple(p for p in (args.run, args.images) if p is not None))
     if args.json is not None:
-        check_output(args.json, "--json", also=tuple(p for p in (args.run, args.images, args.output) if p is not None))
+        check_output(
+            args.json, "--json", also=tuple(p for p in (args.run, args.images) if p is not None), outputs=(args.output,)
+        )
     summary = compress(
         args.run,
         args.output,
@@ -378,11 +394,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out} is a file; give the folder for the sweep's runs")
     threads = None if hasattr(args, "threads") else threads_per_job(args.jobs)
     points = plan(knobs, train_arguments(args.argv[1:]), args.out, threads)
+    parser = build_parser()  # each point's config, as its vaelab train resolves it: a run there must be of it
+    configs = {p.out: train_config(parser.parse_args(p.argv))[0] for p in points}
     if args.print:
         print("\n".join(command_line(p) for p in points))
         return 0
-    print(f"vaelab sweep: {len(points)} runs into {args.out}/, {args.jobs} at a time")
-    outcome = run_sweep(points, args.jobs)
+    from vaelab.rundir import folder_lock
+    from vaelab.runs import make_dir
+
+    make_dir(args.out)  # (its message says "run directory": the sweep's folder is made the same way)
+    with folder_lock(args.out, "vaelab sweep"):  # a second sweep into the folder is refused at once
+        print(f"vaelab sweep: {len(points)} runs into {args.out}/, {args.jobs} at a time")
+        outcome = run_sweep(points, args.jobs, configs)
     failed = [p for p, what in outcome if what.startswith("failed")]
     if failed:
         print(f"vaelab sweep: {len(failed)} of {len(points)} runs failed; run the sweep again to retry them")
@@ -397,9 +420,9 @@ def cmd_rd(args: argparse.Namespace) -> int:
     from vaelab.rd import figure, format_table, plane
     from vaelab.rundir import check_output
 
-    for option, path in (("--json", args.json), ("--figure", args.figure)):
+    for option, path, before in (("--json", args.json, ()), ("--figure", args.figure, (args.json,))):
         if path is not None:
-            check_output(path, option)
+            check_output(path, option, outputs=before)
     points = plane(args.runs)
     print(format_table(points))
     if args.json is not None:
@@ -434,7 +457,7 @@ class Renamed(argparse.Action):
 
 
 def _explain_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="seed of the model, x and the samples (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the model, x and the samples (default 0)")
     p.add_argument("--latent-dim", type=positive_int, default=2, help="dimension k of z (default 2)")
     p.add_argument("--data-dim", type=positive_int, default=5, help="dimension d of x (default 5)")
     p.add_argument("--samples", type=positive_int, default=20_000, help="Monte Carlo samples (default 20000)")
@@ -483,7 +506,7 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="where to evaluate: auto, a CUDA GPU where PyTorch sees one (default), cpu or cuda",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of every sample drawn (default: 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of every sample drawn (default: 0)")
     p.add_argument(
         "--json", type=_output_path, metavar="FILE", help="write the record as JSON (also RUN/evaluation.json)"
     )
@@ -565,7 +588,9 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--iwae-k", type=int, default=1000, metavar="K", help="samples for -log2 p(x) beside the code; 0 skips it"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial bits and of the estimates (default: 0)")
+    p.add_argument(
+        "--seed", type=seed_int, default=0, help="seed of the initial bits and of the estimates (default: 0)"
+    )
     p.add_argument("--json", type=_output_path, metavar="FILE", help="every number, per image too, as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
 

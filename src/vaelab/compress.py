@@ -18,18 +18,18 @@ import io
 import json
 import lzma
 import math
-import platform
+import os
+import re
 import struct
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vaelab import rundir
+from vaelab import memory, rundir
 from vaelab.bitsback import (
     MAX_LATENT_BITS,
     ORDERS,
@@ -40,16 +40,17 @@ from vaelab.bitsback import (
     TwoLayerBitsBack,
     model_coder,
 )
-from vaelab.config import Config
+from vaelab.config import SEED_LIMIT, Config
 from vaelab.data.sources import IMAGE_SUFFIXES, load_array, load_folder, read_idx, validate
 from vaelab.errors import UserError
 from vaelab.evaluation import evaluate, open_trained, weights_sha256
-from vaelab.fileio import atomic_write_bytes, atomic_write_text
+from vaelab.fileio import atomic_write_bytes, atomic_write_text, loads_finite
 from vaelab.parts import FAMILIES, LIKELIHOODS, POSTERIORS, PRIORS
 
 MAGIC = b"vaelab bits-back\n"
 RECORD = "compression.json"  # in the run directory: the last compression of the run's own split
-VERSION = 1
+VERSION = 2  # 2: the run's path relative to the file, the images' check keyed by the model, no host details
+VERSIONS = (1, 2)
 MAX_PARTICLES = 1000
 DEFAULT_LATENT_BITS = 8  # README, "The KL term as bits": 6 to 12 bits code within 0.1 % of each other
 # the Config fields that make the model: with the weights, the identity a file is decoded against
@@ -113,6 +114,8 @@ def check_codable(config: Config, particles: int = 1) -> None:
             f"--particles {particles}: importance-sampled bits-back (BB-IS) here codes one latent layer, and M2 "
             "(--labelled) codes its label and z; use --particles 1"
         )
+    if config.labelled and config.classes < 2:  # (vaelab refuses to train one since; constriction panics)
+        raise UserError(f"this M2 run classifies into {config.classes} class: its label carries nothing to code")
     problems = []
     if FAMILIES[config.family].labels:  # (M2's labels are latents: coded by bits-back like z)
         problems.append(f"--family {config.family} (the labels would have to be coded too)")
@@ -171,10 +174,18 @@ def read_record(run_dir: Path, sha: str | None = None) -> dict | None:
         return None
     fields = ("weights_sha256", "split", "images", "dimensions", "particles", "latent_bits", "per_image")
     try:
-        record = json.loads(path.read_text())
+        record = loads_finite(path.read_text())
         [record[k] for k in fields]
-        float(record["bits_per_image"]["net"]), float(record["bits_per_image"]["z_net"])
-        dict(record["general_purpose_bits"])
+        if not _whole(record["images"]) or not _whole(record["dimensions"]) or record["dimensions"] < 1:
+            raise TypeError("images or dimensions")
+        for name in PER_IMAGE:  # what the report and the page draw of each image
+            values = record["per_image"][name]
+            if len(values) != record["images"] or not all(_number(v) for v in values):
+                raise TypeError(name)
+        if not all(_number(record["bits_per_image"][name]) for name in PER_IMAGE):
+            raise TypeError("bits_per_image")
+        if not record["general_purpose_bits"] or not all(map(_number, dict(record["general_purpose_bits"]).values())):
+            raise TypeError("general_purpose_bits")
     except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
         raise UserError(f"{path} is torn or was edited; run vaelab compress {run_dir} -o FILE again") from None
     return record if record["weights_sha256"] == (sha or weights_sha256(run_dir)) else None
@@ -227,7 +238,7 @@ def read_images(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
     or None for a folder, float32 (N, C, H, W) in [0, 1], the layout)."""
     path = Path(path)
     if path.is_dir():
-        raw, _ = load_folder(path)
+        raw, _ = load_folder(path, exact=True)  # coded exactly, or refused
         return None, validate(raw, None, str(path)), _layout(raw)
     if not path.exists():
         raise UserError(f"{path} does not exist; give a .npy/.npz file, a folder of images or an IDX file")
@@ -311,16 +322,73 @@ def general_purpose_bits(images: Images) -> dict[str, float]:
 
 
 # -- the file ---------------------------------------------------------------------------------
+def images_check(identity: str, array: np.ndarray) -> str:
+    """SHA-256 of the model's identity and the images' bytes: the decode's last check. Keyed by the model,
+    so that the file confirms a guess of its images only to whoever holds the model (who can decode it)."""
+    return hashlib.sha256(identity.encode() + array.tobytes()).hexdigest()
+
+
+# a header's fields (version 2): what each must be, checked before anything is allocated or opened
+HEADER = {
+    "version": lambda v: v in VERSIONS,
+    "coder": lambda v: v in SCHEMES,
+    "particles": lambda v: _whole(v) and 1 <= v <= MAX_PARTICLES,
+    "run": lambda v: isinstance(v, str) and 0 < len(v) < 4096 and "\0" not in v,
+    "model": lambda v: _hex64(v),
+    "latent_bits": lambda v: _whole(v) and 1 <= v <= MAX_LATENT_BITS,
+    "seed": lambda v: _whole(v) and 0 <= v < SEED_LIMIT,
+    "images": lambda v: _whole(v) and 1 <= v <= 2**40,
+    "x_shape": lambda v: isinstance(v, list) and len(v) == 3 and all(_whole(d) and d >= 1 for d in v),
+    "levels": lambda v: v in (2, 256),
+    "dtype": lambda v: v in ("uint8", "float32", "float64"),
+    "layout": lambda v: v in LAYOUTS,
+}
+CHECKS = {1: "images_sha256", 2: "images_check"}  # version 1 held the images' plain SHA-256
+
+
+# the per-image numbers every record holds (BB-IS and two layers add their own)
+PER_IMAGE = ("pixels", "z_pushed", "z_back", "z_net", "kl", "net", "neg_elbo", "capped_pixels")
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _hex64(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def check_header(header, path: Path) -> dict:
+    """Refuse a header whose fields are missing, of another type or out of range (a checksum is no
+    signature: anyone can edit the header and compute it again)."""
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is damaged (its header is not a JSON object); compress again")
+    fields = {**HEADER, CHECKS.get(header.get("version"), "images_check"): _hex64}
+    bad = next((name for name, ok in fields.items() if name not in header or not ok(header[name])), None)
+    if bad == "version":
+        raise UserError(f"{path} is of format version {header.get('version')!r}; this vaelab reads versions 1 and 2")
+    if bad is not None:
+        raise UserError(f"{path} is damaged (its header's {bad!r} is missing or out of range); compress again")
+    return header
+
+
 def pack(header: dict, message: np.ndarray) -> bytes:
-    head = json.dumps(header, sort_keys=True).encode()
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     body = MAGIC + struct.pack("<I", len(head)) + head + message.astype("<u4").tobytes()
     return body + hashlib.sha256(body).digest()
 
 
 def unpack(path: Path) -> tuple[dict, np.ndarray]:
     """The header and the message of a file ``compress`` wrote; a damaged or foreign file is refused."""
+    path = Path(path)
+    if path.exists() and not path.is_file():  # a folder, a device (/dev/zero reads for ever), a pipe
+        raise UserError(f"{path} is not a file vaelab compress wrote (not a regular file)")
     try:
-        blob = Path(path).read_bytes()
+        blob = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path} does not exist") from None
     except OSError as err:
@@ -333,12 +401,12 @@ def unpack(path: Path) -> tuple[dict, np.ndarray]:
         raise UserError(f"{path} is damaged (truncated or changed: its SHA-256 does not match); compress again")
     (n,) = struct.unpack("<I", body[len(MAGIC) : start])
     try:
-        header = json.loads(body[start : start + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = check_header(json.loads(body[start : start + n]), path)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise UserError(f"{path} is damaged (its header is not JSON); compress again") from None
     words = body[start + n :]
-    if header.get("version") != VERSION or len(words) % 4:
-        raise UserError(f"{path} is of format version {header.get('version')!r}; this vaelab reads version {VERSION}")
+    if len(words) % 4 or not words:
+        raise UserError(f"{path} is damaged (its message is not whole 32-bit words); compress again")
     return header, np.frombuffer(words, dtype="<u4").astype(np.uint32)
 
 
@@ -374,7 +442,7 @@ def compress(
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; choose another -o, or add --overwrite")
     run = Path(run)
-    trained = open_trained(run)
+    trained = open_trained(run, with_data=images is None)  # given images: the model is all it needs
     check_codable(trained.config, particles)
     scheme = check_scheme(trained.config, order, particles, coupled)
     if POSTERIORS[trained.config.posterior].discrete and latent_bits is not None:
@@ -384,7 +452,8 @@ def compress(
         )
     latent_bits = latent_bits or DEFAULT_LATENT_BITS
     data = images_of(trained, images, split)
-    records = images is None and run.is_dir()  # the run's own split: its record goes into the run, for its report
+    # the run's own split: its record goes into the run, for its report (a read-only run keeps none)
+    records = images is None and run.is_dir() and os.access(run, os.W_OK)
     with rundir.lock(run, "compressing") if records else contextlib.nullcontext():  # taken once the input is good
         summary = _compress(trained, data, run, out, latent_bits, particles, seed, iwae_k, scheme)
         if records:
@@ -396,6 +465,10 @@ def compress(
 def scheme_coder(model, levels: int, latent_bits: int, particles: int, scheme: str) -> BitsBack:
     """The coder of ``scheme`` (one of :data:`SCHEMES`, a file's "coder") for a model."""
     order = scheme if scheme in ORDERS else "bb-ans"
+    tables = particles * sum(model.layer_dims.values()) * 2**latent_bits * 8  # q's float64 table for each particle
+    memory.require(
+        tables, f"{particles} particles on a grid of 2^{latent_bits} buckets", "use fewer --particles or --latent-bits"
+    )
     return model_coder(model, levels, latent_bits, particles, order, coupled=scheme == "bb-cis")
 
 
@@ -412,13 +485,13 @@ def _compress(trained, data: Images, run: Path, out: Path, latent_bits, particle
         raise UserError(
             "the message does not decode to the images on this machine; nothing was written (a bug: report it)"
         )
+    identity = model_identity(trained.model, trained.config)
     header = {
         "version": VERSION,
         "coder": scheme,
         "particles": particles,
-        "run": str(Path(run).resolve()),
-        "model": model_identity(trained.model, trained.config),
-        "likelihood": trained.config.likelihood,
+        "run": os.path.relpath(Path(run).resolve(), out.resolve().parent),  # from the file's folder
+        "model": identity,
         "latent_bits": latent_bits,
         "seed": seed,
         "images": N,
@@ -426,8 +499,7 @@ def _compress(trained, data: Images, run: Path, out: Path, latent_bits, particle
         "levels": levels,
         "dtype": data.dtype,
         "layout": data.layout,
-        "images_sha256": data.sha256(),
-        "coded_on": f"torch {torch.__version__}, constriction {version('constriction')}, {platform.machine()}",
+        "images_check": images_check(identity, data.array()),
     }
     blob = pack(header, message)
     atomic_write_bytes(out, blob)
@@ -501,33 +573,35 @@ def decompress(path, out, *, run=None, overwrite: bool = False) -> dict:
     header, message = unpack(path)
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; choose another -o, or add --overwrite")
-    run = Path(run) if run is not None else Path(header["run"])
+    if out.suffix != ".npy":
+        check_png_folder(out)
+    # the run the header names is relative to the file's folder (version 1 named it absolutely)
+    run = Path(run) if run is not None else path.resolve().parent / header["run"]
     if not run.exists():
         raise UserError(f"{path} was coded with the run {run}, which is not there; give the run with --run RUN")
-    trained = open_trained(run)
-    if model_identity(trained.model, trained.config) != header["model"]:
+    trained = open_trained(run, with_data=False)  # the model is all decoding needs
+    identity = model_identity(trained.model, trained.config)
+    if identity != header["model"]:
         raise UserError(
             f"{run} is not the model {path} was coded with (their weights or architecture differ); give that run "
             "with --run RUN"
         )
-    levels, x_shape = header["levels"], tuple(header["x_shape"])
-    if header["dtype"] not in ("uint8", "float32", "float64") or header["layout"] not in LAYOUTS:
-        raise UserError(f"{path} is damaged (its header names no known array type); compress again")
-    particles = header.get("particles")
-    if not isinstance(particles, int) or not 1 <= particles <= MAX_PARTICLES:
-        raise UserError(f"{path} is damaged (its header names no number of particles); compress again")
-    if header.get("coder") not in SCHEMES:
-        raise UserError(f"{path} is damaged (its header names no known coder); compress again")
-    coder = scheme_coder(trained.model, levels, header["latent_bits"], particles, header["coder"])
+    levels, x_shape, n = header["levels"], tuple(header["x_shape"]), header["images"]
+    if x_shape != tuple(trained.model.x_shape) or levels != coding_levels(trained.config):
+        raise UserError(f"{path} is damaged (its header's image shape or levels are not its model's); compress again")
+    pixels = math.prod(x_shape)
+    memory.require(n * pixels * (4 + 8 + 1), f"the {n:,} images {path} declares", "decompress a file of fewer images")
+    coder = scheme_coder(trained.model, levels, header["latent_bits"], header["particles"], header["coder"])
     start = time.perf_counter()
-    symbols, returned = coder.decode(message, header["images"], header["seed"])
+    symbols, returned = coder.decode(message, n, header["seed"])
     seconds = time.perf_counter() - start
     array = restore(symbols, x_shape, levels, header["dtype"], header["layout"])
-    if not returned or hashlib.sha256(array.tobytes()).hexdigest() != header["images_sha256"]:
+    check = images_check(identity, array) if header["version"] > 1 else hashlib.sha256(array.tobytes()).hexdigest()
+    if not returned or check != header[CHECKS[header["version"]]]:
         raise UserError(
-            f"decoding {path} here gives other images than were coded (it was coded on {header['coded_on']}; this "
-            f"machine's arithmetic gives the model other probabilities); nothing was written. Decompress it on "
-            "a machine like the one that compressed it"
+            f"decoding {path} does not give back the images that were coded (its header was edited, or this "
+            "machine's arithmetic gives the model other probabilities than the one that coded it); nothing was "
+            "written. Decompress it on a machine like the one that compressed it"
         )
     if out.suffix == ".npy":
         buf = io.BytesIO()
@@ -538,9 +612,26 @@ def decompress(path, out, *, run=None, overwrite: bool = False) -> dict:
     return {"file": str(out), "images": len(array), "decode_seconds": seconds}
 
 
+PNG_NAME = re.compile(r"[0-9]{6}\.png")  # what decompress names its PNG files
+
+
+def check_png_folder(out: Path) -> None:
+    """An existing folder is replaced (``--overwrite``) only if it holds nothing but decompress's PNGs."""
+    if out.is_dir() and not out.is_symlink():
+        other = next((p.name for p in out.iterdir() if not PNG_NAME.fullmatch(p.name) or not p.is_file()), None)
+        if other is not None:
+            raise UserError(
+                f"{out} holds {other}, which decompress did not write; --overwrite replaces only a folder of "
+                "decompress's PNGs: choose another -o"
+            )
+    elif out.is_symlink():
+        raise UserError(f"{out} is a symbolic link; give a folder or a .npy file")
+
+
 def write_pngs(pictures: np.ndarray, out: Path) -> None:
     """One PNG per image, 000000.png on, into the folder ``out``: a new folder appears whole (written
-    beside it, then renamed); an existing one (``--overwrite``) gets each file atomically."""
+    beside it, then renamed); an existing one (``--overwrite``, a folder of decompress's PNGs alone) gets
+    each file atomically, and its PNGs beyond these images go."""
     from PIL import Image
 
     def save(folder: Path) -> None:
@@ -550,13 +641,20 @@ def write_pngs(pictures: np.ndarray, out: Path) -> None:
             atomic_write_bytes(folder / f"{i:06d}.png", buf.getvalue())
 
     if out.is_dir():
+        check_png_folder(out)
         save(out)
+        for stale in out.iterdir():  # another file's images beyond these: decompress's names, checked above
+            if PNG_NAME.fullmatch(stale.name) and int(stale.name[:6]) >= len(pictures):
+                stale.unlink()
         return
     if out.exists():
         raise UserError(f"{out} is a file; give a folder for PNG images, or a .npy file")
     if not out.parent.is_dir():
         raise UserError(f"folder {out.parent} does not exist; create it first")
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    except OSError as err:  # a read-only mount, a full disk
+        raise UserError(f"cannot create {out}: {err.strerror or err}; check the folder is writable") from None
     try:
         save(tmp)
         try:

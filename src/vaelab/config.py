@@ -109,6 +109,18 @@ def positive_int(text: str) -> int:
     return _number(int, 1)(text)
 
 
+FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38  # float32's largest and least normal
+SEED_LIMIT = 2**63  # a seed is a whole number in [0, 2^63): what torch and numpy both take
+
+
+def seed_int(text: str) -> int:
+    """A ``--seed``: every command's, and each value of a sweep's, checked by this one rule."""
+    value = _number(int, 0)(text)
+    if value >= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number from 0 to 2^63 - 1, got {text}")
+    return value
+
+
 def _number(kind, least):
     def parse(text: str):
         try:
@@ -391,6 +403,11 @@ class Config:
                 )
             if f.type == "float" and not math.isfinite(value):
                 raise UserError(f"{f.name.replace('_', '-')} must be a finite number, got {value}")
+            if f.type == "float" and value != 0 and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
+                raise UserError(  # every float knob reaches a float32 tensor: 1e300 overflows, 1e-300 becomes 0
+                    f"{f.name.replace('_', '-')} = {value:g} is outside what float32 holds "
+                    f"({FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}); give a value in that range"
+                )
         for name in ("hidden", "top_hidden"):
             sizes = getattr(self, name)
             if not sizes or any(h < 1 for h in sizes):
@@ -398,7 +415,7 @@ class Config:
                 raise UserError(f"{flag} sizes must be positive, got {','.join(map(str, sizes))}; e.g. --{flag} 400")
         if not self.lr > 0 or not self.adam_eps > 0:
             raise UserError(f"lr and adam-eps must be positive, got {self.lr} and {self.adam_eps}")
-        if not 0 <= self.seed < 2**63:
+        if not 0 <= self.seed < SEED_LIMIT:
             raise UserError(f"seed must be a whole number from 0 to 2^63 - 1, got {self.seed}")
         if self.prior == "auto":  # frozen: the one field resolved here, so config.toml records the prior used
             object.__setattr__(self, "prior", auto_prior(self.posterior))
@@ -665,6 +682,8 @@ def parse_toml(text: str, where: str) -> dict:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{where} is not valid TOML: {err}") from None
+    except RecursionError:  # arrays nested thousands deep
+        raise UserError(f"{where} nests arrays too deep for any option; check the file") from None
     # a run's config.toml ends with its history of resumes ([[resumed]] tables, runs.config_toml): not options
     # and what auto resolved to ([resolved], the record of one process): not options either
     raw = upgraded({name: value for name, value in raw.items() if name not in ("resumed", "resolved")}, where)

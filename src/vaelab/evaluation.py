@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.distributions import Distribution, MultivariateNormal
 
 from vaelab import distributed, rundir
-from vaelab.checkpoint import check_identity, load_run
+from vaelab.checkpoint import check_identity, check_owner, load_run
 from vaelab.config import Config
 from vaelab.contract import Examples, examples, given
 from vaelab.data import Splits, binarize_static, labels_for, prepare_data
@@ -266,7 +266,7 @@ def measure(
 
 def activity(mu: Tensor) -> Tensor:
     """Cov_x(E_q[z_j | x]) per dimension: the variance over examples of the posterior means."""
-    return mu.var(0, unbiased=True)
+    return mu.var(0, unbiased=len(mu) > 1)  # (one example: 0, nothing varies)
 
 
 @torch.no_grad()
@@ -348,7 +348,7 @@ class KLSplit:
         N = len(total)
 
         def se(t: Tensor) -> float:
-            return t.std().item() / math.sqrt(N)
+            return t.std(correction=min(1, N - 1)).item() / math.sqrt(N)  # (one example: 0, no spread to see)
 
         terms = {}
         if parts is not None:
@@ -528,7 +528,7 @@ def _evaluate(
         per["log_likelihood"] = ll = _shared_iwae(model, data, iwae_k, batch_size, seed)
         likelihood = dict(
             log_likelihood=ll.mean().item(),
-            log_likelihood_std_error=ll.std().item() / math.sqrt(N),
+            log_likelihood_std_error=ll.std().item() / math.sqrt(N) if N > 1 else None,  # one image: no spread
             iwae_k=iwae_k,
             log_likelihood_bits_per_dim=bits_per_dim(ll.mean().item(), pixels) if pixels else None,
         )
@@ -899,7 +899,7 @@ class Trained:
     path: Path
     model: torch.nn.Module
     config: Config
-    splits: Splits
+    splits: Splits | None  # None: opened without its data (``open_trained(with_data=False)``)
     images: dict[str, Tensor]  # "train", "val", "test"
     pixels: int | None  # per image, for bits/dim (a discrete likelihood), else None
     own_data: bool  # False: other data given on purpose (evaluate --data)
@@ -912,12 +912,18 @@ class Trained:
         return Examples(x, labels_for(self.config, getattr(self.splits, name), self.splits.name))
 
 
-def open_trained(path: str | Path, data: str | None = None, data_dir: str | None = None) -> Trained:
+def open_trained(
+    path: str | Path, data: str | None = None, data_dir: str | None = None, with_data: bool = True
+) -> Trained:
     """The one opener of a trained run (a run directory, model.safetensors or a checkpoint): its model,
     and its data prepared as it trained on them, or ``data`` / ``data_dir`` given instead; the data's
-    identity and shape are checked against the weights' (``checkpoint.check_identity``)."""
+    identity and shape are checked against the weights' (``checkpoint.check_identity``). ``with_data``
+    False: the model alone (its ``splits`` None), for work that needs no data set (decoding a file)."""
     path = Path(path)
     model, config = load_run(path)
+    if not with_data:
+        check_owner(path)
+        return Trained(path, model, config, None, {}, None, True)
     changes = {k: v for k, v in (("data", data), ("data_dir", data_dir)) if v is not None}
     config = config.replace(**changes)
     splits, train_x, val_x, test_x, pixels = prepare_data(config, "cpu")
@@ -941,9 +947,11 @@ def evaluate_run(
     seed=0,
     per_example=False,
     device: str = "auto",
+    keep: bool = True,
 ) -> tuple[Evaluation, str | None]:
     """``vaelab evaluate``: load the run's model and data the way it was trained; evaluate one split on
-    ``device`` (auto, cpu or cuda)."""
+    ``device`` (auto, cpu or cuda). The record is kept as RUN/evaluation.json when ``keep`` and the data
+    are the run's own."""
     if iwae_k < 0:
         raise UserError(f"--iwae-k must be >= 0, got {iwae_k}")
     run, device = Path(run), distributed.resolve_device(device)
@@ -960,7 +968,7 @@ def evaluate_run(
         data = trained.examples(split)
         if split == "train" and config.binarized_per_batch:  # the static draw a static run trains on
             data = replace(data, x=binarize_static(data.x, config.seed, "train"))
-        writes = run.is_dir() and ctx.is_main and own_data  # the run's record is of the run's own data
+        writes = keep and run.is_dir() and ctx.is_main and own_data  # the run's record is of the run's own data
         if writes:  # held from here: a run being trained (or evaluated) elsewhere is refused before the work
             held.enter_context(rundir.lock(run, "evaluating"))
         record, per = evaluate_trained(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -74,3 +75,13 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def loads_finite(text: str):
+    """``json.loads`` that refuses NaN and Infinity: Python's json writes them, they are not JSON, and no
+    record vaelab keeps holds one (a torn or edited record does)."""
+
+    def refuse(name: str):
+        raise ValueError(f"{name} is not a number of a record")
+
+    return json.loads(text, parse_constant=refuse)

@@ -7,7 +7,6 @@ Images are returned as numpy arrays (N, C, H, W) in [0, 1]: the mean of p(x|z).
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from vaelab.evaluation import (
     open_trained,
     weights_sha256,
 )
+from vaelab.fileio import loads_finite
 from vaelab.kl import KLResult
 from vaelab.models.vq import vq_posterior_of
 from vaelab.parts import POSTERIORS
@@ -126,7 +126,7 @@ def read_evaluation(run_dir: Path) -> Evaluation | None:
     if not path.exists():
         return None
     try:
-        return Evaluation.from_dict(json.loads(path.read_text()))
+        return Evaluation.from_dict(loads_finite(path.read_text()))
     except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as err:
         raise UserError(
             f"{path} is torn or was edited ({type(err).__name__}); run vaelab evaluate {run_dir} to write it again"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,10 +80,12 @@ def runs_in(paths: list[Path]) -> list[Path]:
 
 
 def measured(run: Path, sha: str) -> Evaluation:
-    """The run's test-split record, of these weights (``sha``); evaluated here (no IWAE) where there is none."""
+    """The run's test-split record, of these weights (``sha``); evaluated here (no IWAE) where there is none,
+    and kept only where the run has no record of these weights (one of another split stays) and is writable."""
     record = read_evaluation(run)
     if record is None or record.split != "test" or record.weights_sha256 != sha:
-        record, _ = evaluate_run(run, iwae_k=0)
+        current = record is not None and record.weights_sha256 == sha
+        record, _ = evaluate_run(run, iwae_k=0, keep=not current and os.access(run, os.W_OK))
     return record
 
 

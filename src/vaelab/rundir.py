@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,13 +48,22 @@ OWNED_IN_DIRS = {
 
 
 def is_run(path: Path) -> bool:
-    return (Path(path) / MARKER).is_file()
+    """Whether ``path`` holds a marker written for it: one copied in from another folder records that
+    folder's inode, and makes no run of the user's folder (whose files --overwrite would delete)."""
+    marker = Path(path) / MARKER
+    if not marker.is_file() or marker.is_symlink():
+        return False
+    try:
+        recorded = json.loads(marker.read_text()).get("folder_inode")
+        return recorded is None or recorded == os.stat(path).st_ino  # None: a marker from before it was recorded
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _looks_like_run(path: Path) -> bool:
     """A marked run, or one written before the marker existed (config.toml beside checkpoints/):
     for refusing to write over a run's files, where a false alarm costs only a message."""
-    return is_run(path) or ((path / "config.toml").is_file() and (path / "checkpoints").is_dir())
+    return (path / MARKER).exists() or ((path / "config.toml").is_file() and (path / "checkpoints").is_dir())
 
 
 def mark(out: Path, new: bool = False) -> None:
@@ -61,10 +71,12 @@ def mark(out: Path, new: bool = False) -> None:
     that was there); else only where there is none (a run written before the marker existed)."""
     if is_run(out) and not new:
         return
+    copied = None if new else run_id(out)  # a run copied here whole and resumed keeps its identity
     identity = {
-        "run_id": uuid.uuid4().hex,
+        "run_id": copied or uuid.uuid4().hex,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "vaelab": _version(),
+        "folder_inode": os.stat(out).st_ino,  # whose marker this is (see is_run)
     }
     atomic_write_text(out / MARKER, json.dumps(identity, indent=1) + "\n")
 
@@ -110,8 +122,8 @@ def remove_owned(out: Path) -> None:
     left empty goes too. Anything else (a checkpoint the user copied into checkpoints/, say) stays."""
     if not is_run(out):
         raise UserError(
-            f"{out} is not a vaelab run directory (it has no {MARKER} marker); refusing to delete anything in it. "
-            "Choose another --out, or remove the folder yourself"
+            f"{out} is not a vaelab run directory (it has no {MARKER} marker of its own); refusing to delete anything "
+            "in it. Choose another --out, or remove the folder yourself"
         )
     refuse_links(out)
     for name in OWNED_FILES:
@@ -143,6 +155,11 @@ def lock(out: Path, what: str = "writing") -> Iterator[None]:
             ) from None
         raise UserError(f"cannot lock {out} ({err.strerror}); check the folder is writable") from None
     try:
+        if os.fstat(fd).st_nlink > 1 or not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(
+                f"{path} is a hard link to another file (or not a file); vaelab writes the holder of a run's lock "
+                "into it. Remove it, or copy the run"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -153,20 +170,47 @@ def lock(out: Path, what: str = "writing") -> Iterator[None]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} ({what})".encode(), 0)
-        yield
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # the holder goes with the lock: a run that travels names no process or host
     finally:
         os.close(fd)  # releases the lock
 
 
-def check_output(path: Path, option: str, also: tuple[Path, ...] = (), may_be: str | None = None) -> None:
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the folder itself for the ``with`` block (a sweep's folder of runs,
+    which holds no file of vaelab's own); refuse if another process holds it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise UserError(f"cannot lock {folder} ({err.strerror}); give a folder") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{folder} is in use by another {what}; wait for it to end, or stop it") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_output(
+    path: Path, option: str, also: tuple[Path, ...] = (), may_be: str | None = None, outputs: tuple = ()
+) -> None:
     """Refuse an output path that is a file of a run (its config, weights, metrics, records, marker,
     lock, anything under checkpoints/ or tensorboard/) other than ``may_be``, the run file the
-    option writes anyway (``evaluate --json`` the record, ``report --out`` the page), or one of
-    ``also`` (the input the command reads): writing there would leave a run that no longer loads."""
+    option writes anyway (``evaluate --json`` the record, ``report --out`` the page), one of
+    ``also`` (the input the command reads): writing there would leave a run that no longer loads;
+    or one of ``outputs`` (the command's other outputs, given before it): one would replace the other."""
     target = Path(path).resolve()
     for given in also:
         if Path(given).exists() and target == Path(given).resolve():
             raise UserError(f"{option} {path} is the file this command reads; write the output elsewhere")
+    for other in outputs:
+        if other is not None and target == Path(other).resolve():
+            raise UserError(f"{option} {path} is also another output of this command; give each output its own file")
     parent = target.parent
     owned = {*OWNED_FILES, *OWNED_DIRS, MARKER, LOCK} - {may_be}
     if _looks_like_run(parent) and target.name in owned:

@@ -114,14 +114,16 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> None:
             )
         if not rundir.is_run(out) and not _written_before_the_marker(out):
             raise UserError(
-                f"{out} is not a vaelab run directory (it has no {rundir.MARKER} marker); refusing to delete "
-                "anything in it. Choose another --out, or remove the folder yourself"
+                f"{out} is not a vaelab run directory (it has no {rundir.MARKER} marker of its own); refusing to "
+                "delete anything in it. Choose another --out, or remove the folder yourself"
             )
 
 
 def _written_before_the_marker(out: Path) -> bool:
     """A run of a vaelab from before the marker: its checkpoints/last.pt loads as a vaelab checkpoint
     (a stray config.toml does not make one)."""
+    if (out / rundir.MARKER).exists():  # a marker, but not this folder's: copied in, no run of before it
+        return False
     try:
         return (out / "checkpoints" / "last.pt").is_file() and bool(
             checkpoint.load_checkpoint(out / "checkpoints" / "last.pt")
@@ -135,7 +137,7 @@ def _holds_anything(out: Path) -> bool:
     return out.is_dir() and any(p.name != rundir.LOCK for p in out.iterdir())
 
 
-def _make_dir(out: Path) -> None:
+def make_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -383,7 +385,7 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held, thread
         _check_resumable(resume_ckpt, splits)
     elif ctx.is_main:
         check_out(out, resume, overwrite)
-        _make_dir(out)
+        make_dir(out)
         held.enter_context(rundir.lock(out, "training"))
         prepare_out(out, resume, overwrite)
     model = models.build(config, splits.x_shape).to(device)
@@ -437,6 +439,22 @@ def _train(config, device, ctx, out, resume, overwrite, log, given, held, thread
     return out, evaluate_terms(model, test, 1024, state.epoch, "test", pixels, config.seed)
 
 
+def check_before_launch(config: Config, world: int, out, resume: bool, overwrite: bool, auto_resume: bool) -> None:
+    """What every one of ``world`` processes would refuse (the device, the run directory, the data, the
+    batch's split across them, memory), refused once here, before torchrun starts them: a refusal inside
+    the processes is a traceback per process and torchrun's own. A resumed run's config comes from its
+    checkpoint, so only its device and directory are checked."""
+    device = distributed.resolve_device(config.device)
+    if (auto_resume or resume) and out is None:
+        raise UserError(f"{'--auto-resume' if auto_resume else '--resume'} needs --out: the run directory to continue")
+    if auto_resume:
+        resume, overwrite = auto_resume_mode(Path(out), overwrite)
+    if out is not None:
+        check_out(Path(out), resume, overwrite)
+    if not resume:
+        _prepared(config, torch.device("cpu") if device.type == "cuda" else device, world)
+
+
 def _prepared(config: Config, device, world: int):
     """The run's data on ``device`` as it trains on them, each data split's images with the labels the model
     is given (M2: the kept ones, -1 elsewhere), and the config with the labels' count; every check that
@@ -446,6 +464,11 @@ def _prepared(config: Config, device, world: int):
     if config.uses_labels and not config.classes:  # the labels' count, from every split
         config = config.replace(classes=number_of_classes(splits))
     labels = [data.labels_for(config, s, splits.name, device) for s in (splits.train, splits.val, splits.test)]
+    if config.labelled and config.classes < 2:
+        raise UserError(
+            f"M2 (--labelled) classifies the images into their classes, and the labels of {splits.name} name "
+            f"{config.classes} class; give data of 2 or more classes"
+        )
     if config.labelled:  # M2: some training labels kept, the rest -1; validation and test score it unlabelled
         labels = [data.semi_supervised(config, labels[0], splits.name), None, None]
     check_batch_size(config.batch_size, len(train_x), world)
@@ -616,7 +639,7 @@ def config_toml(out: Path, config: Config, changes: dict, epoch: int, resolved: 
     ``[resolved]`` table (precision, threads, and why); then its history of resumes that changed an
     option, as ``[[resumed]]`` tables (the epoch it resumed at and each change as "old -> new")."""
     history = []
-    with contextlib.suppress(OSError, ValueError, TypeError):  # no config.toml yet, or an unreadable one: a new history
+    with contextlib.suppress(OSError, ValueError, TypeError, RecursionError):  # none yet, or unreadable: a new history
         history = list(tomllib.loads((out / "config.toml").read_text()).get("resumed", []))
     if changes:
         history.append({"at_epoch": epoch, **{k: f"{a!r} -> {b!r}" for k, (a, b) in changes.items()}})

@@ -10,6 +10,7 @@ or ``xargs -P``.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
 import shlex
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vaelab.config import seed_int
 from vaelab.errors import UserError
 
 # the knobs a sweep may vary: flag -> (parse one value, what a value must be)
@@ -47,13 +49,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**63:
-        raise ValueError
-    return value
-
-
 def _likelihood(text: str) -> str:
     from vaelab.parts import LIKELIHOODS
 
@@ -67,7 +62,7 @@ KNOBS = {
     "--latent-dim": (_positive_int, "whole numbers from 1"),
     "--free-bits": (_non_negative_float, "numbers from 0"),
     "--likelihood": (_likelihood, "likelihood names"),
-    "--seed": (_seed, "whole numbers from 0 to 2^63 - 1"),
+    "--seed": (seed_int, "whole numbers from 0 to 2^63 - 1"),
 }
 
 
@@ -89,7 +84,7 @@ def _parses(parse, text: str) -> bool:
     try:
         parse(text)
         return True
-    except (ValueError, OverflowError):
+    except (ValueError, OverflowError, argparse.ArgumentTypeError):
         return False
 
 
@@ -128,33 +123,52 @@ def plan(knobs: dict[str, list], train_args: list[str], out: Path, threads: int 
     return points
 
 
-def finished(run: Path) -> bool:
-    """Whether a run's last checkpoint is at its end (its epochs, or its time budget, used up)."""
+def finished(run: Path, config) -> bool:
+    """Whether the run in ``run`` is at the end that ``config`` (the point's) asks for: its epochs, or its
+    time budget, used up. A run there of other options is refused, as ``train --auto-resume`` refuses it
+    (epochs and time budget may grow: the run continues)."""
     from vaelab.checkpoint import load_checkpoint
+    from vaelab.runs import continued_config
 
     last = run / "checkpoints" / "last.pt"
-    if not last.exists() or not (run / "model.safetensors").exists():
+    if not last.exists():
         return False
     state = load_checkpoint(last)
-    config = state["config"]
-    budget = config.get("time_budget") or 0.0
-    return state["epoch"] >= config["epochs"] or bool(budget and state["elapsed"] >= budget)
+    try:
+        config, _ = continued_config(state["config"], config, given=None)
+    except UserError as err:
+        raise UserError(f"the sweep's run {run} was trained with other options: {err}") from None
+    if not (run / "model.safetensors").exists():
+        return False
+    budget = config.time_budget or 0.0
+    return state["epoch"] >= config.epochs or bool(budget and state.get("elapsed", 0.0) >= budget)
+
+
+# how --print's lines are run: one command per line, read whole (-d '\n': xargs strips no quotes, so the shell
+# gets each line as shlex.join quoted it and expands nothing inside a path)
+PIPELINE = "xargs -d '\\n' -P 3 -I{} sh -c {}"
 
 
 def command_line(point: Point) -> str:
-    return shlex.join([sys.executable, "-m", "vaelab", *point.argv])
+    """The point's ``vaelab train`` as one shell line (a line break in a path would make it two: refused)."""
+    argv = [sys.executable, "-m", "vaelab", *point.argv]
+    if any("\n" in a or "\r" in a for a in argv):
+        raise UserError("an option holds a line break, which --print cannot write as one line; rename the path")
+    return shlex.join(argv)
 
 
-def run_sweep(points: list[Point], jobs: int, log=print) -> list[tuple[Point, str]]:
-    """Train every unfinished point, ``jobs`` processes at a time; returns each point with what became
-    of it ("done before", "trained", or "failed (exit N)"). SIGTERM or Ctrl-C stops the processes
-    (each writes its checkpoint) and then the sweep."""
+def run_sweep(points: list[Point], jobs: int, configs: dict, log=print) -> list[tuple[Point, str]]:
+    """Train every unfinished point (``configs``: each point's config by its run directory), ``jobs``
+    processes at a time; returns each point with what became of it ("done before", "trained", or
+    "failed (exit N)"). SIGTERM or Ctrl-C stops the processes (each writes its checkpoint) and then the
+    sweep."""
     from vaelab.training import signals_held
 
     outcome: dict[Path, str] = {}
     todo = []
+    done = {p.out: finished(p.out, configs[p.out]) for p in points}  # every run checked before one starts
     for p in points:
-        if finished(p.out):
+        if done[p.out]:
             outcome[p.out] = "done before"
             log(f"{p.label}: finished before, in {p.out}")
         else:
@@ -212,6 +226,7 @@ def threads_per_job(jobs: int) -> int:
 # the sweep's own options, and list-valued train options that are not knobs
 SWEEP_OPTIONS = {"--out": 1, "--jobs": 1, "--print": 0, **{flag: 1 for flag in KNOBS}}
 LISTS = ("--hidden", "--top-hidden")
+PATHS = ("--out", "--data", "--data-dir", "--config")  # options whose values are paths, where a comma is a letter
 
 
 def _option(token: str) -> str:
@@ -219,11 +234,12 @@ def _option(token: str) -> str:
 
 
 def check_sweepable(argv: list[str]) -> None:
-    """A list given to a train option that is not a knob: say which knobs a sweep varies."""
+    """A list given to a train option that is not a knob: say which knobs a sweep varies. (A path may
+    hold a comma.)"""
     for flag, value in zip(argv, argv[1:] + [""], strict=True):
         name, _, inline = flag.partition("=")
         given = inline if "=" in flag else value
-        if name.startswith("--") and name not in KNOBS and name not in LISTS and "," in given:
+        if name.startswith("--") and name not in (*KNOBS, *LISTS, *PATHS) and "," in given:
             raise UserError(f"{name} cannot be swept; a sweep varies {', '.join(KNOBS)} (each as A,B,...)")
 
 

@@ -83,10 +83,13 @@ class RateTarget:
     average: float = 0.0  # the moving average of the relative constraint
 
     RATE: ClassVar[float] = 0.02
+    LOG_RANGE: ClassVar[float] = math.log(1e6)  # the width of beta's range [1e-3, 1e3]
 
     def update(self, rate: float) -> None:
         self.average = 0.9 * self.average + 0.1 * (rate - self.target) / self.target
-        self.beta = min(1e3, max(1e-3, self.beta * math.exp(self.RATE * self.average)))
+        # the step in log beta is clipped to the range's width: a tiny target makes c huge (1e-10 nats: 1e11)
+        step = max(-self.LOG_RANGE, min(self.LOG_RANGE, self.RATE * self.average))
+        self.beta = min(1e3, max(1e-3, self.beta * math.exp(step)))
 
 
 class signals_held:  # noqa: N801 (used as a context manager, like contextlib's)

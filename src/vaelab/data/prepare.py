@@ -19,6 +19,11 @@ def prepare_data(config, device) -> tuple[Splits, Tensor, Tensor, Tensor, int | 
     test tensors, and the number of pixels per image where bits/dim apply (a discrete likelihood)."""
     splits = load(config)
     likelihood = LIKELIHOODS[config.likelihood]
+    if splits.levels == 256 and abs(float(splits.train.x.max()) - 1 / 255) < 1e-7:  # uint8 read as value / 255
+        raise UserError(
+            f"{splits.name} holds uint8 pixels of 0 and 1 alone, read as 0 and 1/255 (uint8 means 0 to 255): "
+            "binary images stored as uint8 should be 0 and 255 (multiply by 255), or save them as floats 0.0 and 1.0"
+        )
     if likelihood.binary_only and not config.binarized and not splits.binary:
         raise UserError(
             f"{splits.name} has grey-level pixels, and a {likelihood.name} likelihood is only a likelihood for "

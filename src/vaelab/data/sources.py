@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import struct
 import tarfile
 import zlib
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vaelab import memory
 from vaelab.data import download
 from vaelab.errors import UserError
 from vaelab.parts import DATASETS
@@ -62,6 +64,8 @@ class Splits:
 # -- validation -------------------------------------------------------------------------
 def validate(x: np.ndarray, y: np.ndarray | None, where: str) -> np.ndarray:
     """Check images and labels once; return images as float32 (N, C, H, W) in [0, 1]."""
+    if x.ndim == 0:
+        raise UserError(f"{where} holds one number (a 0-d array), not images; save images (N, H, W) as x")
     if x.size == 0 or x.shape[0] == 0:
         raise UserError(f"{where} holds no images; point --data at a non-empty data set")
     if x.ndim == 3:
@@ -100,25 +104,32 @@ IDX_DTYPES = {0x08: np.uint8}
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (``.gz`` or not): magic 0x0000, dtype byte, ndim byte, big-endian dims, data."""
+    """Read an IDX file (``.gz`` or not): magic 0x0000, dtype byte, ndim byte, big-endian dims, data.
+    Streamed: the header is read first and then exactly the bytes it declares, so a file that inflates
+    to more than that (a gzip bomb) or declares more than memory holds is refused before it is read."""
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in IDX_DTYPES:
+                raise UserError(
+                    f"{path} is not an IDX file of unsigned bytes (magic number {head.hex()}); check the file"
+                )
+            ndim = head[3]
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise UserError(f"{path} is truncated inside its header; download it again")
+            dims = struct.unpack(f">{ndim}I", raw_dims)
+            expected = math.prod(dims)  # Python's integers: no wrap past 2^64
+            memory.require(expected, f"the images of shape {dims} that {path} declares", "check the file")
+            raw = f.read(expected + 1)
     except (OSError, EOFError, zlib.error) as err:
         raise UserError(f"{path} is not a readable gzip file ({err}); download it again") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
-        raise UserError(f"{path} is not an IDX file of unsigned bytes (magic number {raw[:4].hex()}); check the file")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise UserError(f"{path} is truncated inside its header; download it again")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
+    if len(raw) != expected:
         raise UserError(
-            f"{path} declares shape {dims} ({expected} bytes) but holds {len(raw) - header}; "
-            "the file is truncated or corrupt, download it again"
+            f"{path} declares shape {dims} ({expected} bytes) but holds "
+            f"{len(raw) if len(raw) < expected else 'more'}; the file is truncated or corrupt, download it again"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(dims)
 
 
 def _find(directory: Path, stem: str) -> Path:
@@ -218,23 +229,68 @@ def load_array(path: Path):
         if key is None:
             raise UserError(f"{path} has arrays {loaded.files}; name the images 'x' (and labels 'y')")
         try:
+            for name in (key, "y"):
+                if name in loaded.files:
+                    _check_member(loaded.zip, name, path)
             return loaded[key], loaded["y"] if "y" in loaded.files else None
         except (ValueError, OSError, EOFError, zlib.error) as err:  # an object array, a torn member
             raise UserError(f"{path} has an array that cannot be read without pickle, or is torn ({err})") from None
 
 
-def _grey_or_rgb(im, where: Path) -> np.ndarray:
+def _check_member(archive, name: str, path: Path) -> None:
+    """An .npz member's header read first, as ``np.load`` maps a .npy's: the bytes its shape and type declare
+    must be the bytes the member holds (a header that lies is refused before anything is allocated)."""
+    with archive.open(f"{name}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        declared = math.prod(shape) * dtype.itemsize
+        holds = archive.getinfo(f"{name}.npy").file_size - f.tell()
+    if dtype.hasobject:
+        raise UserError(
+            f"{path}'s array {name!r} holds Python objects, which cannot be read without pickle; save numbers"
+        )
+    if declared != holds:
+        raise UserError(
+            f"{path}'s array {name!r} declares {declared:,} bytes (shape {shape}, {dtype}) and holds {holds:,}; "
+            "the file is torn or was made by hand: save it again with numpy.savez"
+        )
+
+
+def _grey_or_rgb(im, where: Path, exact: bool = False) -> np.ndarray:
     """8-bit grey (H, W) or RGB (H, W, 3). 16-bit grey (PNG's I;16, read as I) is scaled to 8 bits
-    (v / 257), where ``convert("L")`` would clip every value above 255 to white."""
+    (v / 257), where ``convert("L")`` would clip every value above 255 to white. ``exact``: refuse an
+    image that this loses something of (16-bit values between 8-bit ones, transparency, colour in a
+    palette read as grey, CMYK), as a lossless coder must."""
     if im.mode.startswith("I"):
         wide = np.asarray(im)
         if wide.size and (wide.min() < 0 or wide.max() > 65535):
             raise UserError(f"{where} has grey values outside 0 to 65535; save it as an 8- or 16-bit PNG")
+        if exact and (wide % 257).any():
+            raise UserError(f"{where} has 16-bit grey values that 8 bits cannot hold exactly; give 8-bit images")
         return np.round(wide / 257.0).astype(np.uint8)
-    return np.asarray(im.convert("L" if im.mode in ("1", "L", "LA", "P") else "RGB"), dtype=np.uint8)
+    grey = im.mode in ("1", "L", "LA", "P", "PA")
+    if exact:
+        _check_exact(im, where, grey)
+    return np.asarray(im.convert("L" if grey else "RGB"), dtype=np.uint8)
 
 
-def load_folder(path: Path):
+def _check_exact(im, where: Path, grey: bool) -> None:
+    lost = None
+    if "A" in im.getbands() or "transparency" in im.info:
+        if np.asarray(im.convert("RGBA"))[..., 3].min() < 255:
+            lost = "transparency (an alpha channel)"
+    elif im.mode in ("P", "PA"):
+        rgb = np.asarray(im.convert("RGB"))
+        if (rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any():
+            lost = "colours in its palette, read as grey"
+    elif not grey and im.mode != "RGB":
+        lost = f"its {im.mode} values, read as RGB"
+    if lost:
+        raise UserError(f"{where} has {lost}, which 8-bit grey or RGB pixels cannot hold exactly; save it as such")
+
+
+def load_folder(path: Path, exact: bool = False):
     from PIL import Image, UnidentifiedImageError
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -245,7 +301,7 @@ def load_folder(path: Path):
     for p in files:
         try:
             with Image.open(p) as im:
-                arr = _grey_or_rgb(im, p)
+                arr = _grey_or_rgb(im, p, exact)
         except (UnidentifiedImageError, OSError) as err:
             raise UserError(f"{p} is not a readable image ({err}); remove or replace it") from None
         first_size = first_size or (arr.shape, p)
