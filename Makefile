@@ -1,5 +1,5 @@
 # The two commands of README.md. Each sets up .venv itself (scripts/setup.sh).
-.PHONY: demo test bench lint setup
+.PHONY: demo test bench lint setup docs
 
 setup:
 	bash scripts/setup.sh
@@ -17,7 +17,11 @@ test: setup
 	bash scripts/install-browser.sh
 	.venv/bin/ruff check src tests benchmarks scripts
 	.venv/bin/ruff format --check src tests benchmarks scripts
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet
 	.venv/bin/python -m pytest -q --durations=15
+
+docs: setup
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs serve --strict
 
 bench: setup
 	.venv/bin/python -m benchmarks

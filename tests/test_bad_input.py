@@ -485,6 +485,16 @@ HOSTILE = [  # issue 33's catalogue: a traceback, a wrong success or a loss wher
         ["torn or was edited"],
     ),
     (
+        "serve of a compression record without per-image numbers",
+        lambda t: [
+            "serve",
+            record_with(t, "compression.json", lambda r: r.update(per_image={})),
+            "--port",
+            free_port(),
+        ],
+        ["torn or was edited"],
+    ),
+    (
         "16-bit grey PNGs coded with an 8-bit model",
         lambda t: [
             "compress",
@@ -514,6 +524,14 @@ HOSTILE = [  # issue 33's catalogue: a traceback, a wrong success or a loss wher
         ["line break"],
     ),
 ]
+
+
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 def npz0(tmp_path):

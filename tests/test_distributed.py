@@ -178,7 +178,7 @@ def free_port() -> int:
 
 
 def two_machines(args, run_id):
-    """The README's multi-machine launch, both 'machines' on loopback: two torchrun agents."""
+    """The multi-machine launch of docs/how-to/distributed.md, both 'machines' on loopback: two torchrun agents."""
     port = free_port()
     cmd = [
         *TORCHRUN,

@@ -33,6 +33,8 @@ LAYERS = {
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 L0_MAY_IMPORT = {
     "torch",
+    "json",
+    "resource",
     "math",
     "dataclasses",
     "typing",

@@ -1,4 +1,4 @@
-"""What vaelab promises about the user's files and runs (README, "What vaelab does with your files"):
+"""What vaelab promises about the user's files and runs (docs/reference/promises.md):
 it deletes only what it wrote, one process writes a run at a time, links are never written
 through, a resume continues the run it resumes, and a stop (Ctrl-C, SIGTERM) keeps the last
 checkpoint. The one-line refusals are in test_bad_input.py's catalogue; these are the cases
@@ -236,12 +236,15 @@ def test_a_report_never_writes_into_a_folder_it_did_not_make(tmp_path, capsys):
     assert "not made by vaelab report" in capsys.readouterr().err
 
 
-def test_the_run_directory_promises_are_in_the_readme():
+def test_the_run_directory_promises_are_in_the_pages_the_readme_links():
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    assert "docs/reference/promises.md" in readme and "lock" in readme and "link" in readme
+    promises = (root / "docs" / "reference" / "promises.md").read_text()
     for words in (".vaelab-run", "--overwrite", "symbolic link", "lock", "SIGTERM"):
-        assert words in readme, words
+        assert words in promises, words
 
 
 @pytest.mark.parametrize(

@@ -652,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
         add("decompress", "the images of a file vaelab compress wrote, exactly as they were", cmd_decompress)
     )
     _serve_options(add("serve", "a local web page: KL explorer, image inspector, latent explorer", cmd_serve))
+    parser.commands = sub.choices  # each command's parser, by name (the generated reference reads them)
     return parser
 
 

@@ -52,7 +52,7 @@ RECORD = "compression.json"  # in the run directory: the last compression of the
 VERSION = 2  # 2: the run's path relative to the file, the images' check keyed by the model, no host details
 VERSIONS = (1, 2)
 MAX_PARTICLES = 1000
-DEFAULT_LATENT_BITS = 8  # README, "The KL term as bits": 6 to 12 bits code within 0.1 % of each other
+DEFAULT_LATENT_BITS = 8  # docs/tutorial.md, "The KL term as bits": 6 to 12 bits code within 0.1 % of each other
 # the Config fields that make the model: with the weights, the identity a file is decoded against
 MODEL_FIELDS = (
     "family",

@@ -330,7 +330,7 @@ class Config:
     epochs: int = opt(30, "passes over the training set", group="optimisation", at_least=0)
     batch_size: int = opt(128, "examples per step", group="optimisation", at_least=1)
     # lr 2e-3 with cosine decay and bf16 where native: the fastest of the recipes measured on mnist-5k
-    # at a fixed wall time (benchmarks/recipes.py, README's Performance)
+    # at a fixed wall time (benchmarks/recipes.py, docs/explanation/performance.md)
     lr: float = opt(2e-3, "Adam learning rate", group="optimisation")
     lr_schedule: str = opt(  # cosine: to 0 at the end of the run; burda2015: 3^i epochs at lr 10^(-i/7)
         "cosine",

@@ -663,7 +663,7 @@ def check_target_rate(config: Config, splits) -> None:
 def set_threads(threads: int) -> tuple[int, str]:
     """Set the threads this process computes with; return how many, and why. ``threads=0``: one per core
     that is free now (a core busy with another process makes OpenMP's threads wait for each other: on
-    2 cores with one busy, 2 threads trained the default model 3.6x slower than 1; README, Performance),
+    2 cores with one busy, 2 threads trained the default model 3.6x slower than 1; docs/explanation/performance.md),
     or what OMP_NUM_THREADS says where it is set (torchrun sets it to 1 per process)."""
     if threads > 0:
         torch.set_num_threads(threads)
