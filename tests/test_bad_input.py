@@ -518,6 +518,22 @@ HOSTILE = [  # issue 33's catalogue: a traceback, a wrong success or a loss wher
     ),
     ("decompress over a folder of other files", folder_of_others, ["holiday.jpg", "did not write"]),
     ("a sweep started again with other layers", sweep_again_with("--hidden", "32"), ["hidden: (16,) -> (32,)"]),
+    ("posterior gaps of no image", lambda t: ["evaluate", str(t), "--gaps", "0"], ["--gaps", "at least 1"]),
+    (
+        "posterior gaps of more images than the split holds",
+        lambda t: ["evaluate", str(make_run(t)), "--gaps", "100000", "--iwae-k", "0"],
+        ["more images than the split holds (750)", "--gaps 750"],
+    ),
+    (
+        "posterior gaps of a categorical posterior",
+        lambda t: ["evaluate", str(make_run(t, "--posterior", "categorical")), "--gaps", "5"],
+        ["--posterior categorical", "defines none"],
+    ),
+    (
+        "posterior gaps of two latent layers",
+        lambda t: ["evaluate", str(make_run(t, "--family", "hierarchical")), "--gaps", "5"],
+        ["2 layers", "layer by layer"],
+    ),
     (
         "a sweep printed with a line break in its folder",
         lambda t: ["sweep", "--beta", "1", "--out", str(t / "a\nb"), "--print"],

@@ -26,7 +26,7 @@ LAYERS = {
         "distributed",  # torch.distributed only: models that sum over processes (a VQ codebook, M2) use it
     },
     1: {"models", "data", "explain", "plots", "config", "rundir", "bitsback"},
-    2: {"training", "runs", "evaluation", "checkpoint", "inspection"},
+    2: {"training", "runs", "evaluation", "gaps", "checkpoint", "inspection"},
     3: {"report", "web", "compress", "sweep", "rd"},
     4: {"cli", "__main__", "__init__"},
 }

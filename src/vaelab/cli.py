@@ -33,7 +33,8 @@ EXAMPLES = {
     "evaluate": (
         "examples:\n  vaelab evaluate runs/mnist-5k\n"
         "  vaelab evaluate runs/mnist --iwae-k 5000 --json eval.json --per-example test.csv\n"
-        "  vaelab evaluate runs/mnist/checkpoints/last.pt --split val --iwae-k 100"
+        "  vaelab evaluate runs/mnist/checkpoints/last.pt --split val --iwae-k 100\n"
+        "  vaelab evaluate runs/mnist-5k --gaps 200      # approximation and amortization gaps of 200 images"
     ),
     "train": (
         "examples:\n  vaelab train                                  # 5,000 MNIST digits, bundled, seconds on 2 cores\n"
@@ -278,6 +279,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         per_example=args.per_example is not None,
         device=args.device,
+        gaps=args.gaps,
     )
     if not is_rank_zero():
         return 0
@@ -511,6 +513,13 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
         "--json", type=_output_path, metavar="FILE", help="write the record as JSON (also RUN/evaluation.json)"
     )
     p.add_argument("--per-example", type=_output_path, metavar="FILE.csv", help="per-example ELBO, reconstruction, KL")
+    p.add_argument(
+        "--gaps",
+        type=positive_int,
+        metavar="N",
+        help="the posterior gap of the split's first N images in two: approximation (the best q of the run's "
+        "family for each image, q*, against log p(x)) and amortization (the encoder's q against q*)",
+    )
     p.add_argument(
         "--nproc",
         type=positive_int,

@@ -38,6 +38,7 @@ from vaelab.decomposition import KLParts, decompose_categorical, decompose_full_
 from vaelab.distributions import diag_normal, marginals
 from vaelab.errors import UserError
 from vaelab.fileio import atomic_write_text
+from vaelab.gaps import families_for, posterior_gaps
 from vaelab.kl import (
     KLResult,
     correlation_kl,
@@ -432,6 +433,9 @@ class Evaluation:
     # labels, and how many training labels it had
     accuracy: float | None = None
     labelled: int | None = None
+    # `evaluate --gaps N`: the posterior gap of the first N images split into approximation and amortization
+    # (gaps.Gaps.summary: L[q], L[q*] per family, log p(x), each gap, each with its standard error)
+    gaps: dict | None = None
 
     RUN_FIELDS = ("data", "split", "binarize", "seed", "likelihood", "prior", "conditional", "weights_sha256")
 
@@ -770,10 +774,12 @@ def evaluation_rows(r: Evaluation) -> list[Row]:
             Row(
                 f"log p({'x|y' if r.conditional else 'x'}), IWAE k={r.iwae_k}",
                 r.log_likelihood,
-                note=f"± {r.log_likelihood_std_error:.3f} (s.e.)",
+                note="" if r.log_likelihood_std_error is None else f"± {r.log_likelihood_std_error:.3f} (s.e.)",
             ),
             Row("gap log p(x) − ELBO", r.log_likelihood - r.elbo, depth=1, note="KL(q || p(z|x)), estimated"),
         ]
+    if r.gaps is not None:
+        rows += gap_rows(r.gaps)
     if r.bits_per_dim is not None:
         rows.append(Row("ELBO in bits/dim", r.bits_per_dim, "bits/dim"))
     if r.log_likelihood_bits_per_dim is not None:
@@ -838,6 +844,45 @@ def mi_ceiling(r: Evaluation) -> str:
     return f"at most log N = {ceiling:.2f} on N = {r.examples} examples"
 
 
+def gap_rows(g: dict) -> list[Row]:
+    """The rows of ``evaluate --gaps`` (:meth:`gaps.Gaps.summary`): the encoder's bound, the best q per image,
+    log p(x), and the gap between them in two parts; a richer family's q* beside them."""
+
+    def se(name: str) -> str:
+        return f"± {g[name + '_std_error']:.3f} (s.e. over the images)"
+
+    proposal = "the encoder's q" if g["proposal"] == "encoder" else f"the {g['proposal']} q*"
+    rows = [
+        Row(
+            f"posterior gap of the first {g['examples']} images",
+            None,
+            note="log p(x) − L[q] = approximation + amortization (Cremer et al. 2018)",
+        ),
+        Row("L[q]: the encoder's ELBO", g["elbo_encoder"], depth=1, note=se("elbo_encoder")),
+        Row(f"L[q*]: the best {g['family']} q, per image", g["elbo_optimal"], depth=1, note=se("elbo_optimal")),
+        Row(
+            f"log p(x), IWAE k={g['iwae_k']}",
+            g["gaps_log_likelihood"],
+            depth=1,
+            note=f"proposal {proposal}, the higher on average",
+        ),
+        Row("approximation gap log p(x) − L[q*]", g["approximation_gap"], depth=2, note=se("approximation_gap")),
+        Row("amortization gap L[q*] − L[q]", g["amortization_gap"], depth=2, note=se("amortization_gap")),
+    ]
+    for key in [k for k in g if k.startswith("elbo_optimal_") and not k.endswith("_std_error")]:
+        family = key.removeprefix("elbo_optimal_")
+        rows += [
+            Row(f"L[q*]: the best {family} q, per image (a richer family)", g[key], depth=1, note=se(key)),
+            Row(
+                f"approximation gap of the {family} family",
+                g[f"approximation_gap_{family}"],
+                depth=2,
+                note=se(f"approximation_gap_{family}"),
+            ),
+        ]
+    return rows
+
+
 def format_table(record: Evaluation) -> str:
     """The evaluation's rows as text, one per line."""
     lines = []
@@ -856,14 +901,17 @@ def per_example_csv(per: dict[str, Tensor]) -> str:
     several layers), then kl_std_error (Monte Carlo KL),
     log_likelihood (when estimated) and kl_dim_j (a factorising prior) where the run has them."""
     layers = [k for k in per if k.startswith("kl_z")]  # several latent layers: each one's KL
+    gap_columns = [k for k in per if k.startswith(("elbo_encoder", "elbo_optimal", "gaps_", "approximation_gap"))]
+    gap_columns += ["amortization_gap"] if "amortization_gap" in per else []
     columns = [k for k in ("elbo", "reconstruction", "kl", *layers, "kl_std_error", "log_likelihood") if k in per]
+    columns += gap_columns
     D = per["kl_per_dim"].shape[1] if "kl_per_dim" in per else 0
     header = ["index", *columns] + [f"kl_dim_{j}" for j in range(D)]
     table = torch.stack([per[k].double() for k in columns], 1)
     if D:
         table = torch.cat([table, per["kl_per_dim"].double()], 1)
     lines = [",".join(header)]
-    lines += [",".join([str(i)] + [f"{v:.6g}" for v in row]) for i, row in enumerate(table.tolist())]
+    lines += [",".join([str(i)] + [f"{v:.6g}" if v == v else "" for v in row]) for i, row in enumerate(table.tolist())]
     return "\n".join(lines) + "\n"
 
 
@@ -948,12 +996,15 @@ def evaluate_run(
     per_example=False,
     device: str = "auto",
     keep: bool = True,
+    gaps: int | None = None,
 ) -> tuple[Evaluation, str | None]:
     """``vaelab evaluate``: load the run's model and data the way it was trained; evaluate one split on
     ``device`` (auto, cpu or cuda). The record is kept as RUN/evaluation.json when ``keep`` and the data
-    are the run's own."""
+    are the run's own. ``gaps``: the posterior gaps of the split's first ``gaps`` images too (:mod:`gaps`)."""
     if iwae_k < 0:
         raise UserError(f"--iwae-k must be >= 0, got {iwae_k}")
+    if gaps is not None and gaps < 1:
+        raise UserError(f"--gaps must be at least 1 image, got {gaps}")
     run, device = Path(run), distributed.resolve_device(device)
     with distributed.session(device.type) as ctx, contextlib.ExitStack() as held:
         device = distributed.rank_device(device, ctx)
@@ -968,6 +1019,8 @@ def evaluate_run(
         data = trained.examples(split)
         if split == "train" and config.binarized_per_batch:  # the static draw a static run trains on
             data = replace(data, x=binarize_static(data.x, config.seed, "train"))
+        if gaps is not None:
+            families = _gap_families(config, len(data.x), gaps, ctx.world)
         writes = keep and run.is_dir() and ctx.is_main and own_data  # the run's record is of the run's own data
         if writes:  # held from here: a run being trained (or evaluated) elsewhere is refused before the work
             held.enter_context(rundir.lock(run, "evaluating"))
@@ -986,6 +1039,34 @@ def evaluate_run(
             conditional=FAMILIES[config.family].labels or None,
             weights_sha256=weights_sha256(run) if run.is_dir() else None,
         )
+        if gaps is not None:
+            k = min(iwae_k, GAPS_IWAE_K) if iwae_k else GAPS_IWAE_K
+            found = posterior_gaps(model.cpu(), data.x[:gaps].cpu(), families, iwae_k=k, seed=seed)
+            record = replace(record, gaps=found.summary(k))
+            per |= {name: _padded(values, len(data.x)) for name, values in found.per_image().items()}
         if writes:
             atomic_write_text(run / "evaluation.json", json.dumps(record.to_dict(), indent=1))
     return record, per_example_csv(per) if per_example else None
+
+
+GAPS_IWAE_K = 1000  # --gaps: importance samples per proposal for log p(x), at most (or --iwae-k, if fewer)
+
+
+def _gap_families(config: Config, images: int, gaps: int, world: int) -> tuple[str, ...]:
+    """The families q* is sought in for ``evaluate --gaps``, or one line saying why it does not apply."""
+    if gaps > images:
+        raise UserError(f"--gaps {gaps} asks for more images than the split holds ({images}); use --gaps {images}")
+    if world > 1:
+        raise UserError("--gaps runs in one process; drop --nproc")
+    if FAMILIES[config.family].layers > 1 or config.uses_labels:
+        raise UserError(
+            "--gaps optimises one latent layer's q* per image without labels; this run has "
+            + (f"{FAMILIES[config.family].layers} layers" if FAMILIES[config.family].layers > 1 else "labels")
+            + ", where q* would have to be defined layer by layer (or per label)"
+        )
+    return families_for(config.posterior)
+
+
+def _padded(values: Tensor, n: int) -> Tensor:
+    """A per-image column of the first images, NaN for the rest (the CSV leaves them empty)."""
+    return torch.cat([values.double(), torch.full((n - len(values),), float("nan"), dtype=torch.float64)])

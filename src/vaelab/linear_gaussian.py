@@ -86,6 +86,33 @@ def mean_field_kl(posterior: MultivariateNormal) -> Tensor:
     return kl_mvn(posterior.mean, best, posterior.mean, posterior.covariance_matrix)
 
 
+def approximation_gap(precision: Tensor) -> Tensor:
+    r"""log p(x) - max over diagonal Gaussians q of ELBO(q): what the diagonal family itself cannot reach
+    (Cremer et al. 2018's approximation gap) for a Gaussian posterior of precision Λ (k, k),
+
+    .. math:: \tfrac12 \big(\textstyle\sum_i \log \Lambda_{ii} - \log\det \Lambda\big)
+
+    (Hadamard's inequality makes it >= 0; it is 0 exactly when Λ is diagonal, which for the linear-Gaussian
+    model, Λ = I + W^T W / s^2, means W's columns are orthogonal). :func:`mean_field_kl` reaches the same
+    number through the best q itself."""
+    return 0.5 * (precision.diagonal(dim1=-2, dim2=-1).log().sum(-1) - torch.logdet(precision))
+
+
+def amortization_gap(m: Tensor, v: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
+    r"""ELBO(q*) - ELBO(q) for a diagonal q = N(m, diag v) against the best diagonal q* = N(μ, diag 1/Λ_ii),
+    for a Gaussian posterior N(μ, Λ^{-1}): what an encoder that outputs (m, v) loses to the best member of
+    its own family (Cremer et al. 2018's amortization gap),
+
+    .. math:: \tfrac12 \textstyle\sum_i (\Lambda_{ii} v_i - 1 - \log \Lambda_{ii} v_i)
+              + \tfrac12 (m - \mu)^\top \Lambda (m - \mu)
+
+    KL(q || p(z|x)) = ½ [tr(Λ V) + (m-μ)ᵀΛ(m-μ) - k - log det Λ - Σ log v_i], less its minimum over v and m
+    (the approximation gap). Each term is >= 0 and both vanish at q = q*."""
+    lv = precision.diagonal(dim1=-2, dim2=-1) * v
+    d = m - mean
+    return 0.5 * (lv - 1 - lv.log()).sum(-1) + 0.5 * torch.einsum("...i,...ij,...j->...", d, precision, d)
+
+
 def expected_log_likelihood(model: LinearGaussian, x: Tensor, mu_q: Tensor, cov_q: Tensor) -> Tensor:
     r"""E_{q(z)}[log p(x|z)] in closed form for q = N(mu_q, cov_q):
 

@@ -110,6 +110,9 @@ class Posterior(Part):
     gaussian: bool = True
     # categorical variables (z one-hot, a uniform prior over the categories, trained through a relaxation)
     discrete: bool = False
+    # `vaelab evaluate --gaps`: the families (of ``gaps.FAMILIES``) q* is optimised in per image, the run's
+    # own first, then richer ones; empty where vaelab defines no q* (a flow, a point mass, categories)
+    optimal_families: tuple[str, ...] = ()
 
 
 @final
@@ -261,7 +264,14 @@ PRIORS.register(
     )
 )
 
-POSTERIORS.register(Posterior("diagonal", "N(mu, diag sigma^2)", "vaelab.distributions:diagonal_posterior"))
+POSTERIORS.register(
+    Posterior(
+        "diagonal",
+        "N(mu, diag sigma^2)",
+        "vaelab.distributions:diagonal_posterior",
+        optimal_families=("diagonal", "full"),
+    )
+)
 POSTERIORS.register(
     Posterior(
         "full",
@@ -269,6 +279,7 @@ POSTERIORS.register(
         "vaelab.distributions:full_posterior",
         outputs=_full_covariance_width,
         factorises=False,
+        optimal_families=("full",),
     )
 )
 POSTERIORS.register(

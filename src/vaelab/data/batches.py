@@ -28,6 +28,7 @@ STREAMS = (
     "kl-split",  # an evaluation's z_n ~ q(z|x_n) of the KL split (MI + TC + dimension-wise KL): ()
     "relaxed",  # an evaluation's relaxed draws of a categorical z (the model as it trained): ()
     "labelled",  # which training images keep their labels for semi-supervised M2: ()
+    "gaps",  # an evaluation's draws for the posterior gaps (the optimiser's, fresh ones, IWAE's): ()
 )
 
 
