@@ -519,6 +519,7 @@ HOSTILE = [  # issue 33's catalogue: a traceback, a wrong success or a loss wher
     ("decompress over a folder of other files", folder_of_others, ["holiday.jpg", "did not write"]),
     ("a sweep started again with other layers", sweep_again_with("--hidden", "32"), ["hidden: (16,) -> (32,)"]),
     ("posterior gaps of no image", lambda t: ["evaluate", str(t), "--gaps", "0"], ["--gaps", "at least 1"]),
+    ("posterior gaps under torchrun", lambda t: ["evaluate", str(t), "--gaps", "5", "--nproc", "2"], ["drop --nproc"]),
     (
         "posterior gaps of more images than the split holds",
         lambda t: ["evaluate", str(make_run(t)), "--gaps", "100000", "--iwae-k", "0"],

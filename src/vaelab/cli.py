@@ -257,6 +257,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from vaelab.distributed import resolve_device
 
         resolve_device(args.device)  # refused once, before torchrun starts the processes
+        if args.gaps is not None:
+            raise UserError("--gaps runs in one process; drop --nproc")
         return launch_torchrun(args.nproc, args.argv)
     from vaelab.evaluation import evaluate_run, format_table
     from vaelab.fileio import atomic_write_text
