@@ -519,6 +519,12 @@ HOSTILE = [  # issue 33's catalogue: a traceback, a wrong success or a loss wher
     ("decompress over a folder of other files", folder_of_others, ["holiday.jpg", "did not write"]),
     ("a sweep started again with other layers", sweep_again_with("--hidden", "32"), ["hidden: (16,) -> (32,)"]),
     ("posterior gaps of no image", lambda t: ["evaluate", str(t), "--gaps", "0"], ["--gaps", "at least 1"]),
+    ("refinement of no step", lambda t: ["evaluate", str(t), "--refine", "0"], ["--refine", "at least 1"]),
+    (
+        "refinement of a categorical posterior",
+        lambda t: ["evaluate", str(make_run(t, "--posterior", "categorical")), "--refine", "5"],
+        ["--refine optimises q", "--posterior categorical"],
+    ),
     ("posterior gaps under torchrun", lambda t: ["evaluate", str(t), "--gaps", "5", "--nproc", "2"], ["drop --nproc"]),
     (
         "posterior gaps of more images than the split holds",

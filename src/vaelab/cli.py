@@ -34,7 +34,8 @@ EXAMPLES = {
         "examples:\n  vaelab evaluate runs/mnist-5k\n"
         "  vaelab evaluate runs/mnist --iwae-k 5000 --json eval.json --per-example test.csv\n"
         "  vaelab evaluate runs/mnist/checkpoints/last.pt --split val --iwae-k 100\n"
-        "  vaelab evaluate runs/mnist-5k --gaps 200      # approximation and amortization gaps of 200 images"
+        "  vaelab evaluate runs/mnist-5k --gaps 200      # approximation and amortization gaps of 200 images\n"
+        "  vaelab evaluate runs/mnist-5k --refine 20     # the ELBO after 20 steps of refining q per image"
     ),
     "train": (
         "examples:\n  vaelab train                                  # 5,000 MNIST digits, bundled, seconds on 2 cores\n"
@@ -257,8 +258,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from vaelab.distributed import resolve_device
 
         resolve_device(args.device)  # refused once, before torchrun starts the processes
-        if args.gaps is not None:
-            raise UserError("--gaps runs in one process; drop --nproc")
+        if args.gaps is not None or args.refine is not None:
+            raise UserError(f"{'--gaps' if args.gaps else '--refine'} runs in one process; drop --nproc")
         return launch_torchrun(args.nproc, args.argv)
     from vaelab.evaluation import evaluate_run, format_table
     from vaelab.fileio import atomic_write_text
@@ -282,6 +283,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         per_example=args.per_example is not None,
         device=args.device,
         gaps=args.gaps,
+        refine=args.refine,
     )
     if not is_rank_zero():
         return 0
@@ -521,6 +523,13 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="the posterior gap of the split's first N images in two: approximation (the best q of the run's "
         "family for each image, q*, against log p(x)) and amortization (the encoder's q against q*)",
+    )
+    p.add_argument(
+        "--refine",
+        type=positive_int,
+        metavar="K",
+        help="the ELBO after K steps of optimising q per image from the encoder's output (test-time, semi-amortized "
+        "inference), beside the encoder's, with the gain and its cost",
     )
     p.add_argument(
         "--nproc",

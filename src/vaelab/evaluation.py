@@ -38,7 +38,7 @@ from vaelab.decomposition import KLParts, decompose_categorical, decompose_full_
 from vaelab.distributions import diag_normal, marginals
 from vaelab.errors import UserError
 from vaelab.fileio import atomic_write_text
-from vaelab.gaps import families_for, posterior_gaps
+from vaelab.gaps import families_for, posterior_gaps, refined
 from vaelab.kl import (
     KLResult,
     correlation_kl,
@@ -436,6 +436,9 @@ class Evaluation:
     # `evaluate --gaps N`: the posterior gap of the first N images split into approximation and amortization
     # (gaps.Gaps.summary: L[q], L[q*] per family, log p(x), each gap, each with its standard error)
     gaps: dict | None = None
+    # `evaluate --refine K`: the ELBO after K steps of optimising q per image from the encoder's output, beside
+    # the encoder's, the gain with its standard error, and the cost (gaps.refined)
+    refined: dict | None = None
 
     RUN_FIELDS = ("data", "split", "binarize", "seed", "likelihood", "prior", "conditional", "weights_sha256")
 
@@ -780,6 +783,17 @@ def evaluation_rows(r: Evaluation) -> list[Row]:
         ]
     if r.gaps is not None:
         rows += gap_rows(r.gaps)
+    if r.refined is not None:
+        f = r.refined
+        rows.append(
+            Row(
+                f"ELBO after {f['steps']} steps refining q per image",
+                f["elbo_refined"],
+                depth=1,
+                note=f"+{f['gain']:.3f} ± {f['gain_std_error']:.3f} over the encoder's on the same draws, "
+                f"{f['examples']} images, {f['decoder_calls_per_image']} decoder calls each",
+            )
+        )
     if r.bits_per_dim is not None:
         rows.append(Row("ELBO in bits/dim", r.bits_per_dim, "bits/dim"))
     if r.log_likelihood_bits_per_dim is not None:
@@ -997,14 +1011,18 @@ def evaluate_run(
     device: str = "auto",
     keep: bool = True,
     gaps: int | None = None,
+    refine: int | None = None,
 ) -> tuple[Evaluation, str | None]:
     """``vaelab evaluate``: load the run's model and data the way it was trained; evaluate one split on
     ``device`` (auto, cpu or cuda). The record is kept as RUN/evaluation.json when ``keep`` and the data
-    are the run's own. ``gaps``: the posterior gaps of the split's first ``gaps`` images too (:mod:`gaps`)."""
+    are the run's own. ``gaps``: the posterior gaps of the split's first ``gaps`` images too (:mod:`gaps`);
+    ``refine``: the ELBO after that many steps of refining q per image, beside the encoder's (:func:`gaps.refined`)."""
     if iwae_k < 0:
         raise UserError(f"--iwae-k must be >= 0, got {iwae_k}")
     if gaps is not None and gaps < 1:
         raise UserError(f"--gaps must be at least 1 image, got {gaps}")
+    if refine is not None and refine < 1:
+        raise UserError(f"--refine must be at least 1 step, got {refine}")
     run, device = Path(run), distributed.resolve_device(device)
     with distributed.session(device.type) as ctx, contextlib.ExitStack() as held:
         device = distributed.rank_device(device, ctx)
@@ -1019,8 +1037,8 @@ def evaluate_run(
         data = trained.examples(split)
         if split == "train" and config.binarized_per_batch:  # the static draw a static run trains on
             data = replace(data, x=binarize_static(data.x, config.seed, "train"))
-        if gaps is not None:
-            families = _gap_families(config, len(data.x), gaps, ctx.world)
+        if gaps is not None or refine is not None:
+            families = _gap_families(config, len(data.x), gaps or 1, ctx.world, "--gaps" if gaps else "--refine")
         writes = keep and run.is_dir() and ctx.is_main and own_data  # the run's record is of the run's own data
         if writes:  # held from here: a run being trained (or evaluated) elsewhere is refused before the work
             held.enter_context(rundir.lock(run, "evaluating"))
@@ -1044,6 +1062,8 @@ def evaluate_run(
             found = posterior_gaps(model.cpu(), data.x[:gaps].cpu(), families, iwae_k=k, seed=seed)
             record = replace(record, gaps=found.summary(k))
             per |= {name: _padded(values, len(data.x)) for name, values in found.per_image().items()}
+        if refine is not None:
+            record = replace(record, refined=refined(model.cpu(), data.x.cpu(), families[0], refine, seed=seed))
         if writes:
             atomic_write_text(run / "evaluation.json", json.dumps(record.to_dict(), indent=1))
     return record, per_example_csv(per) if per_example else None
@@ -1052,19 +1072,20 @@ def evaluate_run(
 GAPS_IWAE_K = 1000  # --gaps: importance samples per proposal for log p(x), at most (or --iwae-k, if fewer)
 
 
-def _gap_families(config: Config, images: int, gaps: int, world: int) -> tuple[str, ...]:
-    """The families q* is sought in for ``evaluate --gaps``, or one line saying why it does not apply."""
+def _gap_families(config: Config, images: int, gaps: int, world: int, option: str) -> tuple[str, ...]:
+    """The families q* is sought in for ``evaluate --gaps`` (``--refine``: the first), or one line saying why
+    it does not apply."""
     if gaps > images:
         raise UserError(f"--gaps {gaps} asks for more images than the split holds ({images}); use --gaps {images}")
     if world > 1:
-        raise UserError("--gaps runs in one process; drop --nproc")
+        raise UserError(f"{option} runs in one process; drop --nproc")
     if FAMILIES[config.family].layers > 1 or config.uses_labels:
         raise UserError(
-            "--gaps optimises one latent layer's q* per image without labels; this run has "
+            f"{option} optimises one latent layer's q per image without labels; this run has "
             + (f"{FAMILIES[config.family].layers} layers" if FAMILIES[config.family].layers > 1 else "labels")
             + ", where q* would have to be defined layer by layer (or per label)"
         )
-    return families_for(config.posterior)
+    return families_for(config.posterior, option)
 
 
 def _padded(values: Tensor, n: int) -> Tensor:

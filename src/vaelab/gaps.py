@@ -128,12 +128,12 @@ class Gaps:
         return out
 
 
-def families_for(posterior: str) -> tuple[str, ...]:
+def families_for(posterior: str, option: str = "--gaps") -> tuple[str, ...]:
     """The families q* is sought in for a run of ``posterior``, its own first; refused where none is defined."""
     families = POSTERIORS[posterior].optimal_families
     if not families:
         raise UserError(
-            f"--gaps optimises q* in the run's own posterior family, and for --posterior {posterior} vaelab defines "
+            f"{option} optimises q in the run's own posterior family, and for --posterior {posterior} vaelab defines "
             "none (a flow's q* would be a flow per image; a point mass or categories have no Gaussian to move); "
             "use a run of --posterior diagonal or full"
         )
@@ -173,6 +173,35 @@ def posterior_gaps(
     return Gaps(torch.cat(encoder), optimal_cat, estimates[best], best, steps, parameters)
 
 
+def refined(model, x: Tensor, family: str, steps: int, *, seed: int, batch_size: int = 100) -> dict:
+    """Test-time refinement (semi-amortized inference): the ELBO of the encoder's q and of q after ``steps``
+    Adam steps from it in the run's own ``family`` (the optimiser of q*, cut short), per image on the same
+    ``EVAL_SAMPLES`` fresh draws; their means, the gain and its standard error, and the cost in decoder
+    evaluations per image."""
+    start_of, build = FAMILIES[family]
+    g = seeded(seed, "refine")
+    before, after = [], []
+    for start in range(0, len(x), batch_size):
+        xb = x[start : start + batch_size]
+        (layer,) = model.latents(xb, lambda q: q.mean)
+        fresh = torch.randn(EVAL_SAMPLES, *layer.z.shape, generator=g, dtype=layer.z.dtype)
+        params, _ = _optimise(model, xb, layer, start_of(layer.q), build, g, steps)
+        with torch.no_grad():
+            before.append(_bound(model, xb, layer, layer.q, fresh).double())
+            after.append(_bound(model, xb, layer, build(params), fresh).double())
+    before, after = torch.cat(before), torch.cat(after)
+    gain, N = after - before, len(before)
+    return {
+        "steps": steps,
+        "examples": N,
+        "elbo_encoder": before.mean().item(),
+        "elbo_refined": after.mean().item(),
+        "gain": gain.mean().item(),
+        "gain_std_error": gain.std(correction=min(1, N - 1)).item() / math.sqrt(N),
+        "decoder_calls_per_image": steps * SAMPLES,
+    }
+
+
 def _bound(model, x: Tensor, layer: LatentLayer, q: Distribution, eps: Tensor) -> Tensor:
     """The ELBO of q for each image, averaged over the draws ``eps`` (S, B, D): (B,)."""
     z = reparametrize(q, eps)
@@ -181,18 +210,21 @@ def _bound(model, x: Tensor, layer: LatentLayer, q: Distribution, eps: Tensor) -
     return reconstruction - (kl.mean(0) if kl.dim() > 1 else kl)
 
 
-def _optimise(model, x, layer, params: list[Tensor], build, g: torch.Generator) -> tuple[list[Tensor], int]:
+def _optimise(
+    model, x, layer, params: list[Tensor], build, g: torch.Generator, steps: int | None = None
+) -> tuple[list[Tensor], int]:
     """q* by Adam on the ELBO of ``SAMPLES`` fresh draws per step, each image its own parameters (the bound is a
-    sum over images, so each image's gradient is its own), ``STEPS`` steps with the rate decaying from ``LR`` to
-    0 on a cosine. Returns q*'s parameters (detached) and the steps taken."""
+    sum over images, so each image's gradient is its own), ``steps`` steps (default ``STEPS``) with the rate
+    decaying from ``LR`` to 0 on a cosine. Returns q*'s parameters (detached) and the steps taken."""
+    steps = STEPS if steps is None else steps
     params = [p.detach().clone().requires_grad_() for p in params]
     opt = torch.optim.Adam(params, lr=LR)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / STEPS)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)  # the model stays as it is; only q's parameters move
     try:
-        for _ in range(STEPS):
+        for _ in range(steps):
             eps = torch.randn(SAMPLES, *layer.z.shape, generator=g, dtype=layer.z.dtype)
             opt.zero_grad()
             (-_bound(model, x, layer, build(params), eps).sum()).backward()
@@ -201,7 +233,7 @@ def _optimise(model, x, layer, params: list[Tensor], build, g: torch.Generator) 
     finally:
         for p, r in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(r)
-    return [p.detach() for p in params], STEPS
+    return [p.detach() for p in params], steps
 
 
 def _iwae(model, x, layer, q: Distribution, k: int, g: torch.Generator, chunk: int = 100) -> Tensor:

@@ -29,6 +29,7 @@ STREAMS = (
     "relaxed",  # an evaluation's relaxed draws of a categorical z (the model as it trained): ()
     "labelled",  # which training images keep their labels for semi-supervised M2: ()
     "gaps",  # an evaluation's draws for the posterior gaps (the optimiser's, fresh ones, IWAE's): ()
+    "refine",  # an evaluation's draws for test-time refinement (the optimiser's, fresh ones): ()
 )
 
 
