@@ -19,6 +19,7 @@ SECTIONS = [
     "The latent space",
     "The decoded manifold",
     "q(z|x) against the prior",
+    "The true posterior p(z|x)",
 ]
 
 

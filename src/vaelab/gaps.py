@@ -150,7 +150,7 @@ def posterior_gaps(
     g = seeded(seed, "gaps")  # a stream of its own: --gaps changes no other number of the evaluation
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size]
-        (layer,) = model.latents(xb, lambda q: q.mean)
+        (layer,) = _layer(model, xb)
         D = layer.z.shape[-1]
         fresh = torch.randn(EVAL_SAMPLES, len(xb), D, generator=g, dtype=layer.z.dtype)
         with torch.no_grad():
@@ -183,7 +183,7 @@ def refined(model, x: Tensor, family: str, steps: int, *, seed: int, batch_size:
     before, after = [], []
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size]
-        (layer,) = model.latents(xb, lambda q: q.mean)
+        (layer,) = _layer(model, xb)
         fresh = torch.randn(EVAL_SAMPLES, *layer.z.shape, generator=g, dtype=layer.z.dtype)
         params, _ = _optimise(model, xb, layer, start_of(layer.q), build, g, steps)
         with torch.no_grad():
@@ -200,6 +200,103 @@ def refined(model, x: Tensor, family: str, steps: int, *, seed: int, batch_size:
         "gain_std_error": gain.std(correction=min(1, N - 1)).item() / math.sqrt(N),
         "decoder_calls_per_image": steps * SAMPLES,
     }
+
+
+@dataclass(frozen=True)
+class PosteriorView:
+    """What the pictures draw of one image in two latent dimensions ``dims``: the true posterior p(z|x), the
+    encoder's q and the best q* of its family (their means (2,) and covariances (2, 2) in those dimensions).
+    With 2 latent dimensions p(z|x) is on a grid (``axes``, ``density`` (G, G), normalised by quadrature,
+    which gives ``log_px`` too); otherwise ``samples`` (n, 2) of p(z|x) by importance resampling."""
+
+    dims: tuple[int, int]
+    q: tuple[Tensor, Tensor]
+    q_star: tuple[Tensor, Tensor]
+    elbo_encoder: float  # L[q] and L[q*] of the image, on EVAL_SAMPLES fresh draws
+    elbo_optimal: float
+    axes: tuple[Tensor, Tensor] | None = None
+    density: Tensor | None = None
+    log_px: float | None = None
+    samples: Tensor | None = None
+    effective_draws: float | None = None  # of the importance weights the samples were resampled with
+
+
+GRID = 160  # points per axis of a 2-D posterior's grid
+RESAMPLED = 2000  # draws of p(z|x) shown for more dimensions, resampled from ...
+PROPOSED = 50_000  # ... this many draws of q* widened by WIDEN
+WIDEN = 1.5
+
+
+@torch.no_grad()
+def _marginal(q: Distribution, dims: list[int]) -> tuple[Tensor, Tensor]:
+    """q's mean and covariance in ``dims``, for one image: (2,), (2, 2)."""
+    cov = q.covariance_matrix if isinstance(q, MultivariateNormal) else torch.diag_embed(q.variance)
+    return q.mean[0, dims], cov[0][dims][:, dims]
+
+
+def posterior_views(model, x: Tensor, family: str, dims: list[int], *, seed: int) -> list[PosteriorView]:
+    """A :class:`PosteriorView` of each image of ``x``: q* found as ``evaluate --gaps`` finds it, p(z|x) on a
+    grid around q and q* (2 latent dimensions) or resampled from a widened q* (more)."""
+    g = seeded(seed, "posterior-view")
+    start_of, build = FAMILIES[family]
+    views = []
+    for i in range(len(x)):
+        xi = x[i : i + 1]
+        (layer,) = _layer(model, xi)
+        q_star = build(_optimise(model, xi, layer, start_of(layer.q), build, g)[0])
+        q, star = _marginal(layer.q, dims), _marginal(q_star, dims)
+        with torch.no_grad():
+            fresh = torch.randn(EVAL_SAMPLES, *layer.z.shape, generator=g, dtype=layer.z.dtype)
+            bounds = (_bound(model, xi, layer, layer.q, fresh).item(), _bound(model, xi, layer, q_star, fresh).item())
+            if layer.z.shape[-1] == 2:
+                views.append(PosteriorView(tuple(dims), q, star, *bounds, *_on_a_grid(model, xi, layer, (q, star))))
+            else:
+                drawn, effective = _resampled(model, xi, layer, q_star, dims, g)
+                views.append(PosteriorView(tuple(dims), q, star, *bounds, samples=drawn, effective_draws=effective))
+    return views
+
+
+def _on_a_grid(model, x, layer, gaussians) -> tuple[tuple[Tensor, Tensor], Tensor, float]:
+    """p(z|x) = p(x|z) p(z) / p(x) on a GRID x GRID grid covering each Gaussian's mean ± 5 s.d.; p(x) by the
+    grid's Riemann sum."""
+    lows, highs = [], []
+    for mean, cov in gaussians:
+        sd = cov.diagonal().sqrt()
+        lows.append(mean - 5 * sd)
+        highs.append(mean + 5 * sd)
+    low, high = torch.stack(lows).min(0).values, torch.stack(highs).max(0).values
+    u, v = (torch.linspace(low[i].item(), high[i].item(), GRID, dtype=layer.z.dtype) for i in (0, 1))
+    z = torch.cartesian_prod(u, v)[:, None, :]  # (G², 1, 2): u varies slowest
+    log_joint = (
+        model.log_px_given_z([LatentLayer(layer.name, layer.q, layer.p, z)], x)[:, 0] + layer.p.log_prob(z)[:, 0]
+    )
+    cell = math.log((u[1] - u[0]).item() * (v[1] - v[0]).item())
+    log_px = (torch.logsumexp(log_joint, 0) + cell).item()
+    return (u, v), (log_joint + cell - log_px).exp().reshape(GRID, GRID) / math.exp(cell), log_px
+
+
+def _resampled(model, x, layer, q_star: Distribution, dims: list[int], g: torch.Generator) -> tuple[Tensor, float]:
+    """RESAMPLED draws of p(z|x) in ``dims`` by sampling-importance-resampling from q* widened by WIDEN, and
+    the weights' effective number of draws, (sum w)^2 / sum w^2: how many of them the picture really rests on."""
+    mean, cov = (
+        q_star.mean[0],
+        (q_star.covariance_matrix[0] if isinstance(q_star, MultivariateNormal) else torch.diag(q_star.variance[0])),
+    )
+    proposal = MultivariateNormal(mean, covariance_matrix=WIDEN**2 * cov)
+    eps = torch.randn(PROPOSED, 1, mean.shape[0], generator=g, dtype=mean.dtype)
+    z = mean + eps @ torch.linalg.cholesky(WIDEN**2 * cov).T
+    log_w = model.log_px_given_z([LatentLayer(layer.name, layer.q, layer.p, z)], x)[:, 0]
+    log_w = log_w + layer.p.log_prob(z)[:, 0] - proposal.log_prob(z[:, 0])
+    w = torch.softmax(log_w, 0)
+    picks = torch.multinomial(w, RESAMPLED, replacement=True, generator=g)
+    return z[picks, 0][:, dims], 1.0 / w.square().sum().item()
+
+
+@torch.no_grad()
+def _layer(model, x: Tensor) -> list[LatentLayer]:
+    """The encoder's q and the prior of ``x``, constants of every optimisation here (a VampPrior's p is a
+    function of the model's parameters: built with gradients, one backward pass would free it)."""
+    return model.latents(x, lambda q: q.mean)
 
 
 def _bound(model, x: Tensor, layer: LatentLayer, q: Distribution, eps: Tensor) -> Tensor:

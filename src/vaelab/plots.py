@@ -448,3 +448,41 @@ def rate_distortion(
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _ellipse(ax, mean: np.ndarray, cov: np.ndarray, color: str, label: str | None) -> None:
+    """The 1 and 2 standard-deviation contours of a 2-D Gaussian."""
+    values, vectors = np.linalg.eigh(cov)
+    t = np.linspace(0, 2 * np.pi, 200)
+    circle = np.stack([np.cos(t), np.sin(t)])
+    for k, style in ((1, "-"), (2, "--")):
+        points = mean[:, None] + vectors @ (k * np.sqrt(np.maximum(values, 0))[:, None] * circle)
+        ax.plot(points[0], points[1], style, color=color, lw=1, label=label if k == 1 else None)
+
+
+def true_posterior(images: np.ndarray, views: list, titles: list[str]) -> Figure:
+    """For each image (a column): the image, and below it the true posterior p(z|x) in two latent dimensions
+    (shaded: a grid's density, or resampled draws), with the encoder's q(z|x) and the best q* of its family
+    for this image as ellipses of 1 and 2 standard deviations (``views``: ``gaps.PosteriorView``)."""
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 3.9), squeeze=False, gridspec_kw={"height_ratios": [1, 2.2]})
+    for c, view in enumerate(views):
+        _show(axes[0, c], images[c])
+        axes[0, c].set_title(titles[c], fontsize=7)
+        ax = axes[1, c]
+        if view.density is not None:
+            u, v = (a.numpy() for a in view.axes)
+            ax.contourf(u, v, view.density.numpy().T, levels=12, cmap="Greys")
+        else:
+            draws = view.samples.numpy()
+            ax.scatter(draws[:, 0], draws[:, 1], s=1, color="0.35", alpha=0.3, label="p(z|x), resampled")
+        _ellipse(ax, view.q[0].numpy(), view.q[1].numpy(), COLORS["q"], "q(z|x), the encoder's")
+        _ellipse(ax, view.q_star[0].numpy(), view.q_star[1].numpy(), COLORS["posterior"], "q*, the best for this x")
+        i, j = view.dims
+        ax.set_xlabel(f"z{i}", fontsize=7)
+        ax.set_ylabel(f"z{j}", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[1, 0].legend(fontsize=6, loc="upper left")
+    fig.suptitle("The true posterior p(z|x) (grey) against q(z|x) and q* (ellipses: 1 and 2 s.d.)", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -30,6 +30,7 @@ STREAMS = (
     "labelled",  # which training images keep their labels for semi-supervised M2: ()
     "gaps",  # an evaluation's draws for the posterior gaps (the optimiser's, fresh ones, IWAE's): ()
     "refine",  # an evaluation's draws for test-time refinement (the optimiser's, fresh ones): ()
+    "posterior-view",  # the pictures' draws of q* and of p(z|x) (the report's true posterior): ()
 )
 
 
