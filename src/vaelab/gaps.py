@@ -96,7 +96,6 @@ class Gaps:
     elbo_optimal: dict[str, Tensor]  # family -> L[q*]
     log_likelihood: Tensor
     proposal: str  # "encoder" or the family of the q* whose IWAE estimate was kept
-    steps: dict[str, int]  # family -> the most L-BFGS steps a batch took
     parameters: dict[str, list[Tensor]]  # family -> q*'s parameters, per image (FAMILIES' own form)
 
     @property
@@ -121,7 +120,7 @@ class Gaps:
     def summary(self, iwae_k: int) -> dict:
         """The record's ``gaps``: each per-image quantity's mean and standard error over the images."""
         N = len(self.elbo_encoder)
-        out = {"examples": N, "family": self.own, "iwae_k": iwae_k, "proposal": self.proposal, "steps": self.steps}
+        out = {"examples": N, "family": self.own, "iwae_k": iwae_k, "proposal": self.proposal, "steps": STEPS}
         for name, values in self.per_image().items():
             out[name] = values.mean().item()
             out[f"{name}_std_error"] = values.std(correction=min(1, N - 1)).item() / math.sqrt(N)
@@ -146,7 +145,6 @@ def posterior_gaps(
     """:class:`Gaps` of the images ``x`` (N, C, H, W) under a one-layer model, q* sought in ``families``."""
     encoder, optimal, iwae = [], {f: [] for f in families}, {f: [] for f in ("encoder", *families)}
     found: dict[str, list[list[Tensor]]] = {f: [] for f in families}
-    steps = dict.fromkeys(families, 0)
     g = seeded(seed, "gaps")  # a stream of its own: --gaps changes no other number of the evaluation
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size]
@@ -159,10 +157,9 @@ def posterior_gaps(
         q_star = layer.q  # the run's own family starts at the encoder's output; a richer one at the last q*,
         for family in families:  # which it contains, so that it ends no lower
             start_of, build = FAMILIES[family]
-            params, taken = _optimise(model, xb, layer, start_of(q_star), build, g)
+            params = _optimise(model, xb, layer, start_of(q_star), build, g)
             q_star = build(params)
             found[family].append(params)
-            steps[family] = max(steps[family], taken)
             with torch.no_grad():
                 optimal[family].append(_bound(model, xb, layer, q_star, fresh))
                 iwae[family].append(_iwae(model, xb, layer, q_star, iwae_k, g))
@@ -170,7 +167,7 @@ def posterior_gaps(
     best = max(estimates, key=lambda name: estimates[name].mean().item())
     parameters = {f: [torch.cat(p) for p in zip(*batches, strict=True)] for f, batches in found.items()}
     optimal_cat = {f: torch.cat(v) for f, v in optimal.items()}
-    return Gaps(torch.cat(encoder), optimal_cat, estimates[best], best, steps, parameters)
+    return Gaps(torch.cat(encoder), optimal_cat, estimates[best], best, parameters)
 
 
 def refined(model, x: Tensor, family: str, steps: int, *, seed: int, batch_size: int = 100) -> dict:
@@ -185,7 +182,7 @@ def refined(model, x: Tensor, family: str, steps: int, *, seed: int, batch_size:
         xb = x[start : start + batch_size]
         (layer,) = _layer(model, xb)
         fresh = torch.randn(EVAL_SAMPLES, *layer.z.shape, generator=g, dtype=layer.z.dtype)
-        params, _ = _optimise(model, xb, layer, start_of(layer.q), build, g, steps)
+        params = _optimise(model, xb, layer, start_of(layer.q), build, g, steps)
         with torch.no_grad():
             before.append(_bound(model, xb, layer, layer.q, fresh).double())
             after.append(_bound(model, xb, layer, build(params), fresh).double())
@@ -243,7 +240,7 @@ def posterior_views(model, x: Tensor, family: str, dims: list[int], *, seed: int
     for i in range(len(x)):
         xi = x[i : i + 1]
         (layer,) = _layer(model, xi)
-        q_star = build(_optimise(model, xi, layer, start_of(layer.q), build, g)[0])
+        q_star = build(_optimise(model, xi, layer, start_of(layer.q), build, g))
         q, star = _marginal(layer.q, dims), _marginal(q_star, dims)
         with torch.no_grad():
             fresh = torch.randn(EVAL_SAMPLES, *layer.z.shape, generator=g, dtype=layer.z.dtype)
@@ -309,10 +306,10 @@ def _bound(model, x: Tensor, layer: LatentLayer, q: Distribution, eps: Tensor) -
 
 def _optimise(
     model, x, layer, params: list[Tensor], build, g: torch.Generator, steps: int | None = None
-) -> tuple[list[Tensor], int]:
+) -> list[Tensor]:
     """q* by Adam on the ELBO of ``SAMPLES`` fresh draws per step, each image its own parameters (the bound is a
     sum over images, so each image's gradient is its own), ``steps`` steps (default ``STEPS``) with the rate
-    decaying from ``LR`` to 0 on a cosine. Returns q*'s parameters (detached) and the steps taken."""
+    decaying from ``LR`` to 0 on a cosine. Returns q*'s parameters (detached)."""
     steps = STEPS if steps is None else steps
     params = [p.detach().clone().requires_grad_() for p in params]
     opt = torch.optim.Adam(params, lr=LR)
@@ -330,7 +327,7 @@ def _optimise(
     finally:
         for p, r in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(r)
-    return [p.detach() for p in params], steps
+    return [p.detach() for p in params]
 
 
 def _iwae(model, x, layer, q: Distribution, k: int, g: torch.Generator, chunk: int = 100) -> Tensor:

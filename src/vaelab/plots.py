@@ -450,14 +450,11 @@ def rate_distortion(
     return fig
 
 
-def _ellipse(ax, mean: np.ndarray, cov: np.ndarray, color: str, label: str | None) -> None:
-    """The 1 and 2 standard-deviation contours of a 2-D Gaussian."""
-    values, vectors = np.linalg.eigh(cov)
-    t = np.linspace(0, 2 * np.pi, 200)
-    circle = np.stack([np.cos(t), np.sin(t)])
-    for k, style in ((1, "-"), (2, "--")):
-        points = mean[:, None] + vectors @ (k * np.sqrt(np.maximum(values, 0))[:, None] * circle)
-        ax.plot(points[0], points[1], style, color=color, lw=1, label=label if k == 1 else None)
+def _contours(ax, mean: np.ndarray, cov: np.ndarray, color: str, label: str) -> None:
+    """The 1 and 2 standard-deviation contours of a 2-D Gaussian (:func:`_ellipse`), labelled once."""
+    for n_std, style in ((1, "-"), (2, "--")):
+        points = _ellipse(mean, cov, n_std)
+        ax.plot(points[:, 0], points[:, 1], style, color=color, lw=1, label=label if n_std == 1 else None)
 
 
 def true_posterior(images: np.ndarray, views: list, titles: list[str]) -> Figure:
@@ -476,8 +473,8 @@ def true_posterior(images: np.ndarray, views: list, titles: list[str]) -> Figure
         else:
             draws = view.samples.numpy()
             ax.scatter(draws[:, 0], draws[:, 1], s=1, color="0.35", alpha=0.3, label="p(z|x), resampled")
-        _ellipse(ax, view.q[0].numpy(), view.q[1].numpy(), COLORS["q"], "q(z|x), the encoder's")
-        _ellipse(ax, view.q_star[0].numpy(), view.q_star[1].numpy(), COLORS["posterior"], "q*, the best for this x")
+        _contours(ax, view.q[0].numpy(), view.q[1].numpy(), COLORS["q"], "q(z|x), the encoder's")
+        _contours(ax, view.q_star[0].numpy(), view.q_star[1].numpy(), COLORS["posterior"], "q*, the best for this x")
         i, j = view.dims
         ax.set_xlabel(f"z{i}", fontsize=7)
         ax.set_ylabel(f"z{j}", fontsize=7)
