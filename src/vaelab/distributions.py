@@ -216,6 +216,14 @@ def marginals(q: Distribution, samples: int = 256) -> tuple[Tensor, Tensor]:
     return q.mean, q.variance
 
 
+def scale_tril(q: Distribution) -> Tensor:
+    """The Cholesky factor L (B, D, D) of a Gaussian q = N(mu, L L^T): a full covariance's own, or diag(sigma)
+    for a diagonal Gaussian."""
+    if isinstance(q, MultivariateNormal):
+        return q.scale_tril
+    return torch.diag_embed(q.stddev)
+
+
 def base_loc(q: Distribution) -> Tensor:
     """The location parameter of ``q``'s base Gaussian (through Independent and transforms); a
     categorical's logits."""

@@ -38,7 +38,7 @@ from torch.distributions import Distribution, MultivariateNormal
 
 from vaelab.contract import LatentLayer
 from vaelab.data.batches import seeded
-from vaelab.distributions import diag_normal, reparametrize
+from vaelab.distributions import diag_normal, reparametrize, scale_tril
 from vaelab.errors import UserError
 from vaelab.kl import diag_normal_params, kl_q_p
 from vaelab.parts import POSTERIORS
@@ -66,11 +66,8 @@ def _diagonal(params: list[Tensor]) -> Distribution:
 
 def _full_start(q: Distribution) -> list[Tensor]:
     """mu and the Cholesky factor's free entries: the diagonal's log and the strict lower triangle."""
-    if isinstance(q, MultivariateNormal):
-        tril = q.scale_tril
-        return [q.loc, tril.diagonal(dim1=-2, dim2=-1).log(), torch.tril(tril, -1)]
-    mu, log_var = _gaussian(q)
-    return [mu, 0.5 * log_var, torch.zeros(*mu.shape, mu.shape[-1], dtype=mu.dtype)]
+    tril = scale_tril(q)
+    return [q.mean, tril.diagonal(dim1=-2, dim2=-1).log(), torch.tril(tril, -1)]
 
 
 def _full(params: list[Tensor]) -> Distribution:
@@ -227,8 +224,8 @@ WIDEN = 1.5
 @torch.no_grad()
 def _marginal(q: Distribution, dims: list[int]) -> tuple[Tensor, Tensor]:
     """q's mean and covariance in ``dims``, for one image: (2,), (2, 2)."""
-    cov = q.covariance_matrix if isinstance(q, MultivariateNormal) else torch.diag_embed(q.variance)
-    return q.mean[0, dims], cov[0][dims][:, dims]
+    tril = scale_tril(q)[0]
+    return q.mean[0, dims], (tril @ tril.T)[dims][:, dims]
 
 
 def posterior_views(model, x: Tensor, family: str, dims: list[int], *, seed: int) -> list[PosteriorView]:
@@ -275,13 +272,10 @@ def _on_a_grid(model, x, layer, gaussians) -> tuple[tuple[Tensor, Tensor], Tenso
 def _resampled(model, x, layer, q_star: Distribution, dims: list[int], g: torch.Generator) -> tuple[Tensor, float]:
     """RESAMPLED draws of p(z|x) in ``dims`` by sampling-importance-resampling from q* widened by WIDEN, and
     the weights' effective number of draws, (sum w)^2 / sum w^2: how many of them the picture really rests on."""
-    mean, cov = (
-        q_star.mean[0],
-        (q_star.covariance_matrix[0] if isinstance(q_star, MultivariateNormal) else torch.diag(q_star.variance[0])),
-    )
-    proposal = MultivariateNormal(mean, covariance_matrix=WIDEN**2 * cov)
+    mean, tril = q_star.mean[0], WIDEN * scale_tril(q_star)[0]
+    proposal = MultivariateNormal(mean, scale_tril=tril)
     eps = torch.randn(PROPOSED, 1, mean.shape[0], generator=g, dtype=mean.dtype)
-    z = mean + eps @ torch.linalg.cholesky(WIDEN**2 * cov).T
+    z = mean + eps @ tril.T
     log_w = model.log_px_given_z([LatentLayer(layer.name, layer.q, layer.p, z)], x)[:, 0]
     log_w = log_w + layer.p.log_prob(z)[:, 0] - proposal.log_prob(z[:, 0])
     w = torch.softmax(log_w, 0)
