@@ -104,10 +104,10 @@ def gauss_hermite_best(model, x, layer, start, nodes=20):
 def test_on_a_2d_latent_model_q_star_is_the_quadrature_optimum_and_every_bound_is_below_log_px(run, monkeypatch):
     """A trained 2-D model: L[q*] against the best diagonal q of a deterministic Gauss-Hermite bound, started at
     q* (so at least as good): within 0.1 nats on average over the images and 0.3 each (what Adam's steps
-    leave; 4096 fresh draws score q*, a standard error under 0.02 nats); and L[q*]
-    and the IWAE estimate of log p(x) below log p(x) by a fine grid (its error under 0.01 nats here). The
-    IWAE estimate can fall well short of the grid (by up to 2.3 nats after one epoch of training, measured):
-    a Gaussian proposal misses mass of a posterior that is not Gaussian."""
+    leave; 4096 fresh draws score q*, a standard error under 0.02 nats); L[q*] below log p(x) by a fine grid
+    over [-8, 8]^2 (its error under 0.01 nats here); and --gaps' own log p(x), a quadrature around q and q*,
+    within 0.05 nats of it. (IWAE with Gaussian proposals fell up to 2.3 nats short of it here, after one epoch
+    of training: why a 2-D model's log p(x) is by quadrature.)"""
     monkeypatch.setattr(gaps, "EVAL_SAMPLES", 4096)
     model = open_trained(run).model
     x = open_trained(run).examples("test").x[:5]
@@ -115,7 +115,8 @@ def test_on_a_2d_latent_model_q_star_is_the_quadrature_optimum_and_every_bound_i
     found = gaps.posterior_gaps(model, x, ("diagonal",), iwae_k=2000, seed=0)
     q_star = found.elbo_optimal["diagonal"].double().numpy()
     grid = grid_log_px(model, x, layer)
-    assert (found.log_likelihood.numpy() < grid + 0.2).all() and (q_star < grid + 0.15).all()  # their noise
+    assert np.abs(found.log_likelihood.numpy() - grid).max() < 0.05  # its own grid, local, against a wide fine one
+    assert (q_star < grid + 0.15).all()  # a bound, up to the noise of its fresh draws
     oracle = gauss_hermite_best(model, x, layer, found.parameters["diagonal"])
     assert (oracle < grid + 0.01).all()  # the quadrature's bound is a bound too
     shortfall = oracle - q_star

@@ -866,6 +866,9 @@ def gap_rows(g: dict) -> list[Row]:
         return f"± {g[name + '_std_error']:.3f} (s.e. over the images)"
 
     proposal = "the encoder's q" if g["proposal"] == "encoder" else f"the {g['proposal']} q*"
+    how = f"IWAE k={g['iwae_k']}"
+    if g["proposal"] == "grid":  # 2 latent dimensions: by quadrature
+        how, proposal = "quadrature", None
     rows = [
         Row(
             f"posterior gap of the first {g['examples']} images",
@@ -875,10 +878,12 @@ def gap_rows(g: dict) -> list[Row]:
         Row("L[q]: the encoder's ELBO", g["elbo_encoder"], depth=1, note=se("elbo_encoder")),
         Row(f"L[q*]: the best {g['family']} q, per image", g["elbo_optimal"], depth=1, note=se("elbo_optimal")),
         Row(
-            f"log p(x), IWAE k={g['iwae_k']}",
+            f"log p(x), {how}",
             g["gaps_log_likelihood"],
             depth=1,
-            note=f"proposal {proposal}, the higher on average",
+            note="p(x|z) p(z) summed on a grid around q and q*"
+            if proposal is None
+            else f"proposal {proposal}, the higher on average",
         ),
         Row("approximation gap log p(x) − L[q*]", g["approximation_gap"], depth=2, note=se("approximation_gap")),
         Row("amortization gap L[q*] − L[q]", g["amortization_gap"], depth=2, note=se("amortization_gap")),
