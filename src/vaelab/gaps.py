@@ -251,16 +251,18 @@ def posterior_views(model, x: Tensor, family: str, dims: list[int], *, seed: int
             fresh = torch.randn(EVAL_SAMPLES, *layer.z.shape, generator=g, dtype=layer.z.dtype)
             bounds = (_bound(model, xi, layer, layer.q, fresh).item(), _bound(model, xi, layer, q_star, fresh).item())
             if layer.z.shape[-1] == 2:
-                views.append(PosteriorView(tuple(dims), q, star, *bounds, *_on_a_grid(model, xi, layer, (q, star))))
+                axes, density = _on_a_grid(model, xi, layer, (q, star))
+                log_px = _quadrature_log_px(model, xi, layer, [layer.q, q_star]).item()  # as --gaps sums it
+                views.append(PosteriorView(tuple(dims), q, star, *bounds, axes, density, log_px))
             else:
                 drawn, effective = _resampled(model, xi, layer, q_star, dims, g)
                 views.append(PosteriorView(tuple(dims), q, star, *bounds, samples=drawn, effective_draws=effective))
     return views
 
 
-def _on_a_grid(model, x, layer, gaussians) -> tuple[tuple[Tensor, Tensor], Tensor, float]:
-    """p(z|x) = p(x|z) p(z) / p(x) on a GRID x GRID grid covering each Gaussian's mean ± 5 s.d.; p(x) by the
-    grid's Riemann sum."""
+def _on_a_grid(model, x, layer, gaussians) -> tuple[tuple[Tensor, Tensor], Tensor]:
+    """p(z|x) ∝ p(x|z) p(z) to draw, on a GRID x GRID grid covering each Gaussian's mean ± 5 s.d., normalised
+    over the grid (log p(x) is :func:`_quadrature_log_px`'s, whose grid also covers the prior's bulk)."""
     lows, highs = [], []
     for mean, cov in gaussians:
         sd = cov.diagonal().sqrt()
@@ -272,9 +274,8 @@ def _on_a_grid(model, x, layer, gaussians) -> tuple[tuple[Tensor, Tensor], Tenso
     log_joint = (
         model.log_px_given_z([LatentLayer(layer.name, layer.q, layer.p, z)], x)[:, 0] + layer.p.log_prob(z)[:, 0]
     )
-    cell = math.log((u[1] - u[0]).item() * (v[1] - v[0]).item())
-    log_px = (torch.logsumexp(log_joint, 0) + cell).item()
-    return (u, v), (log_joint + cell - log_px).exp().reshape(GRID, GRID) / math.exp(cell), log_px
+    cell = (u[1] - u[0]).item() * (v[1] - v[0]).item()
+    return (u, v), torch.softmax(log_joint, 0).reshape(GRID, GRID) / cell
 
 
 QUADRATURE = 100, 300  # points per axis of the grid that gives a 2-D model's log p(x) in `evaluate --gaps`

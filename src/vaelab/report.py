@@ -707,7 +707,10 @@ def _true_posterior(run) -> Section | None:
             f"{v.elbo_optimal - v.elbo_encoder:.2f} nats"
             for v in views
         ]
-        how = f"on a grid of {GRID} × {GRID} points around q and q*, normalised by quadrature (which gives log p(x))"
+        how = (
+            f"drawn on a grid of {GRID} × {GRID} points around q and q*; log p(x) summed as evaluate --gaps sums it, "
+            "on a grid that also covers the prior's bulk"
+        )
     else:
         titles = [
             f"L[q*] − L[q] = {v.elbo_optimal - v.elbo_encoder:.2f} nats\n{v.effective_draws:,.0f} effective draws"
