@@ -375,6 +375,18 @@ def png_folder(tmp_path, array):
     return str(d)
 
 
+def palette_folder(tmp_path):
+    """PNGs of a palette with red and green, and a transparent entry (index 2) that no pixel uses."""
+    d = tmp_path / "pngs"
+    d.mkdir()
+    for i in range(3):
+        im = Image.fromarray((np.arange(784).reshape(28, 28) % 2).astype(np.uint8), mode="P")
+        im.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 0])
+        im.info["transparency"] = 2
+        im.save(d / f"{i}.png", transparency=2)
+    return str(d)
+
+
 def folder_of_others(tmp_path):
     file = compressed(tmp_path)
     d = tmp_path / "pngs"
@@ -515,6 +527,17 @@ HOSTILE = [  # issue 33's catalogue: a traceback, a wrong success or a loss wher
             str(t / "f.vbb"),
         ],
         ["transparency"],
+    ),
+    (
+        "a colour palette with a transparent entry no pixel uses, coded as grey",
+        lambda t: [
+            "compress",
+            str(make_run(t, "--likelihood", "logistic", "--binarize", "none")),
+            palette_folder(t),
+            "-o",
+            str(t / "f.vbb"),
+        ],
+        ["colours in its palette"],
     ),
     ("decompress over a folder of other files", folder_of_others, ["holiday.jpg", "did not write"]),
     ("a sweep started again with other layers", sweep_again_with("--hidden", "32"), ["hidden: (16,) -> (32,)"]),

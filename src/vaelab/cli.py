@@ -23,6 +23,7 @@ from pathlib import Path
 
 from vaelab.config import positive_int, seed_int
 from vaelab.errors import UserError
+from vaelab.sweep import PIPELINE  # (the standard library and vaelab.config only: --help stays light)
 
 EXAMPLES = {
     "serve": "examples:\n  vaelab serve runs/mnist-5k\n  vaelab serve runs/mnist --port 8123",
@@ -56,7 +57,7 @@ EXAMPLES = {
         "examples:\n  vaelab sweep --beta 0.1,0.25,0.5,1,2,4,8 --out runs/beta --jobs 2\n"
         "  vaelab sweep --beta 0.5,1,4 --latent-dim 2,10 --epochs 50 --out runs/grid     # a grid: 6 runs\n"
         "  vaelab sweep --seed 0,1,2 --data mnist --download --out runs/seeds --print \\\n"
-        "      | xargs -d '\\n' -P 3 -I{} sh -c {}      # one command per line, run as printed\n\n"
+        f"      | {PIPELINE}      # one command per line, run as printed\n\n"
         "Any vaelab train option may follow; a run is named by its values (runs/beta/beta-0.5). Started again,\n"
         "a sweep skips its finished runs and resumes the others from their last checkpoints."
     ),

@@ -210,9 +210,6 @@ class Images:
     def array(self) -> np.ndarray:
         return restore(self.symbols, self.x_shape, self.levels, self.dtype, self.layout)
 
-    def sha256(self) -> str:
-        return hashlib.sha256(self.array().tobytes()).hexdigest()
-
 
 def restore(symbols: np.ndarray, x_shape, levels: int, dtype: str, layout: str) -> np.ndarray:
     """The array the images were read from: uint8 values 0 to 255 (binary: 0 and 255), or floats in [0, 1]."""

@@ -789,7 +789,6 @@ def evaluation_rows(r: Evaluation) -> list[Row]:
             Row(
                 f"ELBO after {f['steps']} steps refining q per image",
                 f["elbo_refined"],
-                depth=1,
                 note=f"+{f['gain']:.3f} ± {f['gain_std_error']:.3f} over the encoder's on the same draws, "
                 f"{f['examples']} images, {f['decoder_calls_per_image']} decoder calls each",
             )

@@ -145,30 +145,32 @@ def posterior_gaps(
     encoder, optimal, iwae = [], {f: [] for f in families}, {f: [] for f in ("encoder", *families)}
     found: dict[str, list[list[Tensor]]] = {f: [] for f in families}
     grids: list[Tensor] = []
-    g = seeded(seed, "gaps")  # a stream of its own: --gaps changes no other number of the evaluation
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size]
         (layer,) = _layer(model, xb)
-        D = layer.z.shape[-1]
-        fresh = torch.randn(EVAL_SAMPLES, len(xb), D, generator=g, dtype=layer.z.dtype)
+        quadrature = layer.z.shape[-1] == 2  # log p(x) by a sum over a grid, not by IWAE
+        # every purpose draws from a stream of its own, per batch: no number depends on another's draws (or on
+        # --iwae-k), and --gaps changes no other number of the evaluation
+        g = {what: seeded(seed, "gaps", start, i) for i, what in enumerate(("fresh", "encoder", *families))}
+        fresh = torch.randn(EVAL_SAMPLES, *layer.z.shape, generator=g["fresh"], dtype=layer.z.dtype)
         with torch.no_grad():
             encoder.append(_bound(model, xb, layer, layer.q, fresh))
-            iwae["encoder"].append(_iwae(model, xb, layer, layer.q, iwae_k, g))
+            if not quadrature:
+                iwae["encoder"].append(_iwae(model, xb, layer, layer.q, iwae_k, g["encoder"]))
         q_star = layer.q  # the run's own family starts at the encoder's output; a richer one at the last q*,
         for family in families:  # which it contains, so that it ends no lower
             start_of, build = FAMILIES[family]
-            params = _optimise(model, xb, layer, start_of(q_star), build, g)
+            params = _optimise(model, xb, layer, start_of(q_star), build, g[family])
             q_star = build(params)
             found[family].append(params)
             with torch.no_grad():
                 optimal[family].append(_bound(model, xb, layer, q_star, fresh))
-                iwae[family].append(_iwae(model, xb, layer, q_star, iwae_k, g))
-        if D == 2:
+                if not quadrature:
+                    iwae[family].append(_iwae(model, xb, layer, q_star, iwae_k, g[family]))
+        if quadrature:
             with torch.no_grad():
                 grids.append(_quadrature_log_px(model, xb, layer, [layer.q, q_star]))
-    estimates = {name: torch.cat(values) for name, values in iwae.items()}
-    if grids:  # 2 latent dimensions: log p(x) by quadrature, not a bound
-        estimates = {"grid": torch.cat(grids)}
+    estimates = {"grid": torch.cat(grids)} if grids else {name: torch.cat(v) for name, v in iwae.items()}
     best = max(estimates, key=lambda name: estimates[name].mean().item())
     parameters = {f: [torch.cat(p) for p in zip(*batches, strict=True)] for f, batches in found.items()}
     optimal_cat = {f: torch.cat(v) for f, v in optimal.items()}
@@ -181,13 +183,13 @@ def refined(model, x: Tensor, family: str, steps: int, *, seed: int, batch_size:
     ``EVAL_SAMPLES`` fresh draws; their means, the gain and its standard error, and the cost in decoder
     evaluations per image."""
     start_of, build = FAMILIES[family]
-    g = seeded(seed, "refine")
     before, after = [], []
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size]
         (layer,) = _layer(model, xb)
+        g = seeded(seed, "refine", start, 0)  # per batch: no image's numbers depend on another batch's draws
         fresh = torch.randn(EVAL_SAMPLES, *layer.z.shape, generator=g, dtype=layer.z.dtype)
-        params = _optimise(model, xb, layer, start_of(layer.q), build, g, steps)
+        params = _optimise(model, xb, layer, start_of(layer.q), build, seeded(seed, "refine", start, 1), steps)
         with torch.no_grad():
             before.append(_bound(model, xb, layer, layer.q, fresh).double())
             after.append(_bound(model, xb, layer, build(params), fresh).double())

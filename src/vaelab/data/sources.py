@@ -276,18 +276,21 @@ def _grey_or_rgb(im, where: Path, exact: bool = False) -> np.ndarray:
 
 
 def _check_exact(im, where: Path, grey: bool) -> None:
+    """Refuse an image whose conversion to 8-bit grey or RGB would lose something: transparency, a palette's
+    colours read as grey, another colour model's values."""
     lost = None
-    if "A" in im.getbands() or "transparency" in im.info:
-        if np.asarray(im.convert("RGBA"))[..., 3].min() < 255:
-            lost = "transparency (an alpha channel)"
-    elif im.mode in ("P", "PA"):
-        rgb = np.asarray(im.convert("RGB"))
-        if (rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any():
-            lost = "colours in its palette, read as grey"
-    elif not grey and im.mode != "RGB":
-        lost = f"its {im.mode} values, read as RGB"
+    if ("A" in im.getbands() or "transparency" in im.info) and np.asarray(im.convert("RGBA"))[..., 3].min() < 255:
+        lost = "transparency (an alpha channel)"
+    elif im.mode in ("P", "PA") and _coloured(np.asarray(im.convert("RGB"))):
+        lost = "colours in its palette, read as grey"
+    elif im.mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA"):
+        lost = f"its {im.mode} values, read as {'grey' if grey else 'RGB'}"
     if lost:
         raise UserError(f"{where} has {lost}, which 8-bit grey or RGB pixels cannot hold exactly; save it as such")
+
+
+def _coloured(rgb: np.ndarray) -> bool:
+    return bool((rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any())
 
 
 def load_folder(path: Path, exact: bool = False):
