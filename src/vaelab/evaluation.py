@@ -882,7 +882,7 @@ def gap_rows(g: dict) -> list[Row]:
             depth=1,
             note="p(x|z) p(z) summed on a grid around q and q*"
             if proposal is None
-            else f"proposal {proposal}, the higher on average",
+            else f"proposal {proposal}, the one of the highest ELBO",
         ),
         Row("approximation gap log p(x) − L[q*]", g["approximation_gap"], depth=2, note=se("approximation_gap")),
         Row("amortization gap L[q*] − L[q]", g["amortization_gap"], depth=2, note=se("amortization_gap")),

@@ -18,8 +18,9 @@ How it is estimated, per image (every image of a batch at once, each its own par
   richer family starts at the last family's q* (which it contains).
 - L[q], L[q*] are then estimated on the same fresh draws (``EVAL_SAMPLES`` of them, a stream of their own);
   L[q*] >= L[q] holds within their error.
-- log p(x) is the IWAE estimate with k samples from q and from q*; the proposal whose estimates are
-  higher on average over the images is kept (both are lower bounds in expectation). With 2 latent
+- log p(x) is the IWAE estimate with k samples from q and from q*; the proposal whose ELBO is highest on
+  average over the images is kept (chosen on the fresh draws, not on the IWAE estimates themselves, whose
+  highest would be biased upwards). With 2 latent
   dimensions it is p(x|z) p(z) summed over a grid around q and q* instead (:func:`_quadrature_log_px`):
   no bound, and no IWAE noise.
 
@@ -171,7 +172,10 @@ def posterior_gaps(
             with torch.no_grad():
                 grids.append(_quadrature_log_px(model, xb, layer, [layer.q, q_star]))
     estimates = {"grid": torch.cat(grids)} if grids else {name: torch.cat(v) for name, v in iwae.items()}
-    best = max(estimates, key=lambda name: estimates[name].mean().item())
+    # the proposal whose ELBO is highest on the fresh draws: chosen on numbers independent of the IWAE draws (the
+    # highest of several noisy IWAE estimates would be biased upwards, past log p(x))
+    bounds = {"encoder": torch.cat(encoder), **{f: torch.cat(v) for f, v in optimal.items()}}
+    best = "grid" if grids else max(estimates, key=lambda name: bounds[name].mean().item())
     parameters = {f: [torch.cat(p) for p in zip(*batches, strict=True)] for f, batches in found.items()}
     optimal_cat = {f: torch.cat(v) for f, v in optimal.items()}
     return Gaps(torch.cat(encoder), optimal_cat, estimates[best], best, parameters)
